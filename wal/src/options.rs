@@ -1,0 +1,71 @@
+//! `WalOptions`: sizes and limits, each with its unit in the name and a documented default.
+
+use crate::error::WalError;
+use crate::record::{record_bytes, PAYLOAD_BYTES_MAX};
+use crate::segment::BLOCK_BYTES;
+
+/// Upper bound of `pending_bytes_max`, and so of how much a crash can tear (see recovery.rs).
+pub const PENDING_BYTES_LIMIT: usize = 256 << 20;
+
+/// Options of a write-ahead log.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// Largest payload `append` accepts. Default and upper bound: `record::PAYLOAD_BYTES_MAX`.
+    pub payload_bytes_max: usize,
+    /// Preallocated size of each segment file. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Largest single write of the group commit (one DMA buffer). Default 8 MiB; at least one
+    /// maximum-size record plus two blocks.
+    pub flush_bytes_max: usize,
+    /// Most bytes appended but not yet durable; `append` waits for space beyond this
+    /// (back-pressure). Also bounds what one crash can tear. Default 32 MiB.
+    pub pending_bytes_max: usize,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions { payload_bytes_max: PAYLOAD_BYTES_MAX, segment_bytes: 64 << 20, flush_bytes_max: 8 << 20, pending_bytes_max: 32 << 20 }
+    }
+}
+
+impl WalOptions {
+    /// Checks that the options can work together.
+    pub fn validate(&self) -> Result<(), WalError> {
+        let bad = |reason| Err(WalError::InvalidOptions { reason });
+        if self.payload_bytes_max > PAYLOAD_BYTES_MAX {
+            return bad("payload_bytes_max exceeds the format limit record::PAYLOAD_BYTES_MAX");
+        }
+        let record_max = record_bytes(self.payload_bytes_max);
+        if self.flush_bytes_max < record_max + 2 * BLOCK_BYTES {
+            return bad("flush_bytes_max must hold a maximum-size record plus two blocks");
+        }
+        if self.flush_bytes_max % BLOCK_BYTES != 0 {
+            return bad("flush_bytes_max must be a multiple of 4096");
+        }
+        if self.pending_bytes_max < self.flush_bytes_max || self.pending_bytes_max > PENDING_BYTES_LIMIT {
+            return bad("pending_bytes_max must be between flush_bytes_max and 256 MiB");
+        }
+        if self.segment_bytes < (BLOCK_BYTES + record_max + BLOCK_BYTES) as u64 || self.segment_bytes % BLOCK_BYTES as u64 != 0 {
+            return bad("segment_bytes must be a multiple of 4096 that holds a maximum-size record");
+        }
+        Ok(())
+    }
+
+    /// Small sizes for tests: many segments and flushes with little data.
+    pub fn small_for_tests() -> WalOptions {
+        WalOptions { payload_bytes_max: 16 << 10, segment_bytes: 128 << 10, flush_bytes_max: 64 << 10, pending_bytes_max: 128 << 10 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_test_options_are_valid() {
+        WalOptions::default().validate().unwrap();
+        WalOptions::small_for_tests().validate().unwrap();
+        let o = WalOptions { flush_bytes_max: 4096, ..WalOptions::default() };
+        assert!(matches!(o.validate(), Err(WalError::InvalidOptions { .. })));
+    }
+}

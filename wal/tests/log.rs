@@ -1,0 +1,220 @@
+//! The log's behaviour through its public API: appends, reads, group commit, truncation, purge,
+//! reopen, locking, limits.
+
+mod common;
+
+use baton_wal::{Verdict, Wal, WalError};
+use common::*;
+
+#[test]
+fn append_read_reopen_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = small().payload_bytes_max;
+    run(|| async {
+        let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(report.verdict, Verdict::Clean);
+        assert_eq!(wal.last_index(), None);
+        // Not yet durable records are readable at once (from the group-commit buffers).
+        for i in 1..=400 {
+            wal.append(i, term(i), &payload(i, max)).await.unwrap();
+            if i % 97 == 0 {
+                check_all(&wal, i - 5, i, max).await;
+            }
+        }
+        wal.durable(400).await.unwrap();
+        check_all(&wal, 1, 400, max).await;
+        assert_eq!((wal.first_index(), wal.last_index()), (Some(1), Some(400)));
+        assert!(segment_count(dir.path()) > 3, "small segments rotate");
+        wal.close().await.unwrap();
+    });
+    run(|| async {
+        let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(report.verdict, Verdict::Clean);
+        assert_eq!((report.first_index, report.last_index), (Some(1), Some(400)));
+        check_all(&wal, 1, 400, max).await;
+        fill(&wal, 401, 450, max).await;
+        check_all(&wal, 395, 450, max).await;
+    });
+}
+
+#[test]
+fn group_commit_makes_many_appends_durable_with_few_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), baton_wal::WalOptions::default()).await.unwrap();
+        for i in 1..=2000 {
+            wal.append(i, 1, &[7u8; 100]).await.unwrap();
+        }
+        // Nothing was awaited that yields, so nothing can be durable yet.
+        assert_eq!(wal.durable_index(), 0);
+        wal.durable(2000).await.unwrap();
+        let s = wal.stats();
+        assert_eq!(s.appends, 2000);
+        assert!(s.syncs <= 2, "2000 appends made durable by {} syncs", s.syncs);
+    });
+}
+
+#[test]
+fn durable_waits_for_the_sync_and_concurrent_waiters_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        let wal = std::rc::Rc::new(wal);
+        let mut tasks = Vec::new();
+        for i in 1..=300u64 {
+            wal.append(i, 1, &payload(i, 1000)).await.unwrap();
+            let w = wal.clone();
+            tasks.push(glommio::spawn_local(async move {
+                w.durable(i).await.unwrap();
+                assert!(w.durable_index() >= i);
+                i
+            }));
+        }
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await);
+        }
+        assert_eq!(done, (1..=300).collect::<Vec<_>>());
+        assert!(wal.stats().syncs < 300, "waiters share syncs");
+    });
+}
+
+#[test]
+fn input_errors_are_typed_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 10, 12, 1000).await;
+        assert!(matches!(wal.append(14, 1, b"x").await, Err(WalError::NonContiguous { expected: 13, got: 14 })));
+        assert!(matches!(wal.append(12, 1, b"x").await, Err(WalError::NonContiguous { expected: 13, got: 12 })));
+        assert!(matches!(wal.append(0, 1, b"x").await, Err(WalError::ZeroIndex)));
+        let big = vec![0u8; small().payload_bytes_max + 1];
+        assert!(matches!(wal.append(13, 1, &big).await, Err(WalError::PayloadTooLarge { .. })));
+        assert!(matches!(wal.read(9).await, Err(WalError::NotFound { index: 9, .. })));
+        assert!(matches!(wal.read(13).await, Err(WalError::NotFound { index: 13, .. })));
+        assert_eq!(wal.last_index(), Some(12));
+        check_all(&wal, 10, 12, 1000).await;
+    });
+}
+
+#[test]
+fn truncate_after_is_durable_and_the_log_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 2000;
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 1, 300, max).await;
+        let before = segment_count(dir.path());
+        wal.truncate_after(137).await.unwrap();
+        assert_eq!(wal.last_index(), Some(137));
+        assert!(segment_count(dir.path()) < before);
+        assert!(matches!(wal.read(138).await, Err(WalError::NotFound { .. })));
+        // The replacement entry has another term, as after a Raft conflict.
+        wal.append(138, 999, b"replacement").await.unwrap();
+        wal.durable(138).await.unwrap();
+        check_all(&wal, 1, 137, max).await;
+        // Truncating everything appended (before any sync) also works.
+        wal.append(139, 999, b"x").await.unwrap();
+        wal.truncate_after(138).await.unwrap();
+        assert_eq!(wal.last_index(), Some(138));
+    });
+    run(|| async {
+        let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(report.verdict, Verdict::Clean, "truncation leaves no torn data");
+        assert_eq!(wal.last_index(), Some(138));
+        let r = wal.read(138).await.unwrap();
+        assert_eq!((r.term, r.payload()), (999, &b"replacement"[..]));
+        check_all(&wal, 1, 137, max).await;
+    });
+}
+
+#[test]
+fn truncate_to_the_start_of_a_segment_and_to_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 1, 400, 3000).await;
+        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path()).unwrap().iter().map(|(f, _)| *f).collect();
+        let boundary = firsts[2];
+        wal.truncate_after(boundary - 1).await.unwrap();
+        assert_eq!(wal.last_index(), Some(boundary - 1));
+        assert_eq!(segment_count(dir.path()), 2);
+        assert!(firsts.len() > 3, "{} segments", firsts.len());
+        fill(&wal, boundary, boundary + 5, 3000).await;
+        wal.truncate_after(0).await.unwrap();
+        assert_eq!(wal.last_index(), None);
+        assert_eq!(segment_count(dir.path()), 0);
+        fill(&wal, 1, 3, 3000).await;
+        check_all(&wal, 1, 3, 3000).await;
+    });
+}
+
+#[test]
+fn purge_drops_whole_segments_and_can_empty_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 2000;
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 1, 300, max).await;
+        let before = segment_count(dir.path());
+        wal.purge_through(150).await.unwrap();
+        assert_eq!(wal.first_index(), Some(151));
+        assert!(segment_count(dir.path()) < before);
+        assert!(matches!(wal.read(150).await, Err(WalError::NotFound { .. })));
+        check_all(&wal, 151, 300, max).await;
+        // A purge at or past the end (snapshot install) empties the log; it restarts after it.
+        wal.purge_through(1000).await.unwrap();
+        assert_eq!((wal.first_index(), wal.last_index()), (None, None));
+        assert_eq!(segment_count(dir.path()), 0);
+        assert!(matches!(wal.append(1000, 5, b"x").await, Err(WalError::NonContiguous { expected: 1001, .. })));
+        fill(&wal, 1001, 1010, max).await;
+    });
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!((wal.first_index(), wal.last_index()), (Some(1001), Some(1010)));
+        check_all(&wal, 1001, 1010, max).await;
+    });
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (_wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        assert!(matches!(Wal::open(dir.path(), small()).await, Err(WalError::Locked { .. })));
+    });
+}
+
+#[test]
+fn meta_blob_roundtrips_through_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(wal.load_meta().await.unwrap(), None);
+        wal.save_meta(b"term=7;voted_for=2").await.unwrap();
+    });
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(wal.load_meta().await.unwrap().as_deref(), Some(&b"term=7;voted_for=2"[..]));
+    });
+}
+
+#[test]
+fn back_pressure_bounds_pending_bytes_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small();
+    let pending_max = opts.pending_bytes_max;
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), opts).await.unwrap();
+        // Far more than pending_bytes_max, appended without awaiting durability.
+        let record = vec![3u8; 8 << 10];
+        let n = (pending_max / record.len()) as u64 * 8;
+        for i in 1..=n {
+            wal.append(i, 1, &record).await.unwrap();
+        }
+        wal.durable(n).await.unwrap();
+        for i in 1..=n {
+            assert_eq!(wal.read(i).await.unwrap().payload(), &record[..]);
+        }
+    });
+}
