@@ -11,13 +11,21 @@ use crate::segment::HeaderFault;
 pub enum WalError {
     /// An I/O operation failed.
     #[error("WAL I/O error during {op} on {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The filesystem is out of space (ENOSPC / EDQUOT). What was durable stays durable.
     #[error("disk full during {op} on {path}")]
     DiskFull { op: &'static str, path: PathBuf },
     /// A segment holds data that recovery will not silently drop.
     #[error("corrupt WAL segment {path} at offset {offset}: {reason}")]
-    Corrupt { path: PathBuf, offset: u64, reason: Corruption },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: Corruption,
+    },
     /// `append` was given an index that does not follow the last one.
     #[error("append of index {got}, but the log expects {expected}")]
     NonContiguous { expected: u64, got: u64 },
@@ -32,7 +40,12 @@ pub enum WalError {
     NotFound { index: u64, first: u64, last: u64 },
     /// `truncate_after` or `purge_through` asked for something the log cannot do.
     #[error("invalid range operation {op} at index {index} (log holds {first}..={last})")]
-    BadRange { op: &'static str, index: u64, first: u64, last: u64 },
+    BadRange {
+        op: &'static str,
+        index: u64,
+        first: u64,
+        last: u64,
+    },
     /// The log stopped accepting writes after an earlier I/O error; restart to recover.
     #[error("the WAL stopped after an earlier error: {cause}")]
     Failed { cause: Arc<WalError> },
@@ -68,12 +81,19 @@ pub enum Corruption {
     /// A bad record in the last segment with valid records after it beyond what a torn write can
     /// explain: committed data would be lost by truncating.
     #[error("{fault}, but a valid record follows at offset {valid_record_at}")]
-    BeforeTail { fault: RecordFault, valid_record_at: u64 },
+    BeforeTail {
+        fault: RecordFault,
+        valid_record_at: u64,
+    },
 }
 
 impl WalError {
     /// Wraps an I/O error, telling a full disk apart.
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> WalError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> WalError {
         let path = path.into();
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => WalError::DiskFull { op, path },
@@ -82,7 +102,11 @@ impl WalError {
     }
 
     /// Wraps a glommio error from an operation on `path`.
-    pub(crate) fn glommio(op: &'static str, path: impl Into<PathBuf>, e: glommio::GlommioError<()>) -> WalError {
+    pub(crate) fn glommio(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        e: glommio::GlommioError<()>,
+    ) -> WalError {
         WalError::io(op, path, std::io::Error::from(e))
     }
 }

@@ -56,6 +56,6 @@ mod imp {
     }
 }
 
+pub(crate) use imp::hit;
 #[cfg(feature = "failpoints")]
 pub use imp::{arm, clear};
-pub(crate) use imp::hit;

@@ -16,7 +16,10 @@ pub const META_BYTES_MAX: usize = 64 << 10;
 /// Writes `bytes` durably and atomically.
 pub fn save(dir: &Path, bytes: &[u8]) -> Result<(), WalError> {
     if bytes.len() > META_BYTES_MAX {
-        return Err(WalError::PayloadTooLarge { len: bytes.len(), max: META_BYTES_MAX });
+        return Err(WalError::PayloadTooLarge {
+            len: bytes.len(),
+            max: META_BYTES_MAX,
+        });
     }
     let tmp = dir.join("META.tmp");
     let path = dir.join("META");
@@ -26,10 +29,14 @@ pub fn save(dir: &Path, bytes: &[u8]) -> Result<(), WalError> {
     image.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
     image.extend_from_slice(bytes);
     let mut f = std::fs::File::create(&tmp).map_err(|e| WalError::io("create meta", &tmp, e))?;
-    f.write_all(&image).map_err(|e| WalError::io("write meta", &tmp, e))?;
-    f.sync_all().map_err(|e| WalError::io("sync meta", &tmp, e))?;
+    f.write_all(&image)
+        .map_err(|e| WalError::io("write meta", &tmp, e))?;
+    f.sync_all()
+        .map_err(|e| WalError::io("sync meta", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| WalError::io("rename meta", &path, e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io("sync dir", dir, e))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WalError::io("sync dir", dir, e))
 }
 
 /// Reads the blob; `None` if never written.
@@ -68,6 +75,9 @@ mod tests {
         let mut img = std::fs::read(&p).unwrap();
         *img.last_mut().unwrap() ^= 1;
         std::fs::write(&p, &img).unwrap();
-        assert!(matches!(load(dir.path()), Err(WalError::MetaCorrupt { .. })));
+        assert!(matches!(
+            load(dir.path()),
+            Err(WalError::MetaCorrupt { .. })
+        ));
     }
 }

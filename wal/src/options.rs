@@ -24,7 +24,12 @@ pub struct WalOptions {
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions { payload_bytes_max: PAYLOAD_BYTES_MAX, segment_bytes: 64 << 20, flush_bytes_max: 8 << 20, pending_bytes_max: 32 << 20 }
+        WalOptions {
+            payload_bytes_max: PAYLOAD_BYTES_MAX,
+            segment_bytes: 64 << 20,
+            flush_bytes_max: 8 << 20,
+            pending_bytes_max: 32 << 20,
+        }
     }
 }
 
@@ -42,18 +47,29 @@ impl WalOptions {
         if self.flush_bytes_max % BLOCK_BYTES != 0 {
             return bad("flush_bytes_max must be a multiple of 4096");
         }
-        if self.pending_bytes_max < self.flush_bytes_max || self.pending_bytes_max > PENDING_BYTES_LIMIT {
+        if self.pending_bytes_max < self.flush_bytes_max
+            || self.pending_bytes_max > PENDING_BYTES_LIMIT
+        {
             return bad("pending_bytes_max must be between flush_bytes_max and 256 MiB");
         }
-        if self.segment_bytes < (BLOCK_BYTES + record_max + BLOCK_BYTES) as u64 || self.segment_bytes % BLOCK_BYTES as u64 != 0 {
-            return bad("segment_bytes must be a multiple of 4096 that holds a maximum-size record");
+        if self.segment_bytes < (BLOCK_BYTES + record_max + BLOCK_BYTES) as u64
+            || self.segment_bytes % BLOCK_BYTES as u64 != 0
+        {
+            return bad(
+                "segment_bytes must be a multiple of 4096 that holds a maximum-size record",
+            );
         }
         Ok(())
     }
 
     /// Small sizes for tests: many segments and flushes with little data.
     pub fn small_for_tests() -> WalOptions {
-        WalOptions { payload_bytes_max: 16 << 10, segment_bytes: 128 << 10, flush_bytes_max: 64 << 10, pending_bytes_max: 128 << 10 }
+        WalOptions {
+            payload_bytes_max: 16 << 10,
+            segment_bytes: 128 << 10,
+            flush_bytes_max: 64 << 10,
+            pending_bytes_max: 128 << 10,
+        }
     }
 }
 
@@ -65,7 +81,10 @@ mod tests {
     fn defaults_and_test_options_are_valid() {
         WalOptions::default().validate().unwrap();
         WalOptions::small_for_tests().validate().unwrap();
-        let o = WalOptions { flush_bytes_max: 4096, ..WalOptions::default() };
+        let o = WalOptions {
+            flush_bytes_max: 4096,
+            ..WalOptions::default()
+        };
         assert!(matches!(o.validate(), Err(WalError::InvalidOptions { .. })));
     }
 }

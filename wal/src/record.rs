@@ -93,7 +93,10 @@ fn crc_of(header: &[u8], payload: &[u8]) -> u32 {
 /// Panics if `dst` is shorter than `record_bytes(payload.len())` or the payload is over the
 /// maximum: callers check both before reserving space.
 pub fn encode(dst: &mut [u8], index: u64, term: u64, payload: &[u8]) -> usize {
-    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "payload over PAYLOAD_BYTES_MAX");
+    assert!(
+        payload.len() <= PAYLOAD_BYTES_MAX,
+        "payload over PAYLOAD_BYTES_MAX"
+    );
     assert!(index >= 1, "raft indexes start at 1");
     let size = record_bytes(payload.len());
     let dst = &mut dst[..size];
@@ -134,11 +137,17 @@ pub fn check(buf: &[u8], pos: usize) -> RecordCheck {
     }
     let payload_len = u32_at(header, 0);
     if payload_len as usize > PAYLOAD_BYTES_MAX {
-        return RecordCheck::Fault(RecordFault::LengthTooLarge { len: payload_len, max: PAYLOAD_BYTES_MAX });
+        return RecordCheck::Fault(RecordFault::LengthTooLarge {
+            len: payload_len,
+            max: PAYLOAD_BYTES_MAX,
+        });
     }
     let have = buf.len() - pos - HEADER_BYTES;
     if (payload_len as usize) > have {
-        return RecordCheck::Fault(RecordFault::Truncated { need: payload_len as usize, have });
+        return RecordCheck::Fault(RecordFault::Truncated {
+            need: payload_len as usize,
+            have,
+        });
     }
     let payload = &buf[pos + HEADER_BYTES..pos + HEADER_BYTES + payload_len as usize];
     let stored = u32_at(header, 4);
@@ -146,7 +155,12 @@ pub fn check(buf: &[u8], pos: usize) -> RecordCheck {
     if stored != computed {
         return RecordCheck::Fault(RecordFault::CrcMismatch { stored, computed });
     }
-    RecordCheck::Record(RecordHeader { payload_len, crc: stored, index: u64_at(header, 8), term: u64_at(header, 16) })
+    RecordCheck::Record(RecordHeader {
+        payload_len,
+        crc: stored,
+        index: u64_at(header, 8),
+        term: u64_at(header, 16),
+    })
 }
 
 #[cfg(test)]

@@ -39,7 +39,11 @@ pub enum ScanEnd {
     Clean { offset: u64 },
     /// Bytes at `offset` are not a valid record. `last_valid_after` is the offset of the last
     /// valid-looking record found anywhere after it.
-    Fault { offset: u64, fault: RecordFault, last_valid_after: Option<u64> },
+    Fault {
+        offset: u64,
+        fault: RecordFault,
+        last_valid_after: Option<u64>,
+    },
 }
 
 /// What a segment file holds.
@@ -94,15 +98,25 @@ pub fn scan_segment(path: &Path, name_index: u64, bytes: &[u8]) -> SegmentScan {
         let fault = match record::check(bytes, pos) {
             RecordCheck::End => break ScanEnd::Clean { offset: pos as u64 },
             RecordCheck::Record(h) if h.index == expected => {
-                scan.records.push(ScannedRecord { offset: pos as u64, header: h });
+                scan.records.push(ScannedRecord {
+                    offset: pos as u64,
+                    header: h,
+                });
                 pos += h.record_bytes();
                 expected += 1;
                 continue;
             }
-            RecordCheck::Record(h) => RecordFault::IndexMismatch { expected, found: h.index },
+            RecordCheck::Record(h) => RecordFault::IndexMismatch {
+                expected,
+                found: h.index,
+            },
             RecordCheck::Fault(f) => f,
         };
-        break ScanEnd::Fault { offset: pos as u64, fault, last_valid_after: last_valid_after(bytes, pos) };
+        break ScanEnd::Fault {
+            offset: pos as u64,
+            fault,
+            last_valid_after: last_valid_after(bytes, pos),
+        };
     };
     scan
 }
@@ -129,7 +143,12 @@ pub enum Verdict {
     /// Every segment ends cleanly.
     Clean,
     /// The last segment ends in a torn write: it is cut at `offset`.
-    TornTail { path: PathBuf, offset: u64, fault: RecordFault, discarded_bytes: u64 },
+    TornTail {
+        path: PathBuf,
+        offset: u64,
+        fault: RecordFault,
+        discarded_bytes: u64,
+    },
     /// The last segment's creation did not complete: the file is removed.
     TornSegment { path: PathBuf, fault: HeaderFault },
 }
@@ -139,32 +158,72 @@ pub fn judge(scans: &[SegmentScan]) -> Result<Verdict, WalError> {
     let mut verdict = Verdict::Clean;
     for (k, scan) in scans.iter().enumerate() {
         let last = k + 1 == scans.len();
-        let corrupt = |offset: u64, reason: Corruption| WalError::Corrupt { path: scan.path.clone(), offset, reason };
+        let corrupt = |offset: u64, reason: Corruption| WalError::Corrupt {
+            path: scan.path.clone(),
+            offset,
+            reason,
+        };
         if k > 0 {
             let expected = scans[k - 1].next_index();
             if scan.name_index != expected {
-                return Err(corrupt(0, Corruption::Gap { expected, found: scan.name_index }));
+                return Err(corrupt(
+                    0,
+                    Corruption::Gap {
+                        expected,
+                        found: scan.name_index,
+                    },
+                ));
             }
         }
         let header = match scan.header {
             Ok(h) => h,
-            Err(fault) if last => return Ok(Verdict::TornSegment { path: scan.path.clone(), fault }),
+            Err(fault) if last => {
+                return Ok(Verdict::TornSegment {
+                    path: scan.path.clone(),
+                    fault,
+                })
+            }
             Err(fault) => return Err(corrupt(0, Corruption::Header(fault))),
         };
         if header.first_index != scan.name_index {
-            return Err(corrupt(0, Corruption::NameMismatch { name_index: scan.name_index, header_index: header.first_index }));
+            return Err(corrupt(
+                0,
+                Corruption::NameMismatch {
+                    name_index: scan.name_index,
+                    header_index: header.first_index,
+                },
+            ));
         }
-        if let ScanEnd::Fault { offset, fault, last_valid_after } = scan.end {
+        if let ScanEnd::Fault {
+            offset,
+            fault,
+            last_valid_after,
+        } = scan.end
+        {
             if !last {
                 return Err(corrupt(offset, Corruption::Record(fault)));
             }
-            let window = header.torn_window_bytes.min(PENDING_BYTES_LIMIT as u64) + BLOCK_BYTES as u64;
+            let window =
+                header.torn_window_bytes.min(PENDING_BYTES_LIMIT as u64) + BLOCK_BYTES as u64;
             let torn_from = offset - offset % BLOCK_BYTES as u64;
             if let Some(valid_at) = last_valid_after.filter(|&v| v >= torn_from + window) {
-                return Err(corrupt(offset, Corruption::BeforeTail { fault, valid_record_at: valid_at }));
+                return Err(corrupt(
+                    offset,
+                    Corruption::BeforeTail {
+                        fault,
+                        valid_record_at: valid_at,
+                    },
+                ));
             }
-            let discarded_bytes = last_valid_after.map_or(record::HEADER_BYTES as u64, |v| v + record::HEADER_BYTES as u64 - offset);
-            verdict = Verdict::TornTail { path: scan.path.clone(), offset, fault, discarded_bytes };
+            let discarded_bytes = last_valid_after.map_or(record::HEADER_BYTES as u64, |v| {
+                v + record::HEADER_BYTES as u64 - offset
+            });
+            verdict = Verdict::TornTail {
+                path: scan.path.clone(),
+                offset,
+                fault,
+                discarded_bytes,
+            };
         }
     }
     Ok(verdict)
@@ -198,7 +257,12 @@ mod tests {
 
     fn image(first: u64, payload_sizes: &[usize], file_bytes: usize) -> (Vec<u8>, Vec<u64>) {
         let mut img = vec![0u8; file_bytes];
-        SegmentHeader { first_index: first, segment_bytes: file_bytes as u64, torn_window_bytes: 8192 }.encode(&mut img);
+        SegmentHeader {
+            first_index: first,
+            segment_bytes: file_bytes as u64,
+            torn_window_bytes: 8192,
+        }
+        .encode(&mut img);
         let mut pos = BLOCK_BYTES;
         let mut offsets = Vec::new();
         for (i, &n) in payload_sizes.iter().enumerate() {
@@ -227,7 +291,19 @@ mod tests {
         let (a, _) = image(1, &[10, 20], 64 << 10);
         let (b, _) = image(4, &[5], 64 << 10);
         let err = judge(&[scan(1, &a), scan(4, &b)]).unwrap_err();
-        assert!(matches!(err, WalError::Corrupt { reason: Corruption::Gap { expected: 3, found: 4 }, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                WalError::Corrupt {
+                    reason: Corruption::Gap {
+                        expected: 3,
+                        found: 4
+                    },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -249,7 +325,16 @@ mod tests {
         let (mut a, offs) = image(1, &sizes, 128 << 10);
         a[offs[3] as usize + 40] ^= 0xff;
         let err = judge(&[scan(1, &a)]).unwrap_err();
-        assert!(matches!(err, WalError::Corrupt { reason: Corruption::BeforeTail { .. }, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                WalError::Corrupt {
+                    reason: Corruption::BeforeTail { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -258,14 +343,29 @@ mod tests {
         let (b, _) = image(4, &[5], 64 << 10);
         a[offs[2] as usize + 40] ^= 0xff;
         let err = judge(&[scan(1, &a), scan(4, &b)]).unwrap_err();
-        assert!(matches!(err, WalError::Corrupt { reason: Corruption::Record(RecordFault::CrcMismatch { .. }), .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                WalError::Corrupt {
+                    reason: Corruption::Record(RecordFault::CrcMismatch { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn zero_header_on_last_segment_is_torn_creation() {
         let (a, _) = image(1, &[10], 64 << 10);
         let b = vec![0u8; 64 << 10];
-        assert!(matches!(judge(&[scan(1, &a), scan(2, &b)]).unwrap(), Verdict::TornSegment { fault: HeaderFault::Zero, .. }));
+        assert!(matches!(
+            judge(&[scan(1, &a), scan(2, &b)]).unwrap(),
+            Verdict::TornSegment {
+                fault: HeaderFault::Zero,
+                ..
+            }
+        ));
         let err = judge(&[scan(2, &b), scan(1, &a)]).unwrap_err();
         assert!(matches!(err, WalError::Corrupt { .. }));
     }

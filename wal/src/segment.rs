@@ -95,7 +95,11 @@ impl SegmentHeader {
         if stored != header_crc(block) {
             return Err(HeaderFault::Crc);
         }
-        Ok(SegmentHeader { first_index: u64_at(16), segment_bytes: u64_at(24), torn_window_bytes: u64_at(32) })
+        Ok(SegmentHeader {
+            first_index: u64_at(16),
+            segment_bytes: u64_at(24),
+            torn_window_bytes: u64_at(32),
+        })
     }
 }
 
@@ -132,12 +136,22 @@ mod tests {
 
     #[test]
     fn header_roundtrip_and_faults() {
-        let h = SegmentHeader { first_index: 42, segment_bytes: 1 << 20, torn_window_bytes: 8 << 20 };
+        let h = SegmentHeader {
+            first_index: 42,
+            segment_bytes: 1 << 20,
+            torn_window_bytes: 8 << 20,
+        };
         let mut block = vec![0u8; BLOCK_BYTES];
         h.encode(&mut block);
         assert_eq!(SegmentHeader::decode(&block), Ok(h));
-        assert_eq!(SegmentHeader::decode(&block[..100]), Err(HeaderFault::Short));
-        assert_eq!(SegmentHeader::decode(&vec![0u8; BLOCK_BYTES]), Err(HeaderFault::Zero));
+        assert_eq!(
+            SegmentHeader::decode(&block[..100]),
+            Err(HeaderFault::Short)
+        );
+        assert_eq!(
+            SegmentHeader::decode(&vec![0u8; BLOCK_BYTES]),
+            Err(HeaderFault::Zero)
+        );
         let mut bad = block.clone();
         bad[20] ^= 1;
         assert_eq!(SegmentHeader::decode(&bad), Err(HeaderFault::Crc));
@@ -149,7 +163,10 @@ mod tests {
     #[test]
     fn names_roundtrip() {
         let p = segment_path(Path::new("/x"), 17);
-        assert_eq!(p.file_name().unwrap().to_str().unwrap(), "00000000000000000017.wal");
+        assert_eq!(
+            p.file_name().unwrap().to_str().unwrap(),
+            "00000000000000000017.wal"
+        );
         assert_eq!(parse_segment_name("00000000000000000017.wal"), Some(17));
         assert_eq!(parse_segment_name("17.wal"), None);
         assert_eq!(parse_segment_name("0000000000000000001x.wal"), None);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use futures_lite::future::poll_fn;
-use glommio::io::{DmaBuffer, DmaFile, Directory, OpenOptions, ReadResult};
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use crate::error::WalError;
 use crate::failpoint::{self, points};
@@ -100,15 +100,25 @@ impl Record {
 
 impl std::fmt::Debug for Record {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Record").field("index", &self.index).field("term", &self.term).field("payload_len", &self.payload_len).finish()
+        f.debug_struct("Record")
+            .field("index", &self.index)
+            .field("term", &self.term)
+            .field("payload_len", &self.payload_len)
+            .finish()
     }
 }
+
+/// Segment files kept open at once (the active one included); older ones reopen on read.
+const OPEN_SEGMENTS_MAX: usize = 16;
 
 struct Segment {
     first_index: u64,
     path: PathBuf,
-    /// `None` until the syncer has created the file.
+    /// `None` until the syncer has created the file, and for old segments closed to bound the
+    /// number of open descriptors (see `created`).
     file: Option<Rc<DmaFile>>,
+    /// The file exists on disk.
+    created: bool,
     /// File offset of each record, for index `first_index + i`.
     offsets: Vec<u64>,
     /// End of the appended data (pending records included).
@@ -139,7 +149,10 @@ struct Flush {
 impl Flush {
     fn carry(&self) -> Tail {
         let start = align_down(self.used as u64) as usize;
-        Tail { file_pos: self.file_pos + start as u64, bytes: self.buf.as_bytes()[start..self.used].to_vec() }
+        Tail {
+            file_pos: self.file_pos + start as u64,
+            bytes: self.buf.as_bytes()[start..self.used].to_vec(),
+        }
     }
 }
 
@@ -187,7 +200,9 @@ type Shared = Rc<RefCell<Inner>>;
 impl Inner {
     fn check_usable(&self) -> Result<(), WalError> {
         if let Some(cause) = &self.failed {
-            return Err(WalError::Failed { cause: cause.clone() });
+            return Err(WalError::Failed {
+                cause: cause.clone(),
+            });
         }
         if self.closed {
             return Err(WalError::Closed);
@@ -259,20 +274,35 @@ impl Wal {
         std::fs::create_dir_all(dir).map_err(|e| WalError::io("create dir", dir, e))?;
         let lock = lock_dir(dir)?;
         probe_filesystem(dir).await?;
-        let directory = Directory::open(dir).await.map_err(|e| WalError::glommio("open dir", dir, e))?;
+        let directory = Directory::open(dir)
+            .await
+            .map_err(|e| WalError::glommio("open dir", dir, e))?;
 
         let mut scans: Vec<(Rc<DmaFile>, SegmentScan, Vec<u8>)> = Vec::new();
-        for (first, path) in segment::list_segments(dir).map_err(|e| WalError::io("list segments", dir, e))? {
-            let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|e| WalError::glommio("open segment", &path, e))?;
-            let size = file.file_size().await.map_err(|e| WalError::glommio("stat segment", &path, e))?;
-            let image = if size >= BLOCK {
-                file.read_at_aligned(0, align_down(size) as usize).await.map_err(|e| WalError::glommio("read segment", &path, e))?
-            } else {
-                file.read_at(0, size as usize).await.map_err(|e| WalError::glommio("read segment", &path, e))?
-            };
+        for (first, path) in
+            segment::list_segments(dir).map_err(|e| WalError::io("list segments", dir, e))?
+        {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&path)
+                .await
+                .map_err(|e| WalError::glommio("open segment", &path, e))?;
+            let size = file
+                .file_size()
+                .await
+                .map_err(|e| WalError::glommio("stat segment", &path, e))?;
+            let image = file
+                .read_at(0, size as usize)
+                .await
+                .map_err(|e| WalError::glommio("read segment", &path, e))?;
             let scan = recovery::scan_segment(&path, first, &image);
             let end = scan.valid_end();
-            let tail = image.get(align_down(end) as usize..end as usize).unwrap_or_default().to_vec();
+            // The last record's zero padding may lie past a truncated file's end: pad with zeros.
+            let mut tail = vec![0u8; (end - align_down(end)) as usize];
+            let have = image.get(align_down(end) as usize..).unwrap_or_default();
+            let n = have.len().min(tail.len());
+            tail[..n].copy_from_slice(&have[..n]);
             scans.push((Rc::new(file), scan, tail));
         }
         let only_scans: Vec<SegmentScan> = scans.iter().map(|(_, s, _)| s.clone()).collect();
@@ -282,10 +312,20 @@ impl Wal {
             Verdict::TornSegment { path, fault } => {
                 tracing::warn!(path = %path.display(), %fault, "removing a segment whose creation did not complete");
                 let (file, _, _) = scans.pop().expect("torn segment is the last one");
-                file.remove().await.map_err(|e| WalError::glommio("remove torn segment", path, e))?;
-                directory.sync().await.map_err(|e| WalError::glommio("sync dir", dir, e))?;
+                file.remove()
+                    .await
+                    .map_err(|e| WalError::glommio("remove torn segment", path, e))?;
+                directory
+                    .sync()
+                    .await
+                    .map_err(|e| WalError::glommio("sync dir", dir, e))?;
             }
-            Verdict::TornTail { path, offset, fault, discarded_bytes } => {
+            Verdict::TornTail {
+                path,
+                offset,
+                fault,
+                discarded_bytes,
+            } => {
                 tracing::warn!(path = %path.display(), offset, %fault, discarded_bytes, "cutting a torn tail");
                 let (file, _, _) = scans.last().expect("torn tail is in the last segment");
                 cut_segment(file, path, *offset, opts.segment_bytes).await?;
@@ -296,17 +336,24 @@ impl Wal {
         let mut tail = Tail::default();
         for (file, scan, tail_bytes) in scans {
             let end = scan.valid_end();
-            tail = Tail { file_pos: align_down(end), bytes: tail_bytes };
+            tail = Tail {
+                file_pos: align_down(end),
+                bytes: tail_bytes,
+            };
             segments.push_back(Segment {
                 first_index: scan.name_index,
                 path: scan.path.clone(),
                 file: Some(file),
+                created: true,
                 offsets: scan.records.iter().map(|r| r.offset).collect(),
                 end,
                 written_end: end,
             });
         }
-        let next_index = segments.back().map_or(0, |s| s.first_index + s.offsets.len() as u64);
+        close_old_segment_files(&mut segments);
+        let next_index = segments
+            .back()
+            .map_or(0, |s| s.first_index + s.offsets.len() as u64);
         let first_visible = segments.front().map_or(0, |s| s.first_index);
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -330,7 +377,12 @@ impl Wal {
             waiters: Vec::new(),
             stats: WalStats::default(),
         };
-        let report = RecoveryReport { verdict, segments: inner.segments.len(), first_index: inner.first_index(), last_index: inner.last_index() };
+        let report = RecoveryReport {
+            verdict,
+            segments: inner.segments.len(),
+            first_index: inner.first_index(),
+            last_index: inner.last_index(),
+        };
         let shared = Rc::new(RefCell::new(inner));
         glommio::spawn_local(syncer(Rc::downgrade(&shared))).detach();
         Ok((Wal { shared }, report))
@@ -368,7 +420,10 @@ impl Wal {
     pub async fn append(&self, index: u64, term: u64, payload: &[u8]) -> Result<(), WalError> {
         let max = self.shared.borrow().opts.payload_bytes_max;
         if payload.len() > max {
-            return Err(WalError::PayloadTooLarge { len: payload.len(), max });
+            return Err(WalError::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
         }
         if index == 0 {
             return Err(WalError::ZeroIndex);
@@ -379,7 +434,10 @@ impl Wal {
         let inner = &mut *guard;
         inner.check_usable()?;
         if inner.next_index != 0 && index != inner.next_index {
-            return Err(WalError::NonContiguous { expected: inner.next_index, got: index });
+            return Err(WalError::NonContiguous {
+                expected: inner.next_index,
+                got: index,
+            });
         }
         let was_empty = inner.last_index().is_none();
         let segment_bytes = inner.opts.segment_bytes;
@@ -392,11 +450,15 @@ impl Wal {
                 first_index: index,
                 path: segment::segment_path(&inner.dir, index),
                 file: None,
+                created: false,
                 offsets: Vec::new(),
                 end: BLOCK,
                 written_end: BLOCK,
             });
-            inner.tail = Tail { file_pos: BLOCK, bytes: Vec::new() };
+            inner.tail = Tail {
+                file_pos: BLOCK,
+                bytes: Vec::new(),
+            };
         }
         let active_first = inner.segments.back().expect("active segment").first_index;
         let fits = matches!(inner.queue.back(), Some(f) if f.segment_first == active_first && f.used + size <= f.buf.len());
@@ -407,7 +469,14 @@ impl Wal {
             };
             let mut buf = glommio::allocate_dma_buffer(inner.opts.flush_bytes_max);
             buf.as_bytes_mut()[..carry.bytes.len()].copy_from_slice(&carry.bytes);
-            inner.queue.push_back(Flush { segment_first: active_first, file_pos: carry.file_pos, buf, used: carry.bytes.len(), record_bytes: 0, last_index: 0 });
+            inner.queue.push_back(Flush {
+                segment_first: active_first,
+                file_pos: carry.file_pos,
+                buf,
+                used: carry.bytes.len(),
+                record_bytes: 0,
+                last_index: 0,
+            });
         }
         let flush = inner.queue.back_mut().expect("open flush");
         let at = flush.used;
@@ -417,7 +486,11 @@ impl Wal {
         flush.record_bytes += size;
         flush.last_index = index;
         let segment = inner.segments.back_mut().expect("active segment");
-        debug_assert_eq!(segment.end, flush.file_pos + at as u64, "buffer and segment agree on the end");
+        debug_assert_eq!(
+            segment.end,
+            flush.file_pos + at as u64,
+            "buffer and segment agree on the end"
+        );
         segment.offsets.push(segment.end);
         segment.end += size as u64;
         if was_empty {
@@ -434,7 +507,12 @@ impl Wal {
     }
 
     /// Appends a record and waits until it is durable.
-    pub async fn append_durable(&self, index: u64, term: u64, payload: &[u8]) -> Result<(), WalError> {
+    pub async fn append_durable(
+        &self,
+        index: u64,
+        term: u64,
+        payload: &[u8],
+    ) -> Result<(), WalError> {
         self.append(index, term, payload).await?;
         self.durable(index).await
     }
@@ -443,7 +521,8 @@ impl Wal {
         poll_fn(|cx| {
             let mut inner = self.shared.borrow_mut();
             inner.check_usable()?;
-            let room = inner.pending_bytes == 0 || inner.pending_bytes + size <= inner.opts.pending_bytes_max;
+            let room = inner.pending_bytes == 0
+                || inner.pending_bytes + size <= inner.opts.pending_bytes_max;
             if room && !inner.gate_closed {
                 Poll::Ready(Ok(()))
             } else {
@@ -455,18 +534,27 @@ impl Wal {
     }
 
     /// Resolves once every record up to `index` is durable (fdatasync'd).
-    pub fn durable(&self, index: u64) -> impl std::future::Future<Output = Result<(), WalError>> + 'static {
+    pub fn durable(
+        &self,
+        index: u64,
+    ) -> impl std::future::Future<Output = Result<(), WalError>> + 'static {
         let shared = self.shared.clone();
         poll_fn(move |cx| {
             let mut inner = shared.borrow_mut();
             if let Some(cause) = &inner.failed {
-                return Poll::Ready(Err(WalError::Failed { cause: cause.clone() }));
+                return Poll::Ready(Err(WalError::Failed {
+                    cause: cause.clone(),
+                }));
             }
             if inner.durable_index >= index {
                 return Poll::Ready(Ok(()));
             }
             if inner.next_index == 0 || index >= inner.next_index {
-                return Poll::Ready(Err(WalError::NotFound { index, first: inner.first_visible, last: inner.next_index.saturating_sub(1) }));
+                return Poll::Ready(Err(WalError::NotFound {
+                    index,
+                    first: inner.first_visible,
+                    last: inner.next_index.saturating_sub(1),
+                }));
             }
             inner.durable_waiters.push((index, cx.waker().clone()));
             Poll::Pending
@@ -478,7 +566,9 @@ impl Wal {
         poll_fn(|cx| {
             let mut inner = self.shared.borrow_mut();
             if let Some(cause) = &inner.failed {
-                return Poll::Ready(Err(WalError::Failed { cause: cause.clone() }));
+                return Poll::Ready(Err(WalError::Failed {
+                    cause: cause.clone(),
+                }));
             }
             if inner.is_idle() {
                 Poll::Ready(Ok(()))
@@ -495,12 +585,16 @@ impl Wal {
     /// memory.
     pub async fn read(&self, index: u64) -> Result<Record, WalError> {
         enum Source {
-            File(Rc<DmaFile>, PathBuf, u64, usize),
+            File(Option<Rc<DmaFile>>, PathBuf, u64, usize),
             Ready(Record),
         }
         let source = {
             let inner = self.shared.borrow();
-            let not_found = || WalError::NotFound { index, first: inner.first_visible, last: inner.next_index.saturating_sub(1) };
+            let not_found = || WalError::NotFound {
+                index,
+                first: inner.first_visible,
+                last: inner.next_index.saturating_sub(1),
+            };
             if inner.last_index().is_none_or(|last| index > last) || index < inner.first_visible {
                 return Err(not_found());
             }
@@ -508,22 +602,30 @@ impl Wal {
             let i = (index - seg.first_index) as usize;
             let (offset, size) = (seg.offsets[i], seg.record_size(i));
             if offset + size <= seg.written_end {
-                let file = seg.file.clone().expect("written segment has a file");
-                Source::File(file, seg.path.clone(), offset, size as usize)
+                Source::File(seg.file.clone(), seg.path.clone(), offset, size as usize)
             } else {
                 let bytes = match &inner.inflight {
-                    Some(f) if f.segment_first == seg.first_index && offset >= f.file_pos && offset + size <= f.file_pos + f.buf.len() as u64 => {
+                    Some(f)
+                        if f.segment_first == seg.first_index
+                            && offset >= f.file_pos
+                            && offset + size <= f.file_pos + f.buf.len() as u64 =>
+                    {
                         RecordBytes::Shared(f.buf.clone(), (offset - f.file_pos) as usize)
                     }
                     _ => {
                         let f = inner
                             .queue
                             .iter()
-                            .find(|f| f.segment_first == seg.first_index && offset >= f.file_pos && offset + size <= f.file_pos + f.used as u64)
+                            .find(|f| {
+                                f.segment_first == seg.first_index
+                                    && offset >= f.file_pos
+                                    && offset + size <= f.file_pos + f.used as u64
+                            })
                             .expect("an unwritten record is in a queued buffer");
                         let start = (offset - f.file_pos) as usize;
                         let mut copy = glommio::allocate_dma_buffer(size as usize);
-                        copy.as_bytes_mut().copy_from_slice(&f.buf.as_bytes()[start..start + size as usize]);
+                        copy.as_bytes_mut()
+                            .copy_from_slice(&f.buf.as_bytes()[start..start + size as usize]);
                         RecordBytes::Copied(copy)
                     }
                 };
@@ -537,25 +639,59 @@ impl Wal {
                     RecordCheck::Record(h) if h.index == index => h,
                     other => panic!("record {index} in memory is not valid: {other:?}"),
                 };
-                Source::Ready(Record { index, term: header.term, payload_len: header.payload_len as usize, bytes })
+                Source::Ready(Record {
+                    index,
+                    term: header.term,
+                    payload_len: header.payload_len as usize,
+                    bytes,
+                })
             }
         };
         match source {
             Source::Ready(r) => Ok(r),
             Source::File(file, path, offset, size) => {
-                let read = file.read_at(offset, size).await.map_err(|e| WalError::glommio("read record", &path, e))?;
+                let file = match file {
+                    Some(f) => f,
+                    // An old segment whose descriptor was closed: open it for this read only.
+                    None => Rc::new(
+                        DmaFile::open(&path)
+                            .await
+                            .map_err(|e| WalError::glommio("open segment", &path, e))?,
+                    ),
+                };
+                let read = file
+                    .read_at(offset, size)
+                    .await
+                    .map_err(|e| WalError::glommio("read record", &path, e))?;
                 match record::check(&read, 0) {
-                    RecordCheck::Record(h) if h.index == index => Ok(Record { index, term: h.term, payload_len: h.payload_len as usize, bytes: RecordBytes::Read(read) }),
+                    RecordCheck::Record(h) if h.index == index => Ok(Record {
+                        index,
+                        term: h.term,
+                        payload_len: h.payload_len as usize,
+                        bytes: RecordBytes::Read(read),
+                    }),
                     RecordCheck::Record(h) => Err(WalError::Corrupt {
                         path,
                         offset,
-                        reason: crate::error::Corruption::Record(record::RecordFault::IndexMismatch { expected: index, found: h.index }),
+                        reason: crate::error::Corruption::Record(
+                            record::RecordFault::IndexMismatch {
+                                expected: index,
+                                found: h.index,
+                            },
+                        ),
                     }),
-                    RecordCheck::Fault(f) => Err(WalError::Corrupt { path, offset, reason: crate::error::Corruption::Record(f) }),
+                    RecordCheck::Fault(f) => Err(WalError::Corrupt {
+                        path,
+                        offset,
+                        reason: crate::error::Corruption::Record(f),
+                    }),
                     RecordCheck::End => Err(WalError::Corrupt {
                         path,
                         offset,
-                        reason: crate::error::Corruption::Record(record::RecordFault::Truncated { need: size, have: 0 }),
+                        reason: crate::error::Corruption::Record(record::RecordFault::Truncated {
+                            need: size,
+                            have: 0,
+                        }),
                     }),
                 }
             }
@@ -574,7 +710,12 @@ impl Wal {
             return Ok(());
         }
         if index + 1 < first {
-            return Err(WalError::BadRange { op: "truncate_after", index, first, last });
+            return Err(WalError::BadRange {
+                op: "truncate_after",
+                index,
+                first,
+                last,
+            });
         }
         let result = self.cut_after(index).await;
         if let Err(e) = result {
@@ -599,7 +740,10 @@ impl Wal {
         }
         let directory = self.shared.borrow().directory.clone();
         let dir = self.dir();
-        directory.sync().await.map_err(|e| WalError::glommio("sync dir", &dir, e))?;
+        directory
+            .sync()
+            .await
+            .map_err(|e| WalError::glommio("sync dir", &dir, e))?;
         let cut = {
             let mut inner = self.shared.borrow_mut();
             inner.next_index = index + 1;
@@ -617,14 +761,34 @@ impl Wal {
                         seg.end = c;
                         seg.written_end = c;
                     }
-                    cut.map(|c| (seg.file.clone().expect("durable segment has a file"), seg.path.clone(), c))
+                    cut.map(|c| (seg.file.clone(), seg.path.clone(), c))
                 }
             }
         };
         if let Some((file, path, offset)) = cut {
+            let file = match file {
+                Some(f) => f,
+                None => {
+                    let f = Rc::new(
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .dma_open(&path)
+                            .await
+                            .map_err(|e| WalError::glommio("open segment", &path, e))?,
+                    );
+                    if let Some(seg) = self.shared.borrow_mut().segments.back_mut() {
+                        seg.file = Some(f.clone());
+                    }
+                    f
+                }
+            };
             let segment_bytes = self.shared.borrow().opts.segment_bytes;
             let tail = cut_segment(&file, &path, offset, segment_bytes).await?;
-            self.shared.borrow_mut().tail = Tail { file_pos: align_down(offset), bytes: tail };
+            self.shared.borrow_mut().tail = Tail {
+                file_pos: align_down(offset),
+                bytes: tail,
+            };
         }
         Ok(())
     }
@@ -638,7 +802,11 @@ impl Wal {
             inner.check_usable()?;
             inner.next_index == 0 || index + 1 >= inner.next_index
         };
-        let _gate = if empties { Some(self.close_gate_and_drain().await?) } else { None };
+        let _gate = if empties {
+            Some(self.close_gate_and_drain().await?)
+        } else {
+            None
+        };
         let removed = {
             let mut inner = self.shared.borrow_mut();
             let mut removed = Vec::new();
@@ -661,7 +829,10 @@ impl Wal {
             }
             if !removed.is_empty() {
                 let directory = self.shared.borrow().directory.clone();
-                directory.sync().await.map_err(|e| WalError::glommio("sync dir", self.dir(), e))?;
+                directory
+                    .sync()
+                    .await
+                    .map_err(|e| WalError::glommio("sync dir", self.dir(), e))?;
             }
             Ok::<(), WalError>(())
         }
@@ -685,7 +856,9 @@ impl Wal {
         })
         .await?;
         self.shared.borrow_mut().gate_closed = true;
-        let guard = GateGuard { shared: self.shared.clone() };
+        let guard = GateGuard {
+            shared: self.shared.clone(),
+        };
         self.sync().await?;
         Ok(guard)
     }
@@ -700,13 +873,17 @@ impl Wal {
     pub async fn save_meta(&self, bytes: &[u8]) -> Result<(), WalError> {
         let dir = self.dir();
         let bytes = bytes.to_vec();
-        glommio::executor().spawn_blocking(move || crate::meta::save(&dir, &bytes)).await
+        glommio::executor()
+            .spawn_blocking(move || crate::meta::save(&dir, &bytes))
+            .await
     }
 
     /// Reads the metadata blob, `None` if it was never written.
     pub async fn load_meta(&self) -> Result<Option<Vec<u8>>, WalError> {
         let dir = self.dir();
-        glommio::executor().spawn_blocking(move || crate::meta::load(&dir)).await
+        glommio::executor()
+            .spawn_blocking(move || crate::meta::load(&dir))
+            .await
     }
 }
 
@@ -739,7 +916,9 @@ impl Drop for Wal {
 async fn syncer(weak: Weak<RefCell<Inner>>) {
     loop {
         let has_work = poll_fn(|cx| {
-            let Some(shared) = weak.upgrade() else { return Poll::Ready(false) };
+            let Some(shared) = weak.upgrade() else {
+                return Poll::Ready(false);
+            };
             let mut inner = shared.borrow_mut();
             if inner.failed.is_some() {
                 return Poll::Ready(false);
@@ -779,7 +958,11 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         let inner = &mut *guard;
         let first = inner.queue.front().expect("work").segment_first;
         let mut flushes = Vec::new();
-        while inner.queue.front().is_some_and(|f| f.segment_first == first) {
+        while inner
+            .queue
+            .front()
+            .is_some_and(|f| f.segment_first == first)
+        {
             flushes.push(inner.queue.pop_front().expect("front"));
         }
         let active = inner.segments.back().map(|s| s.first_index);
@@ -788,24 +971,48 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         }
         (first, flushes)
     };
-    let (file, path) = {
+    let (file, path, created) = {
         let inner = shared.borrow();
-        let seg = inner.segments.iter().find(|s| s.first_index == segment_first).expect("segment of a queued buffer");
-        (seg.file.clone(), seg.path.clone())
+        let seg = inner
+            .segments
+            .iter()
+            .find(|s| s.first_index == segment_first)
+            .expect("segment of a queued buffer");
+        (seg.file.clone(), seg.path.clone(), seg.created)
     };
     let file = match file {
         Some(f) => f,
+        None if created => Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&path)
+                .await
+                .map_err(|e| WalError::glommio("open segment", &path, e))?,
+        ),
         None => {
             let (segment_bytes, window, directory) = {
                 let inner = shared.borrow();
-                (inner.opts.segment_bytes, inner.opts.pending_bytes_max as u64, inner.directory.clone())
+                (
+                    inner.opts.segment_bytes,
+                    inner.opts.pending_bytes_max as u64,
+                    inner.directory.clone(),
+                )
             };
-            let f = Rc::new(create_segment(&path, segment_first, segment_bytes, window, &directory).await?);
+            let f = Rc::new(
+                create_segment(&path, segment_first, segment_bytes, window, &directory).await?,
+            );
             let mut inner = shared.borrow_mut();
             inner.stats.segments_created += 1;
-            if let Some(seg) = inner.segments.iter_mut().find(|s| s.first_index == segment_first) {
+            if let Some(seg) = inner
+                .segments
+                .iter_mut()
+                .find(|s| s.first_index == segment_first)
+            {
                 seg.file = Some(f.clone());
+                seg.created = true;
             }
+            close_old_segment_files(&mut inner.segments);
             f
         }
     };
@@ -816,42 +1023,92 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         flush.buf.as_bytes_mut()[flush.used..len].fill(0);
         flush.buf.trim_to_size(len);
         let buf = Rc::new(flush.buf);
-        shared.borrow_mut().inflight = Some(Inflight { segment_first, file_pos: flush.file_pos, buf: buf.clone() });
+        shared.borrow_mut().inflight = Some(Inflight {
+            segment_first,
+            file_pos: flush.file_pos,
+            buf: buf.clone(),
+        });
         failpoint::hit(points::WRITE).map_err(|e| WalError::io("write", &path, e))?;
-        let n = file.write_rc_at(buf, flush.file_pos).await.map_err(|e| WalError::glommio("write", &path, e))?;
+        let n = file
+            .write_rc_at(buf, flush.file_pos)
+            .await
+            .map_err(|e| WalError::glommio("write", &path, e))?;
         if n != len {
-            return Err(WalError::io("write", &path, std::io::Error::new(std::io::ErrorKind::WriteZero, format!("short write: {n} of {len} bytes"))));
+            return Err(WalError::io(
+                "write",
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {n} of {len} bytes"),
+                ),
+            ));
         }
         let mut inner = shared.borrow_mut();
         inner.stats.writes += 1;
         inner.stats.written_bytes += len as u64;
-        if let Some(seg) = inner.segments.iter_mut().find(|s| s.first_index == segment_first) {
+        if let Some(seg) = inner
+            .segments
+            .iter_mut()
+            .find(|s| s.first_index == segment_first)
+        {
             seg.written_end = seg.written_end.max(flush.file_pos + flush.used as u64);
         }
         last_index = flush.last_index;
         record_bytes += flush.record_bytes;
     }
     failpoint::hit(points::FDATASYNC).map_err(|e| WalError::io("fdatasync", &path, e))?;
-    file.fdatasync().await.map_err(|e| WalError::glommio("fdatasync", &path, e))?;
+    file.fdatasync()
+        .await
+        .map_err(|e| WalError::glommio("fdatasync", &path, e))?;
     let mut inner = shared.borrow_mut();
     inner.stats.syncs += 1;
-    debug_assert!(last_index > inner.durable_index || inner.next_index <= last_index, "durability only moves forward");
+    debug_assert!(
+        last_index > inner.durable_index || inner.next_index <= last_index,
+        "durability only moves forward"
+    );
     inner.durable_index = inner.durable_index.max(last_index);
     inner.pending_bytes -= record_bytes;
     Ok(())
 }
 
 /// Creates a segment: preallocate, write the header block, sync file and directory.
-async fn create_segment(path: &Path, first_index: u64, segment_bytes: u64, torn_window_bytes: u64, directory: &Directory) -> Result<DmaFile, WalError> {
+async fn create_segment(
+    path: &Path,
+    first_index: u64,
+    segment_bytes: u64,
+    torn_window_bytes: u64,
+    directory: &Directory,
+) -> Result<DmaFile, WalError> {
     failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).dma_open(path).await.map_err(|e| WalError::glommio("create segment", path, e))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(path)
+        .await
+        .map_err(|e| WalError::glommio("create segment", path, e))?;
     let result = async {
-        file.pre_allocate(segment_bytes, false).await.map_err(|e| WalError::glommio("preallocate segment", path, e))?;
+        file.pre_allocate(segment_bytes, false)
+            .await
+            .map_err(|e| WalError::glommio("preallocate segment", path, e))?;
         let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
-        SegmentHeader { first_index, segment_bytes, torn_window_bytes }.encode(block.as_bytes_mut());
-        file.write_at(block, 0).await.map_err(|e| WalError::glommio("write segment header", path, e))?;
-        file.fdatasync().await.map_err(|e| WalError::glommio("fdatasync segment header", path, e))?;
-        directory.sync().await.map_err(|e| WalError::glommio("sync dir", path, e))
+        SegmentHeader {
+            first_index,
+            segment_bytes,
+            torn_window_bytes,
+        }
+        .encode(block.as_bytes_mut());
+        file.write_at(block, 0)
+            .await
+            .map_err(|e| WalError::glommio("write segment header", path, e))?;
+        file.fdatasync()
+            .await
+            .map_err(|e| WalError::glommio("fdatasync segment header", path, e))?;
+        directory
+            .sync()
+            .await
+            .map_err(|e| WalError::glommio("sync dir", path, e))
     }
     .await;
     if let Err(e) = result {
@@ -865,29 +1122,55 @@ async fn create_segment(path: &Path, first_index: u64, segment_bytes: u64, torn_
 
 /// Cuts a segment at `offset`: the block holding it keeps its prefix and is zeroed after it, the
 /// rest of the file is deallocated (reads as zeros), and it is all synced. Returns the prefix.
-async fn cut_segment(file: &DmaFile, path: &Path, offset: u64, segment_bytes: u64) -> Result<Vec<u8>, WalError> {
+async fn cut_segment(
+    file: &DmaFile,
+    path: &Path,
+    offset: u64,
+    segment_bytes: u64,
+) -> Result<Vec<u8>, WalError> {
     let block_pos = align_down(offset);
     let keep = (offset - block_pos) as usize;
-    let old = file.read_at_aligned(block_pos, BLOCK_BYTES).await.map_err(|e| WalError::glommio("read tail block", path, e))?;
+    let old = file
+        .read_at_aligned(block_pos, BLOCK_BYTES)
+        .await
+        .map_err(|e| WalError::glommio("read tail block", path, e))?;
     let prefix = old.get(..keep).unwrap_or_default().to_vec();
     let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
     block.as_bytes_mut().fill(0);
     block.as_bytes_mut()[..prefix.len()].copy_from_slice(&prefix);
-    file.write_at(block, block_pos).await.map_err(|e| WalError::glommio("rewrite tail block", path, e))?;
+    file.write_at(block, block_pos)
+        .await
+        .map_err(|e| WalError::glommio("rewrite tail block", path, e))?;
     let rest = block_pos + BLOCK;
-    let size = file.file_size().await.map_err(|e| WalError::glommio("stat segment", path, e))?.max(segment_bytes);
+    let size = file
+        .file_size()
+        .await
+        .map_err(|e| WalError::glommio("stat segment", path, e))?
+        .max(segment_bytes);
     if size > rest {
-        file.deallocate(rest, size - rest).await.map_err(|e| WalError::glommio("deallocate tail", path, e))?;
+        file.deallocate(rest, size - rest)
+            .await
+            .map_err(|e| WalError::glommio("deallocate tail", path, e))?;
     }
-    file.fdatasync().await.map_err(|e| WalError::glommio("fdatasync cut", path, e))?;
+    file.fdatasync()
+        .await
+        .map_err(|e| WalError::glommio("fdatasync cut", path, e))?;
     Ok(prefix)
 }
 
 async fn remove_segment_file(seg: &Segment) -> Result<(), WalError> {
     match std::fs::remove_file(&seg.path) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && seg.file.is_none() => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !seg.created => Ok(()),
         Err(e) => Err(WalError::io("remove segment", &seg.path, e)),
+    }
+}
+
+/// Drops the descriptors of all but the newest `OPEN_SEGMENTS_MAX` segments.
+fn close_old_segment_files(segments: &mut VecDeque<Segment>) {
+    let keep_from = segments.len().saturating_sub(OPEN_SEGMENTS_MAX);
+    for seg in segments.iter_mut().take(keep_from) {
+        seg.file = None;
     }
 }
 
@@ -895,13 +1178,20 @@ async fn remove_segment_file(seg: &Segment) -> Result<(), WalError> {
 fn lock_dir(dir: &Path) -> Result<std::fs::File, WalError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("LOCK");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| WalError::io("open lock", &path, e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| WalError::io("open lock", &path, e))?;
     // SAFETY: flock on a valid, owned descriptor.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => Err(WalError::Locked { path: dir.to_path_buf() }),
+            Some(libc::EWOULDBLOCK) => Err(WalError::Locked {
+                path: dir.to_path_buf(),
+            }),
             _ => Err(WalError::io("lock", &path, e)),
         };
     }
@@ -912,10 +1202,18 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, WalError> {
 /// an empty or write-only file misleads it. Open a non-empty file on this filesystem first.
 async fn probe_filesystem(dir: &Path) -> Result<(), WalError> {
     let path = dir.join("PROBE");
-    let ok = std::fs::metadata(&path).map(|m| m.len() >= BLOCK).unwrap_or(false);
+    let ok = std::fs::metadata(&path)
+        .map(|m| m.len() >= BLOCK)
+        .unwrap_or(false);
     if !ok {
-        std::fs::write(&path, vec![b'p'; BLOCK_BYTES]).map_err(|e| WalError::io("write probe", &path, e))?;
+        std::fs::write(&path, vec![b'p'; BLOCK_BYTES])
+            .map_err(|e| WalError::io("write probe", &path, e))?;
     }
-    let probe = DmaFile::open(&path).await.map_err(|e| WalError::glommio("open probe", &path, e))?;
-    probe.close().await.map_err(|e| WalError::glommio("close probe", &path, e))
+    let probe = DmaFile::open(&path)
+        .await
+        .map_err(|e| WalError::glommio("open probe", &path, e))?;
+    probe
+        .close()
+        .await
+        .map_err(|e| WalError::glommio("close probe", &path, e))
 }

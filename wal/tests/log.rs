@@ -30,7 +30,10 @@ fn append_read_reopen_across_segments() {
     run(|| async {
         let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
         assert_eq!(report.verdict, Verdict::Clean);
-        assert_eq!((report.first_index, report.last_index), (Some(1), Some(400)));
+        assert_eq!(
+            (report.first_index, report.last_index),
+            (Some(1), Some(400))
+        );
         check_all(&wal, 1, 400, max).await;
         fill(&wal, 401, 450, max).await;
         check_all(&wal, 395, 450, max).await;
@@ -41,7 +44,9 @@ fn append_read_reopen_across_segments() {
 fn group_commit_makes_many_appends_durable_with_few_syncs() {
     let dir = tempfile::tempdir().unwrap();
     run(|| async {
-        let (wal, _) = Wal::open(dir.path(), baton_wal::WalOptions::default()).await.unwrap();
+        let (wal, _) = Wal::open(dir.path(), baton_wal::WalOptions::default())
+            .await
+            .unwrap();
         for i in 1..=2000 {
             wal.append(i, 1, &[7u8; 100]).await.unwrap();
         }
@@ -50,7 +55,11 @@ fn group_commit_makes_many_appends_durable_with_few_syncs() {
         wal.durable(2000).await.unwrap();
         let s = wal.stats();
         assert_eq!(s.appends, 2000);
-        assert!(s.syncs <= 2, "2000 appends made durable by {} syncs", s.syncs);
+        assert!(
+            s.syncs <= 2,
+            "2000 appends made durable by {} syncs",
+            s.syncs
+        );
     });
 }
 
@@ -85,13 +94,37 @@ fn input_errors_are_typed_and_change_nothing() {
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
         fill(&wal, 10, 12, 1000).await;
-        assert!(matches!(wal.append(14, 1, b"x").await, Err(WalError::NonContiguous { expected: 13, got: 14 })));
-        assert!(matches!(wal.append(12, 1, b"x").await, Err(WalError::NonContiguous { expected: 13, got: 12 })));
-        assert!(matches!(wal.append(0, 1, b"x").await, Err(WalError::ZeroIndex)));
+        assert!(matches!(
+            wal.append(14, 1, b"x").await,
+            Err(WalError::NonContiguous {
+                expected: 13,
+                got: 14
+            })
+        ));
+        assert!(matches!(
+            wal.append(12, 1, b"x").await,
+            Err(WalError::NonContiguous {
+                expected: 13,
+                got: 12
+            })
+        ));
+        assert!(matches!(
+            wal.append(0, 1, b"x").await,
+            Err(WalError::ZeroIndex)
+        ));
         let big = vec![0u8; small().payload_bytes_max + 1];
-        assert!(matches!(wal.append(13, 1, &big).await, Err(WalError::PayloadTooLarge { .. })));
-        assert!(matches!(wal.read(9).await, Err(WalError::NotFound { index: 9, .. })));
-        assert!(matches!(wal.read(13).await, Err(WalError::NotFound { index: 13, .. })));
+        assert!(matches!(
+            wal.append(13, 1, &big).await,
+            Err(WalError::PayloadTooLarge { .. })
+        ));
+        assert!(matches!(
+            wal.read(9).await,
+            Err(WalError::NotFound { index: 9, .. })
+        ));
+        assert!(matches!(
+            wal.read(13).await,
+            Err(WalError::NotFound { index: 13, .. })
+        ));
         assert_eq!(wal.last_index(), Some(12));
         check_all(&wal, 10, 12, 1000).await;
     });
@@ -108,7 +141,10 @@ fn truncate_after_is_durable_and_the_log_continues() {
         wal.truncate_after(137).await.unwrap();
         assert_eq!(wal.last_index(), Some(137));
         assert!(segment_count(dir.path()) < before);
-        assert!(matches!(wal.read(138).await, Err(WalError::NotFound { .. })));
+        assert!(matches!(
+            wal.read(138).await,
+            Err(WalError::NotFound { .. })
+        ));
         // The replacement entry has another term, as after a Raft conflict.
         wal.append(138, 999, b"replacement").await.unwrap();
         wal.durable(138).await.unwrap();
@@ -120,7 +156,11 @@ fn truncate_after_is_durable_and_the_log_continues() {
     });
     run(|| async {
         let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
-        assert_eq!(report.verdict, Verdict::Clean, "truncation leaves no torn data");
+        assert_eq!(
+            report.verdict,
+            Verdict::Clean,
+            "truncation leaves no torn data"
+        );
         assert_eq!(wal.last_index(), Some(138));
         let r = wal.read(138).await.unwrap();
         assert_eq!((r.term, r.payload()), (999, &b"replacement"[..]));
@@ -134,7 +174,11 @@ fn truncate_to_the_start_of_a_segment_and_to_nothing() {
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
         fill(&wal, 1, 400, 3000).await;
-        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path()).unwrap().iter().map(|(f, _)| *f).collect();
+        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
         let boundary = firsts[2];
         wal.truncate_after(boundary - 1).await.unwrap();
         assert_eq!(wal.last_index(), Some(boundary - 1));
@@ -160,18 +204,27 @@ fn purge_drops_whole_segments_and_can_empty_the_log() {
         wal.purge_through(150).await.unwrap();
         assert_eq!(wal.first_index(), Some(151));
         assert!(segment_count(dir.path()) < before);
-        assert!(matches!(wal.read(150).await, Err(WalError::NotFound { .. })));
+        assert!(matches!(
+            wal.read(150).await,
+            Err(WalError::NotFound { .. })
+        ));
         check_all(&wal, 151, 300, max).await;
         // A purge at or past the end (snapshot install) empties the log; it restarts after it.
         wal.purge_through(1000).await.unwrap();
         assert_eq!((wal.first_index(), wal.last_index()), (None, None));
         assert_eq!(segment_count(dir.path()), 0);
-        assert!(matches!(wal.append(1000, 5, b"x").await, Err(WalError::NonContiguous { expected: 1001, .. })));
+        assert!(matches!(
+            wal.append(1000, 5, b"x").await,
+            Err(WalError::NonContiguous { expected: 1001, .. })
+        ));
         fill(&wal, 1001, 1010, max).await;
     });
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
-        assert_eq!((wal.first_index(), wal.last_index()), (Some(1001), Some(1010)));
+        assert_eq!(
+            (wal.first_index(), wal.last_index()),
+            (Some(1001), Some(1010))
+        );
         check_all(&wal, 1001, 1010, max).await;
     });
 }
@@ -181,7 +234,10 @@ fn a_second_open_of_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     run(|| async {
         let (_wal, _) = Wal::open(dir.path(), small()).await.unwrap();
-        assert!(matches!(Wal::open(dir.path(), small()).await, Err(WalError::Locked { .. })));
+        assert!(matches!(
+            Wal::open(dir.path(), small()).await,
+            Err(WalError::Locked { .. })
+        ));
     });
 }
 
@@ -195,7 +251,10 @@ fn meta_blob_roundtrips_through_reopen() {
     });
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
-        assert_eq!(wal.load_meta().await.unwrap().as_deref(), Some(&b"term=7;voted_for=2"[..]));
+        assert_eq!(
+            wal.load_meta().await.unwrap().as_deref(),
+            Some(&b"term=7;voted_for=2"[..])
+        );
     });
 }
 

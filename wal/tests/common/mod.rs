@@ -11,13 +11,18 @@ pub fn run<F, T>(f: impl FnOnce() -> F) -> T
 where
     F: Future<Output = T>,
 {
-    glommio::LocalExecutorBuilder::default().make().expect("glommio executor (needs >= 512 KiB of locked memory)").run(f())
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor (needs >= 512 KiB of locked memory)")
+        .run(f())
 }
 
 /// Deterministic payload of record `index`: sizes vary from 1 byte to a few KiB.
 pub fn payload(index: u64, max: usize) -> Vec<u8> {
     let len = 1 + (index.wrapping_mul(2_654_435_761) % (max as u64).min(3000)) as usize;
-    (0..len).map(|k| (index as u8).wrapping_mul(31).wrapping_add(k as u8)).collect()
+    (0..len)
+        .map(|k| (index as u8).wrapping_mul(31).wrapping_add(k as u8))
+        .collect()
 }
 
 /// Deterministic term of record `index`.
@@ -36,10 +41,17 @@ pub async fn fill(wal: &Wal, from: u64, to: u64, max: usize) {
 /// Reads every index in `from..=to` and checks it is the deterministic record.
 pub async fn check_all(wal: &Wal, from: u64, to: u64, max: usize) {
     for i in from..=to {
-        let r = wal.read(i).await.unwrap_or_else(|e| panic!("read {i}: {e}"));
+        let r = wal
+            .read(i)
+            .await
+            .unwrap_or_else(|e| panic!("read {i}: {e}"));
         assert_eq!((r.index, r.term), (i, term(i)));
         assert_eq!(r.payload(), &payload(i, max)[..], "payload of {i}");
-        assert_eq!(r.payload().as_ptr() as usize % 16, 0, "payload of {i} is 16-byte aligned");
+        assert_eq!(
+            r.payload().as_ptr() as usize % 16,
+            0,
+            "payload of {i} is 16-byte aligned"
+        );
     }
 }
 
@@ -55,10 +67,15 @@ pub fn segment_count(dir: &Path) -> usize {
 
 /// Snapshot of every file in `dir` (name → bytes).
 pub fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).map(|p| {
-        let b = std::fs::read(&p).unwrap();
-        (p, b)
-    }).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
     v.sort();
     v
 }

@@ -1,0 +1,1 @@
+//! baton-bench: criterion benchmarks live in benches/.

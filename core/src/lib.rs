@@ -1,0 +1,34 @@
+//! baton-core: the domain model of the baton sequencer.
+//!
+//! - [`tx`]: transactions (`Transaction`) and their limits, [`tx_kind`]: raw or encrypted,
+//! - [`batch`]: the batch (Raft entry) as one zero-copy rkyv buffer: encode, validated access,
+//!   in-place header patching, header digest,
+//! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
+//! - [`hash`]: keccak256 and `TxHash`,
+//! - [`limits`]: every size limit, [`error`]: `ModelError`.
+//!
+//! Bytes from disk or the network are only read through validated access (`access_batch`);
+//! nothing here panics on untrusted input.
+
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod error;
+pub mod hash;
+pub mod limits;
+pub mod merkle;
+pub mod tx;
+pub mod tx_kind;
+
+pub use batch::{
+    access_batch, access_batch_unchecked, encode_batch, encode_batch_into, patch_header,
+    ArchivedBatch, ArchivedBatchHeader, Batch, BatchHeader,
+};
+pub use error::ModelError;
+pub use hash::{keccak256, TxHash};
+pub use limits::{BATCH_BYTES_MAX, BATCH_TXS_MAX, TX_BYTES_MAX};
+pub use merkle::{
+    merkle_proof, merkle_root, verify_proof, MerkleAccumulator, MerkleProof, MerkleTree,
+};
+pub use tx::{ArchivedTransaction, Transaction};
+pub use tx_kind::{ArchivedTxKind, TxKind};

@@ -1,0 +1,406 @@
+//! Binary Merkle tree over transaction hashes, in the shape of RFC 6962 / RFC 9162 §2.1.
+//!
+//! Hashing (all `keccak256`, `‖` is concatenation):
+//! - leaf: `keccak256(0x00 ‖ tx_hash)` (33 bytes in),
+//! - node: `keccak256(0x01 ‖ left ‖ right)` (65 bytes in),
+//! - root of the empty tree: `keccak256("")` (no input bytes).
+//!
+//! Shape: for `n > 1` leaves, the left subtree holds the first `k` leaves, where `k` is the
+//! largest power of two strictly less than `n`, and the right subtree holds the rest. The
+//! prefixes keep a leaf from being passed off as a node (second-preimage defence).
+//!
+//! A proof's `path` lists sibling hashes from the leaf up to the root, as in RFC 9162 §2.1.3;
+//! a subtree that is promoted to the next level unpaired contributes no path element.
+
+use rkyv::{Archive, Deserialize, Serialize};
+use tiny_keccak::{Hasher, Keccak};
+
+use crate::error::ModelError;
+use crate::hash::{keccak256, TxHash};
+
+/// Domain-separation prefix of a leaf hash.
+const LEAF_PREFIX: u8 = 0x00;
+/// Domain-separation prefix of an interior node hash.
+const NODE_PREFIX: u8 = 0x01;
+/// Depth bound of the accumulator stack: one slot per bit of a `u64` leaf count.
+const ACCUMULATOR_DEPTH_MAX: usize = 64;
+
+/// `keccak256(0x00 ‖ tx_hash)`.
+pub fn leaf_hash(tx_hash: &TxHash) -> [u8; 32] {
+    let mut hasher = Keccak::v256();
+    hasher.update(&[LEAF_PREFIX]);
+    hasher.update(tx_hash.as_bytes());
+    let mut out = [0u8; 32];
+    hasher.finalize(&mut out);
+    out
+}
+
+/// `keccak256(0x01 ‖ left ‖ right)`.
+pub fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut hasher = Keccak::v256();
+    hasher.update(&[NODE_PREFIX]);
+    hasher.update(left);
+    hasher.update(right);
+    let mut out = [0u8; 32];
+    hasher.finalize(&mut out);
+    out
+}
+
+/// Root of the tree with no leaves: `keccak256("")`.
+pub fn empty_root() -> [u8; 32] {
+    keccak256(b"")
+}
+
+/// Streaming Merkle root: push leaves in order, read the root at any time; no heap allocation.
+///
+/// Keeps the roots of the perfect subtrees seen so far (sizes are the set bits of the leaf
+/// count, largest first); folding them right to left gives exactly the RFC 6962 root.
+#[derive(Clone, Debug)]
+pub struct MerkleAccumulator {
+    /// Roots of complete subtrees, largest (leftmost) first; `count.count_ones()` are in use.
+    stack: [[u8; 32]; ACCUMULATOR_DEPTH_MAX],
+    /// Number of leaves pushed.
+    count: u64,
+}
+
+impl Default for MerkleAccumulator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MerkleAccumulator {
+    /// An accumulator with no leaves.
+    pub fn new() -> Self {
+        Self {
+            stack: [[0u8; 32]; ACCUMULATOR_DEPTH_MAX],
+            count: 0,
+        }
+    }
+
+    /// Number of leaves pushed so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Appends the leaf for `tx_hash`.
+    pub fn push(&mut self, tx_hash: &TxHash) {
+        self.push_leaf_hash(leaf_hash(tx_hash));
+    }
+
+    /// Appends an already computed leaf hash (`leaf_hash(tx_hash)`).
+    pub fn push_leaf_hash(&mut self, leaf: [u8; 32]) {
+        // Each trailing one bit of the count is a complete subtree of the new leaf's size class
+        // waiting on the stack for a right sibling.
+        let mut depth = self.count.count_ones() as usize;
+        let mut node = leaf;
+        for _ in 0..self.count.trailing_ones() {
+            depth -= 1;
+            node = node_hash(&self.stack[depth], &node);
+        }
+        self.stack[depth] = node;
+        self.count += 1;
+        debug_assert_eq!(depth + 1, self.count.count_ones() as usize);
+    }
+
+    /// The root of the leaves pushed so far.
+    pub fn root(&self) -> [u8; 32] {
+        let depth = self.count.count_ones() as usize;
+        let Some((last, rest)) = self.stack[..depth].split_last() else {
+            return empty_root();
+        };
+        rest.iter()
+            .rev()
+            .fold(*last, |right, left| node_hash(left, &right))
+    }
+}
+
+/// Merkle root of `tx_hashes` (see module docs), without heap allocation.
+pub fn merkle_root(tx_hashes: &[TxHash]) -> [u8; 32] {
+    let mut acc = MerkleAccumulator::new();
+    for tx_hash in tx_hashes {
+        acc.push(tx_hash);
+    }
+    acc.root()
+}
+
+/// Inclusion proof of one leaf.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug), compare(PartialEq))]
+pub struct MerkleProof {
+    /// Index of the proven leaf.
+    pub index: u32,
+    /// Number of leaves in the tree.
+    pub count: u32,
+    /// Sibling hashes from the leaf level up to just below the root.
+    pub path: Vec<[u8; 32]>,
+}
+
+/// Largest power of two strictly less than `n`; `n` must be at least 2.
+fn split_point(n: usize) -> usize {
+    debug_assert!(n >= 2);
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+}
+
+/// Checks `index < count` and that `count` fits the proof's `u32` fields.
+fn proof_bounds(index: usize, count: usize) -> Result<(u32, u32), ModelError> {
+    if index >= count {
+        return Err(ModelError::ProofIndexOutOfRange { index, count });
+    }
+    let count_u32 = u32::try_from(count).map_err(|_| ModelError::TooManyTxs {
+        count,
+        max: u32::MAX as usize,
+    })?;
+    // index < count <= u32::MAX, so this cannot truncate.
+    Ok((index as u32, count_u32))
+}
+
+/// Inclusion proof for `tx_hashes[index]`; O(n) hashing, one allocation for the path.
+pub fn merkle_proof(tx_hashes: &[TxHash], index: usize) -> Result<MerkleProof, ModelError> {
+    let (index_u32, count_u32) = proof_bounds(index, tx_hashes.len())?;
+    let mut path = Vec::with_capacity(usize::BITS as usize);
+    let (mut lo, mut hi) = (0usize, tx_hashes.len());
+    // Descend from the root; siblings are found top-down, the proof lists them bottom-up.
+    while hi - lo > 1 {
+        let mid = lo + split_point(hi - lo);
+        if index < mid {
+            path.push(merkle_root(&tx_hashes[mid..hi]));
+            hi = mid;
+        } else {
+            path.push(merkle_root(&tx_hashes[lo..mid]));
+            lo = mid;
+        }
+    }
+    path.reverse();
+    Ok(MerkleProof {
+        index: index_u32,
+        count: count_u32,
+        path,
+    })
+}
+
+/// Whether `proof` shows that `tx_hash` is leaf `proof.index` of the tree with root `root`.
+///
+/// This is the RFC 9162 §2.1.3.2 verification algorithm with this module's hashing.
+pub fn verify_proof(root: &[u8; 32], tx_hash: &TxHash, proof: &MerkleProof) -> bool {
+    if proof.index >= proof.count {
+        return false;
+    }
+    let mut fnode = proof.index;
+    let mut snode = proof.count - 1;
+    let mut hash = leaf_hash(tx_hash);
+    for sibling in &proof.path {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            hash = node_hash(sibling, &hash);
+            // Skip the levels where this subtree is promoted unpaired (it is a right edge).
+            while fnode & 1 == 0 && fnode != 0 {
+                fnode >>= 1;
+                snode >>= 1;
+            }
+        } else {
+            hash = node_hash(&hash, sibling);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && hash == *root
+}
+
+/// A whole tree kept in memory, for handing out many proofs in O(log n) each.
+///
+/// Level by level: adjacent pairs are hashed, an unpaired last node is promoted as is. This
+/// gives the same root and proofs as the recursive RFC 6962 definition.
+#[derive(Clone, Debug)]
+pub struct MerkleTree {
+    /// All levels concatenated, leaves first, root last.
+    nodes: Vec<[u8; 32]>,
+    /// Start offset of each level in `nodes`, plus one final end offset.
+    level_starts: Vec<usize>,
+}
+
+impl MerkleTree {
+    /// Builds the tree over `tx_hashes` (about `2n` hashes of memory).
+    pub fn new(tx_hashes: &[TxHash]) -> Self {
+        let count = tx_hashes.len();
+        let mut nodes = Vec::with_capacity(count.saturating_mul(2));
+        nodes.extend(tx_hashes.iter().map(leaf_hash));
+        let mut level_starts = vec![0, count];
+        let mut start = 0;
+        while nodes.len() - start > 1 {
+            let end = nodes.len();
+            let mut i = start;
+            while i + 1 < end {
+                let parent = node_hash(&nodes[i], &nodes[i + 1]);
+                nodes.push(parent);
+                i += 2;
+            }
+            if i < end {
+                let promoted = nodes[i];
+                nodes.push(promoted);
+            }
+            start = end;
+            level_starts.push(nodes.len());
+        }
+        Self {
+            nodes,
+            level_starts,
+        }
+    }
+
+    /// Number of leaves.
+    pub fn count(&self) -> usize {
+        self.level_starts[1]
+    }
+
+    /// Root hash; `empty_root()` for no leaves.
+    pub fn root(&self) -> [u8; 32] {
+        self.nodes.last().copied().unwrap_or_else(empty_root)
+    }
+
+    /// Inclusion proof of leaf `index`.
+    pub fn proof(&self, index: usize) -> Result<MerkleProof, ModelError> {
+        let (index_u32, count_u32) = proof_bounds(index, self.count())?;
+        let mut path = Vec::with_capacity(self.level_starts.len());
+        let mut pos = index;
+        for level in self.level_starts.windows(2) {
+            let (start, end) = (level[0], level[1]);
+            let sibling = pos ^ 1;
+            if start + sibling < end {
+                path.push(self.nodes[start + sibling]);
+            }
+            pos >>= 1;
+        }
+        Ok(MerkleProof {
+            index: index_u32,
+            count: count_u32,
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hashes(n: usize) -> Vec<TxHash> {
+        (0..n as u64)
+            .map(|i| TxHash::of(&i.to_be_bytes()))
+            .collect()
+    }
+
+    fn leaves(tx_hashes: &[TxHash]) -> Vec<[u8; 32]> {
+        tx_hashes.iter().map(leaf_hash).collect()
+    }
+
+    #[test]
+    fn leaf_and_node_hash_layout() {
+        let h = TxHash([7; 32]);
+        let mut leaf_input = vec![0x00];
+        leaf_input.extend_from_slice(&[7; 32]);
+        assert_eq!(leaf_hash(&h), keccak256(&leaf_input));
+
+        let mut node_input = vec![0x01];
+        node_input.extend_from_slice(&[1; 32]);
+        node_input.extend_from_slice(&[2; 32]);
+        assert_eq!(node_hash(&[1; 32], &[2; 32]), keccak256(&node_input));
+    }
+
+    #[test]
+    fn small_trees_match_hand_derived_roots() {
+        assert_eq!(merkle_root(&[]), keccak256(b""));
+        let h = hashes(7);
+        let l = leaves(&h);
+        let n01 = node_hash(&l[0], &l[1]);
+        let n23 = node_hash(&l[2], &l[3]);
+        let n45 = node_hash(&l[4], &l[5]);
+        let n0123 = node_hash(&n01, &n23);
+        assert_eq!(merkle_root(&h[..1]), l[0]);
+        assert_eq!(merkle_root(&h[..2]), n01);
+        assert_eq!(merkle_root(&h[..3]), node_hash(&n01, &l[2]));
+        assert_eq!(merkle_root(&h[..4]), n0123);
+        assert_eq!(merkle_root(&h[..5]), node_hash(&n0123, &l[4]));
+        assert_eq!(merkle_root(&h[..6]), node_hash(&n0123, &n45));
+        assert_eq!(
+            merkle_root(&h[..7]),
+            node_hash(&n0123, &node_hash(&n45, &l[6]))
+        );
+    }
+
+    #[test]
+    fn small_proofs_match_hand_derived_paths() {
+        let h = hashes(3);
+        let l = leaves(&h);
+        let n01 = node_hash(&l[0], &l[1]);
+        assert_eq!(merkle_proof(&h, 0).unwrap().path, vec![l[1], l[2]]);
+        assert_eq!(merkle_proof(&h, 1).unwrap().path, vec![l[0], l[2]]);
+        assert_eq!(merkle_proof(&h, 2).unwrap().path, vec![n01]);
+        assert!(merkle_proof(&h[..1], 0).unwrap().path.is_empty());
+    }
+
+    #[test]
+    fn proof_index_out_of_range_rejected() {
+        let h = hashes(3);
+        assert!(matches!(
+            merkle_proof(&h, 3),
+            Err(ModelError::ProofIndexOutOfRange { index: 3, count: 3 })
+        ));
+        assert!(matches!(
+            merkle_proof(&[], 0),
+            Err(ModelError::ProofIndexOutOfRange { index: 0, count: 0 })
+        ));
+        assert!(MerkleTree::new(&h).proof(3).is_err());
+    }
+
+    #[test]
+    fn empty_tree_root() {
+        assert_eq!(MerkleTree::new(&[]).root(), empty_root());
+        assert_eq!(MerkleAccumulator::new().root(), empty_root());
+    }
+
+    #[test]
+    fn proof_with_extra_or_missing_path_elements_fails() {
+        let h = hashes(5);
+        let root = merkle_root(&h);
+        let mut proof = merkle_proof(&h, 2).unwrap();
+        assert!(verify_proof(&root, &h[2], &proof));
+        proof.path.push([0; 32]);
+        assert!(!verify_proof(&root, &h[2], &proof));
+        proof.path.truncate(proof.path.len() - 2);
+        assert!(!verify_proof(&root, &h[2], &proof));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn every_proof_verifies_and_tampering_fails(n in 1usize..300, pick in any::<u64>()) {
+            let h = hashes(n);
+            let root = merkle_root(&h);
+            let tree = MerkleTree::new(&h);
+            prop_assert_eq!(tree.root(), root);
+            for (i, tx_hash) in h.iter().enumerate() {
+                let proof = merkle_proof(&h, i).unwrap();
+                prop_assert_eq!(&tree.proof(i).unwrap(), &proof);
+                prop_assert!(verify_proof(&root, tx_hash, &proof));
+            }
+
+            let i = (pick % n as u64) as usize;
+            let proof = merkle_proof(&h, i).unwrap();
+            let wrong_hash = TxHash::of(b"not in the tree");
+            prop_assert!(!verify_proof(&root, &wrong_hash, &proof));
+            if n > 1 {
+                let mut wrong_index = proof.clone();
+                wrong_index.index = ((i + 1) % n) as u32;
+                prop_assert!(!verify_proof(&root, &h[i], &wrong_index));
+                let mut tampered = proof.clone();
+                let at = (pick >> 32) as usize % tampered.path.len();
+                tampered.path[at][0] ^= 1;
+                prop_assert!(!verify_proof(&root, &h[i], &tampered));
+            }
+        }
+    }
+}
