@@ -5,7 +5,8 @@
 //!   in-place header patching, header digest,
 //! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
 //! - [`hash`]: keccak256 and `TxHash`,
-//! - [`limits`]: every size limit, [`error`]: `ModelError`.
+//! - [`limits`]: every size limit, [`error`]: `ModelError`,
+//! - [`raft`]: openraft on glommio: the runtime adapter and baton's `TypeConfig`.
 //!
 //! Bytes from disk or the network are only read through validated access (`access_batch`);
 //! nothing here panics on untrusted input.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod hash;
 pub mod limits;
 pub mod merkle;
+pub mod raft;
 pub mod tx;
 pub mod tx_kind;
 
@@ -30,5 +32,6 @@ pub use limits::{BATCH_BYTES_MAX, BATCH_TXS_MAX, TX_BYTES_MAX};
 pub use merkle::{
     merkle_proof, merkle_root, verify_proof, MerkleAccumulator, MerkleProof, MerkleTree,
 };
+pub use raft::{ApplyResult, BatchBytes, GlommioRuntime, TypeConfig};
 pub use tx::{ArchivedTransaction, Transaction};
 pub use tx_kind::{ArchivedTxKind, TxKind};

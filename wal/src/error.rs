@@ -95,9 +95,18 @@ impl WalError {
         source: std::io::Error,
     ) -> WalError {
         let path = path.into();
-        match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => WalError::DiskFull { op, path },
-            _ => WalError::Io { op, path, source },
+        // glommio reports errno values inside custom errors: look at the kind too.
+        let full = matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        ) || matches!(
+            source.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        if full {
+            WalError::DiskFull { op, path }
+        } else {
+            WalError::Io { op, path, source }
         }
     }
 

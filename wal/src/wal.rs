@@ -108,6 +108,9 @@ impl std::fmt::Debug for Record {
     }
 }
 
+/// Smallest group-commit buffer allocated.
+const FLUSH_BYTES_MIN: usize = 64 << 10;
+
 /// Segment files kept open at once (the active one included); older ones reopen on read.
 const OPEN_SEGMENTS_MAX: usize = 16;
 
@@ -184,6 +187,8 @@ struct Inner {
     inflight: Option<Inflight>,
     tail: Tail,
     pending_bytes: usize,
+    /// Bytes the last group-commit round wrote (sizes the next buffer).
+    last_round_bytes: usize,
     syncing: bool,
     /// Closed while truncate/purge rewrite the active segment: appends wait.
     gate_closed: bool,
@@ -272,6 +277,9 @@ impl Wal {
     pub async fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, RecoveryReport), WalError> {
         opts.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| WalError::io("create dir", dir, e))?;
+        // glommio opens directories relative to no descriptor: relative paths fail (EBADF).
+        let dir =
+            &std::fs::canonicalize(dir).map_err(|e| WalError::io("canonicalize dir", dir, e))?;
         let lock = lock_dir(dir)?;
         probe_filesystem(dir).await?;
         let directory = Directory::open(dir)
@@ -368,6 +376,7 @@ impl Wal {
             inflight: None,
             tail,
             pending_bytes: 0,
+            last_round_bytes: 0,
             syncing: false,
             gate_closed: false,
             failed: None,
@@ -467,7 +476,13 @@ impl Wal {
                 Some(f) if f.segment_first == active_first => f.carry(),
                 _ => std::mem::take(&mut inner.tail),
             };
-            let mut buf = glommio::allocate_dma_buffer(inner.opts.flush_bytes_max);
+            // Size the buffer for what recent rounds needed, not the maximum: small buffers come
+            // back warm from the allocator, 8 MiB ones fault in fresh pages every time.
+            let want = (2 * inner.last_round_bytes)
+                .max(carry.bytes.len() + size + BLOCK_BYTES)
+                .max(FLUSH_BYTES_MIN);
+            let capacity = (align_up(want as u64) as usize).min(inner.opts.flush_bytes_max);
+            let mut buf = glommio::allocate_dma_buffer(capacity);
             buf.as_bytes_mut()[..carry.bytes.len()].copy_from_slice(&carry.bytes);
             inner.queue.push_back(Flush {
                 segment_first: active_first,
@@ -1018,6 +1033,7 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     };
     let mut last_index = 0;
     let mut record_bytes = 0;
+    let mut round_bytes = 0;
     for mut flush in flushes {
         let len = align_up(flush.used as u64) as usize;
         flush.buf.as_bytes_mut()[flush.used..len].fill(0);
@@ -1055,6 +1071,7 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         }
         last_index = flush.last_index;
         record_bytes += flush.record_bytes;
+        round_bytes += len;
     }
     failpoint::hit(points::FDATASYNC).map_err(|e| WalError::io("fdatasync", &path, e))?;
     file.fdatasync()
@@ -1062,6 +1079,7 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         .map_err(|e| WalError::glommio("fdatasync", &path, e))?;
     let mut inner = shared.borrow_mut();
     inner.stats.syncs += 1;
+    inner.last_round_bytes = round_bytes;
     debug_assert!(
         last_index > inner.durable_index || inner.next_index <= last_index,
         "durability only moves forward"

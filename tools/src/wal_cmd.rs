@@ -1,0 +1,283 @@
+//! `baton wal …`: `dump` inspects a log directory without changing it; `bench` measures
+//! append + group-commit throughput and latency on a real directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use baton_wal::recovery::{Inspection, ScanEnd};
+use baton_wal::{Verdict, Wal, WalOptions};
+use clap::Subcommand;
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum WalCommand {
+    /// List segments and records and the verdict recovery would reach. Changes nothing.
+    /// Exit status: 0 when the log would open (clean or with a torn tail to cut), 2 when
+    /// recovery would refuse it (corruption before the tail).
+    Dump {
+        /// The log directory.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Segments and verdict only, no per-record lines.
+        #[arg(long)]
+        summary: bool,
+    },
+    /// Append records with group commit for a while and print throughput and latency.
+    Bench {
+        /// Directory for the log (default: a fresh temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Payload bytes per record.
+        #[arg(long, default_value_t = 4096)]
+        record_bytes: usize,
+        /// Records appended before waiting for durability (concurrent writers).
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: WalCommand) -> ExitCode {
+    match cmd {
+        WalCommand::Dump { dir, json, summary } => dump(&dir, json, summary),
+        WalCommand::Bench {
+            dir,
+            record_bytes,
+            in_flight,
+            seconds,
+            json,
+        } => bench(dir, record_bytes, in_flight, seconds, json),
+    }
+}
+
+fn end_json(end: &ScanEnd) -> serde_json::Value {
+    match end {
+        ScanEnd::Clean { offset } => json!({"kind": "clean", "offset": offset}),
+        ScanEnd::Fault {
+            offset,
+            fault,
+            last_valid_after,
+        } => {
+            json!({"kind": "fault", "offset": offset, "fault": fault.to_string(), "last_valid_record_after": last_valid_after})
+        }
+    }
+}
+
+fn verdict_text(ins: &Inspection) -> (String, bool) {
+    match &ins.verdict {
+        Ok(Verdict::Clean) => ("clean".into(), true),
+        Ok(Verdict::TornTail { path, offset, fault, discarded_bytes }) => {
+            (format!("torn tail: {} will be cut at offset {offset} ({fault}; {discarded_bytes} bytes discarded)", path.display()), true)
+        }
+        Ok(Verdict::TornSegment { path, fault }) => (format!("torn segment: {} will be removed ({fault})", path.display()), true),
+        Err(e) => (format!("CORRUPT, open refuses: {e}"), false),
+    }
+}
+
+fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
+    let ins = match baton_wal::inspect(dir) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("baton wal dump: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (verdict, opens) = verdict_text(&ins);
+    if as_json {
+        let segments: Vec<_> = ins
+            .segments
+            .iter()
+            .map(|s| {
+                let records: Vec<_> = if summary {
+                    Vec::new()
+                } else {
+                    s.records.iter().map(|r| json!({"index": r.header.index, "term": r.header.term, "offset": r.offset, "len": r.header.payload_len, "crc": format!("{:#010x}", r.header.crc), "crc_ok": true})).collect()
+                };
+                json!({
+                    "path": s.path,
+                    "first_index": s.name_index,
+                    "header": s.header.map(|h| json!({"first_index": h.first_index, "segment_bytes": h.segment_bytes, "torn_window_bytes": h.torn_window_bytes})).map_err(|f| f.to_string()),
+                    "record_count": s.records.len(),
+                    "last_index": s.records.last().map(|r| r.header.index),
+                    "end": end_json(&s.end),
+                    "records": records,
+                })
+            })
+            .collect();
+        let out = json!({"dir": dir, "segments": segments, "verdict": verdict, "opens": opens});
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        for s in &ins.segments {
+            let last = s
+                .records
+                .last()
+                .map_or("-".to_string(), |r| r.header.index.to_string());
+            let header = match &s.header {
+                Ok(h) => format!(
+                    "segment_bytes={} torn_window={}",
+                    h.segment_bytes, h.torn_window_bytes
+                ),
+                Err(f) => format!("BAD HEADER: {f}"),
+            };
+            println!(
+                "segment {}  first={} last={} records={}  {header}",
+                s.path.display(),
+                s.name_index,
+                last,
+                s.records.len()
+            );
+            if !summary {
+                println!(
+                    "  {:>12} {:>8} {:>10} {:>8} {:>10}  crc",
+                    "index", "term", "offset", "len", "crc32"
+                );
+                for r in &s.records {
+                    println!(
+                        "  {:>12} {:>8} {:>10} {:>8} {:#010x}  ok",
+                        r.header.index, r.header.term, r.offset, r.header.payload_len, r.header.crc
+                    );
+                }
+            }
+            match &s.end {
+                ScanEnd::Clean { offset } => println!("  end: clean at offset {offset}"),
+                ScanEnd::Fault {
+                    offset,
+                    fault,
+                    last_valid_after,
+                } => {
+                    println!("  end: FAULT at offset {offset}: {fault}; last valid record after it: {last_valid_after:?}")
+                }
+            }
+        }
+        println!("verdict: {verdict}");
+    }
+    if opens {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn bench(
+    dir: Option<PathBuf>,
+    record_bytes: usize,
+    in_flight: usize,
+    seconds: u64,
+    as_json: bool,
+) -> ExitCode {
+    let tmp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            tmp = match tempfile::Builder::new()
+                .prefix("baton-wal-bench")
+                .tempdir_in(".")
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("baton wal bench: temporary directory: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            tmp.path().to_path_buf()
+        }
+    };
+    let opts = WalOptions::default();
+    if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 {
+        eprintln!(
+            "baton wal bench: --record-bytes must be 1..={} and --in-flight at least 1",
+            opts.payload_bytes_max
+        );
+        return ExitCode::from(1);
+    }
+    let ex = match glommio::LocalExecutorBuilder::default()
+        .name("wal-bench")
+        .make()
+    {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("baton wal bench: glommio executor: {e} (needs >= 512 KiB of locked memory: ulimit -l)");
+            return ExitCode::from(1);
+        }
+    };
+    let result = ex.run(async move {
+        let (wal, _) = Wal::open(&dir, opts).await?;
+        let payload = vec![0xabu8; record_bytes];
+        let mut latencies = Vec::new();
+        let mut index = wal.last_index().unwrap_or(0) + 1;
+        let start_stats = wal.stats();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(seconds);
+        // Bounded by time; each round appends `in_flight` records and waits for all of them.
+        while Instant::now() < deadline {
+            let round = Instant::now();
+            for _ in 0..in_flight {
+                wal.append(index, 1, &payload).await?;
+                index += 1;
+            }
+            wal.durable(index - 1).await?;
+            let elapsed = round.elapsed();
+            latencies.extend(std::iter::repeat_n(elapsed, in_flight));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let s = wal.stats();
+        Ok::<_, baton_wal::WalError>((
+            secs,
+            s.appends - start_stats.appends,
+            s.syncs - start_stats.syncs,
+            latencies,
+        ))
+    });
+    match result {
+        Ok((secs, appends, syncs, mut lat)) => {
+            lat.sort();
+            let mb = appends as f64 * record_bytes as f64 / secs / (1 << 20) as f64;
+            if as_json {
+                let us = |d: Duration| d.as_secs_f64() * 1e6;
+                let out = json!({
+                    "record_bytes": record_bytes, "in_flight": in_flight, "seconds": secs,
+                    "records_per_s": appends as f64 / secs, "bytes_per_s": appends as f64 * record_bytes as f64 / secs,
+                    "fdatasyncs": syncs, "records_per_sync": appends as f64 / syncs.max(1) as f64,
+                    "latency_us": {"p50": us(percentile(&lat, 0.5)), "p99": us(percentile(&lat, 0.99)), "max": us(percentile(&lat, 1.0))},
+                });
+                println!("{out}");
+                return ExitCode::SUCCESS;
+            }
+            println!(
+                "baton wal bench: {record_bytes}-byte records, {in_flight} in flight, {secs:.1} s"
+            );
+            println!("  records/s        {:>12.0}", appends as f64 / secs);
+            println!("  MiB/s            {mb:>12.1}");
+            println!(
+                "  fdatasyncs       {syncs:>12}  ({:.1} records per sync)",
+                appends as f64 / syncs.max(1) as f64
+            );
+            println!(
+                "  append→durable   p50 {:?}  p99 {:?}  max {:?}",
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                percentile(&lat, 1.0)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("baton wal bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
