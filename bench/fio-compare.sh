@@ -5,9 +5,11 @@
 #
 # Each case runs REPS times (default 3), alternating WAL and fio so that drift of the disk hits
 # both alike; the table shows the medians and the ratio of the medians.
-# For each case the WAL appends IN_FLIGHT records of RECORD bytes and waits for one group commit
-# (so each fdatasync covers RECORD*IN_FLIGHT bytes); fio writes blocks of that same size with
-# O_DIRECT and an fdatasync after every write:
+# For each case the WAL appends rounds of IN_FLIGHT records of RECORD bytes. depth 1: it waits
+# for each round's group commit before the next (closed loop, one fdatasync per RECORD*IN_FLIGHT
+# bytes, exactly fio's pattern). depth 2: it appends the next round while the previous one syncs
+# (a busy log; bytes per sync is printed, it stays close to RECORD*IN_FLIGHT). fio writes blocks of
+# RECORD*IN_FLIGHT bytes with O_DIRECT and an fdatasync after every write:
 #   fio --name=wal --filename=DIR/fio.dat --rw=write --bs=BS --size=1G --direct=1 --fdatasync=1 \
 #       --ioengine=psync --runtime=SECONDS --time_based
 # Prints both throughputs and the ratio (target: WAL >= 80% of fio).
@@ -23,27 +25,28 @@ if ! command -v fio >/dev/null; then
   { apt-get update -qq && apt-get install -y -qq fio; } >/dev/null
 fi
 cargo build --release -q -p baton
-printf '%-22s %14s %14s %8s %12s %12s\n' case wal_MiB/s fio_MiB/s ratio wal_syncs/s fio_syncs/s
-for case in "4096 1" "65536 1" "4096 64" "65536 64" "1048576 8"; do
-  read -r rb inf <<<"$case"
+printf '%-24s %11s %11s %7s %12s %12s %14s\n' 'record x round, depth' wal_MiB/s fio_MiB/s ratio wal_syncs/s fio_syncs/s wal_KiB/sync
+for case in "4096 1 1" "65536 1 1" "4096 64 1" "4096 64 2" "65536 64 1" "65536 64 2" "1048576 8 1" "1048576 8 2"; do
+  read -r rb inf depth <<<"$case"
   bs=$((rb * inf))
   wals=(); fios=()
   for _ in $(seq "$reps"); do
     rm -rf "$dir/wal"
-    wals+=("$(./target/release/baton wal bench --dir "$dir/wal" --record-bytes "$rb" --in-flight "$inf" --seconds "$secs" --json)")
+    wals+=("$(./target/release/baton wal bench --dir "$dir/wal" --record-bytes "$rb" --in-flight "$inf" --depth "$depth" --seconds "$secs" --json)")
     fios+=("$(fio --name=wal --filename="$dir/fio.dat" --rw=write --bs="$bs" --size=1G --direct=1 --fdatasync=1 \
           --ioengine=psync --runtime="$secs" --time_based --output-format=json)")
     rm -f "$dir/fio.dat"
   done
-  python3 - "$rb" "$inf" "${#wals[@]}" "${wals[@]}" "${fios[@]}" <<'PY'
+  python3 - "$rb" "$inf" "$depth" "${#wals[@]}" "${wals[@]}" "${fios[@]}" <<'PY'
 import json, statistics, sys
-rb, inf, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-wals = [json.loads(x) for x in sys.argv[4:4 + n]]
-fios = [json.loads(x)["jobs"][0]["write"] for x in sys.argv[4 + n:4 + 2 * n]]
+rb, inf, depth, n = (int(a) for a in sys.argv[1:5])
+wals = [json.loads(x) for x in sys.argv[5:5 + n]]
+fios = [json.loads(x)["jobs"][0]["write"] for x in sys.argv[5 + n:5 + 2 * n]]
 w = statistics.median(x["bytes_per_s"] for x in wals) / 2**20
 f = statistics.median(x["bw_bytes"] for x in fios) / 2**20
 ws = statistics.median(x["fdatasyncs"] / x["seconds"] for x in wals)
 fs = statistics.median(x["total_ios"] / (x["runtime"] / 1000) for x in fios)
-print(f"{rb}B x{inf:<14} {w:14.1f} {f:14.1f} {w / f:8.2f} {ws:12.0f} {fs:12.0f}")
+kps = statistics.median(x["bytes_per_sync"] for x in wals) / 1024
+print(f"{rb}B x{inf}, depth {depth}".ljust(24), f"{w:11.1f} {f:11.1f} {w / f:7.2f} {ws:12.0f} {fs:12.0f} {kps:14.0f}")
 PY
 done

@@ -39,6 +39,11 @@ pub enum WalCommand {
         /// How long to run, in seconds.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Rounds of `in_flight` records outstanding at once: 1 waits for each round's sync
+        /// before appending the next (closed loop); 2 appends the next round while the previous
+        /// one syncs, as a busy log does.
+        #[arg(long, default_value_t = 1)]
+        depth: usize,
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -53,8 +58,9 @@ pub fn run(cmd: WalCommand) -> ExitCode {
             record_bytes,
             in_flight,
             seconds,
+            depth,
             json,
-        } => bench(dir, record_bytes, in_flight, seconds, json),
+        } => bench(dir, record_bytes, in_flight, seconds, depth, json),
     }
 }
 
@@ -178,6 +184,7 @@ fn bench(
     record_bytes: usize,
     in_flight: usize,
     seconds: u64,
+    depth: usize,
     as_json: bool,
 ) -> ExitCode {
     let tmp;
@@ -198,9 +205,9 @@ fn bench(
         }
     };
     let opts = WalOptions::default();
-    if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 {
+    if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 || depth == 0 {
         eprintln!(
-            "baton wal bench: --record-bytes must be 1..={} and --in-flight at least 1",
+            "baton wal bench: --record-bytes must be 1..={}, --in-flight and --depth at least 1",
             opts.payload_bytes_max
         );
         return ExitCode::from(1);
@@ -223,16 +230,26 @@ fn bench(
         let start_stats = wal.stats();
         let start = Instant::now();
         let deadline = start + Duration::from_secs(seconds);
-        // Bounded by time; each round appends `in_flight` records and waits for all of them.
+        // Bounded by time. Each round appends `in_flight` records; before the next round starts,
+        // the round `depth - 1` rounds back must be durable.
+        let mut rounds: std::collections::VecDeque<(u64, Instant)> =
+            std::collections::VecDeque::new();
         while Instant::now() < deadline {
             let round = Instant::now();
             for _ in 0..in_flight {
                 wal.append(index, 1, &payload).await?;
                 index += 1;
             }
-            wal.durable(index - 1).await?;
-            let elapsed = round.elapsed();
-            latencies.extend(std::iter::repeat_n(elapsed, in_flight));
+            rounds.push_back((index - 1, round));
+            while rounds.len() >= depth {
+                let (last, started) = rounds.pop_front().expect("non-empty");
+                wal.durable(last).await?;
+                latencies.extend(std::iter::repeat_n(started.elapsed(), in_flight));
+            }
+        }
+        while let Some((last, started)) = rounds.pop_front() {
+            wal.durable(last).await?;
+            latencies.extend(std::iter::repeat_n(started.elapsed(), in_flight));
         }
         let secs = start.elapsed().as_secs_f64();
         let s = wal.stats();
@@ -250,7 +267,8 @@ fn bench(
             if as_json {
                 let us = |d: Duration| d.as_secs_f64() * 1e6;
                 let out = json!({
-                    "record_bytes": record_bytes, "in_flight": in_flight, "seconds": secs,
+                    "record_bytes": record_bytes, "in_flight": in_flight, "depth": depth, "seconds": secs,
+                    "bytes_per_sync": appends as f64 * record_bytes as f64 / syncs.max(1) as f64,
                     "records_per_s": appends as f64 / secs, "bytes_per_s": appends as f64 * record_bytes as f64 / secs,
                     "fdatasyncs": syncs, "records_per_sync": appends as f64 / syncs.max(1) as f64,
                     "latency_us": {"p50": us(percentile(&lat, 0.5)), "p99": us(percentile(&lat, 0.99)), "max": us(percentile(&lat, 1.0))},
@@ -259,7 +277,7 @@ fn bench(
                 return ExitCode::SUCCESS;
             }
             println!(
-                "baton wal bench: {record_bytes}-byte records, {in_flight} in flight, {secs:.1} s"
+                "baton wal bench: {record_bytes}-byte records, {in_flight} per round, depth {depth}, {secs:.1} s"
             );
             println!("  records/s        {:>12.0}", appends as f64 / secs);
             println!("  MiB/s            {mb:>12.1}");
