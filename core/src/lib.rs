@@ -3,6 +3,7 @@
 //! - [`tx`]: transactions (`Transaction`) and their limits, [`tx_kind`]: raw or encrypted,
 //! - [`batch`]: the batch (Raft entry) as one zero-copy rkyv buffer: encode, validated access,
 //!   in-place header patching, header digest,
+//! - [`batcher`]: the shard's deterministic batch builder (validate, hash, dedup, seal),
 //! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
 //! - [`hash`]: keccak256 and `TxHash`,
 //! - [`limits`]: every size limit, [`error`]: `ModelError`,
@@ -14,10 +15,12 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod batcher;
 pub mod error;
 pub mod hash;
 pub mod limits;
 pub mod merkle;
+//NODE_TMP
 pub mod raft;
 pub mod tx;
 pub mod tx_kind;
@@ -25,6 +28,10 @@ pub mod tx_kind;
 pub use batch::{
     access_batch, access_batch_unchecked, encode_batch, encode_batch_into, patch_header,
     ArchivedBatch, ArchivedBatchHeader, Batch, BatchHeader,
+};
+pub use batcher::{
+    BatchPolicy, Batcher, BatcherConfigError, IncomingTx, PushOutcome, SealedBatch,
+    SubmitRejection, TxSlot,
 };
 pub use error::ModelError;
 pub use hash::{keccak256, TxHash};
