@@ -170,6 +170,9 @@ struct Inflight {
     segment_first: u64,
     file_pos: u64,
     buf: Rc<DmaBuffer>,
+    /// Bytes of `buf` that hold data; past it is block padding, and records appended since then
+    /// live in the next buffer (which carries this one's last block).
+    used: usize,
 }
 
 struct Inner {
@@ -412,6 +415,11 @@ impl Wal {
         self.shared.borrow().durable_index
     }
 
+    /// True while the group commit has a buffer being written (for tests and status pages).
+    pub fn is_writing(&self) -> bool {
+        self.shared.borrow().inflight.is_some()
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> WalStats {
         self.shared.borrow().stats
@@ -623,7 +631,7 @@ impl Wal {
                     Some(f)
                         if f.segment_first == seg.first_index
                             && offset >= f.file_pos
-                            && offset + size <= f.file_pos + f.buf.len() as u64 =>
+                            && offset + size <= f.file_pos + f.used as u64 =>
                     {
                         RecordBytes::Shared(f.buf.clone(), (offset - f.file_pos) as usize)
                     }
@@ -1043,6 +1051,7 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
             segment_first,
             file_pos: flush.file_pos,
             buf: buf.clone(),
+            used: flush.used,
         });
         failpoint::hit(points::WRITE).map_err(|e| WalError::io("write", &path, e))?;
         let n = file

@@ -277,3 +277,36 @@ fn back_pressure_bounds_pending_bytes_and_loses_nothing() {
         }
     });
 }
+
+#[test]
+fn a_record_appended_while_the_previous_buffer_is_being_written_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        for round in 0..50u64 {
+            let first = round * 2 + 1;
+            wal.append(first, term(first), &payload(first, 500))
+                .await
+                .unwrap();
+            // Let the syncer take that buffer and start writing it. The state is not awaitable,
+            // so poll it, with timer waits that let the reactor run (bounded: 2 s).
+            for _ in 0..20_000 {
+                if wal.is_writing() {
+                    break;
+                }
+                glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+            }
+            assert!(
+                wal.is_writing(),
+                "the group commit is writing record {first}"
+            );
+            // This one goes into the next buffer, which starts in the same block.
+            wal.append(first + 1, term(first + 1), &payload(first + 1, 500))
+                .await
+                .unwrap();
+            check_all(&wal, first, first + 1, 500).await;
+        }
+        wal.sync().await.unwrap();
+        check_all(&wal, 1, 100, 500).await;
+    });
+}

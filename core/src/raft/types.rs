@@ -100,15 +100,19 @@ impl fmt::Display for BatchBytes {
     }
 }
 
-/// What applying one batch to the state machine returns to the `client_write` caller.
-///
-/// A placeholder until the sequencer state machine lands: enough to build receipts' positions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What applying one entry to the state machine returns to the `client_write` caller
+/// (see `raft::state_machine`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApplyResult {
     /// Raft log index of the applied batch; a transaction's position is `(index, offset)`.
     pub index: u64,
-    /// Number of transactions the batch ordered.
+    /// Number of transactions the batch ordered, duplicates included.
     pub tx_count: u32,
+    /// The transactions that repeat an already sequenced hash, in offset order, each with the
+    /// position of its first occurrence; every other offset `o` was ordered at `(index, o)`.
+    pub duplicates: Vec<crate::sequencer::Duplicate>,
+    /// The batch was committed but its content is invalid: nothing was ordered.
+    pub rejected: bool,
 }
 
 #[cfg(test)]
@@ -168,6 +172,7 @@ mod tests {
         let r: <TypeConfig as RaftTypeConfig>::R = ApplyResult {
             index: 5,
             tx_count: 1,
+            ..ApplyResult::default()
         };
         assert_eq!(r.index, 5);
     }

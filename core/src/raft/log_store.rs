@@ -1,0 +1,1088 @@
+//! [`LogStore`]: openraft's log storage (`RaftLogStorage` + `RaftLogReader`) on [`baton_wal::Wal`].
+//!
+//! One Raft entry is one WAL record:
+//!
+//! - **Index.** openraft numbers the log from 0 (`Raft::initialize` writes its membership entry
+//!   at index 0) but the WAL reserves index 0, so the record at WAL index `i + 1` holds Raft
+//!   index `i` ([`wal_index`]). The record header's term is the entry's term (standard Raft
+//!   leader ids: a log id is exactly `(term, index)`).
+//! - **Payload.** A 16-byte prefix `[u8 kind][15 zero bytes]` (kinds: 1 blank, 2 normal,
+//!   3 membership), then: nothing for blank; the batch bytes as they are for normal (WAL payloads
+//!   start 16-byte aligned, so the batch does too and is read in place); for membership, the
+//!   hand-written encoding of [`encode_membership`]. The batch bytes are not validated here (the
+//!   WAL's crc32 guards them; the state machine validates before it reads them).
+//!
+//! The vote, the last committed log id and the last purged log id live in one small blob
+//! ([`Wal::save_meta`]: written to a temporary file, fsynced, renamed; a crash leaves the old or
+//! the new blob).
+//!
+//! | openraft call | WAL |
+//! |---|---|
+//! | `append(entries, cb)` | `append` per entry (buffered, readable at once); a task awaits `durable(last)`, then calls `cb` |
+//! | `truncate_after(id)` | `truncate_after(wal_index(id))` (`truncate_after(0)` for `None`) |
+//! | `purge(id)` | save `last_purged` in the meta blob, then `purge_through(wal_index(id))` |
+//! | `save_vote`, `save_committed` | `save_meta` |
+//! | `get_log_state` | cached last log id (read from the last record at open) and `last_purged` |
+//! | `try_get_log_entries`, `limited_get_log_entries` | `read` per index |
+//!
+//! Every write waits for the flush callbacks of earlier appends first, so writes reach the disk
+//! in the order openraft issued them (e.g. a vote is never durable before an earlier append).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::rc::Rc;
+
+use baton_wal::{RecoveryReport, Wal, WalError, WalOptions};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{AsyncRuntime, BasicNode, EntryPayload, OptionalSend};
+use rkyv::util::AlignedVec;
+
+use super::runtime::{GlommioRuntime, JoinHandle};
+use super::types::{BatchBytes, Entry, LogId, TypeConfig};
+
+/// A vote of [`TypeConfig`].
+pub type Vote = <TypeConfig as openraft::RaftTypeConfig>::Vote;
+
+/// A membership config of [`TypeConfig`].
+pub type Membership = openraft::Membership<u64, BasicNode>;
+
+/// Bytes before every entry's payload in a WAL record.
+pub const ENTRY_PREFIX_BYTES: usize = 16;
+
+/// Most sub-configs in an encoded membership (a joint config has two).
+pub const MEMBERSHIP_CONFIGS_MAX: usize = 8;
+/// Most node ids in one sub-config, and most nodes in a membership.
+pub const MEMBERSHIP_NODES_MAX: usize = 1024;
+/// Longest node address, in bytes.
+pub const NODE_ADDR_BYTES_MAX: usize = 1024;
+
+/// Payload bytes `limited_get_log_entries` reads before it stops (at least one entry is read).
+pub const READ_BYTES_MAX: usize = 16 << 20;
+
+const KIND_BLANK: u8 = 1;
+const KIND_NORMAL: u8 = 2;
+const KIND_MEMBERSHIP: u8 = 3;
+
+const META_VERSION: u8 = 1;
+
+/// Why bytes from the WAL or the meta blob could not be decoded (or a value not encoded).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Fewer bytes than the field needs.
+    #[error("{what}: needs {need} bytes at offset {at}, {have} left")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Offset of the field.
+        at: usize,
+        /// Bytes it needs.
+        need: usize,
+        /// Bytes left.
+        have: usize,
+    },
+    /// Bytes left over after a complete value.
+    #[error("{what}: {len} trailing bytes")]
+    Trailing {
+        /// What was read.
+        what: &'static str,
+        /// Bytes left over.
+        len: usize,
+    },
+    /// An entry kind this build does not know.
+    #[error("unknown entry kind {kind}")]
+    UnknownKind {
+        /// The kind byte.
+        kind: u8,
+    },
+    /// A reserved byte of the entry prefix is not zero.
+    #[error("entry prefix byte {at} is {value:#04x}, must be zero")]
+    ReservedNotZero {
+        /// Offset in the prefix.
+        at: usize,
+        /// Its value.
+        value: u8,
+    },
+    /// A presence flag other than 0 or 1.
+    #[error("{what}: flag {value} is neither 0 nor 1")]
+    BadFlag {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u8,
+    },
+    /// A count over its limit.
+    #[error("{what}: {count} exceeds the maximum {max}")]
+    TooMany {
+        /// What was counted.
+        what: &'static str,
+        /// The count.
+        count: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A node address that is not UTF-8.
+    #[error("node {node_id}: address is not UTF-8")]
+    AddrNotUtf8 {
+        /// The node.
+        node_id: u64,
+    },
+    /// Node ids of a config not in strictly ascending order (a set is encoded sorted).
+    #[error("{what}: node id {node_id} is out of order or repeated")]
+    Unsorted {
+        /// The list.
+        what: &'static str,
+        /// The offending id.
+        node_id: u64,
+    },
+    /// A membership openraft rejects (a voter without a node).
+    #[error("invalid membership: {source}")]
+    InvalidMembership {
+        /// What openraft rejected.
+        #[source]
+        source: openraft::error::MembershipError<u64>,
+    },
+    /// A meta blob version this build cannot read.
+    #[error("log store meta version {found} is not supported (this build reads {supported})")]
+    MetaVersion {
+        /// Version found.
+        found: u8,
+        /// Version this build reads.
+        supported: u8,
+    },
+}
+
+/// Errors of the log store.
+#[derive(Debug, thiserror::Error)]
+pub enum LogStoreError {
+    /// The WAL failed.
+    #[error("WAL {op} failed: {source}")]
+    Wal {
+        /// The WAL operation.
+        op: &'static str,
+        /// What the WAL reported.
+        #[source]
+        source: WalError,
+    },
+    /// A log entry could not be encoded or decoded.
+    #[error("log entry {index}: {source}")]
+    Entry {
+        /// Raft index of the entry.
+        index: u64,
+        /// What is wrong.
+        #[source]
+        source: CodecError,
+    },
+    /// The meta blob (vote, committed, purged) could not be decoded.
+    #[error("log store meta: {source}")]
+    Meta {
+        /// What is wrong.
+        #[source]
+        source: CodecError,
+    },
+    /// An append that does not continue the log.
+    #[error("append of index {got}, but the log expects {expected}")]
+    NonContiguous {
+        /// The next index the log accepts.
+        expected: u64,
+        /// Index of the entry.
+        got: u64,
+    },
+    /// A Raft index with no WAL index (`u64::MAX`).
+    #[error("raft index {index} is too large for the WAL")]
+    IndexTooLarge {
+        /// The index.
+        index: u64,
+    },
+}
+
+impl From<LogStoreError> for io::Error {
+    fn from(e: LogStoreError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+fn wal_err(op: &'static str) -> impl FnOnce(WalError) -> LogStoreError {
+    move |source| LogStoreError::Wal { op, source }
+}
+
+/// WAL index of Raft index `index` (see the module docs).
+pub fn wal_index(index: u64) -> Result<u64, LogStoreError> {
+    index
+        .checked_add(1)
+        .ok_or(LogStoreError::IndexTooLarge { index })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codec
+
+/// A cursor over untrusted bytes: every read is bounds-checked.
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { bytes, at: 0, what }
+    }
+
+    pub(crate) fn take(&mut self, need: usize) -> Result<&'a [u8], CodecError> {
+        let have = self.bytes.len() - self.at;
+        if need > have {
+            return Err(CodecError::Truncated {
+                what: self.what,
+                at: self.at,
+                need,
+                have,
+            });
+        }
+        let out = &self.bytes[self.at..self.at + need];
+        self.at += need;
+        Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, CodecError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, CodecError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, CodecError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    pub(crate) fn flag(&mut self, what: &'static str) -> Result<bool, CodecError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(CodecError::BadFlag { what, value }),
+        }
+    }
+
+    /// The bytes not read yet.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let out = &self.bytes[self.at..];
+        self.at = self.bytes.len();
+        out
+    }
+
+    pub(crate) fn finish(self) -> Result<(), CodecError> {
+        let len = self.bytes.len() - self.at;
+        if len != 0 {
+            return Err(CodecError::Trailing {
+                what: self.what,
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Appends `[u8 present][u64 term][u64 index]` (flag only when absent).
+pub(crate) fn encode_log_id(log_id: Option<&LogId>, out: &mut Vec<u8>) {
+    match log_id {
+        None => out.push(0),
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.leader_id.term.to_le_bytes());
+            out.extend_from_slice(&id.index.to_le_bytes());
+        }
+    }
+}
+
+pub(crate) fn decode_log_id(r: &mut Reader<'_>) -> Result<Option<LogId>, CodecError> {
+    if !r.flag("log id")? {
+        return Ok(None);
+    }
+    let term = r.u64()?;
+    let index = r.u64()?;
+    Ok(Some(LogId::new_term_index(term, index)))
+}
+
+fn check_count(what: &'static str, count: usize, max: usize) -> Result<u32, CodecError> {
+    if count > max {
+        return Err(CodecError::TooMany {
+            what,
+            count: count as u64,
+            max,
+        });
+    }
+    Ok(count as u32)
+}
+
+/// Appends the membership encoding:
+/// `[u32 configs]{[u32 n][u64 id]×n}×configs [u32 nodes]{[u64 id][u32 len][addr utf-8]}×nodes`.
+///
+/// Refuses (rather than writes) a membership that [`decode_membership`] would refuse by size.
+pub(crate) fn encode_membership(m: &Membership, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let configs = m.get_joint_config();
+    let n = check_count("membership configs", configs.len(), MEMBERSHIP_CONFIGS_MAX)?;
+    out.extend_from_slice(&n.to_le_bytes());
+    for config in configs {
+        let n = check_count("config voters", config.len(), MEMBERSHIP_NODES_MAX)?;
+        out.extend_from_slice(&n.to_le_bytes());
+        for id in config {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    let nodes: Vec<(&u64, &BasicNode)> = m.nodes().collect();
+    let n = check_count("membership nodes", nodes.len(), MEMBERSHIP_NODES_MAX)?;
+    out.extend_from_slice(&n.to_le_bytes());
+    for (id, node) in nodes {
+        let len = check_count("node address bytes", node.addr.len(), NODE_ADDR_BYTES_MAX)?;
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(node.addr.as_bytes());
+    }
+    Ok(())
+}
+
+/// Reads a list of node ids that must be strictly ascending.
+fn decode_ids(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u64>, CodecError> {
+    let n = r.u32()? as usize;
+    check_count(what, n, MEMBERSHIP_NODES_MAX)?;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.u64()?;
+        if ids.last().is_some_and(|last| *last >= id) {
+            return Err(CodecError::Unsorted { what, node_id: id });
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Reads what [`encode_membership`] wrote; checks limits, order and openraft's own validity.
+pub(crate) fn decode_membership(r: &mut Reader<'_>) -> Result<Membership, CodecError> {
+    let n = r.u32()? as usize;
+    check_count("membership configs", n, MEMBERSHIP_CONFIGS_MAX)?;
+    let mut configs = Vec::with_capacity(n);
+    for _ in 0..n {
+        configs.push(
+            decode_ids(r, "config voters")?
+                .into_iter()
+                .collect::<BTreeSet<u64>>(),
+        );
+    }
+    let n = r.u32()? as usize;
+    check_count("membership nodes", n, MEMBERSHIP_NODES_MAX)?;
+    let mut nodes = BTreeMap::new();
+    let mut last_id = None;
+    for _ in 0..n {
+        let id = r.u64()?;
+        if last_id.is_some_and(|last| last >= id) {
+            return Err(CodecError::Unsorted {
+                what: "membership nodes",
+                node_id: id,
+            });
+        }
+        last_id = Some(id);
+        let len = r.u32()? as usize;
+        check_count("node address bytes", len, NODE_ADDR_BYTES_MAX)?;
+        let addr = std::str::from_utf8(r.take(len)?)
+            .map_err(|_| CodecError::AddrNotUtf8 { node_id: id })?;
+        nodes.insert(id, BasicNode::new(addr));
+    }
+    Membership::new(configs, nodes).map_err(|source| CodecError::InvalidMembership { source })
+}
+
+/// Writes the WAL payload of `entry` into `out` (cleared first).
+pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<(), LogStoreError> {
+    out.clear();
+    let kind = match &entry.payload {
+        EntryPayload::Blank => KIND_BLANK,
+        EntryPayload::Normal(_) => KIND_NORMAL,
+        EntryPayload::Membership(_) => KIND_MEMBERSHIP,
+    };
+    out.push(kind);
+    out.extend_from_slice(&[0u8; ENTRY_PREFIX_BYTES - 1]);
+    match &entry.payload {
+        EntryPayload::Blank => {}
+        EntryPayload::Normal(batch) => out.extend_from_slice(batch.as_bytes()),
+        EntryPayload::Membership(m) => {
+            encode_membership(m, out).map_err(|source| LogStoreError::Entry {
+                index: entry.log_id.index,
+                source,
+            })?
+        }
+    }
+    Ok(())
+}
+
+/// The kind byte of an entry prefix.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Blank,
+    Normal,
+    Membership,
+}
+
+/// Checks the entry prefix; returns the kind and a reader positioned after the prefix.
+fn read_prefix(payload: &[u8]) -> Result<(Kind, Reader<'_>), CodecError> {
+    let mut r = Reader::new(payload, "entry");
+    let prefix = r.take(ENTRY_PREFIX_BYTES)?;
+    if let Some((at, &value)) = prefix.iter().enumerate().skip(1).find(|(_, b)| **b != 0) {
+        return Err(CodecError::ReservedNotZero { at, value });
+    }
+    match prefix[0] {
+        KIND_BLANK => Ok((Kind::Blank, r)),
+        KIND_NORMAL => Ok((Kind::Normal, r)),
+        KIND_MEMBERSHIP => Ok((Kind::Membership, r)),
+        kind => Err(CodecError::UnknownKind { kind }),
+    }
+}
+
+/// The batch bytes inside a WAL payload written by this store, in place (16-byte aligned when
+/// the payload is); `None` for blank and membership entries. For tools and tests that read the
+/// WAL directly; the batch itself is not validated (use `access_batch`).
+pub fn entry_batch(payload: &[u8]) -> Result<Option<&[u8]>, CodecError> {
+    let (kind, mut r) = read_prefix(payload)?;
+    Ok((kind == Kind::Normal).then(|| r.rest()))
+}
+
+/// Raft index of WAL index `wal_index` (see the module docs); `None` for 0, which the WAL never
+/// holds.
+pub fn raft_index(wal_index: u64) -> Option<u64> {
+    wal_index.checked_sub(1)
+}
+
+/// Rebuilds the entry at log id `(term, index)` from its WAL payload.
+pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, CodecError> {
+    let (kind, mut r) = read_prefix(payload)?;
+    let payload = match kind {
+        Kind::Blank => EntryPayload::Blank,
+        Kind::Normal => {
+            // One copy, into an aligned buffer the entry owns (the WAL's read buffer is !Send).
+            let bytes = r.rest();
+            let mut buf = AlignedVec::<16>::with_capacity(bytes.len());
+            buf.extend_from_slice(bytes);
+            EntryPayload::Normal(BatchBytes::from_aligned(buf))
+        }
+        Kind::Membership => EntryPayload::Membership(decode_membership(&mut r)?),
+    };
+    r.finish()?;
+    Ok(Entry {
+        log_id: LogId::new_term_index(term, index),
+        payload,
+    })
+}
+
+/// What the meta blob holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StoreMeta {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+}
+
+impl StoreMeta {
+    /// `[u8 version] [vote: u8 present, u64 term, u64 voted_for, u8 committed]
+    /// [committed log id] [last purged log id]` (log ids as in `encode_log_id`).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(META_VERSION);
+        match &self.vote {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&v.leader_id.term.to_le_bytes());
+                out.extend_from_slice(&v.leader_id.voted_for.to_le_bytes());
+                out.push(u8::from(v.committed));
+            }
+        }
+        encode_log_id(self.committed.as_ref(), &mut out);
+        encode_log_id(self.last_purged.as_ref(), &mut out);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<StoreMeta, CodecError> {
+        let mut r = Reader::new(bytes, "log store meta");
+        let version = r.u8()?;
+        if version != META_VERSION {
+            return Err(CodecError::MetaVersion {
+                found: version,
+                supported: META_VERSION,
+            });
+        }
+        let vote = if r.flag("vote")? {
+            let term = r.u64()?;
+            let voted_for = r.u64()?;
+            let committed = r.flag("vote committed")?;
+            let mut vote = Vote::new(term, voted_for);
+            vote.committed = committed;
+            Some(vote)
+        } else {
+            None
+        };
+        let committed = decode_log_id(&mut r)?;
+        let last_purged = decode_log_id(&mut r)?;
+        r.finish()?;
+        Ok(StoreMeta {
+            vote,
+            committed,
+            last_purged,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+
+struct State {
+    meta: StoreMeta,
+    /// Last entry present, or `meta.last_purged` when there is none.
+    last_log_id: Option<LogId>,
+    /// The newest flush task; each one first awaits its predecessor, so awaiting this one waits
+    /// for every append's callback.
+    last_flush: Option<JoinHandle<()>>,
+    /// Encoding buffer reused across appends.
+    scratch: Vec<u8>,
+}
+
+struct Shared {
+    wal: Wal,
+    state: RefCell<State>,
+}
+
+impl Shared {
+    /// Raft indices readable now: `(first, last)`, `None` when the log holds no entry.
+    fn visible(&self) -> Option<(u64, u64)> {
+        let first = self.wal.first_index()?.checked_sub(1)?;
+        let last = self.wal.last_index()?.checked_sub(1)?;
+        let purged = self.state.borrow().meta.last_purged.map(|p| p.index);
+        let first = match purged {
+            Some(p) => first.max(p.checked_add(1)?),
+            None => first,
+        };
+        (first <= last).then_some((first, last))
+    }
+
+    /// Entries in `range`, present ones only; stops after `bytes_max` payload bytes (but
+    /// returns at least one entry when there is one).
+    async fn read<RB: RangeBounds<u64>>(
+        &self,
+        range: RB,
+        bytes_max: usize,
+    ) -> Result<Vec<Entry>, LogStoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => *e,
+            Bound::Unbounded => u64::MAX,
+        };
+        let Some((first, last)) = self.visible() else {
+            return Ok(Vec::new());
+        };
+        let (lo, hi) = (start.max(first), end.min(last.saturating_add(1)));
+        let mut entries = Vec::with_capacity(hi.saturating_sub(lo).min(1024) as usize);
+        let mut bytes = 0usize;
+        for index in lo..hi {
+            let record = self
+                .wal
+                .read(wal_index(index)?)
+                .await
+                .map_err(wal_err("read"))?;
+            let payload = record.payload();
+            let entry = decode_entry(index, record.term, payload)
+                .map_err(|source| LogStoreError::Entry { index, source })?;
+            entries.push(entry);
+            bytes = bytes.saturating_add(payload.len());
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Waits until every append so far is durable and its callback was called.
+    async fn settle(&self) {
+        let last = self.state.borrow_mut().last_flush.take();
+        if let Some(handle) = last {
+            // A panicked flush task already dropped its callback, which openraft reports.
+            let _ = handle.await;
+        }
+    }
+
+    async fn save_meta(&self, meta: StoreMeta) -> Result<(), LogStoreError> {
+        self.wal
+            .save_meta(&meta.encode())
+            .await
+            .map_err(wal_err("save meta"))?;
+        self.state.borrow_mut().meta = meta;
+        Ok(())
+    }
+
+    fn meta(&self) -> StoreMeta {
+        self.state.borrow().meta.clone()
+    }
+}
+
+/// openraft log storage on the WAL (see the module docs). `!Send`: it lives on shard 0's glommio
+/// executor, which openraft's `single-threaded` feature allows.
+pub struct LogStore {
+    shared: Rc<Shared>,
+}
+
+/// A reader of the same log, for openraft's replication tasks.
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Rc<Shared>,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`: recovers the WAL, loads the meta blob, and finishes
+    /// a purge that a crash interrupted. Must run inside a glommio executor.
+    pub async fn open(
+        dir: &Path,
+        opts: WalOptions,
+    ) -> Result<(LogStore, RecoveryReport), LogStoreError> {
+        let (wal, report) = Wal::open(dir, opts).await.map_err(wal_err("open"))?;
+        let meta = match wal.load_meta().await.map_err(wal_err("load meta"))? {
+            None => StoreMeta::default(),
+            Some(bytes) => {
+                StoreMeta::decode(&bytes).map_err(|source| LogStoreError::Meta { source })?
+            }
+        };
+        // `purge` saves `last_purged` before it purges the WAL: finish what a crash cut short.
+        if let Some(purged) = meta.last_purged {
+            let through = wal_index(purged.index)?;
+            if wal.first_index().is_some_and(|first| first <= through) {
+                wal.purge_through(through).await.map_err(wal_err("purge"))?;
+            }
+        }
+        let last_present = match wal.last_index() {
+            Some(last) => {
+                let record = wal.read(last).await.map_err(wal_err("read"))?;
+                Some(LogId::new_term_index(record.term, last - 1))
+            }
+            None => None,
+        };
+        let last_log_id = last_present.max(meta.last_purged);
+        let shared = Rc::new(Shared {
+            wal,
+            state: RefCell::new(State {
+                meta,
+                last_log_id,
+                last_flush: None,
+                scratch: Vec::new(),
+            }),
+        });
+        Ok((LogStore { shared }, report))
+    }
+
+    /// The WAL underneath (stats, directory).
+    pub fn wal(&self) -> &Wal {
+        &self.shared.wal
+    }
+
+    async fn append_entries<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), LogStoreError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let shared = &self.shared;
+        let mut last_wal = None;
+        let mut buf = std::mem::take(&mut shared.state.borrow_mut().scratch);
+        let result = async {
+            for entry in entries {
+                let index = entry.log_id.index;
+                let expected = shared.state.borrow().last_log_id.map(|l| l.index + 1);
+                if let Some(expected) = expected.filter(|e| *e != index) {
+                    return Err(LogStoreError::NonContiguous {
+                        expected,
+                        got: index,
+                    });
+                }
+                let w = wal_index(index)?;
+                encode_entry(&entry, &mut buf)?;
+                shared
+                    .wal
+                    .append(w, entry.log_id.leader_id.term, &buf)
+                    .await
+                    .map_err(wal_err("append"))?;
+                shared.state.borrow_mut().last_log_id = Some(entry.log_id);
+                last_wal = Some(w);
+            }
+            Ok(())
+        }
+        .await;
+        buf.clear();
+        shared.state.borrow_mut().scratch = buf;
+        result?;
+
+        // Durability is awaited on a task, so `append` returns once the entries are readable
+        // and openraft can send them to followers while the group commit syncs.
+        let durable = last_wal.map(|w| shared.wal.durable(w));
+        let previous = shared.state.borrow_mut().last_flush.take();
+        let handle = GlommioRuntime::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let result = match durable {
+                None => Ok(()),
+                Some(durable) => durable.await.map_err(|source| {
+                    io::Error::from(LogStoreError::Wal {
+                        op: "durable",
+                        source,
+                    })
+                }),
+            };
+            callback.io_completed(result);
+        });
+        shared.state.borrow_mut().last_flush = Some(handle);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, last_kept: Option<LogId>) -> Result<(), LogStoreError> {
+        let shared = &self.shared;
+        shared.settle().await;
+        let keep_through = match last_kept {
+            Some(id) => wal_index(id.index)?,
+            None => 0,
+        };
+        shared
+            .wal
+            .truncate_after(keep_through)
+            .await
+            .map_err(wal_err("truncate"))?;
+        let mut state = shared.state.borrow_mut();
+        if state.last_log_id > last_kept {
+            state.last_log_id = last_kept.max(state.meta.last_purged);
+        }
+        Ok(())
+    }
+
+    async fn purge_through(&mut self, log_id: LogId) -> Result<(), LogStoreError> {
+        let shared = &self.shared;
+        shared.settle().await;
+        let mut meta = shared.meta();
+        if meta.last_purged >= Some(log_id) {
+            return Ok(());
+        }
+        let through = wal_index(log_id.index)?;
+        meta.last_purged = Some(log_id);
+        // Purge point first: after a crash between the two steps `open` finishes the purge.
+        shared.save_meta(meta).await?;
+        shared
+            .wal
+            .purge_through(through)
+            .await
+            .map_err(wal_err("purge"))?;
+        let mut state = shared.state.borrow_mut();
+        state.last_log_id = state.last_log_id.max(Some(log_id));
+        Ok(())
+    }
+
+    async fn save_vote_durably(&mut self, vote: &Vote) -> Result<(), LogStoreError> {
+        let shared = &self.shared;
+        shared.settle().await;
+        let mut meta = shared.meta();
+        meta.vote = Some(*vote);
+        shared.save_meta(meta).await
+    }
+
+    /// Cost: each changed value is a meta save, i.e. a small file write, two fsyncs (file and
+    /// directory) and a rename on glommio's blocking thread pool, about as much as one group
+    /// commit round. openraft calls this whenever the commit index moves, so on a busy leader
+    /// that is about once per replication round. It is saved because an in-memory state machine
+    /// is rebuilt on restart from the last snapshot plus the log up to the saved committed id;
+    /// without it a restarted node could serve state older than what it served before the crash.
+    /// The WAL is first made durable up to the committed index, so the saved value never points
+    /// past the local durable log.
+    async fn save_committed_durably(
+        &mut self,
+        committed: Option<LogId>,
+    ) -> Result<(), LogStoreError> {
+        let shared = &self.shared;
+        let mut meta = shared.meta();
+        if meta.committed == committed {
+            return Ok(());
+        }
+        if let (Some(c), Some(last)) = (committed, shared.wal.last_index()) {
+            let through = wal_index(c.index)?.min(last);
+            shared
+                .wal
+                .durable(through)
+                .await
+                .map_err(wal_err("durable"))?;
+        }
+        meta.committed = committed;
+        shared.save_meta(meta).await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self.shared.read(range, usize::MAX).await?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.shared.state.borrow().meta.vote)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self.shared.read(start..end, READ_BYTES_MAX).await?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let state = self.shared.state.borrow();
+        Ok(LogState {
+            last_purged_log_id: state.meta.last_purged,
+            last_log_id: state.last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        Ok(self.save_vote_durably(vote).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        Ok(self.save_committed_durably(committed).await?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.shared.state.borrow().meta.committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        Ok(self.append_entries(entries, callback).await?)
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        Ok(self.truncate(last_log_id).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        Ok(self.purge_through(log_id).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::batch::{encode_batch, Batch, BatchHeader};
+    use crate::tx::Transaction;
+    use crate::tx_kind::TxKind;
+
+    fn membership(configs: Vec<Vec<u64>>, learners: &[(u64, &str)]) -> Membership {
+        let mut nodes: BTreeMap<u64, BasicNode> = configs
+            .iter()
+            .flatten()
+            .map(|id| (*id, BasicNode::new(format!("10.0.0.{id}:7000"))))
+            .collect();
+        for (id, addr) in learners {
+            nodes.insert(*id, BasicNode::new(*addr));
+        }
+        Membership::new(
+            configs
+                .into_iter()
+                .map(|c| c.into_iter().collect())
+                .collect(),
+            nodes,
+        )
+        .unwrap()
+    }
+
+    fn batch_bytes() -> BatchBytes {
+        let mut batch = Batch {
+            header: BatchHeader {
+                term: 2,
+                index: 9,
+                prev_batch_hash: [1; 32],
+                tx_merkle_root: [0; 32],
+                tx_count: 1,
+                timestamp_us: 5,
+            },
+            txs: vec![Transaction {
+                rollup_id: 3,
+                kind: TxKind::Raw,
+                bytes: vec![7; 33],
+            }],
+        };
+        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
+        BatchBytes::from_aligned(encode_batch(&batch).unwrap())
+    }
+
+    fn round_trip(entry: &Entry) -> Entry {
+        let mut buf = Vec::new();
+        encode_entry(entry, &mut buf).unwrap();
+        // The WAL hands payloads back 16-byte aligned.
+        let mut aligned = AlignedVec::<16>::new();
+        aligned.extend_from_slice(&buf);
+        decode_entry(entry.index(), entry.log_id.leader_id.term, &aligned).unwrap()
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let blank = Entry::new_blank(LogId::new_term_index(1, 0));
+        assert_eq!(round_trip(&blank), blank);
+
+        let m = membership(vec![vec![1, 2, 3], vec![3, 4]], &[(9, "learner:1")]);
+        let member = Entry::new_membership(LogId::new_term_index(2, 1), m);
+        assert_eq!(round_trip(&member), member);
+
+        let normal = Entry::new_normal(LogId::new_term_index(2, 9), batch_bytes());
+        let back = round_trip(&normal);
+        assert_eq!(back, normal);
+        let EntryPayload::Normal(data) = &back.payload else {
+            panic!("normal entry expected");
+        };
+        assert_eq!(data.as_bytes().as_ptr() as usize % 16, 0);
+        assert_eq!(data.batch().unwrap().header.index, 9);
+    }
+
+    #[test]
+    fn normal_payload_is_prefix_then_batch_as_is() {
+        let data = batch_bytes();
+        let entry = Entry::new_normal(LogId::new_term_index(2, 9), data.clone());
+        let mut buf = Vec::new();
+        encode_entry(&entry, &mut buf).unwrap();
+        assert_eq!(buf[0], KIND_NORMAL);
+        assert_eq!(&buf[1..ENTRY_PREFIX_BYTES], &[0u8; 15]);
+        assert_eq!(&buf[ENTRY_PREFIX_BYTES..], data.as_bytes());
+    }
+
+    #[test]
+    fn bad_entries_are_typed_errors() {
+        let err = |bytes: &[u8]| decode_entry(1, 1, bytes).unwrap_err();
+        assert!(matches!(
+            err(&[1; 3]),
+            CodecError::Truncated {
+                need: 16,
+                have: 3,
+                ..
+            }
+        ));
+        let mut prefix = [0u8; 16];
+        prefix[0] = 9;
+        assert!(matches!(err(&prefix), CodecError::UnknownKind { kind: 9 }));
+        prefix[0] = KIND_BLANK;
+        prefix[5] = 1;
+        assert!(matches!(
+            err(&prefix),
+            CodecError::ReservedNotZero { at: 5, value: 1 }
+        ));
+        prefix[5] = 0;
+        let mut trailing = prefix.to_vec();
+        trailing.push(0);
+        assert!(matches!(
+            err(&trailing),
+            CodecError::Trailing { len: 1, .. }
+        ));
+
+        // A voter without a node entry.
+        let mut m = prefix.to_vec();
+        m[0] = KIND_MEMBERSHIP;
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&5u64.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(err(&m), CodecError::InvalidMembership { .. }));
+
+        // A count far over the limit is refused before anything is allocated.
+        let mut m = prefix.to_vec();
+        m[0] = KIND_MEMBERSHIP;
+        m.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(err(&m), CodecError::TooMany { .. }));
+    }
+
+    #[test]
+    fn meta_round_trips_and_rejects_garbage() {
+        let meta = StoreMeta {
+            vote: Some(Vote::new_committed(7, 3)),
+            committed: Some(LogId::new_term_index(7, 40)),
+            last_purged: None,
+        };
+        assert_eq!(StoreMeta::decode(&meta.encode()).unwrap(), meta);
+        assert_eq!(
+            StoreMeta::decode(&StoreMeta::default().encode()).unwrap(),
+            StoreMeta::default()
+        );
+        assert!(matches!(
+            StoreMeta::decode(&[2]),
+            Err(CodecError::MetaVersion { found: 2, .. })
+        ));
+        assert!(matches!(
+            StoreMeta::decode(&[1, 7]),
+            Err(CodecError::BadFlag { value: 7, .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn decoding_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200), kind in 0u8..5) {
+            let mut payload = vec![0u8; ENTRY_PREFIX_BYTES];
+            payload[0] = kind;
+            payload.extend_from_slice(&bytes);
+            let _ = decode_entry(1, 1, &payload);
+            let _ = decode_entry(1, 1, &bytes);
+            let _ = StoreMeta::decode(&bytes);
+        }
+
+        #[test]
+        fn membership_round_trips(
+            configs in prop::collection::vec(prop::collection::btree_set(0u64..20, 1..5), 0..3),
+            learners in prop::collection::btree_map(20u64..40, "[a-z:0-9]{0,12}", 0..4),
+        ) {
+            let mut nodes: BTreeMap<u64, BasicNode> =
+                learners.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
+            for id in configs.iter().flatten() {
+                nodes.insert(*id, BasicNode::new(format!("n{id}")));
+            }
+            let m = Membership::new(configs, nodes).unwrap();
+            let mut buf = Vec::new();
+            encode_membership(&m, &mut buf).unwrap();
+            let mut r = Reader::new(&buf, "membership");
+            prop_assert_eq!(decode_membership(&mut r).unwrap(), m);
+            r.finish().unwrap();
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! [`StateMachine`]: openraft's `RaftStateMachine` around the pure [`Sequencer`], in memory.
+//!
+//! - Normal entries go to [`Sequencer::apply_batch`]. A batch whose content is invalid (it fails
+//!   validation or its Merkle root) was still committed: every node rejects the same bytes the
+//!   same way, records the entry as applied and answers `rejected`; the state does not change. A
+//!   batch applied out of order is a bug and stops Raft (an I/O error to openraft).
+//! - Blank and membership entries only move the last applied log id (and the membership).
+//! - A snapshot is one blob (format below) built from the state when the builder is made, so
+//!   later applies do not change it. Installing one replaces the whole state.
+//!
+//! Snapshot blob (version 1, integers little-endian):
+//!
+//! ```text
+//! magic "BATONSMS" | version u32 | last applied log id | membership log id | membership |
+//! sequencer snapshot (its own versioned, checksummed format) | keccak256 of all before [32]
+//! ```
+//!
+//! Log ids and the membership use the log store's encodings
+//! ([`encode_membership`](super::log_store)).
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{BasicNode, EntryPayload, OptionalSend};
+
+use super::log_store::{
+    decode_log_id, decode_membership, encode_log_id, encode_membership, CodecError, Reader,
+};
+use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
+use crate::hash::{keccak256, TxHash};
+use crate::sequencer::{Position, Sequencer, SequencerError, SnapshotError};
+
+type CommittedLeaderId = openraft::vote::leader_id_std::CommittedLeaderId<u64>;
+
+/// The last applied membership and the log id that set it.
+pub type StoredMembership = openraft::StoredMembership<CommittedLeaderId, u64, BasicNode>;
+
+/// Snapshot metadata of [`TypeConfig`].
+pub type SnapshotMeta = openraft::SnapshotMeta<CommittedLeaderId, u64, BasicNode>;
+
+/// A snapshot of [`TypeConfig`] with its blob.
+pub type Snapshot = openraft::Snapshot<CommittedLeaderId, u64, BasicNode, SnapshotBlob>;
+
+const MAGIC: [u8; 8] = *b"BATONSMS";
+/// Snapshot blob format version written by this build.
+pub const SNAPSHOT_BLOB_VERSION: u32 = 1;
+const DIGEST_BYTES: usize = 32;
+
+/// Errors of the state machine.
+#[derive(Debug, thiserror::Error)]
+pub enum StateMachineError {
+    /// The sequencer refused an entry for a reason other than its content (an apply-order bug).
+    #[error("applying entry {log_id}: {source}")]
+    Apply {
+        /// The entry.
+        log_id: LogId,
+        /// What the sequencer reported.
+        #[source]
+        source: SequencerError,
+    },
+    /// The snapshot blob's framing or digest is wrong.
+    #[error("snapshot blob: {reason}")]
+    BlobFraming {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A snapshot blob format version this build cannot read.
+    #[error("snapshot blob version {found} is not supported (this build reads {supported})")]
+    BlobVersion {
+        /// Version found.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The blob's log ids or membership could not be decoded (or encoded).
+    #[error("snapshot blob metadata: {source}")]
+    BlobMeta {
+        /// What is wrong.
+        #[source]
+        source: CodecError,
+    },
+    /// The sequencer part of the blob was refused.
+    #[error("snapshot blob sequencer state: {source}")]
+    Sequencer {
+        /// What is wrong.
+        #[source]
+        source: SnapshotError,
+    },
+    /// The blob describes another state than the snapshot metadata it came with.
+    #[error("snapshot blob is at {blob:?}, its metadata says {meta:?}")]
+    MetaMismatch {
+        /// Last applied log id in the blob.
+        blob: Option<LogId>,
+        /// Last log id in the metadata.
+        meta: Option<LogId>,
+    },
+}
+
+impl From<StateMachineError> for io::Error {
+    fn from(e: StateMachineError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// What a snapshot blob holds.
+#[derive(Debug)]
+struct Decoded {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    sequencer: Sequencer,
+}
+
+fn encode_blob(
+    last_applied: Option<&LogId>,
+    membership: &StoredMembership,
+    sequencer: &Sequencer,
+) -> Result<Vec<u8>, StateMachineError> {
+    let seq = sequencer.snapshot_bytes();
+    let mut out = Vec::with_capacity(64 + seq.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&SNAPSHOT_BLOB_VERSION.to_le_bytes());
+    encode_log_id(last_applied, &mut out);
+    encode_log_id(membership.log_id().as_ref(), &mut out);
+    encode_membership(membership.membership(), &mut out)
+        .map_err(|source| StateMachineError::BlobMeta { source })?;
+    out.extend_from_slice(&seq);
+    let digest = keccak256(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+fn decode_blob(blob: &[u8]) -> Result<Decoded, StateMachineError> {
+    let framing = |reason| StateMachineError::BlobFraming { reason };
+    if blob.len() < MAGIC.len() + 4 + DIGEST_BYTES {
+        return Err(framing("shorter than header and digest"));
+    }
+    let (content, digest) = blob.split_at(blob.len() - DIGEST_BYTES);
+    if keccak256(content) != digest {
+        return Err(framing("digest mismatch"));
+    }
+    if content[..MAGIC.len()] != MAGIC {
+        return Err(framing("bad magic"));
+    }
+    let meta = |source| StateMachineError::BlobMeta { source };
+    let mut r = Reader::new(&content[MAGIC.len()..], "snapshot blob");
+    let version = r.u32().map_err(meta)?;
+    if version != SNAPSHOT_BLOB_VERSION {
+        return Err(StateMachineError::BlobVersion {
+            found: version,
+            supported: SNAPSHOT_BLOB_VERSION,
+        });
+    }
+    let last_applied = decode_log_id(&mut r).map_err(meta)?;
+    let membership_log_id = decode_log_id(&mut r).map_err(meta)?;
+    let membership = decode_membership(&mut r).map_err(meta)?;
+    let sequencer = Sequencer::from_snapshot(r.rest())
+        .map_err(|source| StateMachineError::Sequencer { source })?;
+    Ok(Decoded {
+        last_applied,
+        membership: StoredMembership::new(membership_log_id, membership),
+        sequencer,
+    })
+}
+
+/// The applied state.
+#[derive(Debug, Default)]
+struct State {
+    sequencer: Sequencer,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    /// Batches committed but rejected for their content.
+    rejected_batches: u64,
+}
+
+impl State {
+    fn apply(&mut self, entry: &super::types::Entry) -> Result<ApplyResult, StateMachineError> {
+        let log_id = entry.log_id();
+        let mut result = ApplyResult {
+            index: log_id.index,
+            ..ApplyResult::default()
+        };
+        match &entry.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(log_id), m.clone());
+            }
+            EntryPayload::Normal(batch) => {
+                match self.sequencer.apply_batch(
+                    log_id.index,
+                    log_id.leader_id.term,
+                    batch.as_bytes(),
+                ) {
+                    Ok(applied) => {
+                        result.tx_count = applied.tx_count;
+                        result.duplicates = applied.duplicates;
+                    }
+                    Err(e) if e.is_content_rejection() => {
+                        // Counted, not logged: core has no logger; the node reports the count.
+                        self.rejected_batches += 1;
+                        result.rejected = true;
+                    }
+                    Err(source) => return Err(StateMachineError::Apply { log_id, source }),
+                }
+            }
+        }
+        self.last_applied = Some(log_id);
+        Ok(result)
+    }
+}
+
+/// A read-only view of the applied state, for serving lookups next to Raft (same thread).
+#[derive(Clone)]
+pub struct SequencerView {
+    state: Rc<RefCell<State>>,
+}
+
+impl SequencerView {
+    /// Runs `f` on the sequencer. Do not hold anything borrowed from it across an `.await`.
+    pub fn with<R>(&self, f: impl FnOnce(&Sequencer) -> R) -> R {
+        f(&self.state.borrow().sequencer)
+    }
+
+    /// Last applied log id (any entry kind).
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.state.borrow().last_applied
+    }
+
+    /// Committed batches rejected for invalid content since start (or snapshot install).
+    pub fn rejected_batches(&self) -> u64 {
+        self.state.borrow().rejected_batches
+    }
+}
+
+/// openraft's state machine for baton (see the module docs). `!Send`, like the log store.
+#[derive(Default)]
+pub struct StateMachine {
+    state: Rc<RefCell<State>>,
+    current: Rc<RefCell<Option<Snapshot>>>,
+}
+
+impl StateMachine {
+    /// An empty state machine: nothing applied, no snapshot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Position of the first transaction with this hash, if it was sequenced.
+    pub fn lookup(&self, tx_hash: &TxHash) -> Option<Position> {
+        self.state.borrow().sequencer.lookup(tx_hash)
+    }
+
+    /// A view that follows this state machine as it applies.
+    pub fn view(&self) -> SequencerView {
+        SequencerView {
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Builds the snapshot captured when it was created.
+pub struct SnapshotBuilder {
+    meta: SnapshotMeta,
+    blob: Result<Bytes, StateMachineError>,
+    current: Rc<RefCell<Option<Snapshot>>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotBlob;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let blob = match &self.blob {
+            Ok(blob) => blob.clone(),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        let snapshot = Snapshot {
+            meta: self.meta.clone(),
+            snapshot: blob,
+        };
+        let mut current = self.current.borrow_mut();
+        // An install may have put a newer snapshot in place since this builder was made.
+        let newer_exists = current
+            .as_ref()
+            .is_some_and(|c| c.meta.last_log_id > snapshot.meta.last_log_id);
+        if !newer_exists {
+            *current = Some(snapshot.clone());
+        }
+        Ok(snapshot)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotBlob;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let state = self.state.borrow();
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let result = self.state.borrow_mut().apply(&entry)?;
+            if let Some(responder) = responder {
+                responder.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let state = self.state.borrow();
+        let meta = SnapshotMeta {
+            last_log_id: state.last_applied,
+            last_membership: state.membership.clone(),
+        };
+        let blob = encode_blob(
+            state.last_applied.as_ref(),
+            &state.membership,
+            &state.sequencer,
+        )
+        .map(Bytes::from);
+        SnapshotBuilder {
+            meta,
+            blob,
+            current: self.current.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotBlob,
+    ) -> Result<(), io::Error> {
+        let decoded = decode_blob(&snapshot)?;
+        if decoded.last_applied != meta.last_log_id || decoded.membership != meta.last_membership {
+            return Err(StateMachineError::MetaMismatch {
+                blob: decoded.last_applied,
+                meta: meta.last_log_id,
+            }
+            .into());
+        }
+        *self.state.borrow_mut() = State {
+            sequencer: decoded.sequencer,
+            last_applied: decoded.last_applied,
+            membership: decoded.membership,
+            rejected_batches: 0,
+        };
+        *self.current.borrow_mut() = Some(Snapshot {
+            meta: meta.clone(),
+            snapshot,
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(self.current.borrow().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures_util::stream;
+    use openraft::Membership;
+
+    use super::*;
+    use crate::batch::{encode_batch, Batch, BatchHeader};
+    use crate::raft::types::{BatchBytes, Entry};
+    use crate::sequencer::Duplicate;
+    use crate::tx::Transaction;
+    use crate::tx_kind::TxKind;
+
+    fn batch(payloads: &[&[u8]]) -> BatchBytes {
+        let txs: Vec<Transaction> = payloads
+            .iter()
+            .map(|p| Transaction {
+                rollup_id: 1,
+                kind: TxKind::Raw,
+                bytes: p.to_vec(),
+            })
+            .collect();
+        let mut batch = Batch {
+            header: BatchHeader {
+                term: 1,
+                index: 1,
+                prev_batch_hash: [0; 32],
+                tx_merkle_root: [0; 32],
+                tx_count: txs.len() as u32,
+                timestamp_us: 0,
+            },
+            txs,
+        };
+        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
+        BatchBytes::from_aligned(encode_batch(&batch).unwrap())
+    }
+
+    fn membership() -> Membership<u64, BasicNode> {
+        let nodes = BTreeMap::from([(1, BasicNode::new("a:1")), (2, BasicNode::new("b:2"))]);
+        Membership::new(vec![[1, 2].into()], nodes).unwrap()
+    }
+
+    async fn apply_all(sm: &mut StateMachine, entries: Vec<Entry>) -> io::Result<()> {
+        sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
+            .await
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        futures_util::FutureExt::now_or_never(f).expect("state machine futures never wait")
+    }
+
+    #[test]
+    fn applies_batches_and_survives_snapshot_transfer() {
+        let mut sm = StateMachine::new();
+        let view = sm.view();
+        run(apply_all(
+            &mut sm,
+            vec![
+                Entry::new_membership(LogId::new_term_index(1, 0), membership()),
+                Entry::new_blank(LogId::new_term_index(1, 1)),
+                Entry::new_normal(LogId::new_term_index(1, 2), batch(&[b"a", b"b"])),
+                Entry::new_normal(
+                    LogId::new_term_index(1, 3),
+                    BatchBytes::from(Bytes::from_static(&[0u8; 32])),
+                ),
+                Entry::new_normal(LogId::new_term_index(2, 4), batch(&[b"b", b"c"])),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(view.last_applied(), Some(LogId::new_term_index(2, 4)));
+        assert_eq!(view.rejected_batches(), 1);
+        assert_eq!(view.with(|s| (s.tx_total(), s.duplicates_total())), (4, 1));
+
+        let snap = run(async {
+            let mut b = sm.get_snapshot_builder().await;
+            b.build_snapshot().await
+        })
+        .unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(2, 4)));
+        assert_eq!(
+            snap.meta.last_membership.log_id(),
+            &Some(LogId::new_term_index(1, 0))
+        );
+
+        let mut follower = StateMachine::new();
+        run(follower.install_snapshot(&snap.meta, snap.snapshot.clone())).unwrap();
+        let (applied, m) = run(follower.applied_state()).unwrap();
+        assert_eq!(applied, snap.meta.last_log_id);
+        assert_eq!(m, snap.meta.last_membership);
+        assert_eq!(
+            follower.view().with(|s| s.snapshot_bytes()),
+            view.with(|s| s.snapshot_bytes())
+        );
+        let current = run(follower.get_current_snapshot()).unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
+    }
+
+    #[test]
+    fn apply_results_report_index_count_duplicates_and_rejection() {
+        let mut sm = StateMachine::new();
+        let mut state = sm.state.borrow_mut();
+        let r = state
+            .apply(&Entry::new_normal(
+                LogId::new_term_index(1, 2),
+                batch(&[b"x", b"x", b"y"]),
+            ))
+            .unwrap();
+        assert_eq!((r.index, r.tx_count, r.rejected), (2, 3, false));
+        assert_eq!(
+            r.duplicates,
+            vec![Duplicate {
+                offset: 1,
+                original: Position {
+                    index: 2,
+                    offset: 0
+                }
+            }]
+        );
+        let r = state
+            .apply(&Entry::new_normal(
+                LogId::new_term_index(1, 3),
+                BatchBytes::from(Bytes::from_static(b"not a batch")),
+            ))
+            .unwrap();
+        assert!(r.rejected);
+        assert_eq!(r.index, 3);
+        let err = state
+            .apply(&Entry::new_normal(
+                LogId::new_term_index(1, 2),
+                batch(&[b"z"]),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, StateMachineError::Apply { .. }), "{err}");
+        drop(state);
+        let _ = &mut sm;
+    }
+
+    #[test]
+    fn corrupt_or_mismatched_blobs_are_refused() {
+        let mut sm = StateMachine::new();
+        run(apply_all(
+            &mut sm,
+            vec![Entry::new_normal(
+                LogId::new_term_index(1, 1),
+                batch(&[b"a"]),
+            )],
+        ))
+        .unwrap();
+        let snap = run(async { sm.get_snapshot_builder().await.build_snapshot().await }).unwrap();
+
+        let mut target = StateMachine::new();
+        let mut bad = snap.snapshot.to_vec();
+        bad[20] ^= 1;
+        let err = run(target.install_snapshot(&snap.meta, Bytes::from(bad))).unwrap_err();
+        assert!(err.to_string().contains("digest"), "{err}");
+
+        let mut other_meta = snap.meta.clone();
+        other_meta.last_log_id = Some(LogId::new_term_index(1, 9));
+        let err = run(target.install_snapshot(&other_meta, snap.snapshot.clone())).unwrap_err();
+        assert!(err.to_string().contains("metadata says"), "{err}");
+        assert_eq!(
+            run(target.applied_state()).unwrap().0,
+            None,
+            "state untouched"
+        );
+
+        assert!(decode_blob(&[0; 10]).is_err());
+    }
+}

@@ -1,0 +1,839 @@
+//! The deterministic sequencer state: which batch sits at which Raft index, the position of every
+//! transaction, and the dedup index from transaction hash to position.
+//!
+//! Pure code: no runtime, no I/O, no openraft types. [`Sequencer::apply_batch`] takes the bytes of
+//! a committed batch and its Raft log id and returns what it ordered; two sequencers fed the same
+//! batches end in the same state and write byte-identical snapshots.
+//!
+//! Snapshot format (version 1, all integers little-endian):
+//!
+//! ```text
+//! header (56 bytes): magic "BATONSEQ" | version u32 | reserved u32 (0) | body_len u64 |
+//!                    keccak256(body) [32]
+//! body:              has_applied u64 (0 or 1) | applied_index u64 | applied_term u64 |
+//!                    tx_total u64 | duplicates_total u64 | batch_count u64 | position_count u64 |
+//!                    batch_count × { index u64 | term u64 | header_digest [32] | tx_count u32 |
+//!                                    reserved u32 (0) }            (56 bytes, index ascending)
+//!                    position_count × { tx_hash [32] | index u64 | offset u32 }
+//!                                                                   (44 bytes, hash ascending)
+//! ```
+//!
+//! Records are sorted, so the encoding depends only on the state, never on hash-map order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::batch::access_batch;
+use crate::error::ModelError;
+use crate::hash::{keccak256, TxHash};
+use crate::merkle::MerkleAccumulator;
+
+/// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// Raft log index of the batch.
+    pub index: u64,
+    /// Offset of the transaction within the batch.
+    pub offset: u32,
+}
+
+/// A transaction whose hash was already sequenced: it gets no new position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duplicate {
+    /// Offset of the repeated transaction within the applied batch.
+    pub offset: u32,
+    /// Position of the first occurrence of the same hash.
+    pub original: Position,
+}
+
+/// What applying one batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Raft log index of the batch.
+    pub index: u64,
+    /// Raft term of the batch.
+    pub term: u64,
+    /// Transactions in the batch, duplicates included.
+    pub tx_count: u32,
+    /// The transactions that repeat an earlier hash, in offset order; every other offset `o`
+    /// got the new position `(index, o)`.
+    pub duplicates: Vec<Duplicate>,
+}
+
+impl Applied {
+    /// Transactions that got a new position.
+    pub fn sequenced(&self) -> u32 {
+        self.tx_count - self.duplicates.len() as u32
+    }
+}
+
+/// What the sequencer remembers about an applied batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRecord {
+    /// Raft log index.
+    pub index: u64,
+    /// Raft term.
+    pub term: u64,
+    /// `digest()` of the batch header (what the leader signs, and the next batch's
+    /// `prev_batch_hash`).
+    pub header_digest: [u8; 32],
+    /// Transactions in the batch, duplicates included.
+    pub tx_count: u32,
+}
+
+/// Why a batch was not applied. The state is unchanged whenever this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum SequencerError {
+    /// The batch bytes fail validation (`access_batch`).
+    #[error("batch at index {index} is invalid: {source}")]
+    InvalidBatch {
+        /// Raft index of the rejected batch.
+        index: u64,
+        /// What validation rejected.
+        #[source]
+        source: ModelError,
+    },
+    /// The header's Merkle root is not the root of the batch's transaction hashes.
+    #[error("batch at index {index}: header Merkle root does not match its transactions")]
+    MerkleRootMismatch {
+        /// Raft index of the rejected batch.
+        index: u64,
+        /// Root the header claims.
+        header: [u8; 32],
+        /// Root of the transactions.
+        computed: [u8; 32],
+    },
+    /// Batches must be applied in increasing index order.
+    #[error("batch index {index} is not after the last applied batch index {applied}")]
+    IndexNotAfterApplied {
+        /// Raft index of the batch.
+        index: u64,
+        /// Last applied batch index.
+        applied: u64,
+    },
+    /// Terms never decrease along the Raft log.
+    #[error("batch at index {index} has term {term}, below the last applied term {applied_term}")]
+    TermRegressed {
+        /// Raft index of the batch.
+        index: u64,
+        /// Its term.
+        term: u64,
+        /// Term of the last applied batch.
+        applied_term: u64,
+    },
+}
+
+impl SequencerError {
+    /// True if the batch's content is at fault (every node rejects the same committed bytes the
+    /// same way); false if the caller broke the apply order, which is a bug.
+    pub fn is_content_rejection(&self) -> bool {
+        matches!(
+            self,
+            SequencerError::InvalidBatch { .. } | SequencerError::MerkleRootMismatch { .. }
+        )
+    }
+}
+
+/// Why snapshot bytes were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Fewer bytes than the fixed header.
+    #[error("snapshot is {len} bytes, the header alone needs {need}")]
+    TooShort {
+        /// Bytes given.
+        len: usize,
+        /// Header length.
+        need: usize,
+    },
+    /// Not a sequencer snapshot.
+    #[error("snapshot magic is {found:02x?}, expected \"BATONSEQ\"")]
+    BadMagic {
+        /// The first eight bytes.
+        found: [u8; 8],
+    },
+    /// A format version this build cannot read.
+    #[error("snapshot format version {found} is not supported (this build reads {supported})")]
+    UnsupportedVersion {
+        /// Version in the header.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The header's body length disagrees with the bytes present.
+    #[error("snapshot header says {header} body bytes, {actual} present")]
+    LengthMismatch {
+        /// Body length in the header.
+        header: u64,
+        /// Body bytes present.
+        actual: usize,
+    },
+    /// The body does not hash to the header's digest.
+    #[error("snapshot body digest mismatch")]
+    DigestMismatch {
+        /// Digest in the header.
+        stored: [u8; 32],
+        /// Digest of the body.
+        computed: [u8; 32],
+    },
+    /// The body is well framed but states something impossible.
+    #[error("snapshot body is inconsistent: {reason} (at record {at})")]
+    Inconsistent {
+        /// What is wrong.
+        reason: &'static str,
+        /// Record number (or field number in the fixed part) where it was found.
+        at: u64,
+    },
+}
+
+const MAGIC: [u8; 8] = *b"BATONSEQ";
+/// Snapshot format version written by this build.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const HEADER_BYTES: usize = 56;
+const FIXED_BODY_BYTES: usize = 7 * 8;
+const BATCH_RECORD_BYTES: usize = 56;
+const POSITION_RECORD_BYTES: usize = 44;
+
+/// The sequencer state machine (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Sequencer {
+    /// Last applied batch: (index, term).
+    applied: Option<(u64, u64)>,
+    batches: BTreeMap<u64, BatchRecord>,
+    positions: HashMap<TxHash, Position>,
+    tx_total: u64,
+    duplicates_total: u64,
+}
+
+impl PartialEq for Sequencer {
+    fn eq(&self, other: &Self) -> bool {
+        self.applied == other.applied
+            && self.batches == other.batches
+            && self.positions == other.positions
+            && self.tx_total == other.tx_total
+            && self.duplicates_total == other.duplicates_total
+    }
+}
+
+impl Eq for Sequencer {}
+
+impl Sequencer {
+    /// An empty sequencer: nothing applied.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Validates the batch at Raft log id `(term, index)` and orders its transactions.
+    ///
+    /// Each transaction at offset `o` gets position `(index, o)`, unless its hash was sequenced
+    /// before (in an earlier batch or earlier in this one): then it is reported as a
+    /// [`Duplicate`] of the first occurrence and gets no position. On error nothing changes.
+    pub fn apply_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        batch_bytes: &[u8],
+    ) -> Result<Applied, SequencerError> {
+        if let Some((applied, applied_term)) = self.applied {
+            if index <= applied {
+                return Err(SequencerError::IndexNotAfterApplied { index, applied });
+            }
+            if term < applied_term {
+                return Err(SequencerError::TermRegressed {
+                    index,
+                    term,
+                    applied_term,
+                });
+            }
+        }
+        let batch = access_batch(batch_bytes)
+            .map_err(|source| SequencerError::InvalidBatch { index, source })?;
+        let mut hashes = Vec::with_capacity(batch.txs.len());
+        let mut merkle = MerkleAccumulator::new();
+        for tx in batch.txs.iter() {
+            let hash = tx.tx_hash();
+            merkle.push(&hash);
+            hashes.push(hash);
+        }
+        let computed = merkle.root();
+        if computed != batch.header.tx_merkle_root {
+            return Err(SequencerError::MerkleRootMismatch {
+                index,
+                header: batch.header.tx_merkle_root,
+                computed,
+            });
+        }
+        // Validation passed: from here on nothing can fail, so the update is all or nothing.
+        // `access_batch` bounds the count by BATCH_TXS_MAX, so offsets fit in u32.
+        let tx_count = hashes.len() as u32;
+        let mut duplicates = Vec::new();
+        for (offset, hash) in hashes.into_iter().enumerate() {
+            let offset = offset as u32;
+            match self.positions.entry(hash) {
+                std::collections::hash_map::Entry::Occupied(first) => duplicates.push(Duplicate {
+                    offset,
+                    original: *first.get(),
+                }),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(Position { index, offset });
+                }
+            }
+        }
+        self.batches.insert(
+            index,
+            BatchRecord {
+                index,
+                term,
+                header_digest: batch.header.digest(),
+                tx_count,
+            },
+        );
+        self.applied = Some((index, term));
+        self.tx_total += u64::from(tx_count);
+        self.duplicates_total += duplicates.len() as u64;
+        debug_assert_eq!(
+            self.positions.len() as u64 + self.duplicates_total,
+            self.tx_total,
+            "every transaction is either positioned or a duplicate"
+        );
+        Ok(Applied {
+            index,
+            term,
+            tx_count,
+            duplicates,
+        })
+    }
+
+    /// Position of the first transaction with this hash, if it was sequenced.
+    pub fn lookup(&self, tx_hash: &TxHash) -> Option<Position> {
+        self.positions.get(tx_hash).copied()
+    }
+
+    /// Raft index of the last applied batch, `None` before the first.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.applied.map(|(index, _)| index)
+    }
+
+    /// The batch applied at `index`, if any.
+    pub fn batch(&self, index: u64) -> Option<&BatchRecord> {
+        self.batches.get(&index)
+    }
+
+    /// The last applied batch (its digest chains to the next batch's `prev_batch_hash`).
+    pub fn last_batch(&self) -> Option<&BatchRecord> {
+        self.batches.values().next_back()
+    }
+
+    /// Transactions applied, duplicates included.
+    pub fn tx_total(&self) -> u64 {
+        self.tx_total
+    }
+
+    /// Transactions applied that repeated an earlier hash.
+    pub fn duplicates_total(&self) -> u64 {
+        self.duplicates_total
+    }
+
+    /// The state in the versioned, checksummed snapshot format (see the module docs).
+    pub fn snapshot_bytes(&self) -> Vec<u8> {
+        let body_len = FIXED_BODY_BYTES
+            + self.batches.len() * BATCH_RECORD_BYTES
+            + self.positions.len() * POSITION_RECORD_BYTES;
+        let mut out = Vec::with_capacity(HEADER_BYTES + body_len);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(body_len as u64).to_le_bytes());
+        out.extend_from_slice(&[0u8; 32]); // digest, filled below
+        let (index, term) = self.applied.unwrap_or((0, 0));
+        for field in [
+            u64::from(self.applied.is_some()),
+            index,
+            term,
+            self.tx_total,
+            self.duplicates_total,
+            self.batches.len() as u64,
+            self.positions.len() as u64,
+        ] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        for b in self.batches.values() {
+            out.extend_from_slice(&b.index.to_le_bytes());
+            out.extend_from_slice(&b.term.to_le_bytes());
+            out.extend_from_slice(&b.header_digest);
+            out.extend_from_slice(&b.tx_count.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+        }
+        let mut positions: Vec<(&TxHash, &Position)> = self.positions.iter().collect();
+        positions.sort_unstable_by_key(|(hash, _)| **hash);
+        for (hash, pos) in positions {
+            out.extend_from_slice(hash.as_bytes());
+            out.extend_from_slice(&pos.index.to_le_bytes());
+            out.extend_from_slice(&pos.offset.to_le_bytes());
+        }
+        debug_assert_eq!(out.len(), HEADER_BYTES + body_len);
+        let digest = keccak256(&out[HEADER_BYTES..]);
+        out[24..HEADER_BYTES].copy_from_slice(&digest);
+        out
+    }
+
+    /// Restores a sequencer from [`Sequencer::snapshot_bytes`] output, checking framing,
+    /// digest and every invariant of the state.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Sequencer, SnapshotError> {
+        let body = check_header(bytes)?;
+        let field = |i: usize| le_u64(&body[i * 8..i * 8 + 8]);
+        let (has_applied, index, term) = (field(0), field(1), field(2));
+        let (tx_total, duplicates_total) = (field(3), field(4));
+        let (batch_count, position_count) = (field(5), field(6));
+        let inconsistent = |reason, at| SnapshotError::Inconsistent { reason, at };
+        let applied = match has_applied {
+            0 if index == 0 && term == 0 => None,
+            1 => Some((index, term)),
+            _ => return Err(inconsistent("bad applied flag", 0)),
+        };
+        let records = &body[FIXED_BODY_BYTES..];
+        let expected = batch_count
+            .checked_mul(BATCH_RECORD_BYTES as u64)
+            .and_then(|b| {
+                position_count
+                    .checked_mul(POSITION_RECORD_BYTES as u64)
+                    .and_then(|p| b.checked_add(p))
+            })
+            .ok_or_else(|| inconsistent("record counts overflow", 5))?;
+        if expected != records.len() as u64 {
+            return Err(inconsistent(
+                "record counts disagree with the body length",
+                5,
+            ));
+        }
+        let (batch_bytes, position_bytes) =
+            records.split_at(batch_count as usize * BATCH_RECORD_BYTES);
+
+        let mut batches = BTreeMap::new();
+        let mut sum_tx = 0u64;
+        for (at, rec) in batch_bytes.chunks_exact(BATCH_RECORD_BYTES).enumerate() {
+            let at = at as u64;
+            let b = BatchRecord {
+                index: le_u64(&rec[0..8]),
+                term: le_u64(&rec[8..16]),
+                header_digest: rec[16..48].try_into().expect("32 bytes"),
+                tx_count: le_u32(&rec[48..52]),
+            };
+            if le_u32(&rec[52..56]) != 0 {
+                return Err(inconsistent("reserved batch field is not zero", at));
+            }
+            let prev: Option<&BatchRecord> = batches.values().next_back();
+            if prev.is_some_and(|p| b.index <= p.index || b.term < p.term) {
+                return Err(inconsistent("batches out of order", at));
+            }
+            sum_tx += u64::from(b.tx_count);
+            batches.insert(b.index, b);
+        }
+        let last = batches.values().next_back().map(|b| (b.index, b.term));
+        if last != applied {
+            return Err(inconsistent("applied batch is not the last batch", 0));
+        }
+        if sum_tx != tx_total {
+            return Err(inconsistent("tx_total is not the sum of batch sizes", 3));
+        }
+        if position_count.checked_add(duplicates_total) != Some(tx_total) {
+            return Err(inconsistent(
+                "positions plus duplicates differ from tx_total",
+                4,
+            ));
+        }
+
+        let mut positions = HashMap::with_capacity(position_count as usize);
+        let mut prev_hash: Option<TxHash> = None;
+        for (at, rec) in position_bytes
+            .chunks_exact(POSITION_RECORD_BYTES)
+            .enumerate()
+        {
+            let at = at as u64;
+            let hash = TxHash(rec[0..32].try_into().expect("32 bytes"));
+            let pos = Position {
+                index: le_u64(&rec[32..40]),
+                offset: le_u32(&rec[40..44]),
+            };
+            if prev_hash.is_some_and(|p| p >= hash) {
+                return Err(inconsistent(
+                    "positions not in strictly ascending hash order",
+                    at,
+                ));
+            }
+            prev_hash = Some(hash);
+            match batches.get(&pos.index) {
+                Some(b) if pos.offset < b.tx_count => {}
+                _ => return Err(inconsistent("position outside every batch", at)),
+            }
+            positions.insert(hash, pos);
+        }
+        Ok(Sequencer {
+            applied,
+            batches,
+            positions,
+            tx_total,
+            duplicates_total,
+        })
+    }
+}
+
+/// Checks magic, version, length and digest; returns the body.
+fn check_header(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(SnapshotError::TooShort {
+            len: bytes.len(),
+            need: HEADER_BYTES,
+        });
+    }
+    let (header, body) = bytes.split_at(HEADER_BYTES);
+    let magic: [u8; 8] = header[0..8].try_into().expect("8 bytes");
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic { found: magic });
+    }
+    let version = le_u32(&header[8..12]);
+    if version != SNAPSHOT_VERSION || le_u32(&header[12..16]) != 0 {
+        return Err(SnapshotError::UnsupportedVersion {
+            found: version,
+            supported: SNAPSHOT_VERSION,
+        });
+    }
+    let body_len = le_u64(&header[16..24]);
+    if body_len != body.len() as u64 || body.len() < FIXED_BODY_BYTES {
+        return Err(SnapshotError::LengthMismatch {
+            header: body_len,
+            actual: body.len(),
+        });
+    }
+    let stored: [u8; 32] = header[24..56].try_into().expect("32 bytes");
+    let computed = keccak256(body);
+    if stored != computed {
+        return Err(SnapshotError::DigestMismatch { stored, computed });
+    }
+    Ok(body)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.try_into().expect("caller passes 8 bytes"))
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().expect("caller passes 4 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rkyv::util::AlignedVec;
+
+    use super::*;
+    use crate::batch::{encode_batch, Batch, BatchHeader};
+    use crate::tx::Transaction;
+    use crate::tx_kind::TxKind;
+
+    fn tx(payload: &[u8]) -> Transaction {
+        Transaction {
+            rollup_id: 1,
+            kind: TxKind::Raw,
+            bytes: payload.to_vec(),
+        }
+    }
+
+    fn encoded(index: u64, txs: Vec<Transaction>) -> AlignedVec {
+        let mut batch = Batch {
+            header: BatchHeader {
+                term: 1,
+                index,
+                prev_batch_hash: [0; 32],
+                tx_merkle_root: [0; 32],
+                tx_count: txs.len() as u32,
+                timestamp_us: 7,
+            },
+            txs,
+        };
+        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
+        encode_batch(&batch).unwrap()
+    }
+
+    #[test]
+    fn positions_and_duplicates() {
+        let mut s = Sequencer::new();
+        let a = s
+            .apply_batch(3, 1, &encoded(3, vec![tx(b"a"), tx(b"b"), tx(b"a")]))
+            .unwrap();
+        assert_eq!(a.tx_count, 3);
+        assert_eq!(
+            a.duplicates,
+            vec![Duplicate {
+                offset: 2,
+                original: Position {
+                    index: 3,
+                    offset: 0
+                }
+            }]
+        );
+        assert_eq!(a.sequenced(), 2);
+        let b = s
+            .apply_batch(5, 2, &encoded(5, vec![tx(b"c"), tx(b"b")]))
+            .unwrap();
+        assert_eq!(
+            b.duplicates,
+            vec![Duplicate {
+                offset: 1,
+                original: Position {
+                    index: 3,
+                    offset: 1
+                }
+            }]
+        );
+        assert_eq!(
+            s.lookup(&TxHash::of(b"c")),
+            Some(Position {
+                index: 5,
+                offset: 0
+            })
+        );
+        assert_eq!(s.lookup(&TxHash::of(b"zz")), None);
+        assert_eq!(s.applied_index(), Some(5));
+        assert_eq!((s.tx_total(), s.duplicates_total()), (5, 2));
+        assert_eq!(s.last_batch().map(|b| (b.index, b.term)), Some((5, 2)));
+        assert_eq!(s.batch(3).map(|b| b.tx_count), Some(3));
+    }
+
+    #[test]
+    fn rejections_leave_state_unchanged() {
+        let mut s = Sequencer::new();
+        s.apply_batch(2, 3, &encoded(2, vec![tx(b"a")])).unwrap();
+        let before = s.snapshot_bytes();
+
+        let err = s
+            .apply_batch(2, 3, &encoded(2, vec![tx(b"x")]))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SequencerError::IndexNotAfterApplied {
+                index: 2,
+                applied: 2
+            }
+        ));
+        assert!(!err.is_content_rejection());
+        let err = s
+            .apply_batch(3, 2, &encoded(3, vec![tx(b"x")]))
+            .unwrap_err();
+        assert!(matches!(err, SequencerError::TermRegressed { term: 2, .. }));
+
+        let mut garbage = AlignedVec::<16>::new();
+        garbage.extend_from_slice(&[0xee; 64]);
+        let err = s.apply_batch(4, 3, &garbage).unwrap_err();
+        assert!(matches!(err, SequencerError::InvalidBatch { index: 4, .. }));
+        assert!(err.is_content_rejection());
+
+        let mut bad_root = Batch {
+            header: BatchHeader {
+                term: 3,
+                index: 5,
+                prev_batch_hash: [0; 32],
+                tx_merkle_root: [9; 32],
+                tx_count: 1,
+                timestamp_us: 0,
+            },
+            txs: vec![tx(b"y")],
+        };
+        let err = s
+            .apply_batch(5, 3, &encode_batch(&bad_root).unwrap())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SequencerError::MerkleRootMismatch { index: 5, header, .. } if header == [9; 32]
+        ));
+        bad_root.header.tx_merkle_root = bad_root.compute_tx_merkle_root();
+        assert_eq!(s.snapshot_bytes(), before, "failed applies change nothing");
+        s.apply_batch(5, 3, &encode_batch(&bad_root).unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn empty_snapshot_round_trips() {
+        let s = Sequencer::new();
+        let bytes = s.snapshot_bytes();
+        assert_eq!(bytes.len(), HEADER_BYTES + FIXED_BODY_BYTES);
+        assert_eq!(Sequencer::from_snapshot(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_framing() {
+        let mut s = Sequencer::new();
+        s.apply_batch(1, 1, &encoded(1, vec![tx(b"a"), tx(b"b")]))
+            .unwrap();
+        let good = s.snapshot_bytes();
+        assert!(matches!(
+            Sequencer::from_snapshot(&good[..10]),
+            Err(SnapshotError::TooShort { len: 10, .. })
+        ));
+        let mut bad = good.clone();
+        bad[0] ^= 1;
+        assert!(matches!(
+            Sequencer::from_snapshot(&bad),
+            Err(SnapshotError::BadMagic { .. })
+        ));
+        let mut bad = good.clone();
+        bad[8] = 2;
+        assert!(matches!(
+            Sequencer::from_snapshot(&bad),
+            Err(SnapshotError::UnsupportedVersion { found: 2, .. })
+        ));
+        let mut bad = good.clone();
+        bad.push(0);
+        assert!(matches!(
+            Sequencer::from_snapshot(&bad),
+            Err(SnapshotError::LengthMismatch { .. })
+        ));
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            Sequencer::from_snapshot(&bad),
+            Err(SnapshotError::DigestMismatch { .. })
+        ));
+    }
+
+    /// Rewrites the body of `bytes` with `edit` and fixes the digest, so only the consistency
+    /// checks can object.
+    fn with_body_edit(bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut body = bytes[HEADER_BYTES..].to_vec();
+        edit(&mut body);
+        let mut out = bytes[..HEADER_BYTES].to_vec();
+        out[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        out[24..56].copy_from_slice(&keccak256(&body));
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn snapshot_refuses_inconsistent_state() {
+        let mut s = Sequencer::new();
+        s.apply_batch(1, 1, &encoded(1, vec![tx(b"a"), tx(b"b"), tx(b"a")]))
+            .unwrap();
+        let good = s.snapshot_bytes();
+        let positions_at = FIXED_BODY_BYTES + BATCH_RECORD_BYTES;
+        type BodyEdit = Box<dyn FnOnce(&mut Vec<u8>)>;
+        let cases: Vec<(&str, BodyEdit)> = vec![
+            ("applied flag", Box::new(|b| b[0] = 2)),
+            ("applied index", Box::new(|b| b[8] = 9)),
+            ("tx_total", Box::new(|b| b[24] = 4)),
+            ("duplicates", Box::new(|b| b[32] = 0)),
+            ("batch count", Box::new(|b| b[40] = 7)),
+            (
+                "offset past batch",
+                Box::new(move |b| b[positions_at + 40] = 3),
+            ),
+            (
+                "hash order",
+                Box::new(move |b| {
+                    let (first, second) = b[positions_at..].split_at_mut(POSITION_RECORD_BYTES);
+                    first.swap_with_slice(&mut second[..POSITION_RECORD_BYTES]);
+                }),
+            ),
+            ("reserved", Box::new(|b| b[FIXED_BODY_BYTES + 52] = 1)),
+        ];
+        for (name, edit) in cases {
+            let bad = with_body_edit(&good, edit);
+            assert!(
+                matches!(
+                    Sequencer::from_snapshot(&bad),
+                    Err(SnapshotError::Inconsistent { .. })
+                ),
+                "{name}: {:?}",
+                Sequencer::from_snapshot(&bad)
+            );
+        }
+    }
+
+    /// Batches over a small alphabet of payloads, so duplicates are common.
+    fn arb_batches() -> impl Strategy<Value = Vec<(u64, Vec<Vec<u8>>)>> {
+        prop::collection::vec(
+            (
+                1u64..4,
+                prop::collection::vec(prop::collection::vec(0u8..6, 1..3), 0..12),
+            ),
+            0..20,
+        )
+        .prop_map(|steps| {
+            let mut index = 0;
+            steps
+                .into_iter()
+                .map(|(gap, payloads)| {
+                    index += gap;
+                    (index, payloads)
+                })
+                .collect()
+        })
+    }
+
+    fn feed(s: &mut Sequencer, batches: &[(u64, Vec<Vec<u8>>)]) -> Vec<Applied> {
+        batches
+            .iter()
+            .map(|(index, payloads)| {
+                let txs = payloads.iter().map(|p| tx(p)).collect();
+                s.apply_batch(*index, *index / 5 + 1, &encoded(*index, txs))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn same_batches_same_bytes(batches in arb_batches()) {
+            let (mut a, mut b) = (Sequencer::new(), Sequencer::new());
+            let ra = feed(&mut a, &batches);
+            let rb = feed(&mut b, &batches);
+            prop_assert_eq!(ra, rb);
+            prop_assert_eq!(a.snapshot_bytes(), b.snapshot_bytes());
+            let restored = Sequencer::from_snapshot(&a.snapshot_bytes()).unwrap();
+            prop_assert_eq!(&restored, &a);
+        }
+
+        #[test]
+        fn snapshot_then_continue_equals_never_snapshotted(
+            batches in arb_batches(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let at = if batches.is_empty() { 0 } else { cut.index(batches.len() + 1) };
+            let (head, tail) = batches.split_at(at);
+            let mut straight = Sequencer::new();
+            let all = feed(&mut straight, &batches);
+            let mut first = Sequencer::new();
+            let mut results = feed(&mut first, head);
+            let mut restored = Sequencer::from_snapshot(&first.snapshot_bytes()).unwrap();
+            results.extend(feed(&mut restored, tail));
+            prop_assert_eq!(results, all);
+            prop_assert_eq!(restored.snapshot_bytes(), straight.snapshot_bytes());
+        }
+
+        #[test]
+        fn snapshot_decoding_never_panics(
+            batches in arb_batches(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 0..4),
+            fix_digest in any::<bool>(),
+        ) {
+            let mut s = Sequencer::new();
+            feed(&mut s, &batches);
+            let bytes = s.snapshot_bytes();
+            let mut body = bytes[HEADER_BYTES..].to_vec();
+            for (at, mask) in flips {
+                let i = at.index(body.len());
+                body[i] ^= mask;
+            }
+            let bad = if fix_digest {
+                with_body_edit(&bytes, |b| *b = body)
+            } else {
+                let mut out = bytes[..HEADER_BYTES].to_vec();
+                out.extend_from_slice(&body);
+                out
+            };
+            if let Ok(restored) = Sequencer::from_snapshot(&bad) {
+                // Whatever it accepts, it must re-encode to the same bytes.
+                prop_assert_eq!(restored.snapshot_bytes(), bad);
+            }
+        }
+    }
+}
