@@ -20,8 +20,9 @@ pub mod error;
 pub mod hash;
 pub mod limits;
 pub mod merkle;
-//NODE_TMP
+pub mod node;
 pub mod raft;
+pub mod sequencer;
 pub mod tx;
 pub mod tx_kind;
 
@@ -40,5 +41,6 @@ pub use merkle::{
     merkle_proof, merkle_root, verify_proof, MerkleAccumulator, MerkleProof, MerkleTree,
 };
 pub use raft::{ApplyResult, BatchBytes, GlommioRuntime, TypeConfig};
+pub use sequencer::{Applied, Duplicate, Position, Sequencer, SequencerError};
 pub use tx::{ArchivedTransaction, Transaction};
 pub use tx_kind::{ArchivedTxKind, TxKind};

@@ -1,0 +1,97 @@
+//! `NodeConfig`: every knob of a node, with units in the names and documented defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_wal::WalOptions;
+
+use crate::batcher::BatchPolicy;
+
+/// Raft timings and log compaction.
+#[derive(Clone, Debug)]
+pub struct RaftTimings {
+    /// Leader heartbeat period. Default 50 ms.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout. Default 200 ms.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout. Default 400 ms.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot every this many applied entries. Default 10,000.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a snapshot (for lagging followers). Default 1,000.
+    pub log_entries_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+            snapshot_every_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Configuration of one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Raft node id (≥ 1).
+    pub id: u64,
+    /// Directory of the WAL and metadata.
+    pub data_dir: PathBuf,
+    /// Shards (glommio executors, one thread each). Default: available cores.
+    pub shards: usize,
+    /// Pin shard k to CPU k (bare metal). Default false (tests run many nodes per machine).
+    pub pin_shards: bool,
+    /// When shards seal batches.
+    pub batch: BatchPolicy,
+    /// Transaction hashes each shard remembers for deduplication. Default 1,048,576.
+    pub dedup_window_txs: usize,
+    /// Submissions queued per shard before `submit` waits. Default 1,024.
+    pub submit_queue_max: usize,
+    /// Sealed batches queued for the Raft shard before shards wait. Default 64.
+    pub propose_queue_max: usize,
+    /// Batches proposed to Raft and not yet committed. Default 256.
+    pub proposals_in_flight_max: usize,
+    /// Raft timings.
+    pub raft: RaftTimings,
+    /// WAL sizes.
+    pub wal: WalOptions,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` storing its data in `data_dir`.
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_shards: false,
+            batch: BatchPolicy::default(),
+            dedup_window_txs: 1 << 20,
+            submit_queue_max: 1024,
+            propose_queue_max: 64,
+            proposals_in_flight_max: 256,
+            raft: RaftTimings::default(),
+            wal: WalOptions::default(),
+        }
+    }
+
+    /// The openraft configuration these settings make.
+    pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        let t = &self.raft;
+        openraft::Config {
+            cluster_name: "baton".into(),
+            heartbeat_interval: t.heartbeat_interval_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: t.log_entries_kept_after_snapshot,
+            install_snapshot_timeout: Duration::from_secs(10).as_millis() as u64,
+            ..Default::default()
+        }
+        .validate()
+    }
+}

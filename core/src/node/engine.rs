@@ -1,0 +1,605 @@
+//! Starting a node: S shard threads (glommio executors); shard 0 also runs Raft.
+//!
+//! ```text
+//! NodeHandle::submit ─(bounded, per-shard groups)─▶ shard k: validate, hash, dedup, batch
+//!        ─(bounded, sealed batches)─▶ shard 0: raft.client_write ─▶ WAL ∥ replication
+//!        ◀─(commit: index per batch)── shard 0 ◀── state machine apply
+//! shard k resolves each waiting transaction with (index, offset) and answers the request.
+//! ```
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::{SinkExt, StreamExt};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch};
+use crate::hash::TxHash;
+use crate::node::config::NodeConfig;
+use crate::node::error::{NodeError, SubmitError};
+use crate::node::handle::{
+    Control, NodeHandle, NodeStatus, Receipt, Role, ShardSubmit, SubmitReply,
+};
+use crate::node::local_net::LocalRouter;
+use crate::raft::{BatchBytes, TypeConfig};
+
+/// Committed batches whose positions a shard remembers to answer duplicates without asking the
+/// state machine.
+const RECENT_BATCHES_MAX: usize = 4096;
+
+/// A sealed batch on its way to the Raft shard.
+pub(crate) struct Proposal {
+    bytes: BatchBytes,
+    reply: oneshot::Sender<Result<Committed, SubmitError>>,
+}
+
+/// What the Raft shard reports for a committed batch.
+#[derive(Clone, Debug)]
+pub(crate) struct Committed {
+    index: u64,
+    /// Per offset: the position of the transaction's first occurrence when the state machine
+    /// found it to be a duplicate of an earlier batch's transaction.
+    duplicates: Vec<(u32, (u64, u32))>,
+}
+
+/// How nodes reach each other.
+#[derive(Clone)]
+pub enum Network {
+    /// In-process channels (tests, benchmarks).
+    Local(LocalRouter),
+}
+
+/// Starts a node and returns its handle once every shard is running (Raft may still be
+/// electing).
+pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeError> {
+    if config.shards == 0 || config.id == 0 {
+        return Err(NodeError::Config {
+            reason: "shards and id must be at least 1".into(),
+        });
+    }
+    config.batch.validate().map_err(|e| NodeError::Config {
+        reason: e.to_string(),
+    })?;
+    let raft_config = Arc::new(config.raft_config().map_err(|e| NodeError::Config {
+        reason: e.to_string(),
+    })?);
+    let (control_tx, control_rx) = mpsc::channel(64);
+    let (propose_tx, propose_rx) = mpsc::channel(config.propose_queue_max);
+    let mut shard_txs = Vec::new();
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
+
+    // Shard 0: Raft, proposer, control, RPC server.
+    {
+        let shard_config = config.clone();
+        let ready = ready_tx.clone();
+        let t = spawn_shard(&config, 0, move || async move {
+            let config = shard_config;
+            raft_shard(config, raft_config, network, propose_rx, control_rx, ready).await
+        })?;
+        threads.push(t);
+    }
+    for k in 0..config.shards {
+        let (tx, rx) = mpsc::channel(config.submit_queue_max);
+        shard_txs.push(tx);
+        let shard_config = config.clone();
+        let propose = propose_tx.clone();
+        let control = control_tx.clone();
+        let ready = ready_tx.clone();
+        let t = spawn_shard(&config, k, move || async move {
+            let config = shard_config;
+            let _ = ready.send(Ok(()));
+            batching_shard(config, k, rx, propose, control).await
+        })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..=config.shards {
+        ready_rx.recv().map_err(|_| NodeError::ShuttingDown)??;
+    }
+    Ok(NodeHandle {
+        id: config.id,
+        shards: shard_txs,
+        control: control_tx,
+        threads: Arc::new(Mutex::new(threads)),
+    })
+}
+
+fn spawn_shard<F, Fut>(
+    config: &NodeConfig,
+    k: usize,
+    f: F,
+) -> Result<std::thread::JoinHandle<()>, NodeError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let placement = if config.pin_shards {
+        Placement::Fixed(k)
+    } else {
+        Placement::Unbound
+    };
+    let name = format!("baton-{}-s{k}", config.id);
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let ex = LocalExecutorBuilder::new(placement)
+                .name(&name)
+                .make()
+                .expect("glommio executor (locked memory?)");
+            ex.run(f());
+        })
+        .map_err(|source| NodeError::Spawn { shard: k, source })
+}
+
+fn now_us(origin: Instant) -> u64 {
+    origin.elapsed().as_micros() as u64
+}
+
+/// One request's transactions on this shard, waiting for their batches.
+struct Request {
+    results: Vec<Option<Result<Receipt, SubmitError>>>,
+    remaining: usize,
+    reply: Option<SubmitReply>,
+}
+
+impl Request {
+    fn fill(&mut self, slot: usize, r: Result<Receipt, SubmitError>) {
+        if self.results[slot].is_none() {
+            self.results[slot] = Some(r);
+            self.remaining -= 1;
+        }
+        if self.remaining == 0 {
+            if let Some(reply) = self.reply.take() {
+                let results = self
+                    .results
+                    .drain(..)
+                    .map(|r| r.expect("all filled"))
+                    .collect();
+                let _ = reply.send(results);
+            }
+        }
+    }
+}
+
+type RequestRef = Rc<RefCell<Request>>;
+
+/// A transaction waiting for a batch: which request slot, its hash, its offset in the batch.
+struct Waiter {
+    request: RequestRef,
+    slot: usize,
+    tx_hash: TxHash,
+    offset: u32,
+    duplicate: bool,
+}
+
+#[derive(Default)]
+struct ShardState {
+    /// Waiters per batch sequence number, until the batch commits or fails.
+    waiting: HashMap<u64, Vec<Waiter>>,
+    /// Recently committed batches: sequence → Raft index and state-machine duplicates.
+    recent: HashMap<u64, Committed>,
+    recent_order: VecDeque<u64>,
+}
+
+impl ShardState {
+    fn resolve(&mut self, seq: u64, result: Result<Committed, SubmitError>) {
+        let waiters = self.waiting.remove(&seq).unwrap_or_default();
+        for w in waiters {
+            let r = match &result {
+                Ok(c) => Ok(receipt_in(c, w.tx_hash, w.offset, w.duplicate)),
+                Err(e) => Err(e.clone()),
+            };
+            w.request.borrow_mut().fill(w.slot, r);
+        }
+        if let Ok(c) = result {
+            self.recent.insert(seq, c);
+            self.recent_order.push_back(seq);
+            if self.recent_order.len() > RECENT_BATCHES_MAX {
+                let old = self.recent_order.pop_front().expect("non-empty");
+                self.recent.remove(&old);
+            }
+        }
+    }
+}
+
+fn receipt_in(c: &Committed, tx_hash: TxHash, offset: u32, duplicate: bool) -> Receipt {
+    match c.duplicates.iter().find(|(o, _)| *o == offset) {
+        Some((_, (index, first_offset))) => Receipt {
+            tx_hash,
+            index: *index,
+            offset: *first_offset,
+            duplicate: true,
+        },
+        None => Receipt {
+            tx_hash,
+            index: c.index,
+            offset,
+            duplicate,
+        },
+    }
+}
+
+/// Shard k: takes groups of transactions, batches them, hands sealed batches to the Raft shard
+/// and answers each request when all its transactions are resolved.
+async fn batching_shard(
+    config: NodeConfig,
+    k: usize,
+    mut rx: mpsc::Receiver<ShardSubmit>,
+    mut propose: mpsc::Sender<Proposal>,
+    control: mpsc::Sender<Control>,
+) {
+    let origin = Instant::now();
+    let mut batcher = match Batcher::new(config.batch.clone(), config.dedup_window_txs) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(shard = k, error = %e, "batcher configuration rejected");
+            return;
+        }
+    };
+    let state = Rc::new(RefCell::new(ShardState::default()));
+    loop {
+        let msg = match batcher.next_deadline_us() {
+            None => rx.next().await,
+            Some(deadline) => {
+                let wait = Duration::from_micros(deadline.saturating_sub(now_us(origin)));
+                let next = rx.next();
+                let timer = glommio::timer::sleep(wait);
+                futures_util::pin_mut!(next, timer);
+                match futures_util::future::select(next, timer).await {
+                    futures_util::future::Either::Left((m, _)) => m,
+                    futures_util::future::Either::Right(_) => {
+                        flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(msg) = msg else { break };
+        accept(&mut batcher, &state, &control, msg, origin);
+        flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+    }
+    // Shutting down: hand over what was accepted; the Raft shard answers or fails it.
+    while let Some(b) = batcher.seal_now() {
+        dispatch(b, &state, &mut propose).await;
+    }
+}
+
+fn accept(
+    batcher: &mut Batcher,
+    state: &Rc<RefCell<ShardState>>,
+    control: &mpsc::Sender<Control>,
+    msg: ShardSubmit,
+    origin: Instant,
+) {
+    let n = msg.txs.len();
+    let request = Rc::new(RefCell::new(Request {
+        results: (0..n).map(|_| None).collect(),
+        remaining: n,
+        reply: Some(msg.reply),
+    }));
+    if n == 0 {
+        request
+            .borrow_mut()
+            .reply
+            .take()
+            .map(|r| r.send(Vec::new()));
+        return;
+    }
+    for (slot, (position, tx)) in msg.txs.iter().enumerate() {
+        let incoming = IncomingTx {
+            rollup_id: tx.rollup_id,
+            kind: tx.kind.clone(),
+            bytes: &tx.bytes,
+        };
+        match batcher.push(incoming, now_us(origin)) {
+            Ok(PushOutcome::Accepted { slot: at, tx_hash }) => {
+                let w = Waiter {
+                    request: request.clone(),
+                    slot,
+                    tx_hash,
+                    offset: at.offset_in_batch,
+                    duplicate: false,
+                };
+                state
+                    .borrow_mut()
+                    .waiting
+                    .entry(at.batch_seq)
+                    .or_default()
+                    .push(w);
+            }
+            Ok(PushOutcome::Duplicate {
+                tx_hash,
+                first_seen,
+            }) => {
+                let mut st = state.borrow_mut();
+                if let Some(ws) = st.waiting.get_mut(&first_seen.batch_seq) {
+                    ws.push(Waiter {
+                        request: request.clone(),
+                        slot,
+                        tx_hash,
+                        offset: first_seen.offset_in_batch,
+                        duplicate: true,
+                    });
+                } else if let Some(c) = st.recent.get(&first_seen.batch_seq) {
+                    let r = receipt_in(c, tx_hash, first_seen.offset_in_batch, true);
+                    request.borrow_mut().fill(
+                        slot,
+                        Ok(Receipt {
+                            duplicate: true,
+                            ..r
+                        }),
+                    );
+                } else {
+                    // Committed long ago (or its batch failed): ask the state machine.
+                    drop(st);
+                    let (request, mut control) = (request.clone(), control.clone());
+                    glommio::spawn_local(async move {
+                        let (tx, rx) = oneshot::channel();
+                        let found = match control.send(Control::Lookup(tx_hash, tx)).await {
+                            Ok(()) => rx.await.ok().flatten(),
+                            Err(_) => None,
+                        };
+                        let r = match found {
+                            Some((index, offset)) => Ok(Receipt {
+                                tx_hash,
+                                index,
+                                offset,
+                                duplicate: true,
+                            }),
+                            None => Err(SubmitError::Overloaded {
+                                what: "dedup window (retry after the earlier attempt expires)",
+                            }),
+                        };
+                        request.borrow_mut().fill(slot, r);
+                    })
+                    .detach();
+                }
+            }
+            Err(reason) => {
+                let err = match reason {
+                    crate::batcher::SubmitRejection::SealedQueueFull { .. } => {
+                        SubmitError::Overloaded {
+                            what: "sealed batch queue",
+                        }
+                    }
+                    reason => SubmitError::Invalid {
+                        position: *position,
+                        reason,
+                    },
+                };
+                request.borrow_mut().fill(slot, Err(err));
+            }
+        }
+    }
+}
+
+async fn flush_sealed(
+    batcher: &mut Batcher,
+    state: &Rc<RefCell<ShardState>>,
+    propose: &mut mpsc::Sender<Proposal>,
+    now: u64,
+) {
+    while let Some(b) = batcher.poll_seal(now) {
+        dispatch(b, state, propose).await;
+    }
+}
+
+/// Sends one sealed batch to the Raft shard (waiting while its queue is full: back-pressure) and
+/// resolves the batch's waiters when the answer comes.
+async fn dispatch(
+    b: SealedBatch,
+    state: &Rc<RefCell<ShardState>>,
+    propose: &mut mpsc::Sender<Proposal>,
+) {
+    let seq = b.seq;
+    let (tx, rx) = oneshot::channel();
+    let proposal = Proposal {
+        bytes: BatchBytes::from_aligned(b.bytes),
+        reply: tx,
+    };
+    if propose.send(proposal).await.is_err() {
+        state
+            .borrow_mut()
+            .resolve(seq, Err(SubmitError::ShuttingDown));
+        return;
+    }
+    let state = state.clone();
+    glommio::spawn_local(async move {
+        let result = rx.await.unwrap_or(Err(SubmitError::ShuttingDown));
+        state.borrow_mut().resolve(seq, result);
+    })
+    .detach();
+}
+
+type Sm = crate::raft::state_machine::StateMachine;
+type Ls = crate::raft::log_store::LogStore;
+
+/// Shard 0's Raft side: opens storage, runs Raft, serves peer RPCs, proposes sealed batches and
+/// answers control requests.
+async fn raft_shard(
+    config: NodeConfig,
+    raft_config: Arc<openraft::Config>,
+    network: Network,
+    mut propose_rx: mpsc::Receiver<Proposal>,
+    mut control_rx: mpsc::Receiver<Control>,
+    ready: std::sync::mpsc::Sender<Result<(), NodeError>>,
+) {
+    let id = config.id;
+    let fail = |reason: String| NodeError::Raft { id, reason };
+    let log_store = match Ls::open(&config.data_dir, config.wal.clone()).await {
+        Ok((l, report)) => {
+            tracing::info!(node = id, verdict = ?report.verdict, "log recovered");
+            l
+        }
+        Err(e) => {
+            let _ = ready.send(Err(fail(e.to_string())));
+            return;
+        }
+    };
+    let sm = Sm::new();
+    let Network::Local(router) = network;
+    let raft = match openraft::Raft::new(id, raft_config, router.factory(id), log_store, sm).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(fail(e.to_string())));
+            return;
+        }
+    };
+    let rpc_rx = router.register(id);
+    glommio::spawn_local(crate::node::local_net::serve(raft.clone(), rpc_rx)).detach();
+    let _ = ready.send(Ok(()));
+
+    // Proposer: one task per batch, bounded by the in-flight semaphore; openraft groups
+    // concurrent writes into one append.
+    let in_flight = Rc::new(glommio::sync::Semaphore::new(
+        config.proposals_in_flight_max as u64,
+    ));
+    let proposer = {
+        let raft = raft.clone();
+        glommio::spawn_local(async move {
+            while let Some(p) = propose_rx.next().await {
+                let Ok(permit) = in_flight.acquire_static_permit(1).await else {
+                    break;
+                };
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let result = propose_one(&raft, p.bytes).await;
+                    let _ = p.reply.send(result);
+                    drop(permit);
+                })
+                .detach();
+            }
+        })
+    };
+
+    while let Some(c) = control_rx.next().await {
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(status_of(&raft));
+            }
+            Control::Initialize(members, reply) => {
+                let r = raft.initialize(members).await.map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Control::Lookup(tx_hash, reply) => {
+                let found = raft
+                    .with_state_machine(move |sm: &mut Sm| {
+                        let found = sm.lookup(&tx_hash).map(|p| (p.index, p.offset));
+                        Box::pin(async move { found })
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                let _ = reply.send(found);
+            }
+            Control::WaitFor(condition, timeout, reply) => {
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(wait_for(&raft, condition, timeout).await);
+                })
+                .detach();
+            }
+            Control::Shutdown(reply) => {
+                router.unregister(id);
+                let _ = raft.shutdown().await;
+                let _ = reply.send(());
+                break;
+            }
+        }
+    }
+    router.unregister(id);
+    proposer.cancel().await;
+}
+
+async fn propose_one(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    bytes: BatchBytes,
+) -> Result<Committed, SubmitError> {
+    use openraft::error::{ClientWriteError, RaftError};
+    match raft.client_write(bytes).await {
+        Ok(resp) if resp.data.rejected => Err(SubmitError::Rejected {
+            index: resp.log_id.index,
+        }),
+        Ok(resp) => Ok(Committed {
+            index: resp.log_id.index,
+            duplicates: resp
+                .data
+                .duplicates
+                .iter()
+                .map(|d| (d.offset, (d.original.index, d.original.offset)))
+                .collect(),
+        }),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(SubmitError::NotLeader {
+                leader_hint: f.leader_id,
+            })
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(_))) => {
+            Err(SubmitError::Overloaded {
+                what: "membership change",
+            })
+        }
+        // The entry was overwritten by a new leader before it committed: not sequenced.
+        Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => {
+            Err(SubmitError::NotLeader { leader_hint: None })
+        }
+        Err(RaftError::APIError(ClientWriteError::PreconditionFailed(_))) => {
+            Err(SubmitError::NotLeader { leader_hint: None })
+        }
+        Err(RaftError::Fatal(_)) => Err(SubmitError::ShuttingDown),
+    }
+}
+
+fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    let role = match m.state {
+        openraft::ServerState::Leader => Role::Leader,
+        openraft::ServerState::Follower => Role::Follower,
+        openraft::ServerState::Candidate => Role::Candidate,
+        openraft::ServerState::Learner => Role::Learner,
+        openraft::ServerState::Shutdown => Role::Shutdown,
+    };
+    NodeStatus {
+        id: m.id,
+        role,
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        committed_index: m.local_committed.map(|l| l.index),
+        applied_index: m.last_applied.map(|l| l.index),
+        snapshot_index: m.snapshot.map(|l| l.index),
+    }
+}
+
+async fn wait_for(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    condition: crate::node::handle::StatusCondition,
+    timeout: Duration,
+) -> Result<NodeStatus, NodeStatus> {
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = raft.metrics();
+    let watch = async {
+        loop {
+            let status = status_of(raft);
+            if condition(&status) {
+                return status;
+            }
+            if metrics.changed().await.is_err() {
+                return status;
+            }
+        }
+    };
+    let timer = glommio::timer::sleep(timeout);
+    futures_util::pin_mut!(watch, timer);
+    match futures_util::future::select(watch, timer).await {
+        futures_util::future::Either::Left((s, _)) if condition(&s) => Ok(s),
+        futures_util::future::Either::Left((s, _)) => Err(s),
+        futures_util::future::Either::Right(_) => Err(status_of(raft)),
+    }
+}

@@ -1,0 +1,47 @@
+//! Errors at the `NodeHandle` boundary.
+#![allow(missing_docs)] // variant docs name their fields
+
+use crate::batcher::SubmitRejection;
+
+/// Why a submission got no receipt.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// This node is not the leader; `leader_hint` is the leader it knows of, if any.
+    #[error("not the leader (leader hint: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<u64> },
+    /// A bounded queue is full; retry later.
+    #[error("overloaded: {what} is full")]
+    Overloaded { what: &'static str },
+    /// The transaction at `position` in the request breaks a rule.
+    #[error("transaction {position} of the request is invalid: {reason}")]
+    Invalid {
+        position: usize,
+        reason: SubmitRejection,
+    },
+    /// The state machine found the committed batch invalid (a bug in the batcher, never input).
+    #[error("the batch committed at index {index} was rejected by the state machine")]
+    Rejected { index: u64 },
+    /// The node is stopping or stopped.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a node could not start or be driven.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad configuration.
+    #[error("invalid node configuration: {reason}")]
+    Config { reason: String },
+    /// A shard thread or executor could not start.
+    #[error("cannot start shard {shard}: {source}")]
+    Spawn {
+        shard: usize,
+        source: std::io::Error,
+    },
+    /// Opening the log or building Raft failed.
+    #[error("cannot start raft on node {id}: {reason}")]
+    Raft { id: u64, reason: String },
+    /// The node stopped.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,261 @@
+//! In-process Raft network: RPCs travel over bounded channels between the glommio executors
+//! (threads) of nodes in one process. Used by the multi-node tests and the Raft benchmark; the
+//! QUIC network replaces it between processes. Links can be cut and healed, and a node can be
+//! unregistered, so tests can partition and stop nodes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::{SinkExt, StreamExt};
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::RaftStateMachine;
+use openraft::{BasicNode, Raft, RaftNetworkFactory, RaftNetworkV2};
+
+use crate::raft::{SnapshotBlob, TypeConfig};
+
+/// Requests one node may have queued from all others before senders wait.
+const RPC_QUEUE_MAX: usize = 256;
+
+type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// A Raft RPC addressed to one node.
+pub enum Rpc {
+    /// AppendEntries (replication and heartbeats).
+    Append(
+        AppendEntriesRequest<TypeConfig>,
+        Reply<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>,
+    ),
+    /// RequestVote.
+    Vote(
+        VoteRequest<TypeConfig>,
+        Reply<VoteResponse<TypeConfig>, RaftError<TypeConfig>>,
+    ),
+    /// A whole snapshot.
+    Snapshot(
+        VoteOf<TypeConfig>,
+        SnapshotOf<TypeConfig, SnapshotBlob>,
+        Reply<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>>,
+    ),
+}
+
+#[derive(Default)]
+struct RouterState {
+    endpoints: HashMap<u64, mpsc::Sender<Rpc>>,
+    /// Directed links that drop every RPC.
+    cut: HashSet<(u64, u64)>,
+}
+
+/// Connects the nodes of one process. Cheap to clone; `Send + Sync`.
+#[derive(Clone, Default)]
+pub struct LocalRouter {
+    state: Arc<Mutex<RouterState>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("node {to} is unreachable from node {from}")]
+struct LinkDown {
+    from: u64,
+    to: u64,
+}
+
+impl LocalRouter {
+    /// Registers node `id` and returns the queue its RPC server reads (replaces an earlier one).
+    pub fn register(&self, id: u64) -> mpsc::Receiver<Rpc> {
+        let (tx, rx) = mpsc::channel(RPC_QUEUE_MAX);
+        self.state
+            .lock()
+            .expect("router lock")
+            .endpoints
+            .insert(id, tx);
+        rx
+    }
+
+    /// Removes node `id`: RPCs to it fail as unreachable.
+    pub fn unregister(&self, id: u64) {
+        self.state
+            .lock()
+            .expect("router lock")
+            .endpoints
+            .remove(&id);
+    }
+
+    /// Cuts both directions between `a` and `b`.
+    pub fn cut(&self, a: u64, b: u64) {
+        let mut s = self.state.lock().expect("router lock");
+        s.cut.insert((a, b));
+        s.cut.insert((b, a));
+    }
+
+    /// Cuts `id` off from every node in `others`.
+    pub fn isolate(&self, id: u64, others: &[u64]) {
+        for &o in others {
+            self.cut(id, o);
+        }
+    }
+
+    /// Restores every cut link.
+    pub fn heal_all(&self) {
+        self.state.lock().expect("router lock").cut.clear();
+    }
+
+    fn sender(&self, from: u64, to: u64) -> Result<mpsc::Sender<Rpc>, Unreachable<TypeConfig>> {
+        let s = self.state.lock().expect("router lock");
+        if s.cut.contains(&(from, to)) {
+            return Err(Unreachable::new(&LinkDown { from, to }));
+        }
+        s.endpoints
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Unreachable::new(&LinkDown { from, to }))
+    }
+
+    /// A network factory for node `from`.
+    pub fn factory(&self, from: u64) -> LocalNetworkFactory {
+        LocalNetworkFactory {
+            router: self.clone(),
+            from,
+        }
+    }
+}
+
+/// openraft network factory over a [`LocalRouter`].
+pub struct LocalNetworkFactory {
+    router: LocalRouter,
+    from: u64,
+}
+
+impl RaftNetworkFactory<TypeConfig> for LocalNetworkFactory {
+    type Network = LocalConnection;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> LocalConnection {
+        LocalConnection {
+            router: self.router.clone(),
+            from: self.from,
+            to: target,
+        }
+    }
+}
+
+/// One node's connection to another through the router.
+pub struct LocalConnection {
+    router: LocalRouter,
+    from: u64,
+    to: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("the target dropped the request")]
+    Dropped,
+    #[error("no reply within {0:?}")]
+    TimedOut(Duration),
+    #[error("the target failed: {0}")]
+    Remote(String),
+}
+
+impl LocalConnection {
+    /// Sends one RPC and waits (bounded by `ttl`) for its reply.
+    async fn call<T, E: std::fmt::Display>(
+        &self,
+        ttl: Duration,
+        make: impl FnOnce(Reply<T, E>) -> Rpc,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        let mut tx = self.router.sender(self.from, self.to)?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let exchange = async move {
+            tx.send(make(reply_tx))
+                .await
+                .map_err(|_| CallError::Dropped)?;
+            match reply_rx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(CallError::Remote(e.to_string())),
+                Err(_) => Err(CallError::Dropped),
+            }
+        };
+        let timer = glommio::timer::sleep(ttl);
+        futures_util::pin_mut!(exchange, timer);
+        match futures_util::future::select(exchange, timer).await {
+            futures_util::future::Either::Left((Ok(v), _)) => Ok(v),
+            futures_util::future::Either::Left((Err(e), _)) => {
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
+            futures_util::future::Either::Right(_) => Err(RPCError::Unreachable(Unreachable::new(
+                &CallError::TimedOut(ttl),
+            ))),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for LocalConnection {
+    type SnapshotData = SnapshotBlob;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(option.hard_ttl(), |r| Rpc::Append(rpc, r)).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(option.hard_ttl(), |r| Rpc::Vote(rpc, r)).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotBlob>,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        match self
+            .call(option.hard_ttl(), |r| Rpc::Snapshot(vote, snapshot, r))
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
+            Err(RPCError::Network(n)) => Err(StreamingError::Network(n)),
+            Err(RPCError::Timeout(t)) => Err(StreamingError::Timeout(t)),
+            Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+/// Serves the RPCs queued for one node until the router drops its queue or `raft` shuts down.
+/// Runs on the node's Raft shard; each RPC is handled in its own task so a snapshot install does
+/// not hold up heartbeats (one connection still sends its appends one at a time).
+pub async fn serve<SM>(raft: Raft<TypeConfig, SM>, mut rx: mpsc::Receiver<Rpc>)
+where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
+{
+    while let Some(rpc) = rx.next().await {
+        let raft = raft.clone();
+        glommio::spawn_local(async move {
+            match rpc {
+                Rpc::Append(req, reply) => {
+                    let _ = reply.send(raft.append_entries(req).await);
+                }
+                Rpc::Vote(req, reply) => {
+                    let _ = reply.send(raft.vote(req).await);
+                }
+                Rpc::Snapshot(vote, snapshot, reply) => {
+                    let _ = reply.send(raft.install_full_snapshot(vote, snapshot).await);
+                }
+            }
+        })
+        .detach();
+    }
+}

@@ -1,0 +1,13 @@
+//! The node engine: shards, the Raft shard, and the `NodeHandle` other threads use.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod handle;
+pub mod local_net;
+
+pub use config::{NodeConfig, RaftTimings};
+pub use engine::{start, Network};
+pub use error::{NodeError, SubmitError};
+pub use handle::{NodeHandle, NodeStatus, Receipt, Role};
+pub use local_net::LocalRouter;
