@@ -187,7 +187,8 @@ struct Inner {
     first_visible: u64,
     durable_index: u64,
     queue: VecDeque<Flush>,
-    inflight: Option<Inflight>,
+    /// Buffers of the round being written (all of them, so reads find records in any).
+    inflight: Vec<Inflight>,
     tail: Tail,
     pending_bytes: usize,
     /// Bytes the last group-commit round wrote (sizes the next buffer).
@@ -376,7 +377,7 @@ impl Wal {
             first_visible,
             durable_index: next_index.saturating_sub(1),
             queue: VecDeque::new(),
-            inflight: None,
+            inflight: Vec::new(),
             tail,
             pending_bytes: 0,
             last_round_bytes: 0,
@@ -417,7 +418,7 @@ impl Wal {
 
     /// True while the group commit has a buffer being written (for tests and status pages).
     pub fn is_writing(&self) -> bool {
-        self.shared.borrow().inflight.is_some()
+        !self.shared.borrow().inflight.is_empty()
     }
 
     /// Counters since open.
@@ -627,14 +628,13 @@ impl Wal {
             if offset + size <= seg.written_end {
                 Source::File(seg.file.clone(), seg.path.clone(), offset, size as usize)
             } else {
-                let bytes = match &inner.inflight {
-                    Some(f)
-                        if f.segment_first == seg.first_index
-                            && offset >= f.file_pos
-                            && offset + size <= f.file_pos + f.used as u64 =>
-                    {
-                        RecordBytes::Shared(f.buf.clone(), (offset - f.file_pos) as usize)
-                    }
+                let inflight = inner.inflight.iter().find(|f| {
+                    f.segment_first == seg.first_index
+                        && offset >= f.file_pos
+                        && offset + size <= f.file_pos + f.used as u64
+                });
+                let bytes = match inflight {
+                    Some(f) => RecordBytes::Shared(f.buf.clone(), (offset - f.file_pos) as usize),
                     _ => {
                         let f = inner
                             .queue
@@ -644,7 +644,14 @@ impl Wal {
                                     && offset >= f.file_pos
                                     && offset + size <= f.file_pos + f.used as u64
                             })
-                            .expect("an unwritten record is in a queued buffer");
+                            .unwrap_or_else(|| {
+                                panic!(
+                                    "record {index} at {offset}+{size} (written_end {}) not in flight {:?} nor queued {:?}",
+                                    seg.written_end,
+                                    inner.inflight.iter().map(|f| (f.file_pos, f.used)).collect::<Vec<_>>(),
+                                    inner.queue.iter().map(|f| (f.file_pos, f.used)).collect::<Vec<_>>()
+                                )
+                            });
                         let start = (offset - f.file_pos) as usize;
                         let mut copy = glommio::allocate_dma_buffer(size as usize);
                         copy.as_bytes_mut()
@@ -964,7 +971,7 @@ async fn syncer(weak: Weak<RefCell<Inner>>) {
         let result = run_round(&shared).await;
         let mut inner = shared.borrow_mut();
         inner.syncing = false;
-        inner.inflight = None;
+        inner.inflight.clear();
         if let Err(e) = result {
             inner.fail(e);
             return;
@@ -975,8 +982,10 @@ async fn syncer(weak: Weak<RefCell<Inner>>) {
 }
 
 async fn run_round(shared: &Shared) -> Result<(), WalError> {
-    // Take every queued buffer of the front segment; new appends open a fresh buffer.
-    let (segment_first, flushes) = {
+    // Take every queued buffer of the front segment; new appends open a fresh buffer. Each one
+    // is published as in flight at once (before the segment is created or anything written), so
+    // reads keep finding its records.
+    let (segment_first, round) = {
         let mut guard = shared.borrow_mut();
         let inner = &mut *guard;
         let first = inner.queue.front().expect("work").segment_first;
@@ -992,7 +1001,28 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         if inner.queue.is_empty() && active == Some(first) {
             inner.tail = flushes.last().expect("one").carry();
         }
-        (first, flushes)
+        let mut round = Vec::with_capacity(flushes.len());
+        for mut flush in flushes {
+            let len = align_up(flush.used as u64) as usize;
+            flush.buf.as_bytes_mut()[flush.used..len].fill(0);
+            flush.buf.trim_to_size(len);
+            let buf = Rc::new(flush.buf);
+            inner.inflight.push(Inflight {
+                segment_first: first,
+                file_pos: flush.file_pos,
+                buf: buf.clone(),
+                used: flush.used,
+            });
+            round.push((
+                buf,
+                len,
+                flush.file_pos,
+                flush.used,
+                flush.last_index,
+                flush.record_bytes,
+            ));
+        }
+        (first, round)
     };
     let (file, path, created) = {
         let inner = shared.borrow();
@@ -1042,20 +1072,10 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     let mut last_index = 0;
     let mut record_bytes = 0;
     let mut round_bytes = 0;
-    for mut flush in flushes {
-        let len = align_up(flush.used as u64) as usize;
-        flush.buf.as_bytes_mut()[flush.used..len].fill(0);
-        flush.buf.trim_to_size(len);
-        let buf = Rc::new(flush.buf);
-        shared.borrow_mut().inflight = Some(Inflight {
-            segment_first,
-            file_pos: flush.file_pos,
-            buf: buf.clone(),
-            used: flush.used,
-        });
+    for (buf, len, file_pos, used, flush_last_index, flush_record_bytes) in round {
         failpoint::hit(points::WRITE).map_err(|e| WalError::io("write", &path, e))?;
         let n = file
-            .write_rc_at(buf, flush.file_pos)
+            .write_rc_at(buf, file_pos)
             .await
             .map_err(|e| WalError::glommio("write", &path, e))?;
         if n != len {
@@ -1076,10 +1096,10 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
             .iter_mut()
             .find(|s| s.first_index == segment_first)
         {
-            seg.written_end = seg.written_end.max(flush.file_pos + flush.used as u64);
+            seg.written_end = seg.written_end.max(file_pos + used as u64);
         }
-        last_index = flush.last_index;
-        record_bytes += flush.record_bytes;
+        last_index = flush_last_index;
+        record_bytes += flush_record_bytes;
         round_bytes += len;
     }
     failpoint::hit(points::FDATASYNC).map_err(|e| WalError::io("fdatasync", &path, e))?;

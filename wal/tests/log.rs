@@ -310,3 +310,35 @@ fn a_record_appended_while_the_previous_buffer_is_being_written_reads_back() {
         check_all(&wal, 1, 100, 500).await;
     });
 }
+
+#[test]
+fn records_in_any_buffer_of_a_round_being_written_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), opts).await.unwrap();
+        fill(&wal, 1, 1, 500).await; // the segment exists; later rounds only write
+        for round in 0..20u64 {
+            // Without yielding: more than one buffer's worth (64 KiB), below pending_bytes_max.
+            let first = 2 + round * 12;
+            let last = first + 11;
+            for i in first..=last {
+                wal.append(i, term(i), &vec![i as u8; 9000]).await.unwrap();
+            }
+            for _ in 0..20_000 {
+                if wal.is_writing() {
+                    break;
+                }
+                glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+            }
+            assert!(wal.is_writing());
+            for i in first..=last {
+                assert_eq!(
+                    wal.read(i).await.unwrap().payload(),
+                    &vec![i as u8; 9000][..]
+                );
+            }
+            wal.sync().await.unwrap();
+        }
+    });
+}
