@@ -179,7 +179,8 @@ struct Inner {
     dir: PathBuf,
     opts: WalOptions,
     directory: Rc<Directory>,
-    _lock: std::fs::File,
+    /// The directory lock; released once the log is closed and idle (see `release_if_done`).
+    lock: Option<std::fs::File>,
     segments: VecDeque<Segment>,
     /// Index the next append must carry; 0 while unconstrained (empty, never written).
     next_index: u64,
@@ -264,6 +265,14 @@ impl Inner {
 
     fn is_idle(&self) -> bool {
         self.queue.is_empty() && !self.syncing
+    }
+
+    /// Releases the directory lock once the log is closed (or failed) and nothing is being
+    /// written: from then on no instance in this process touches the files.
+    fn release_if_done(&mut self) {
+        if (self.closed || self.failed.is_some()) && self.is_idle() {
+            self.lock.take();
+        }
     }
 }
 
@@ -371,7 +380,7 @@ impl Wal {
             dir: dir.to_path_buf(),
             opts,
             directory: Rc::new(directory),
-            _lock: lock,
+            lock: Some(lock),
             segments,
             next_index,
             first_visible,
@@ -414,6 +423,13 @@ impl Wal {
     /// Highest index known durable (0 when none).
     pub fn durable_index(&self) -> u64 {
         self.shared.borrow().durable_index
+    }
+
+    /// A handle that can close this log later, from wherever its owner went.
+    pub fn shutdown_handle(&self) -> WalShutdown {
+        WalShutdown {
+            shared: self.shared.clone(),
+        }
     }
 
     /// True while the group commit has a buffer being written (for tests and status pages).
@@ -938,6 +954,36 @@ impl Drop for Wal {
     fn drop(&mut self) {
         let mut inner = self.shared.borrow_mut();
         inner.closed = true;
+        inner.release_if_done();
+        inner.wake_all();
+    }
+}
+
+/// Closes a log from outside its owner (e.g. after the Raft instance that owns it stopped, when
+/// tasks of that instance may still hold it): the log drains, then refuses every further
+/// operation with [`WalError::Closed`] and releases its directory lock, so the directory can be
+/// opened again even if some task never drops its handle.
+pub struct WalShutdown {
+    shared: Shared,
+}
+
+impl WalShutdown {
+    /// Drains pending appends (errors are ignored: the log may have failed), then closes.
+    pub async fn shutdown(self) {
+        let _ = poll_fn(|cx| {
+            let mut inner = self.shared.borrow_mut();
+            if inner.is_idle() || inner.failed.is_some() {
+                Poll::Ready(())
+            } else {
+                inner.waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        let mut inner = self.shared.borrow_mut();
+        inner.closed = true;
+        inner.release_if_done();
+        inner.wake_durable();
         inner.wake_all();
     }
 }
@@ -966,6 +1012,7 @@ async fn syncer(weak: Weak<RefCell<Inner>>) {
         .await;
         let Some(shared) = weak.upgrade() else { return };
         if !has_work {
+            shared.borrow_mut().release_if_done();
             return;
         }
         let result = run_round(&shared).await;

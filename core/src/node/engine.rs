@@ -234,7 +234,7 @@ async fn batching_shard(
     control: mpsc::Sender<Control>,
 ) {
     let origin = Instant::now();
-    let mut batcher = match Batcher::new(config.batch.clone(), config.dedup_window_txs) {
+    let mut batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(shard = k, error = %e, "batcher configuration rejected");
@@ -441,6 +441,7 @@ async fn raft_shard(
             return;
         }
     };
+    let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = Sm::new();
     let Network::Local(router) = network;
     let raft = match openraft::Raft::new(id, raft_config, router.factory(id), log_store, sm).await {
@@ -456,6 +457,7 @@ async fn raft_shard(
 
     // Proposer: one task per batch, bounded by the in-flight semaphore; openraft groups
     // concurrent writes into one append.
+    let lease_wait = Duration::from_millis(2 * config.raft.election_timeout_max_ms);
     let in_flight = Rc::new(glommio::sync::Semaphore::new(
         config.proposals_in_flight_max as u64,
     ));
@@ -468,7 +470,7 @@ async fn raft_shard(
                 };
                 let raft = raft.clone();
                 glommio::spawn_local(async move {
-                    let result = propose_one(&raft, p.bytes).await;
+                    let result = propose_one(&raft, p.bytes, lease_wait).await;
                     let _ = p.reply.send(result);
                     drop(permit);
                 })
@@ -477,6 +479,7 @@ async fn raft_shard(
         })
     };
 
+    let mut shutdown_reply = None;
     while let Some(c) = control_rx.next().await {
         match c {
             Control::Status(reply) => {
@@ -505,18 +508,50 @@ async fn raft_shard(
                 .detach();
             }
             Control::Shutdown(reply) => {
-                router.unregister(id);
-                let _ = raft.shutdown().await;
-                let _ = reply.send(());
+                shutdown_reply = Some(reply);
                 break;
             }
         }
     }
+    // Asked to stop, or every handle is gone.
     router.unregister(id);
+    let _ = raft.shutdown().await;
+    // Tasks of the stopped Raft may still hold the log store: close the WAL so none of them can
+    // write again and the directory can be reopened.
+    wal_shutdown.shutdown().await;
     proposer.cancel().await;
+    if let Some(reply) = shutdown_reply {
+        let _ = reply.send(());
+    }
 }
 
+/// Proposes one batch. A leader refuses writes until a quorum has acknowledged it in its term
+/// (its lease); right after an election that is a matter of one round trip, so instead of
+/// failing the batch the leader waits for its log to commit (bounded) and tries once more.
 async fn propose_one(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    bytes: BatchBytes,
+    lease_wait: Duration,
+) -> Result<Committed, SubmitError> {
+    match write_once(raft, bytes.clone()).await {
+        Err(SubmitError::NotLeader { leader_hint: None }) if raft.is_leader() => {
+            let last = status_of(raft).last_log_index;
+            let ready = wait_for(
+                raft,
+                Box::new(move |s| s.role == Role::Leader && s.committed_index >= last),
+                lease_wait,
+            )
+            .await;
+            match ready {
+                Ok(_) => write_once(raft, bytes).await,
+                Err(_) => Err(SubmitError::NotLeader { leader_hint: None }),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn write_once(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
 ) -> Result<Committed, SubmitError> {
@@ -574,6 +609,7 @@ fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
         committed_index: m.local_committed.map(|l| l.index),
         applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
+        purged_index: m.purged.map(|l| l.index),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct NodeStatus {
     pub applied_index: Option<u64>,
     /// Index covered by the latest snapshot.
     pub snapshot_index: Option<u64>,
+    /// Log entries up to this index have been purged (they live on in the snapshot).
+    pub purged_index: Option<u64>,
 }
 
 pub(crate) type SubmitReply = oneshot::Sender<Vec<Result<Receipt, SubmitError>>>;

@@ -1,0 +1,301 @@
+//! In-process multi-node clusters: 3 nodes, each with its own shard threads and real WAL
+//! directory, connected by the in-process channel network. Election, replication of thousands of
+//! batches, leader stop and re-election, follower restart from its WAL, and catch-up by snapshot
+//! after the leader purged its log. After every scenario: all nodes' logs are identical where
+//! they overlap, and every returned receipt points at its transaction, exactly once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use baton_core::node::{NodeConfig, NodeHandle, Receipt, Role};
+use baton_core::{Transaction, TxHash, TxKind};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn txs(from: u64, n: u64) -> Vec<Transaction> {
+    (from..from + n)
+        .map(|i| Transaction {
+            rollup_id: 1,
+            kind: TxKind::Raw,
+            bytes: format!("tx-{i:08}-{}", "x".repeat(100)).into_bytes(),
+        })
+        .collect()
+}
+
+/// Submits `requests` requests of `per_request` transactions each to `node`, `concurrency` at a
+/// time; returns every receipt (all must succeed).
+async fn load(
+    node: &NodeHandle,
+    first: u64,
+    requests: u64,
+    per_request: u64,
+    concurrency: usize,
+) -> Vec<Receipt> {
+    let mut receipts = Vec::new();
+    let mut next = 0;
+    while next < requests {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            if next == requests {
+                break;
+            }
+            let node = node.clone();
+            let batch = txs(first + next * per_request, per_request);
+            tasks.push(glommio::spawn_local(
+                async move { node.submit(batch).await },
+            ));
+            next += 1;
+        }
+        for t in tasks {
+            for r in t.await {
+                match r {
+                    Ok(r) => receipts.push(r),
+                    Err(e) => panic!(
+                        "submission to node {} failed: {e:?}; its status: {:?}",
+                        node.id(),
+                        node.status().await
+                    ),
+                }
+            }
+        }
+    }
+    receipts
+}
+
+fn small_batches(c: &mut NodeConfig) {
+    c.batch.batch_txs_max = 4;
+    c.batch.linger_us = 200;
+}
+
+#[test]
+fn three_nodes_elect_replicate_thousands_of_batches_and_agree() {
+    let cluster = Cluster::start(3, small_batches);
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let receipts = load(&cluster.nodes[&leader], 0, 250, 40, 8).await;
+        assert_eq!(receipts.len(), 10_000);
+        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        assert!(last > 2_000, "10k transactions in batches of at most 4 make thousands of batches (last index {last})");
+        cluster.wait_all_applied(last, WAIT).await;
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
+fn a_stopped_leader_is_replaced_and_the_cluster_continues() {
+    let mut cluster = Cluster::start(3, |_| {});
+    let mut receipts = run(async {
+        let old = cluster.wait_leader(WAIT).await;
+        let mut receipts = load(&cluster.nodes[&old], 0, 50, 20, 4).await;
+        cluster.nodes[&old].shutdown().await;
+        let survivor = *cluster.nodes.keys().find(|&&id| id != old).unwrap();
+        let status = cluster.nodes[&survivor]
+            .wait_for(WAIT, move |s| {
+                s.leader.is_some_and(|l| l != old) && s.role != Role::Candidate
+            })
+            .await
+            .expect("a new leader is elected");
+        let new = status.leader.unwrap();
+        receipts.extend(load(&cluster.nodes[&new], 10_000, 50, 20, 4).await);
+        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        for (&id, node) in &cluster.nodes {
+            if id != old {
+                node.wait_for(WAIT, move |s| s.applied_index >= Some(last))
+                    .await
+                    .expect("survivors apply everything");
+            }
+        }
+        (old, receipts)
+    });
+    let old = receipts.0;
+    cluster.nodes[&old].join();
+    cluster.stopped.push(old);
+    let receipts = std::mem::take(&mut receipts.1);
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
+fn a_restarted_follower_recovers_from_its_wal_and_catches_up() {
+    let mut cluster = Cluster::start(3, |_| {});
+    let (follower, mut receipts) = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let receipts = load(&cluster.nodes[&leader], 0, 40, 25, 4).await;
+        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        cluster.wait_all_applied(last, WAIT).await;
+        let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+        cluster.nodes[&follower].shutdown().await;
+        (follower, receipts)
+    });
+    cluster.nodes[&follower].join();
+    let more = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        load(&cluster.nodes[&leader], 100_000, 40, 25, 4).await
+    });
+    receipts.extend(more);
+    cluster.restart(follower);
+    run(async {
+        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        cluster.nodes[&follower]
+            .wait_for(WAIT, move |s| s.applied_index >= Some(last))
+            .await
+            .expect("the restarted follower catches up");
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
+fn a_follower_far_behind_catches_up_by_snapshot_after_the_leader_purged() {
+    let tweak = |c: &mut NodeConfig| {
+        small_batches(c);
+        c.raft.snapshot_every_entries = 50;
+        c.raft.log_entries_kept_after_snapshot = 10;
+        // Small segments, so that purging behind the snapshot deletes files.
+        c.wal = baton_wal::WalOptions::small_for_tests();
+        c.batch.batch_bytes_max = 8 << 10;
+    };
+    let mut cluster = Cluster::start(3, tweak);
+    let (follower, leader, mut receipts) = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+        let receipts = load(&cluster.nodes[&leader], 0, 10, 10, 2).await;
+        cluster.nodes[&follower].shutdown().await;
+        (follower, leader, receipts)
+    });
+    cluster.nodes[&follower].join();
+    // Everything the follower holds is at or below this index.
+    let follower_last = receipts.iter().map(|r| r.index).max().unwrap() + 1;
+    let (more, purged_past) = run(async {
+        let more = load(&cluster.nodes[&leader], 50_000, 200, 10, 4).await;
+        // Purged past the follower's log: it can only catch up by snapshot.
+        let s = cluster.nodes[&leader]
+            .wait_for(WAIT, move |s| {
+                s.purged_index.is_some_and(|i| i > follower_last + 10)
+            })
+            .await
+            .expect("the leader snapshots and purges its log");
+        (more, s.purged_index.unwrap())
+    });
+    receipts.extend(more);
+    assert!(
+        wal_first_index(&cluster.dir_of(leader)) > 1,
+        "the leader deleted the head of its log (purged through {purged_past})"
+    );
+    cluster.restart(follower);
+    run(async {
+        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let s = cluster.nodes[&follower]
+            .wait_for(WAIT, move |s| s.applied_index >= Some(last))
+            .await
+            .expect("the lagging follower catches up");
+        assert!(
+            s.snapshot_index.is_some(),
+            "it caught up by installing a snapshot"
+        );
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
+fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
+    let cluster = Cluster::start(3, |_| {});
+    run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let follower = cluster
+            .nodes
+            .keys()
+            .copied()
+            .find(|&id| id != leader)
+            .unwrap();
+        cluster.nodes[&follower]
+            .wait_for(WAIT, move |s| s.leader == Some(leader))
+            .await
+            .unwrap();
+        let r = cluster.nodes[&follower].submit(txs(0, 3)).await;
+        for x in r {
+            assert_eq!(
+                x,
+                Err(baton_core::node::SubmitError::NotLeader {
+                    leader_hint: Some(leader)
+                })
+            );
+        }
+        // Invalid input is refused before it reaches the log.
+        let bad = vec![Transaction {
+            rollup_id: 1,
+            kind: TxKind::Raw,
+            bytes: Vec::new(),
+        }];
+        let r = cluster.nodes[&leader].submit(bad).await;
+        assert!(
+            matches!(
+                r[0],
+                Err(baton_core::node::SubmitError::Invalid { position: 0, .. })
+            ),
+            "{r:?}"
+        );
+        // A duplicate gets the original receipt.
+        let first = cluster.nodes[&leader]
+            .submit(txs(7, 1))
+            .await
+            .remove(0)
+            .unwrap();
+        let again = cluster.nodes[&leader]
+            .submit(txs(7, 1))
+            .await
+            .remove(0)
+            .unwrap();
+        assert_eq!(
+            (again.index, again.offset, again.tx_hash),
+            (first.index, first.offset, first.tx_hash)
+        );
+        assert!(again.duplicate);
+    });
+    let receipts: Vec<Receipt> = Vec::new();
+    cluster.stop_and_check(&receipts);
+}
+
+/// Checks the receipts against the logs read back from the nodes' WAL directories.
+fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
+    let mut seen: HashMap<TxHash, (u64, u32)> = HashMap::new();
+    let first_held = logs
+        .values()
+        .filter_map(|l| l.entries.keys().next().copied())
+        .min()
+        .unwrap_or(u64::MAX);
+    for r in receipts {
+        // Entries purged everywhere live on in snapshots; `stop_and_check` verified those
+        // receipts against every node's state machine.
+        if r.index < first_held {
+            continue;
+        }
+        let found = logs.values().find_map(|log| log.tx_at(r.index, r.offset));
+        let hash = found.unwrap_or_else(|| panic!("receipt {r:?} points at nothing"));
+        assert_eq!(
+            hash, r.tx_hash,
+            "receipt {r:?} points at another transaction"
+        );
+        if let Some(prev) = seen.insert(r.tx_hash, (r.index, r.offset)) {
+            assert_eq!(prev, (r.index, r.offset), "one transaction, two positions");
+        }
+    }
+    // Exactly once: no transaction hash appears at two positions in the log.
+    let longest = logs.values().max_by_key(|l| l.last_index()).unwrap();
+    let mut positions: HashMap<TxHash, (u64, u32)> = HashMap::new();
+    for (index, hashes) in longest.batches() {
+        for (offset, h) in hashes.iter().enumerate() {
+            if let Some(prev) = positions.insert(*h, (index, offset as u32)) {
+                panic!("transaction {h} sequenced twice: at {prev:?} and at ({index}, {offset})");
+            }
+        }
+    }
+}
+
+/// Keeps the helper referenced from this file (see common/mod.rs).
+#[allow(dead_code)]
+fn _uses(c: &Cluster) -> usize {
+    c.nodes.len()
+}

@@ -1,0 +1,236 @@
+//! Test harness for in-process clusters.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_core::node::{self, LocalRouter, NodeConfig, NodeHandle, Receipt, Role};
+use baton_core::TxHash;
+
+/// Runs `f` to completion on a glommio executor in this thread.
+pub fn run<T>(f: impl Future<Output = T>) -> T {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor")
+        .run(f)
+}
+
+/// A cluster of in-process nodes with real WAL directories.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub router: LocalRouter,
+    pub nodes: BTreeMap<u64, NodeHandle>,
+    pub configs: BTreeMap<u64, NodeConfig>,
+    /// Nodes already shut down and joined.
+    pub stopped: Vec<u64>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (one shard each; `tweak` adjusts each config) and initializes them.
+    pub fn start(n: u64, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = LocalRouter::default();
+        let mut nodes = BTreeMap::new();
+        let mut configs = BTreeMap::new();
+        for id in 1..=n {
+            let mut c = NodeConfig::new(id, dir.path().join(format!("node{id}")));
+            c.shards = 1;
+            c.wal = baton_wal::WalOptions {
+                segment_bytes: 8 << 20,
+                ..baton_wal::WalOptions::default()
+            };
+            tweak(&mut c);
+            nodes.insert(
+                id,
+                node::start(c.clone(), node::Network::Local(router.clone())).expect("node starts"),
+            );
+            configs.insert(id, c);
+        }
+        let members = (1..=n)
+            .map(|id| (id, openraft::BasicNode::new(format!("node{id}"))))
+            .collect();
+        run(nodes[&1].initialize(members)).expect("initialize");
+        Cluster {
+            dir,
+            router,
+            nodes,
+            configs,
+            stopped: Vec::new(),
+        }
+    }
+
+    pub fn dir_of(&self, id: u64) -> PathBuf {
+        self.configs[&id].data_dir.clone()
+    }
+
+    /// Starts node `id` again from its directory (after `shutdown` + `join`).
+    pub fn restart(&mut self, id: u64) {
+        let handle = node::start(
+            self.configs[&id].clone(),
+            node::Network::Local(self.router.clone()),
+        )
+        .expect("node restarts");
+        self.nodes.insert(id, handle);
+        self.stopped.retain(|&s| s != id);
+    }
+
+    /// Waits until some running node sees itself as leader; returns its id.
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let (&any, node) = self
+            .nodes
+            .iter()
+            .find(|(id, _)| !self.stopped.contains(id))
+            .expect("a running node");
+        let s = node
+            .wait_for(timeout, |s| s.leader.is_some())
+            .await
+            .unwrap_or_else(|s| panic!("no leader seen by {any}: {s:?}"));
+        let leader = s.leader.unwrap();
+        self.nodes[&leader]
+            .wait_for(timeout, |s| s.role == Role::Leader)
+            .await
+            .expect("the leader knows it leads");
+        leader
+    }
+
+    /// Waits until every running node has applied `index`.
+    pub async fn wait_all_applied(&self, index: u64, timeout: Duration) {
+        for (id, n) in &self.nodes {
+            if self.stopped.contains(id) {
+                continue;
+            }
+            n.wait_for(timeout, move |s| s.applied_index >= Some(index))
+                .await
+                .unwrap_or_else(|s| panic!("node {id} did not apply {index}: {s:?}"));
+        }
+    }
+
+    /// Checks every receipt against every running node's state machine (its tx-hash index),
+    /// then stops every node, reads their logs back and checks the invariants.
+    pub fn stop_and_check(self, receipts: &[Receipt]) {
+        run(async {
+            let last = receipts.iter().map(|r| r.index).max().unwrap_or(0);
+            for (id, n) in &self.nodes {
+                if self.stopped.contains(id) {
+                    continue;
+                }
+                n.wait_for(Duration::from_secs(20), move |s| {
+                    s.applied_index >= Some(last)
+                })
+                .await
+                .expect("node applies every receipt's batch");
+                for r in receipts {
+                    let found = n.lookup(r.tx_hash).await.expect("lookup");
+                    assert_eq!(
+                        found,
+                        Some((r.index, r.offset)),
+                        "node {id} places {} elsewhere than its receipt",
+                        r.tx_hash
+                    );
+                }
+            }
+        });
+        for (id, n) in &self.nodes {
+            if !self.stopped.contains(id) {
+                run(n.shutdown());
+                n.join();
+            }
+        }
+        let logs: HashMap<u64, Log> = self
+            .nodes
+            .keys()
+            .map(|&id| (id, Log::read(&self.configs[&id].data_dir)))
+            .collect();
+        check_prefixes(&logs);
+        crate::check_receipts(&logs, receipts);
+    }
+}
+
+/// A node's log as read back from its WAL: index → (term, tx hashes of the batch).
+pub struct Log {
+    pub entries: BTreeMap<u64, (u64, Option<Vec<TxHash>>)>,
+}
+
+impl Log {
+    pub fn read(dir: &Path) -> Log {
+        let dir = dir.to_path_buf();
+        let entries = run(async move {
+            let (wal, _) = baton_wal::Wal::open(&dir, baton_wal::WalOptions::default())
+                .await
+                .expect("open WAL");
+            let mut entries = BTreeMap::new();
+            if let (Some(first), Some(last)) = (wal.first_index(), wal.last_index()) {
+                for i in first..=last {
+                    let r = wal.read(i).await.expect("read entry");
+                    let hashes = baton_core::raft::log_store::entry_batch(r.payload())
+                        .expect("entries decode")
+                        .map(|b| {
+                            baton_core::access_batch(b)
+                                .expect("valid batch")
+                                .txs
+                                .iter()
+                                .map(|t| t.tx_hash())
+                                .collect()
+                        });
+                    let raft_index = baton_core::raft::log_store::raft_index(i)
+                        .expect("WAL indexes are raft index + 1");
+                    entries.insert(raft_index, (r.term, hashes));
+                }
+            }
+            entries
+        });
+        Log { entries }
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.entries.keys().next_back().copied().unwrap_or(0)
+    }
+
+    pub fn tx_at(&self, index: u64, offset: u32) -> Option<TxHash> {
+        self.entries
+            .get(&index)?
+            .1
+            .as_ref()?
+            .get(offset as usize)
+            .copied()
+    }
+
+    pub fn batches(&self) -> impl Iterator<Item = (u64, &Vec<TxHash>)> {
+        self.entries
+            .iter()
+            .filter_map(|(i, (_, h))| h.as_ref().map(|h| (*i, h)))
+    }
+}
+
+/// Where two logs both hold an index, they hold the same entry (same term, same transactions).
+pub fn check_prefixes(logs: &HashMap<u64, Log>) {
+    let ids: Vec<u64> = logs.keys().copied().collect();
+    for (k, a) in ids.iter().enumerate() {
+        for b in &ids[k + 1..] {
+            let (la, lb) = (&logs[a], &logs[b]);
+            let mut common = 0;
+            for (i, ea) in &la.entries {
+                if let Some(eb) = lb.entries.get(i) {
+                    assert_eq!(ea, eb, "nodes {a} and {b} disagree at index {i}");
+                    common += 1;
+                }
+            }
+            assert!(
+                common > 0 || la.entries.is_empty() || lb.entries.is_empty(),
+                "nodes {a} and {b} share no entries"
+            );
+        }
+    }
+}
+
+/// First index held in a node's WAL directory (read-only inspection).
+pub fn wal_first_index(dir: &Path) -> u64 {
+    let ins = baton_wal::inspect(dir).expect("inspect");
+    ins.segments.first().map_or(0, |s| s.name_index)
+}
