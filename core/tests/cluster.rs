@@ -200,6 +200,47 @@ fn a_follower_far_behind_catches_up_by_snapshot_after_the_leader_purged() {
 }
 
 #[test]
+fn a_whole_cluster_restart_after_purging_keeps_every_receipt() {
+    let tweak = |c: &mut NodeConfig| {
+        small_batches(c);
+        c.raft.snapshot_every_entries = 40;
+        c.raft.log_entries_kept_after_snapshot = 5;
+        c.wal = baton_wal::WalOptions::small_for_tests();
+        c.batch.batch_bytes_max = 8 << 10;
+    };
+    let mut cluster = Cluster::start(3, tweak);
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let receipts = load(&cluster.nodes[&leader], 0, 100, 10, 4).await;
+        // Every node has snapshotted and purged the head of its log.
+        for node in cluster.nodes.values() {
+            node.wait_for(WAIT, |s| s.purged_index.is_some_and(|i| i > 50))
+                .await
+                .expect("each node purges behind a snapshot");
+        }
+        for node in cluster.nodes.values() {
+            node.shutdown().await;
+        }
+        receipts
+    });
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in &ids {
+        cluster.nodes[id].join();
+    }
+    // Restart everything: state comes back from each node's snapshot file plus its log.
+    for id in ids {
+        cluster.restart(id);
+    }
+    run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        // The cluster still sequences after the restart.
+        let more = load(&cluster.nodes[&leader], 900_000, 5, 4, 1).await;
+        assert_eq!(more.len(), 20);
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
 fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
     let cluster = Cluster::start(3, |_| {});
     run(async {

@@ -442,7 +442,13 @@ async fn raft_shard(
         }
     };
     let wal_shutdown = log_store.wal().shutdown_handle();
-    let sm = Sm::new();
+    let sm = match Sm::open(&config.data_dir) {
+        Ok(sm) => sm,
+        Err(e) => {
+            let _ = ready.send(Err(fail(e.to_string())));
+            return;
+        }
+    };
     let Network::Local(router) = network;
     let raft = match openraft::Raft::new(id, raft_config, router.factory(id), log_store, sm).await {
         Ok(r) => r,

@@ -19,7 +19,8 @@
 //! ([`encode_membership`](super::log_store)).
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -90,6 +91,13 @@ pub enum StateMachineError {
         /// What is wrong.
         #[source]
         source: SnapshotError,
+    },
+    /// The persisted snapshot file could not be read.
+    #[error("reading the snapshot file: {source}")]
+    SnapshotFile {
+        /// The I/O error.
+        #[source]
+        source: io::Error,
     },
     /// The blob describes another state than the snapshot metadata it came with.
     #[error("snapshot blob is at {blob:?}, its metadata says {meta:?}")]
@@ -241,12 +249,69 @@ impl SequencerView {
 pub struct StateMachine {
     state: Rc<RefCell<State>>,
     current: Rc<RefCell<Option<Snapshot>>>,
+    /// Where snapshots are persisted (`None`: in memory only, for tests).
+    dir: Option<PathBuf>,
+}
+
+/// File holding the latest snapshot blob in a node's data directory.
+pub const SNAPSHOT_FILE: &str = "SNAPSHOT";
+
+/// Writes a snapshot blob atomically and durably: temporary file, fsync, rename, directory
+/// fsync. Blocking: run it on the blocking pool.
+fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
+    let tmp = dir.join("SNAPSHOT.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(blob)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn persist_snapshot_off_thread(dir: Option<PathBuf>, blob: Bytes) -> io::Result<()> {
+    match dir {
+        None => Ok(()),
+        Some(dir) => {
+            glommio::executor()
+                .spawn_blocking(move || persist_snapshot(&dir, &blob))
+                .await
+        }
+    }
 }
 
 impl StateMachine {
-    /// An empty state machine: nothing applied, no snapshot.
+    /// An empty state machine: nothing applied, no snapshot, nothing persisted.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A state machine that persists its snapshots in `dir`, starting from the snapshot found
+    /// there (if any). openraft then replays the log entries after it.
+    pub fn open(dir: &Path) -> Result<Self, StateMachineError> {
+        let sm = StateMachine {
+            dir: Some(dir.to_path_buf()),
+            ..Self::default()
+        };
+        let blob = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(b) => Bytes::from(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(sm),
+            Err(e) => return Err(StateMachineError::SnapshotFile { source: e }),
+        };
+        let decoded = decode_blob(&blob)?;
+        let meta = SnapshotMeta {
+            last_log_id: decoded.last_applied,
+            last_membership: decoded.membership.clone(),
+        };
+        *sm.state.borrow_mut() = State {
+            sequencer: decoded.sequencer,
+            last_applied: decoded.last_applied,
+            membership: decoded.membership,
+            rejected_batches: 0,
+        };
+        *sm.current.borrow_mut() = Some(Snapshot {
+            meta,
+            snapshot: blob,
+        });
+        Ok(sm)
     }
 
     /// Position of the first transaction with this hash, if it was sequenced.
@@ -267,6 +332,7 @@ pub struct SnapshotBuilder {
     meta: SnapshotMeta,
     blob: Result<Bytes, StateMachineError>,
     current: Rc<RefCell<Option<Snapshot>>>,
+    dir: Option<PathBuf>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -281,12 +347,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: self.meta.clone(),
             snapshot: blob,
         };
-        let mut current = self.current.borrow_mut();
         // An install may have put a newer snapshot in place since this builder was made.
-        let newer_exists = current
-            .as_ref()
-            .is_some_and(|c| c.meta.last_log_id > snapshot.meta.last_log_id);
-        if !newer_exists {
+        let newer_exists = |current: &Option<Snapshot>| {
+            current
+                .as_ref()
+                .is_some_and(|c| c.meta.last_log_id > snapshot.meta.last_log_id)
+        };
+        if newer_exists(&self.current.borrow()) {
+            return Ok(snapshot);
+        }
+        // Durable before openraft learns of it: it purges the log behind a built snapshot.
+        persist_snapshot_off_thread(self.dir.clone(), snapshot.snapshot.clone()).await?;
+        let mut current = self.current.borrow_mut();
+        if !newer_exists(&current) {
             *current = Some(snapshot.clone());
         }
         Ok(snapshot)
@@ -332,6 +405,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             blob,
             current: self.current.clone(),
+            dir: self.dir.clone(),
         }
     }
 
@@ -348,6 +422,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             .into());
         }
+        persist_snapshot_off_thread(self.dir.clone(), snapshot.clone()).await?;
         *self.state.borrow_mut() = State {
             sequencer: decoded.sequencer,
             last_applied: decoded.last_applied,
