@@ -86,6 +86,32 @@ fn three_nodes_elect_replicate_thousands_of_batches_and_agree() {
 }
 
 #[test]
+fn nodes_with_two_shards_route_batch_and_agree() {
+    let cluster = Cluster::start(3, |c| {
+        c.shards = 2;
+        small_batches(c);
+    });
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let receipts = load(&cluster.nodes[&leader], 0, 60, 25, 6).await;
+        assert_eq!(receipts.len(), 1500);
+        // A request's transactions are split between shards and answered in request order.
+        let mixed = txs(2_000_000, 16);
+        let hashes: Vec<TxHash> = mixed.iter().map(|t| t.tx_hash()).collect();
+        let answers = cluster.nodes[&leader].submit(mixed).await;
+        let got: Vec<TxHash> = answers
+            .iter()
+            .map(|r| r.as_ref().unwrap().tx_hash)
+            .collect();
+        assert_eq!(got, hashes);
+        let mut all = receipts;
+        all.extend(answers.into_iter().map(Result::unwrap));
+        all
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+#[test]
 fn a_stopped_leader_is_replaced_and_the_cluster_continues() {
     let mut cluster = Cluster::start(3, |_| {});
     let mut receipts = run(async {
