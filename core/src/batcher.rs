@@ -225,6 +225,13 @@ impl Batcher {
         self.dedup.len()
     }
 
+    /// Forgets a transaction accepted into the batch at `slot` whose proposal failed (e.g. the
+    /// node lost leadership), so a retry of it is accepted again instead of being answered as a
+    /// duplicate. Does nothing if the hash was since accepted elsewhere or evicted.
+    pub fn forget(&mut self, tx_hash: &TxHash, slot: TxSlot) {
+        self.dedup.forget(tx_hash, slot);
+    }
+
     /// Rejects payloads that no batch under this policy can hold.
     fn check_len(&self, len: usize) -> Result<(), SubmitRejection> {
         if len == 0 {

@@ -281,14 +281,18 @@ fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
             .wait_for(WAIT, move |s| s.leader == Some(leader))
             .await
             .unwrap();
-        let r = cluster.nodes[&follower].submit(txs(0, 3)).await;
-        for x in r {
-            assert_eq!(
-                x,
-                Err(baton_core::node::SubmitError::NotLeader {
-                    leader_hint: Some(leader)
-                })
-            );
+        // Twice: the failed attempt must not leave the transactions stuck in the follower's
+        // dedup window.
+        for _ in 0..2 {
+            let r = cluster.nodes[&follower].submit(txs(0, 3)).await;
+            for x in r {
+                assert_eq!(
+                    x,
+                    Err(baton_core::node::SubmitError::NotLeader {
+                        leader_hint: Some(leader)
+                    })
+                );
+            }
         }
         // Invalid input is refused before it reaches the log.
         let bad = vec![Transaction {

@@ -19,8 +19,10 @@ pub const DEDUP_CAPACITY_MAX: usize = 1 << 22;
 #[derive(Debug)]
 pub(crate) struct DedupWindow {
     slots: HashMap<TxHash, TxSlot, TxHashBuildHasher>,
-    /// Hashes in insertion order; the front is evicted next.
-    order: VecDeque<TxHash>,
+    /// Hashes in insertion order with the slot they were inserted for; the front is evicted
+    /// next. An entry whose hash was forgotten (or re-inserted since) is stale: evicting it
+    /// leaves the map alone.
+    order: VecDeque<(TxHash, TxSlot)>,
     capacity: usize,
 }
 
@@ -47,19 +49,29 @@ impl DedupWindow {
             return;
         }
         if self.order.len() == self.capacity {
-            let oldest = self.order.pop_front().expect("window is full");
-            self.slots.remove(&oldest);
+            let (oldest, at) = self.order.pop_front().expect("window is full");
+            if self.slots.get(&oldest) == Some(&at) {
+                self.slots.remove(&oldest);
+            }
         }
         let previous = self.slots.insert(tx_hash, slot);
         debug_assert!(previous.is_none(), "caller checks get() first");
-        self.order.push_back(tx_hash);
-        debug_assert_eq!(self.slots.len(), self.order.len());
+        self.order.push_back((tx_hash, slot));
+        debug_assert!(self.slots.len() <= self.order.len());
         debug_assert!(self.order.len() <= self.capacity);
+    }
+
+    /// Forgets `tx_hash` if it still points at `slot` (its batch failed: a retry must be
+    /// accepted again, not answered as a duplicate of nothing).
+    pub(crate) fn forget(&mut self, tx_hash: &TxHash, slot: TxSlot) {
+        if self.slots.get(tx_hash) == Some(&slot) {
+            self.slots.remove(tx_hash);
+        }
     }
 
     /// Number of hashes held.
     pub(crate) fn len(&self) -> usize {
-        self.order.len()
+        self.slots.len()
     }
 }
 

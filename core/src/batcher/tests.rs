@@ -521,3 +521,34 @@ proptest! {
         prop_assert_eq!(got, expected);
     }
 }
+
+#[test]
+fn a_forgotten_transaction_is_accepted_again_and_a_stale_forget_is_ignored() {
+    let mut b = Batcher::new(policy(1 << 20, 100, 500), 4).unwrap();
+    let bytes = payload(1, 64);
+    let first = accepted(b.push(incoming(1, &bytes), 0));
+    assert!(matches!(
+        b.push(incoming(1, &bytes), 1),
+        Ok(PushOutcome::Duplicate { .. })
+    ));
+    let tx_hash = crate::hash::TxHash::of(&bytes);
+    // Forgetting another slot than the one recorded changes nothing.
+    b.forget(&tx_hash, slot(first.batch_seq + 7, 0));
+    assert!(matches!(
+        b.push(incoming(1, &bytes), 2),
+        Ok(PushOutcome::Duplicate { .. })
+    ));
+    // Its batch failed: the retry is accepted, into a new slot.
+    b.forget(&tx_hash, first);
+    let again = accepted(b.push(incoming(1, &bytes), 3));
+    assert_ne!(again, first);
+    assert_eq!(b.dedup_len(), 1);
+    // The stale queue entry of the first acceptance must not evict the re-accepted hash: fill
+    // the window (capacity 4) until that entry is evicted.
+    for i in 2..5 {
+        accepted(b.push(incoming(i, &payload(i, 64)), 4));
+    }
+    assert!(
+        matches!(b.push(incoming(1, &bytes), 5), Ok(PushOutcome::Duplicate { first_seen, .. }) if first_seen == again)
+    );
+}

@@ -17,7 +17,7 @@ use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt, StreamExt};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch};
+use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch, TxSlot};
 use crate::hash::TxHash;
 use crate::node::config::NodeConfig;
 use crate::node::error::{NodeError, SubmitError};
@@ -184,11 +184,25 @@ struct ShardState {
     /// Recently committed batches: sequence → Raft index and state-machine duplicates.
     recent: HashMap<u64, Committed>,
     recent_order: VecDeque<u64>,
+    /// Transactions of failed batches, for the batcher to forget before it accepts more.
+    forget: Vec<(TxHash, TxSlot)>,
 }
 
 impl ShardState {
     fn resolve(&mut self, seq: u64, result: Result<Committed, SubmitError>) {
         let waiters = self.waiting.remove(&seq).unwrap_or_default();
+        if result.is_err() {
+            let slots = waiters.iter().filter(|w| !w.duplicate);
+            self.forget.extend(slots.map(|w| {
+                (
+                    w.tx_hash,
+                    TxSlot {
+                        batch_seq: seq,
+                        offset_in_batch: w.offset,
+                    },
+                )
+            }));
+        }
         for w in waiters {
             let r = match &result {
                 Ok(c) => Ok(receipt_in(c, w.tx_hash, w.offset, w.duplicate)),
@@ -260,6 +274,9 @@ async fn batching_shard(
             }
         };
         let Some(msg) = msg else { break };
+        for (tx_hash, slot) in state.borrow_mut().forget.drain(..) {
+            batcher.forget(&tx_hash, slot);
+        }
         accept(&mut batcher, &state, &control, msg, origin);
         flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
     }
