@@ -258,6 +258,9 @@ impl Inner {
     fn fail(&mut self, e: WalError) -> Arc<WalError> {
         let cause = self.failed.get_or_insert_with(|| Arc::new(e)).clone();
         tracing::error!(error = %cause, "WAL failed; it accepts no more writes until restarted");
+        // Nothing queued will be written now; dropping it lets the log count as idle, so a
+        // shutdown can release the directory lock.
+        self.queue.clear();
         self.wake_durable();
         self.wake_all();
         cause
@@ -801,13 +804,14 @@ impl Wal {
                 }
                 Some(seg) => {
                     let keep = (index + 1 - seg.first_index) as usize;
-                    let cut = seg.offsets.get(keep).copied();
+                    // When the cut falls on a segment boundary this segment keeps every record,
+                    // but the tail carry still describes the deleted one: cut here at its own
+                    // end, which rewrites its last block and gives the right carry.
+                    let cut = seg.offsets.get(keep).copied().unwrap_or(seg.end);
                     seg.offsets.truncate(keep);
-                    if let Some(c) = cut {
-                        seg.end = c;
-                        seg.written_end = c;
-                    }
-                    cut.map(|c| (seg.file.clone(), seg.path.clone(), c))
+                    seg.end = cut;
+                    seg.written_end = cut;
+                    Some((seg.file.clone(), seg.path.clone(), cut))
                 }
             }
         };
@@ -843,18 +847,12 @@ impl Wal {
     /// never, unless `index` is at or past the last index, which empties the log; the next
     /// append must then carry `index + 1`).
     pub async fn purge_through(&self, index: u64) -> Result<(), WalError> {
-        let empties = {
-            let inner = self.shared.borrow();
-            inner.check_usable()?;
-            inner.next_index == 0 || index + 1 >= inner.next_index
-        };
-        let _gate = if empties {
-            Some(self.close_gate_and_drain().await?)
-        } else {
-            None
-        };
+        // Under the gate, with pending appends drained: whether the purge empties the log is
+        // decided on the log as it is, not as it was before the wait.
+        let _gate = self.close_gate_and_drain().await?;
         let removed = {
             let mut inner = self.shared.borrow_mut();
+            let empties = inner.next_index == 0 || index + 1 >= inner.next_index;
             let mut removed = Vec::new();
             if empties {
                 removed.extend(inner.segments.drain(..));
@@ -917,6 +915,8 @@ impl Wal {
 
     /// Writes the small metadata blob (e.g. the Raft vote) atomically and durably.
     pub async fn save_meta(&self, bytes: &[u8]) -> Result<(), WalError> {
+        // A closed log may already belong to a new instance in this directory.
+        self.shared.borrow().check_usable()?;
         let dir = self.dir();
         let bytes = bytes.to_vec();
         glommio::executor()
@@ -926,6 +926,7 @@ impl Wal {
 
     /// Reads the metadata blob, `None` if it was never written.
     pub async fn load_meta(&self) -> Result<Option<Vec<u8>>, WalError> {
+        self.shared.borrow().check_usable()?;
         let dir = self.dir();
         glommio::executor()
             .spawn_blocking(move || crate::meta::load(&dir))

@@ -84,6 +84,32 @@ mod injected {
     }
 
     #[test]
+    fn a_failed_log_releases_its_directory_on_shutdown_even_while_a_handle_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        run(|| async {
+            let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+            fill(&wal, 1, 5, 500).await;
+            failpoint::arm(points::FDATASYNC, libc::EIO, true);
+            // Several buffers queued behind the failing round.
+            for i in 6..60 {
+                if wal.append(i, term(i), &payload(i, 500)).await.is_err() {
+                    break;
+                }
+            }
+            assert!(wal.durable(6).await.is_err());
+            failpoint::clear();
+            wal.shutdown_handle().shutdown().await;
+            // `wal` is still alive (as in a leaked task); the directory opens again.
+            let (again, _) = Wal::open(dir.path(), small()).await.expect("lock released");
+            assert!(again.last_index().unwrap() >= 5);
+            assert!(matches!(
+                wal.save_meta(b"stale").await,
+                Err(WalError::Failed { .. }) | Err(WalError::Closed)
+            ));
+        });
+    }
+
+    #[test]
     fn fdatasync_error() {
         injected_error_stops_writes_and_keeps_durable_data(points::FDATASYNC, libc::EIO);
     }

@@ -342,3 +342,32 @@ fn records_in_any_buffer_of_a_round_being_written_read_back() {
         }
     });
 }
+
+#[test]
+fn truncating_exactly_at_a_segment_boundary_keeps_the_earlier_segment_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 1, 400, 3000).await;
+        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
+        let boundary = firsts[2];
+        wal.truncate_after(boundary - 1).await.unwrap();
+        // A small record that fits in the kept segment: it must go after that segment's data.
+        wal.append(boundary, 77, b"small").await.unwrap();
+        assert_eq!(wal.read(boundary).await.unwrap().payload(), b"small");
+        wal.durable(boundary).await.unwrap();
+        check_all(&wal, 1, boundary - 1, 3000).await;
+    });
+    run(|| async {
+        let (wal, report) = Wal::open(dir.path(), small()).await.unwrap();
+        assert_eq!(report.verdict, Verdict::Clean);
+        let last = wal.last_index().unwrap();
+        let boundary = last;
+        assert_eq!(wal.read(boundary).await.unwrap().payload(), b"small");
+        check_all(&wal, 1, boundary - 1, 3000).await;
+    });
+}
