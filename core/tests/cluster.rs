@@ -370,3 +370,30 @@ fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
 fn _uses(c: &Cluster) -> usize {
     c.nodes.len()
 }
+
+#[test]
+fn bad_configurations_are_refused_at_start_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = baton_core::node::LocalRouter::default();
+    // Batches larger than a WAL record can hold.
+    let mut c = NodeConfig::new(1, dir.path().join("a"));
+    c.shards = 1;
+    c.wal = baton_wal::WalOptions::small_for_tests();
+    let r = baton_core::node::start(c, baton_core::node::Network::Local(router.clone()));
+    assert!(
+        matches!(r, Err(baton_core::node::NodeError::Config { .. })),
+        "{:?}",
+        r.err()
+    );
+    // A shard pinned to a CPU that does not exist: its executor cannot start; start reports it.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut c = NodeConfig::new(2, dir.path().join("b"));
+    c.shards = cpus + 1;
+    c.pin_shards = true;
+    let r = baton_core::node::start(c, baton_core::node::Network::Local(router));
+    assert!(
+        matches!(r, Err(baton_core::node::NodeError::Spawn { .. })),
+        "{:?}",
+        r.err()
+    );
+}

@@ -64,6 +64,19 @@ pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeErr
     config.batch.validate().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?;
+    // A sealed batch must fit in one WAL record, behind the log store's entry prefix.
+    let entry_max = config.batch.batch_bytes_max + crate::raft::log_store::ENTRY_PREFIX_BYTES;
+    if entry_max > config.wal.payload_bytes_max {
+        return Err(NodeError::Config {
+            reason: format!(
+                "batch_bytes_max {} plus the entry prefix exceeds the WAL's payload_bytes_max {}",
+                config.batch.batch_bytes_max, config.wal.payload_bytes_max
+            ),
+        });
+    }
+    config.wal.validate().map_err(|e| NodeError::Config {
+        reason: e.to_string(),
+    })?;
     let raft_config = Arc::new(config.raft_config().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?);
@@ -72,33 +85,36 @@ pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeErr
     let mut shard_txs = Vec::new();
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
-
-    // Shard 0: Raft, proposer, control, RPC server.
-    {
-        let shard_config = config.clone();
-        let ready = ready_tx.clone();
-        let t = spawn_shard(&config, 0, move || async move {
-            let config = shard_config;
-            raft_shard(config, raft_config, network, propose_rx, control_rx, ready).await
-        })?;
-        threads.push(t);
-    }
+    // Shard 0 also runs Raft: it takes these.
+    let mut raft_part = Some((raft_config, network, propose_rx, control_rx));
     for k in 0..config.shards {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
         shard_txs.push(tx);
         let shard_config = config.clone();
         let propose = propose_tx.clone();
         let control = control_tx.clone();
-        let ready = ready_tx.clone();
-        let t = spawn_shard(&config, k, move || async move {
+        let raft = raft_part.take();
+        let t = spawn_shard(&config, k, ready_tx.clone(), move |ready| async move {
             let config = shard_config;
-            let _ = ready.send(Ok(()));
-            batching_shard(config, k, rx, propose, control).await
+            let batching = batching_shard(config.clone(), k, rx, propose, control);
+            match raft {
+                Some((raft_config, network, propose_rx, control_rx)) => {
+                    let raft =
+                        raft_shard(config, raft_config, network, propose_rx, control_rx, ready);
+                    futures_util::future::join(raft, batching).await;
+                }
+                None => {
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    batching.await;
+                }
+            }
         })?;
         threads.push(t);
     }
     drop(ready_tx);
-    for _ in 0..=config.shards {
+    for _ in 0..config.shards {
+        // Every shard reports once (an executor that cannot start reports its error).
         ready_rx.recv().map_err(|_| NodeError::ShuttingDown)??;
     }
     Ok(NodeHandle {
@@ -109,13 +125,18 @@ pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeErr
     })
 }
 
+type Ready = std::sync::mpsc::Sender<Result<(), NodeError>>;
+
+/// Starts shard `k`'s thread and executor and runs `f` on it; `f` gets the channel on which it
+/// must report once that it is ready. An executor that cannot start reports its error there.
 fn spawn_shard<F, Fut>(
     config: &NodeConfig,
     k: usize,
+    ready: Ready,
     f: F,
 ) -> Result<std::thread::JoinHandle<()>, NodeError>
 where
-    F: FnOnce() -> Fut + Send + 'static,
+    F: FnOnce(Ready) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
     let placement = if config.pin_shards {
@@ -126,13 +147,17 @@ where
     let name = format!("baton-{}-s{k}", config.id);
     std::thread::Builder::new()
         .name(name.clone())
-        .spawn(move || {
-            let ex = LocalExecutorBuilder::new(placement)
-                .name(&name)
-                .make()
-                .expect("glommio executor (locked memory?)");
-            ex.run(f());
-        })
+        .spawn(
+            move || match LocalExecutorBuilder::new(placement).name(&name).make() {
+                Ok(ex) => ex.run(f(ready)),
+                Err(e) => {
+                    let source = std::io::Error::other(format!(
+                        "glommio executor (locked memory? CPU {k} available?): {e}"
+                    ));
+                    let _ = ready.send(Err(NodeError::Spawn { shard: k, source }));
+                }
+            },
+        )
         .map_err(|source| NodeError::Spawn { shard: k, source })
 }
 
@@ -444,7 +469,7 @@ async fn raft_shard(
     network: Network,
     mut propose_rx: mpsc::Receiver<Proposal>,
     mut control_rx: mpsc::Receiver<Control>,
-    ready: std::sync::mpsc::Sender<Result<(), NodeError>>,
+    ready: Ready,
 ) {
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
@@ -477,6 +502,7 @@ async fn raft_shard(
     let rpc_rx = router.register(id);
     glommio::spawn_local(crate::node::local_net::serve(raft.clone(), rpc_rx)).detach();
     let _ = ready.send(Ok(()));
+    drop(ready);
 
     // Proposer: one task per batch, bounded by the in-flight semaphore; openraft groups
     // concurrent writes into one append.

@@ -11,9 +11,10 @@ use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt, StreamExt};
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout,
+    Unreachable,
 };
-use openraft::network::RPCOption;
+use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
@@ -156,8 +157,6 @@ pub struct LocalConnection {
 enum CallError {
     #[error("the target dropped the request")]
     Dropped,
-    #[error("no reply within {0:?}")]
-    TimedOut(Duration),
     #[error("the target failed: {0}")]
     Remote(String),
 }
@@ -166,6 +165,7 @@ impl LocalConnection {
     /// Sends one RPC and waits (bounded by `ttl`) for its reply.
     async fn call<T, E: std::fmt::Display>(
         &self,
+        action: RPCTypes,
         ttl: Duration,
         make: impl FnOnce(Reply<T, E>) -> Rpc,
     ) -> Result<T, RPCError<TypeConfig>> {
@@ -188,9 +188,14 @@ impl LocalConnection {
             futures_util::future::Either::Left((Err(e), _)) => {
                 Err(RPCError::Network(NetworkError::new(&e)))
             }
-            futures_util::future::Either::Right(_) => Err(RPCError::Unreachable(Unreachable::new(
-                &CallError::TimedOut(ttl),
-            ))),
+            // A slow reply is a timeout, not an unreachable node: openraft backs off much
+            // longer after Unreachable.
+            futures_util::future::Either::Right(_) => Err(RPCError::Timeout(Timeout {
+                action,
+                id: self.from,
+                target: self.to,
+                timeout: ttl,
+            })),
         }
     }
 }
@@ -203,7 +208,10 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(option.hard_ttl(), |r| Rpc::Append(rpc, r)).await
+        self.call(RPCTypes::AppendEntries, option.hard_ttl(), |r| {
+            Rpc::Append(rpc, r)
+        })
+        .await
     }
 
     async fn vote(
@@ -211,7 +219,8 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(option.hard_ttl(), |r| Rpc::Vote(rpc, r)).await
+        self.call(RPCTypes::Vote, option.hard_ttl(), |r| Rpc::Vote(rpc, r))
+            .await
     }
 
     async fn full_snapshot(
@@ -222,7 +231,9 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         match self
-            .call(option.hard_ttl(), |r| Rpc::Snapshot(vote, snapshot, r))
+            .call(RPCTypes::InstallSnapshot, option.hard_ttl(), |r| {
+                Rpc::Snapshot(vote, snapshot, r)
+            })
             .await
         {
             Ok(v) => Ok(v),
