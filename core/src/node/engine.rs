@@ -575,28 +575,32 @@ async fn raft_shard(
 }
 
 /// Proposes one batch. A leader refuses writes until a quorum has acknowledged it in its term
-/// (its lease); right after an election that is a matter of one round trip, so instead of
-/// failing the batch the leader waits for its log to commit (bounded) and tries once more.
+/// (its lease); right after an election, or after a stall that let the lease lapse, that is a
+/// matter of a round trip, so while it is still leader it waits for its log to commit and tries
+/// again, until `lease_wait` (twice the longest election timeout) has passed.
 async fn propose_one(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
     lease_wait: Duration,
 ) -> Result<Committed, SubmitError> {
-    match write_once(raft, bytes.clone()).await {
-        Err(SubmitError::NotLeader { leader_hint: None }) if raft.is_leader() => {
-            let last = status_of(raft).last_log_index;
-            let ready = wait_for(
-                raft,
-                Box::new(move |s| s.role == Role::Leader && s.committed_index >= last),
-                lease_wait,
-            )
-            .await;
-            match ready {
-                Ok(_) => write_once(raft, bytes).await,
-                Err(_) => Err(SubmitError::NotLeader { leader_hint: None }),
+    let deadline = Instant::now() + lease_wait;
+    loop {
+        match write_once(raft, bytes.clone()).await {
+            // Still leader but without a valid lease: wait (bounded) for the log to commit
+            // (a quorum acked this term), then try again.
+            Err(SubmitError::NotLeader { leader_hint: None })
+                if raft.is_leader() && Instant::now() < deadline =>
+            {
+                let last = status_of(raft).last_log_index;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let committed =
+                    move |s: &NodeStatus| s.role == Role::Leader && s.committed_index >= last;
+                if wait_for(raft, Box::new(committed), left).await.is_err() {
+                    return Err(SubmitError::NotLeader { leader_hint: None });
+                }
             }
+            other => return other,
         }
-        other => other,
     }
 }
 

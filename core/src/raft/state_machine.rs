@@ -249,8 +249,8 @@ impl SequencerView {
 pub struct StateMachine {
     state: Rc<RefCell<State>>,
     current: Rc<RefCell<Option<Snapshot>>>,
-    /// Where snapshots are persisted (`None`: in memory only, for tests).
-    dir: Option<PathBuf>,
+    /// Where snapshots are persisted (no directory: in memory only, for tests).
+    store: SnapshotStore,
 }
 
 /// File holding the latest snapshot blob in a node's data directory.
@@ -259,7 +259,9 @@ pub const SNAPSHOT_FILE: &str = "SNAPSHOT";
 /// Writes a snapshot blob atomically and durably: temporary file, fsync, rename, directory
 /// fsync. Blocking: run it on the blocking pool.
 fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
-    let tmp = dir.join("SNAPSHOT.tmp");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(blob)?;
     f.sync_all()?;
@@ -267,14 +269,30 @@ fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-async fn persist_snapshot_off_thread(dir: Option<PathBuf>, blob: Bytes) -> io::Result<()> {
-    match dir {
-        None => Ok(()),
-        Some(dir) => {
-            glommio::executor()
-                .spawn_blocking(move || persist_snapshot(&dir, &blob))
-                .await
+/// Where snapshots go, and which one is on disk. Builds and installs run as separate tasks and
+/// can overlap; writes are serialized here and an older snapshot never replaces a newer one.
+#[derive(Clone, Default)]
+struct SnapshotStore {
+    dir: Option<PathBuf>,
+    persisted: Rc<futures_util::lock::Mutex<Option<LogId>>>,
+}
+
+impl SnapshotStore {
+    /// Writes `blob` (the snapshot at `last`) unless a newer one is already on disk; returns
+    /// whether it was written. Blocking file I/O runs on the blocking pool.
+    async fn persist(&self, last: Option<LogId>, blob: Bytes) -> io::Result<bool> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(true);
+        };
+        let mut persisted = self.persisted.lock().await;
+        if persisted.is_some() && *persisted > last {
+            return Ok(false);
         }
+        glommio::executor()
+            .spawn_blocking(move || persist_snapshot(&dir, &blob))
+            .await?;
+        *persisted = last;
+        Ok(true)
     }
 }
 
@@ -288,7 +306,10 @@ impl StateMachine {
     /// there (if any). openraft then replays the log entries after it.
     pub fn open(dir: &Path) -> Result<Self, StateMachineError> {
         let sm = StateMachine {
-            dir: Some(dir.to_path_buf()),
+            store: SnapshotStore {
+                dir: Some(dir.to_path_buf()),
+                ..SnapshotStore::default()
+            },
             ..Self::default()
         };
         let blob = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
@@ -297,6 +318,7 @@ impl StateMachine {
             Err(e) => return Err(StateMachineError::SnapshotFile { source: e }),
         };
         let decoded = decode_blob(&blob)?;
+        *sm.store.persisted.try_lock().expect("new, uncontended") = decoded.last_applied;
         let meta = SnapshotMeta {
             last_log_id: decoded.last_applied,
             last_membership: decoded.membership.clone(),
@@ -332,7 +354,7 @@ pub struct SnapshotBuilder {
     meta: SnapshotMeta,
     blob: Result<Bytes, StateMachineError>,
     current: Rc<RefCell<Option<Snapshot>>>,
-    dir: Option<PathBuf>,
+    store: SnapshotStore,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -356,8 +378,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         if newer_exists(&self.current.borrow()) {
             return Ok(snapshot);
         }
-        // Durable before openraft learns of it: it purges the log behind a built snapshot.
-        persist_snapshot_off_thread(self.dir.clone(), snapshot.snapshot.clone()).await?;
+        // Durable before openraft learns of it: it purges the log behind a built snapshot. If
+        // a newer snapshot reached the disk meanwhile, that one stays.
+        let written = self
+            .store
+            .persist(snapshot.meta.last_log_id, snapshot.snapshot.clone())
+            .await?;
+        if !written {
+            return Ok(snapshot);
+        }
         let mut current = self.current.borrow_mut();
         if !newer_exists(&current) {
             *current = Some(snapshot.clone());
@@ -405,7 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             blob,
             current: self.current.clone(),
-            dir: self.dir.clone(),
+            store: self.store.clone(),
         }
     }
 
@@ -422,7 +451,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             .into());
         }
-        persist_snapshot_off_thread(self.dir.clone(), snapshot.clone()).await?;
+        self.store
+            .persist(meta.last_log_id, snapshot.clone())
+            .await?;
         *self.state.borrow_mut() = State {
             sequencer: decoded.sequencer,
             last_applied: decoded.last_applied,
