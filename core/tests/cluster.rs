@@ -397,3 +397,43 @@ fn bad_configurations_are_refused_at_start_without_hanging() {
         r.err()
     );
 }
+
+#[test]
+fn an_isolated_leader_answers_instead_of_hanging_and_the_majority_continues() {
+    let cluster = Cluster::start(3, |c| c.commit_wait_ms = 1_000);
+    let receipts = run(async {
+        let old = cluster.wait_leader(WAIT).await;
+        let mut receipts = load(&cluster.nodes[&old], 0, 10, 10, 2).await;
+        let others: Vec<u64> = cluster
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&id| id != old)
+            .collect();
+        cluster.router.isolate(old, &others);
+        // The cut-off leader cannot commit: its submitters get an answer, not a hang.
+        let r = cluster.nodes[&old].submit(txs(500_000, 3)).await;
+        for x in &r {
+            assert!(
+                matches!(
+                    x,
+                    Err(baton_core::node::SubmitError::CommitTimeout { .. })
+                        | Err(baton_core::node::SubmitError::NotLeader { .. })
+                ),
+                "{x:?}"
+            );
+        }
+        // The majority elects a new leader and goes on.
+        let s = cluster.nodes[&others[0]]
+            .wait_for(WAIT, move |s| {
+                s.leader.is_some_and(|l| l != old) && s.role != Role::Candidate
+            })
+            .await
+            .expect("the majority elects a new leader");
+        let new = s.leader.unwrap();
+        receipts.extend(load(&cluster.nodes[&new], 600_000, 10, 10, 2).await);
+        cluster.router.heal_all();
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub propose_queue_max: usize,
     /// Batches proposed to Raft and not yet committed. Default 256.
     pub proposals_in_flight_max: usize,
+    /// How long a proposed batch may wait for its commit before its submitters get
+    /// `CommitTimeout` (outcome unknown). Default 10,000 ms.
+    pub commit_wait_ms: u64,
     /// Raft timings.
     pub raft: RaftTimings,
     /// WAL sizes.
@@ -74,6 +77,7 @@ impl NodeConfig {
             submit_queue_max: 1024,
             propose_queue_max: 64,
             proposals_in_flight_max: 256,
+            commit_wait_ms: 10_000,
             raft: RaftTimings::default(),
             wal: WalOptions::default(),
         }

@@ -302,8 +302,23 @@ async fn batching_shard(
         for (tx_hash, slot) in state.borrow_mut().forget.drain(..) {
             batcher.forget(&tx_hash, slot);
         }
-        accept(&mut batcher, &state, &control, msg, origin);
+        let lookups = accept(&mut batcher, &state, msg, origin);
         flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+        for (request, slot, tx_hash) in lookups {
+            let r = match lookup(&control, tx_hash).await {
+                Some((index, offset)) => Ok(Receipt {
+                    tx_hash,
+                    index,
+                    offset,
+                    duplicate: true,
+                }),
+                // Its earlier batch failed and the shard forgot it meanwhile: retry.
+                None => Err(SubmitError::Overloaded {
+                    what: "dedup window (retry the submission)",
+                }),
+            };
+            request.borrow_mut().fill(slot, r);
+        }
     }
     // Shutting down: hand over what was accepted; the Raft shard answers or fails it.
     while let Some(b) = batcher.seal_now() {
@@ -311,13 +326,29 @@ async fn batching_shard(
     }
 }
 
+/// Asks the Raft shard's state machine where `tx_hash` was sequenced.
+async fn lookup(control: &mpsc::Sender<Control>, tx_hash: TxHash) -> Option<(u64, u32)> {
+    let (tx, rx) = oneshot::channel();
+    control
+        .clone()
+        .send(Control::Lookup(tx_hash, tx))
+        .await
+        .ok()?;
+    rx.await.ok().flatten()
+}
+
+/// A duplicate of a transaction the shard no longer remembers: its request, slot and hash.
+type Lookup = (RequestRef, usize, TxHash);
+
+/// Pushes a message's transactions into the batcher and registers their waiters; returns the
+/// duplicates whose original must be looked up in the state machine.
 fn accept(
     batcher: &mut Batcher,
     state: &Rc<RefCell<ShardState>>,
-    control: &mpsc::Sender<Control>,
     msg: ShardSubmit,
     origin: Instant,
-) {
+) -> Vec<Lookup> {
+    let mut lookups = Vec::new();
     let n = msg.txs.len();
     let request = Rc::new(RefCell::new(Request {
         results: (0..n).map(|_| None).collect(),
@@ -330,7 +361,7 @@ fn accept(
             .reply
             .take()
             .map(|r| r.send(Vec::new()));
-        return;
+        return lookups;
     }
     for (slot, (position, tx)) in msg.txs.iter().enumerate() {
         let incoming = IncomingTx {
@@ -377,29 +408,10 @@ fn accept(
                         }),
                     );
                 } else {
-                    // Committed long ago (or its batch failed): ask the state machine.
+                    // Committed long ago: the shard loop asks the state machine after this
+                    // message (awaited there, so these lookups are bounded).
                     drop(st);
-                    let (request, mut control) = (request.clone(), control.clone());
-                    glommio::spawn_local(async move {
-                        let (tx, rx) = oneshot::channel();
-                        let found = match control.send(Control::Lookup(tx_hash, tx)).await {
-                            Ok(()) => rx.await.ok().flatten(),
-                            Err(_) => None,
-                        };
-                        let r = match found {
-                            Some((index, offset)) => Ok(Receipt {
-                                tx_hash,
-                                index,
-                                offset,
-                                duplicate: true,
-                            }),
-                            None => Err(SubmitError::Overloaded {
-                                what: "dedup window (retry after the earlier attempt expires)",
-                            }),
-                        };
-                        request.borrow_mut().fill(slot, r);
-                    })
-                    .detach();
+                    lookups.push((request.clone(), slot, tx_hash));
                 }
             }
             Err(reason) => {
@@ -418,6 +430,7 @@ fn accept(
             }
         }
     }
+    lookups
 }
 
 async fn flush_sealed(
@@ -507,6 +520,7 @@ async fn raft_shard(
     // Proposer: one task per batch, bounded by the in-flight semaphore; openraft groups
     // concurrent writes into one append.
     let lease_wait = Duration::from_millis(2 * config.raft.election_timeout_max_ms);
+    let commit_wait = Duration::from_millis(config.commit_wait_ms);
     let in_flight = Rc::new(glommio::sync::Semaphore::new(
         config.proposals_in_flight_max as u64,
     ));
@@ -519,7 +533,7 @@ async fn raft_shard(
                 };
                 let raft = raft.clone();
                 glommio::spawn_local(async move {
-                    let result = propose_one(&raft, p.bytes, lease_wait).await;
+                    let result = propose_one(&raft, p.bytes, lease_wait, commit_wait).await;
                     let _ = p.reply.send(result);
                     drop(permit);
                 })
@@ -534,20 +548,30 @@ async fn raft_shard(
             Control::Status(reply) => {
                 let _ = reply.send(status_of(&raft));
             }
+            // Handled on their own tasks so a busy state machine never holds up Status or
+            // Shutdown. Lookups are bounded: each shard awaits its own, one at a time.
             Control::Initialize(members, reply) => {
-                let r = raft.initialize(members).await.map_err(|e| e.to_string());
-                let _ = reply.send(r);
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let r = raft.initialize(members).await.map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                })
+                .detach();
             }
             Control::Lookup(tx_hash, reply) => {
-                let found = raft
-                    .with_state_machine(move |sm: &mut Sm| {
-                        let found = sm.lookup(&tx_hash).map(|p| (p.index, p.offset));
-                        Box::pin(async move { found })
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                let _ = reply.send(found);
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let found = raft
+                        .with_state_machine(move |sm: &mut Sm| {
+                            let found = sm.lookup(&tx_hash).map(|p| (p.index, p.offset));
+                            Box::pin(async move { found })
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                    let _ = reply.send(found);
+                })
+                .detach();
             }
             Control::WaitFor(condition, timeout, reply) => {
                 let raft = raft.clone();
@@ -582,10 +606,11 @@ async fn propose_one(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
     lease_wait: Duration,
+    commit_wait: Duration,
 ) -> Result<Committed, SubmitError> {
     let deadline = Instant::now() + lease_wait;
     loop {
-        match write_once(raft, bytes.clone()).await {
+        match write_once(raft, bytes.clone(), commit_wait).await {
             // Still leader but without a valid lease: wait (bounded) for the log to commit
             // (a quorum acked this term), then try again.
             Err(SubmitError::NotLeader { leader_hint: None })
@@ -604,12 +629,26 @@ async fn propose_one(
     }
 }
 
+/// One `client_write`, bounded by `commit_wait`: a leader cut off from its quorum keeps writes
+/// pending indefinitely, and the submitter must hear that the outcome is unknown.
 async fn write_once(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
+    commit_wait: Duration,
 ) -> Result<Committed, SubmitError> {
     use openraft::error::{ClientWriteError, RaftError};
-    match raft.client_write(bytes).await {
+    let write = raft.client_write(bytes);
+    let timer = glommio::timer::sleep(commit_wait);
+    futures_util::pin_mut!(write, timer);
+    let result = match futures_util::future::select(write, timer).await {
+        futures_util::future::Either::Left((r, _)) => r,
+        futures_util::future::Either::Right(_) => {
+            return Err(SubmitError::CommitTimeout {
+                waited_ms: commit_wait.as_millis() as u64,
+            })
+        }
+    };
+    match result {
         Ok(resp) if resp.data.rejected => Err(SubmitError::Rejected {
             index: resp.log_id.index,
         }),

@@ -21,6 +21,10 @@ pub enum SubmitError {
     /// The state machine found the committed batch invalid (a bug in the batcher, never input).
     #[error("the batch committed at index {index} was rejected by the state machine")]
     Rejected { index: u64 },
+    /// The batch was proposed but did not commit in time (e.g. the leader lost its quorum):
+    /// its outcome is unknown. Retrying is safe: submission is idempotent by transaction hash.
+    #[error("no commit within {waited_ms} ms; outcome unknown, retry")]
+    CommitTimeout { waited_ms: u64 },
     /// The node is stopping or stopped.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -4,6 +4,7 @@
 //! unregistered, so tests can partition and stop nodes.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ use crate::raft::{SnapshotBlob, TypeConfig};
 
 /// Requests one node may have queued from all others before senders wait.
 const RPC_QUEUE_MAX: usize = 256;
+/// RPCs one node handles concurrently.
+const RPC_HANDLERS_MAX: u64 = 64;
 
 type Reply<T, E> = oneshot::Sender<Result<T, E>>;
 
@@ -252,9 +255,16 @@ pub async fn serve<SM>(raft: Raft<TypeConfig, SM>, mut rx: mpsc::Receiver<Rpc>)
 where
     SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
 {
+    // At most this many RPCs are handled at once; beyond it the queue (and then the senders)
+    // wait, instead of piling up handlers behind a slow node.
+    let handlers = Rc::new(glommio::sync::Semaphore::new(RPC_HANDLERS_MAX));
     while let Some(rpc) = rx.next().await {
+        let Ok(permit) = handlers.acquire_static_permit(1).await else {
+            break;
+        };
         let raft = raft.clone();
         glommio::spawn_local(async move {
+            let _permit = permit;
             match rpc {
                 Rpc::Append(req, reply) => {
                     let _ = reply.send(raft.append_entries(req).await);
