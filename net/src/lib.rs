@@ -1,3 +1,10 @@
 //! baton-net: QUIC endpoints, wire framing, TLS and the client library.
 //!
-//! Empty until the QUIC issue lands; the crate exists so the workspace layout is final.
+//! So far: the wire framing ([`frame`]), pure code tested without sockets. The QUIC endpoints,
+//! TLS and `baton_net::Client` come with the QUIC issue.
+
+pub mod frame;
+
+pub use frame::{
+    encode_frame, Frame, FrameDecoder, FrameKind, ProtocolError, FRAME_BYTES_MAX, WIRE_VERSION,
+};
