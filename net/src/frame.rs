@@ -255,12 +255,7 @@ mod tests {
         fn garbage_is_refused_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..2000)) {
             let mut d = FrameDecoder::new();
             d.push(&bytes);
-            loop {
-                match d.next_frame() {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = d.next_frame() {}
             prop_assert!(d.buffered() <= FRAME_BYTES_MAX);
             let _ = d.finish();
         }
