@@ -108,6 +108,22 @@ impl ArchivedBatchHeader {
 }
 
 impl Batch {
+    /// A batch of `txs` whose header counts them and commits to their Merkle root; the leader's
+    /// fields (term, index, timestamp) as given, no previous-batch hash yet.
+    pub fn new(txs: Vec<Transaction>, term: u64, index: u64, timestamp_us: u64) -> Batch {
+        let header = BatchHeader {
+            term,
+            index,
+            prev_batch_hash: [0; 32],
+            tx_merkle_root: [0; 32],
+            tx_count: txs.len() as u32,
+            timestamp_us,
+        };
+        let mut batch = Batch { header, txs };
+        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
+        batch
+    }
+
     /// `merkle_root` of the transactions' hashes, to fill `header.tx_merkle_root`.
     pub fn compute_tx_merkle_root(&self) -> [u8; 32] {
         let mut acc = MerkleAccumulator::new();

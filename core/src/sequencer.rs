@@ -538,19 +538,7 @@ mod tests {
     }
 
     fn encoded(index: u64, txs: Vec<Transaction>) -> AlignedVec {
-        let mut batch = Batch {
-            header: BatchHeader {
-                term: 1,
-                index,
-                prev_batch_hash: [0; 32],
-                tx_merkle_root: [0; 32],
-                tx_count: txs.len() as u32,
-                timestamp_us: 7,
-            },
-            txs,
-        };
-        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
-        encode_batch(&batch).unwrap()
+        encode_batch(&Batch::new(txs, 1, index, 7)).unwrap()
     }
 
     #[test]

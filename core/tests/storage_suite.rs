@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
-use baton_core::batch::{encode_batch, Batch, BatchHeader};
+use baton_core::batch::{encode_batch, Batch};
 use baton_core::raft::log_store::{LogStore, Vote};
 use baton_core::raft::state_machine::StateMachine;
 use baton_core::raft::{BatchBytes, Entry, GlommioRuntime, LogId, TypeConfig};
@@ -60,26 +60,14 @@ fn batch(index: u64, payloads: &[&[u8]]) -> BatchBytes {
             bytes: p.to_vec(),
         })
         .collect();
-    let mut batch = Batch {
-        header: BatchHeader {
-            term: 2,
-            index,
-            prev_batch_hash: [0; 32],
-            tx_merkle_root: [0; 32],
-            tx_count: txs.len() as u32,
-            timestamp_us: 1,
-        },
-        txs,
-    };
-    batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
-    BatchBytes::from_aligned(encode_batch(&batch).unwrap())
+    BatchBytes::from_aligned(encode_batch(&Batch::new(txs, 2, index, 1)).unwrap())
 }
 
 fn membership() -> Membership<u64, BasicNode> {
     let nodes = BTreeMap::from([
-        (1, BasicNode::new("10.0.0.1:7000")),
-        (2, BasicNode::new("10.0.0.2:7000")),
-        (3, BasicNode::new("10.0.0.3:7000")),
+        (1, BasicNode::new("127.0.0.1:7001")),
+        (2, BasicNode::new("127.0.0.1:7002")),
+        (3, BasicNode::new("127.0.0.1:7003")),
     ]);
     Membership::new(vec![[1, 2, 3].into()], nodes).unwrap()
 }

@@ -914,7 +914,7 @@ mod tests {
         let mut nodes: BTreeMap<u64, BasicNode> = configs
             .iter()
             .flatten()
-            .map(|id| (*id, BasicNode::new(format!("10.0.0.{id}:7000"))))
+            .map(|id| (*id, BasicNode::new(format!("127.0.0.1:{}", 7000 + id))))
             .collect();
         for (id, addr) in learners {
             nodes.insert(*id, BasicNode::new(*addr));

@@ -480,7 +480,7 @@ mod tests {
     use openraft::Membership;
 
     use super::*;
-    use crate::batch::{encode_batch, Batch, BatchHeader};
+    use crate::batch::{encode_batch, Batch};
     use crate::raft::types::{BatchBytes, Entry};
     use crate::sequencer::Duplicate;
     use crate::tx::Transaction;
@@ -495,19 +495,7 @@ mod tests {
                 bytes: p.to_vec(),
             })
             .collect();
-        let mut batch = Batch {
-            header: BatchHeader {
-                term: 1,
-                index: 1,
-                prev_batch_hash: [0; 32],
-                tx_merkle_root: [0; 32],
-                tx_count: txs.len() as u32,
-                timestamp_us: 0,
-            },
-            txs,
-        };
-        batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
-        BatchBytes::from_aligned(encode_batch(&batch).unwrap())
+        BatchBytes::from_aligned(encode_batch(&Batch::new(txs, 1, 1, 0)).unwrap())
     }
 
     fn membership() -> Membership<u64, BasicNode> {
