@@ -7,6 +7,20 @@ mod common;
 use baton_wal::{Wal, WalError};
 use common::*;
 
+/// Appends (each waited durable) from `first` until an operation fails; returns the error and
+/// the index that failed. Bounded: panics after `limit` indexes.
+async fn append_until_error(wal: &Wal, first: u64, limit: u64, max: usize) -> (WalError, u64) {
+    for i in first..limit {
+        if let Err(e) = wal.append(i, term(i), &payload(i, max)).await {
+            return (e, i);
+        }
+        if let Err(e) = wal.durable(i).await {
+            return (e, i);
+        }
+    }
+    panic!("no error after appending up to index {limit}");
+}
+
 #[cfg(feature = "failpoints")]
 mod injected {
     use super::*;
@@ -44,17 +58,7 @@ mod injected {
             fill(&wal, 1, 40, max).await;
             failpoint::arm(point, errno, true);
             // Keep appending until the armed point is reached (segment creation needs a rotation).
-            let mut i = 41;
-            let err = loop {
-                if let Err(e) = wal.append(i, term(i), &payload(i, max)).await {
-                    break e;
-                }
-                if let Err(e) = wal.durable(i).await {
-                    break e;
-                }
-                i += 1;
-                assert!(i < 5000, "{point} was never reached");
-            };
+            let (err, i) = append_until_error(&wal, 41, 5000, max).await;
             let cause = expect_failed(err, point);
             if errno == libc::ENOSPC {
                 assert!(matches!(cause, WalError::DiskFull { .. }), "{cause:?}");
@@ -137,17 +141,7 @@ fn real_disk_full_is_a_typed_error_and_loses_nothing_durable() {
     let max = small().payload_bytes_max;
     let durable = run(|| async {
         let (wal, _) = Wal::open(&dir, small()).await.unwrap();
-        let mut i = 1;
-        let err = loop {
-            if let Err(e) = wal.append(i, term(i), &payload(i, max)).await {
-                break e;
-            }
-            if let Err(e) = wal.durable(i).await {
-                break e;
-            }
-            i += 1;
-            assert!(i < 1_000_000, "the disk never filled");
-        };
+        let (err, i) = append_until_error(&wal, 1, 1_000_000, max).await;
         match &err {
             WalError::Failed { cause } => {
                 assert!(matches!(**cause, WalError::DiskFull { .. }), "{cause:?}")

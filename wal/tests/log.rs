@@ -174,11 +174,7 @@ fn truncate_to_the_start_of_a_segment_and_to_nothing() {
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
         fill(&wal, 1, 400, 3000).await;
-        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path())
-            .unwrap()
-            .iter()
-            .map(|(f, _)| *f)
-            .collect();
+        let firsts = segment_firsts(dir.path());
         let boundary = firsts[2];
         wal.truncate_after(boundary - 1).await.unwrap();
         assert_eq!(wal.last_index(), Some(boundary - 1));
@@ -349,11 +345,7 @@ fn truncating_exactly_at_a_segment_boundary_keeps_the_earlier_segment_intact() {
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
         fill(&wal, 1, 400, 3000).await;
-        let firsts: Vec<u64> = baton_wal::segment::list_segments(dir.path())
-            .unwrap()
-            .iter()
-            .map(|(f, _)| *f)
-            .collect();
+        let firsts = segment_firsts(dir.path());
         let boundary = firsts[2];
         wal.truncate_after(boundary - 1).await.unwrap();
         // A small record that fits in the kept segment: it must go after that segment's data.

@@ -60,6 +60,15 @@ pub fn small() -> WalOptions {
     WalOptions::small_for_tests()
 }
 
+/// First index of every segment file in `dir`, in order.
+pub fn segment_firsts(dir: &Path) -> Vec<u64> {
+    baton_wal::segment::list_segments(dir)
+        .unwrap()
+        .iter()
+        .map(|(f, _)| *f)
+        .collect()
+}
+
 /// Number of segment files in `dir`.
 pub fn segment_count(dir: &Path) -> usize {
     baton_wal::segment::list_segments(dir).unwrap().len()
