@@ -4,6 +4,8 @@
 //! TLS and `baton_net::Client` come with the QUIC issue.
 
 pub mod frame;
+pub mod msg;
+pub mod tls;
 
 pub use frame::{
     encode_frame, Frame, FrameDecoder, FrameKind, ProtocolError, FRAME_BYTES_MAX, WIRE_VERSION,

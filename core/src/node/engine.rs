@@ -22,7 +22,8 @@ use crate::hash::TxHash;
 use crate::node::config::NodeConfig;
 use crate::node::error::{NodeError, SubmitError};
 use crate::node::handle::{
-    Control, NodeHandle, NodeStatus, Receipt, Role, ShardSubmit, SubmitReply,
+    Committed, Control, Member, NodeHandle, NodeStatus, PeerProgress, Receipt, Role, ShardSubmit,
+    SubmitReply,
 };
 use crate::node::local_net::LocalRouter;
 use crate::raft::{BatchBytes, TypeConfig};
@@ -35,15 +36,6 @@ const RECENT_BATCHES_MAX: usize = 4096;
 pub(crate) struct Proposal {
     bytes: BatchBytes,
     reply: oneshot::Sender<Result<Committed, SubmitError>>,
-}
-
-/// What the Raft shard reports for a committed batch.
-#[derive(Clone, Debug)]
-pub(crate) struct Committed {
-    index: u64,
-    /// Per offset: the position of the transaction's first occurrence when the state machine
-    /// found it to be a duplicate of an earlier batch's transaction.
-    duplicates: Vec<(u32, (u64, u32))>,
 }
 
 /// How nodes reach each other.
@@ -692,6 +684,8 @@ fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
         openraft::ServerState::Learner => Role::Learner,
         openraft::ServerState::Shutdown => Role::Shutdown,
     };
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
     NodeStatus {
         id: m.id,
         role,
@@ -702,6 +696,24 @@ fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
         applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
+        members: membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect(),
+        replication: m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, matched)| PeerProgress {
+                id: *id,
+                matched_index: matched.as_ref().map(|l| l.index),
+            })
+            .collect(),
     }
 }
 

@@ -60,6 +60,40 @@ pub struct NodeStatus {
     pub snapshot_index: Option<u64>,
     /// Log entries up to this index have been purged (they live on in the snapshot).
     pub purged_index: Option<u64>,
+    /// Members of the cluster configuration, in id order.
+    pub members: Vec<Member>,
+    /// On the leader: how far each other member's log is known to match; empty elsewhere.
+    pub replication: Vec<PeerProgress>,
+}
+
+/// A member of the cluster configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Node id.
+    pub id: u64,
+    /// Its peer address (`host:port`), as recorded in the membership.
+    pub addr: String,
+    /// True for voters, false for learners.
+    pub voter: bool,
+}
+
+/// Replication progress of one follower, as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Node id.
+    pub id: u64,
+    /// Highest index known to be replicated to it.
+    pub matched_index: Option<u64>,
+}
+
+/// Where a committed batch landed: its Raft index, and for transactions the state machine found
+/// to repeat an earlier one, the original position.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Raft index of the batch.
+    pub index: u64,
+    /// `(offset in this batch, (index, offset) of the first occurrence))` per duplicate.
+    pub duplicates: Vec<(u32, (u64, u32))>,
 }
 
 pub(crate) type SubmitReply = oneshot::Sender<Vec<Result<Receipt, SubmitError>>>;

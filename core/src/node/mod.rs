@@ -9,5 +9,5 @@ pub mod local_net;
 pub use config::{NodeConfig, RaftTimings};
 pub use engine::{start, Network};
 pub use error::{NodeError, SubmitError};
-pub use handle::{NodeHandle, NodeStatus, Receipt, Role};
+pub use handle::{Committed, Member, NodeHandle, NodeStatus, PeerProgress, Receipt, Role};
 pub use local_net::LocalRouter;

@@ -5,6 +5,7 @@ pub mod log_store;
 pub mod runtime;
 pub mod state_machine;
 pub mod types;
+pub mod wire;
 
 pub use log_store::{LogReader, LogStore, LogStoreError};
 pub use runtime::GlommioRuntime;
