@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt, StreamExt};
 use glommio::{LocalExecutorBuilder, Placement};
+use openraft::RaftNetworkFactory;
 
 use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch, TxSlot};
 use crate::hash::TxHash;
@@ -26,28 +27,62 @@ use crate::node::handle::{
     SubmitReply,
 };
 use crate::node::local_net::LocalRouter;
-use crate::raft::{BatchBytes, TypeConfig};
+use crate::node::peer::{serve, Forwarder, Proposal, Rpc};
+use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
 
 /// Committed batches whose positions a shard remembers to answer duplicates without asking the
 /// state machine.
 const RECENT_BATCHES_MAX: usize = 4096;
 
-/// A sealed batch on its way to the Raft shard.
-pub(crate) struct Proposal {
-    bytes: BatchBytes,
-    reply: oneshot::Sender<Result<Committed, SubmitError>>,
-}
-
-/// How nodes reach each other.
+/// How nodes reach each other in one process.
 #[derive(Clone)]
 pub enum Network {
-    /// In-process channels (tests, benchmarks).
+    /// In-process channels (tests, benchmarks); followers refuse submissions with `NotLeader`.
     Local(LocalRouter),
+    /// In-process channels; followers forward sealed batches to the leader.
+    LocalForwarding(LocalRouter),
 }
 
-/// Starts a node and returns its handle once every shard is running (Raft may still be
-/// electing).
+/// Starts a node on an in-process network and returns its handle once every shard is running
+/// (Raft may still be electing).
 pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeError> {
+    let id = config.id;
+    let (router, forwarder) = match network {
+        Network::Local(r) => (r, None),
+        Network::LocalForwarding(r) => {
+            let f: Box<dyn Forwarder> = Box::new(r.forwarder(id));
+            (r, Some(f))
+        }
+    };
+    let inbound = router.register(id);
+    let peers = Peers {
+        factory: router.factory(id),
+        inbound,
+        forwarder,
+        on_stop: Some(Box::new(move || router.unregister(id))),
+    };
+    start_with(config, peers)
+}
+
+/// A node's connection to the other nodes, provided by the network layer.
+pub struct Peers<F> {
+    /// openraft's network factory (moved to the Raft shard).
+    pub factory: F,
+    /// RPCs from other nodes, served on the Raft shard.
+    pub inbound: mpsc::Receiver<Rpc>,
+    /// Hands a follower's sealed batches to the leader; `None`: followers answer `NotLeader`.
+    pub forwarder: Option<Box<dyn Forwarder>>,
+    /// Called on the Raft shard when the node stops, before Raft shuts down.
+    pub on_stop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// Starts a node whose peers are reached through `peers` and returns its handle once every
+/// shard is running (Raft may still be electing).
+pub fn start_with<F>(config: NodeConfig, peers: Peers<F>) -> Result<NodeHandle, NodeError>
+where
+    F: RaftNetworkFactory<TypeConfig> + Send + 'static,
+    F::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = SnapshotBlob>,
+{
     if config.shards == 0 || config.id == 0 {
         return Err(NodeError::Config {
             reason: "shards and id must be at least 1".into(),
@@ -78,7 +113,13 @@ pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeErr
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
     // Shard 0 also runs Raft: it takes these.
-    let mut raft_part = Some((raft_config, network, propose_rx, control_rx));
+    let mut raft_part = Some((
+        raft_config,
+        peers,
+        propose_tx.clone(),
+        propose_rx,
+        control_rx,
+    ));
     for k in 0..config.shards {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
         shard_txs.push(tx);
@@ -90,9 +131,13 @@ pub fn start(config: NodeConfig, network: Network) -> Result<NodeHandle, NodeErr
             let config = shard_config;
             let batching = batching_shard(config.clone(), k, rx, propose, control);
             match raft {
-                Some((raft_config, network, propose_rx, control_rx)) => {
-                    let raft =
-                        raft_shard(config, raft_config, network, propose_rx, control_rx, ready);
+                Some((raft_config, peers, propose_tx, propose_rx, control_rx)) => {
+                    let queues = RaftQueues {
+                        propose_tx,
+                        propose_rx,
+                        control_rx,
+                    };
+                    let raft = raft_shard(config, raft_config, peers, queues, ready);
                     futures_util::future::join(raft, batching).await;
                 }
                 None => {
@@ -448,6 +493,7 @@ async fn dispatch(
     let proposal = Proposal {
         bytes: BatchBytes::from_aligned(b.bytes),
         reply: tx,
+        forwarded: false,
     };
     if propose.send(proposal).await.is_err() {
         state
@@ -466,16 +512,31 @@ async fn dispatch(
 type Sm = crate::raft::state_machine::StateMachine;
 type Ls = crate::raft::log_store::LogStore;
 
+/// The Raft shard's queues.
+struct RaftQueues {
+    /// For forwarded batches that peers hand in.
+    propose_tx: mpsc::Sender<Proposal>,
+    propose_rx: mpsc::Receiver<Proposal>,
+    control_rx: mpsc::Receiver<Control>,
+}
+
 /// Shard 0's Raft side: opens storage, runs Raft, serves peer RPCs, proposes sealed batches and
 /// answers control requests.
-async fn raft_shard(
+async fn raft_shard<F>(
     config: NodeConfig,
     raft_config: Arc<openraft::Config>,
-    network: Network,
-    mut propose_rx: mpsc::Receiver<Proposal>,
-    mut control_rx: mpsc::Receiver<Control>,
+    peers: Peers<F>,
+    queues: RaftQueues,
     ready: Ready,
-) {
+) where
+    F: RaftNetworkFactory<TypeConfig> + 'static,
+    F::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = SnapshotBlob>,
+{
+    let RaftQueues {
+        propose_tx,
+        mut propose_rx,
+        mut control_rx,
+    } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
     let log_store = match Ls::open(&config.data_dir, config.wal.clone()).await {
@@ -496,16 +557,21 @@ async fn raft_shard(
             return;
         }
     };
-    let Network::Local(router) = network;
-    let raft = match openraft::Raft::new(id, raft_config, router.factory(id), log_store, sm).await {
+    let Peers {
+        factory,
+        inbound,
+        forwarder,
+        on_stop,
+    } = peers;
+    let forwarder: Option<Rc<dyn Forwarder>> = forwarder.map(Rc::from);
+    let raft = match openraft::Raft::new(id, raft_config, factory, log_store, sm).await {
         Ok(r) => r,
         Err(e) => {
             let _ = ready.send(Err(fail(e.to_string())));
             return;
         }
     };
-    let rpc_rx = router.register(id);
-    glommio::spawn_local(crate::node::local_net::serve(raft.clone(), rpc_rx)).detach();
+    let server = glommio::spawn_local(serve(raft.clone(), inbound, propose_tx));
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -524,8 +590,10 @@ async fn raft_shard(
                     break;
                 };
                 let raft = raft.clone();
+                let forwarder = forwarder.clone().filter(|_| !p.forwarded);
                 glommio::spawn_local(async move {
-                    let result = propose_one(&raft, p.bytes, lease_wait, commit_wait).await;
+                    let waits = (lease_wait, commit_wait);
+                    let result = sequence(&raft, forwarder, p.bytes, waits).await;
                     let _ = p.reply.send(result);
                     drop(permit);
                 })
@@ -579,7 +647,10 @@ async fn raft_shard(
         }
     }
     // Asked to stop, or every handle is gone.
-    router.unregister(id);
+    if let Some(on_stop) = on_stop {
+        on_stop();
+    }
+    server.cancel().await;
     let _ = raft.shutdown().await;
     // Tasks of the stopped Raft may still hold the log store: close the WAL so none of them can
     // write again and the directory can be reopened.
@@ -588,6 +659,61 @@ async fn raft_shard(
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(());
     }
+}
+
+/// Sequences one batch: proposes it here when this node leads; otherwise, with a forwarder,
+/// hands it to the leader, following leader changes (bounded by `commit_wait`). Retrying a
+/// batch whose earlier attempt did commit is safe: the state machine reports its transactions
+/// as duplicates with their original positions.
+async fn sequence(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    forwarder: Option<Rc<dyn Forwarder>>,
+    bytes: BatchBytes,
+    (lease_wait, commit_wait): (Duration, Duration),
+) -> Result<Committed, SubmitError> {
+    let id = raft_id(raft);
+    let deadline = Instant::now() + commit_wait;
+    loop {
+        let result = propose_one(raft, bytes.clone(), lease_wait, commit_wait).await;
+        let (Some(forwarder), Err(SubmitError::NotLeader { leader_hint })) = (&forwarder, &result)
+        else {
+            return result;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let leader = match leader_hint.filter(|&l| l != id) {
+            Some(l) => l,
+            None => {
+                // No leader known (an election is running): wait for one, then try again.
+                let known = move |s: &NodeStatus| s.leader.is_some() || s.role == Role::Leader;
+                if left.is_zero() || wait_for(raft, Box::new(known), left).await.is_err() {
+                    return result;
+                }
+                continue;
+            }
+        };
+        let addr = member_addr(raft, leader).unwrap_or_default();
+        match forwarder.forward(leader, addr, bytes.clone()).await {
+            // The leader we knew is gone or deposed: wait until this node hears of another.
+            Err(SubmitError::NotLeader { .. }) if !left.is_zero() => {
+                let moved = move |s: &NodeStatus| s.leader.is_some_and(|l| l != leader);
+                let _ = wait_for(raft, Box::new(moved), left).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn raft_id(raft: &openraft::Raft<TypeConfig, Sm>) -> u64 {
+    use openraft::async_runtime::WatchReceiver;
+    raft.metrics().borrow_watched().id
+}
+
+/// The membership address of node `id`.
+fn member_addr(raft: &openraft::Raft<TypeConfig, Sm>, id: u64) -> Option<String> {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    let node = m.membership_config.membership().get_node(&id)?;
+    Some(node.addr.clone())
 }
 
 /// Proposes one batch. A leader refuses writes until a quorum has acknowledged it in its term

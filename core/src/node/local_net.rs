@@ -4,52 +4,27 @@
 //! unregistered, so tests can partition and stop nodes.
 
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_channel::{mpsc, oneshot};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout,
-    Unreachable,
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::storage::RaftStateMachine;
-use openraft::{BasicNode, Raft, RaftNetworkFactory, RaftNetworkV2};
+use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
 
-use crate::raft::{SnapshotBlob, TypeConfig};
+use futures_util::future::LocalBoxFuture;
 
-/// Requests one node may have queued from all others before senders wait.
-const RPC_QUEUE_MAX: usize = 256;
-/// RPCs one node handles concurrently.
-const RPC_HANDLERS_MAX: u64 = 64;
-
-type Reply<T, E> = oneshot::Sender<Result<T, E>>;
-
-/// A Raft RPC addressed to one node.
-pub enum Rpc {
-    /// AppendEntries (replication and heartbeats).
-    Append(
-        AppendEntriesRequest<TypeConfig>,
-        Reply<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>,
-    ),
-    /// RequestVote.
-    Vote(
-        VoteRequest<TypeConfig>,
-        Reply<VoteResponse<TypeConfig>, RaftError<TypeConfig>>,
-    ),
-    /// A whole snapshot.
-    Snapshot(
-        VoteOf<TypeConfig>,
-        SnapshotOf<TypeConfig, SnapshotBlob>,
-        Reply<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>>,
-    ),
-}
+use crate::node::error::SubmitError;
+use crate::node::handle::Committed;
+use crate::node::peer::{Forwarder, Reply, Rpc, RPC_QUEUE_MAX};
+use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
 
 #[derive(Default)]
 struct RouterState {
@@ -248,35 +223,40 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
     }
 }
 
-/// Serves the RPCs queued for one node until the router drops its queue or `raft` shuts down.
-/// Runs on the node's Raft shard; each RPC is handled in its own task so a snapshot install does
-/// not hold up heartbeats (one connection still sends its appends one at a time).
-pub async fn serve<SM>(raft: Raft<TypeConfig, SM>, mut rx: mpsc::Receiver<Rpc>)
-where
-    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
-{
-    // At most this many RPCs are handled at once; beyond it the queue (and then the senders)
-    // wait, instead of piling up handlers behind a slow node.
-    let handlers = Rc::new(glommio::sync::Semaphore::new(RPC_HANDLERS_MAX));
-    while let Some(rpc) = rx.next().await {
-        let Ok(permit) = handlers.acquire_static_permit(1).await else {
-            break;
-        };
-        let raft = raft.clone();
-        glommio::spawn_local(async move {
-            let _permit = permit;
-            match rpc {
-                Rpc::Append(req, reply) => {
-                    let _ = reply.send(raft.append_entries(req).await);
-                }
-                Rpc::Vote(req, reply) => {
-                    let _ = reply.send(raft.vote(req).await);
-                }
-                Rpc::Snapshot(vote, snapshot, reply) => {
-                    let _ = reply.send(raft.install_full_snapshot(vote, snapshot).await);
-                }
+/// Forwards a follower's batches to the leader through the router (see [`Forwarder`]).
+pub struct LocalForwarder {
+    router: LocalRouter,
+    from: u64,
+}
+
+impl LocalRouter {
+    /// A forwarder for node `from`.
+    pub fn forwarder(&self, from: u64) -> LocalForwarder {
+        LocalForwarder {
+            router: self.clone(),
+            from,
+        }
+    }
+}
+
+impl Forwarder for LocalForwarder {
+    fn forward(
+        &self,
+        leader: u64,
+        _addr: String,
+        batch: BatchBytes,
+    ) -> LocalBoxFuture<'static, Result<Committed, SubmitError>> {
+        let sender = self.router.sender(self.from, leader);
+        Box::pin(async move {
+            let unavailable = SubmitError::NotLeader { leader_hint: None };
+            let Ok(mut tx) = sender else {
+                return Err(unavailable);
+            };
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Rpc::Forward(batch, reply)).await.is_err() {
+                return Err(unavailable);
             }
+            rx.await.unwrap_or(Err(unavailable))
         })
-        .detach();
     }
 }

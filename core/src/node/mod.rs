@@ -5,9 +5,11 @@ pub mod engine;
 pub mod error;
 pub mod handle;
 pub mod local_net;
+pub mod peer;
 
 pub use config::{NodeConfig, RaftTimings};
-pub use engine::{start, Network};
+pub use engine::{start, start_with, Network, Peers};
 pub use error::{NodeError, SubmitError};
 pub use handle::{Committed, Member, NodeHandle, NodeStatus, PeerProgress, Receipt, Role};
 pub use local_net::LocalRouter;
+pub use peer::{Forwarder, Rpc};

@@ -25,11 +25,30 @@ pub struct Cluster {
     pub configs: BTreeMap<u64, NodeConfig>,
     /// Nodes already shut down and joined.
     pub stopped: Vec<u64>,
+    /// Followers forward sealed batches to the leader.
+    pub forwarding: bool,
 }
 
 impl Cluster {
     /// Starts `n` nodes (one shard each; `tweak` adjusts each config) and initializes them.
     pub fn start(n: u64, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+        Cluster::start_with(n, false, tweak)
+    }
+
+    /// Like [`Cluster::start`], with followers forwarding submissions to the leader.
+    pub fn start_forwarding(n: u64, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+        Cluster::start_with(n, true, tweak)
+    }
+
+    fn network(router: &LocalRouter, forwarding: bool) -> node::Network {
+        if forwarding {
+            node::Network::LocalForwarding(router.clone())
+        } else {
+            node::Network::Local(router.clone())
+        }
+    }
+
+    fn start_with(n: u64, forwarding: bool, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -48,7 +67,7 @@ impl Cluster {
             tweak(&mut c);
             nodes.insert(
                 id,
-                node::start(c.clone(), node::Network::Local(router.clone())).expect("node starts"),
+                node::start(c.clone(), Cluster::network(&router, forwarding)).expect("node starts"),
             );
             configs.insert(id, c);
         }
@@ -62,6 +81,7 @@ impl Cluster {
             nodes,
             configs,
             stopped: Vec::new(),
+            forwarding,
         }
     }
 
@@ -73,7 +93,7 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) {
         let handle = node::start(
             self.configs[&id].clone(),
-            node::Network::Local(self.router.clone()),
+            Cluster::network(&self.router, self.forwarding),
         )
         .expect("node restarts");
         self.nodes.insert(id, handle);

@@ -1,0 +1,143 @@
+//! What a node needs from the network between nodes, whatever carries it: the RPCs it serves
+//! ([`Rpc`], fed by the in-process router or by the QUIC layer), and a [`Forwarder`] that hands a
+//! follower's sealed batches to the leader.
+
+use std::rc::Rc;
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::LocalBoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::error::{Fatal, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
+};
+use openraft::storage::RaftStateMachine;
+use openraft::Raft;
+
+use crate::node::error::SubmitError;
+use crate::node::handle::Committed;
+use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
+
+/// Requests one node may have queued from all others before senders wait.
+pub const RPC_QUEUE_MAX: usize = 256;
+/// RPCs one node handles concurrently.
+pub const RPC_HANDLERS_MAX: u64 = 64;
+/// Append requests of one replication stream queued before its sender waits.
+pub const STREAM_APPEND_QUEUE_MAX: usize = 64;
+
+/// A reply channel.
+pub type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// The outcome of one request of a replication stream, or why the stream ended.
+pub type StreamAppendReply = Result<StreamAppendResult<TypeConfig>, String>;
+
+/// A Raft RPC (or forwarded batch) addressed to one node.
+pub enum Rpc {
+    /// AppendEntries (replication and heartbeats), one at a time.
+    Append(
+        AppendEntriesRequest<TypeConfig>,
+        Reply<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>,
+    ),
+    /// A pipelined replication stream: requests in order, one result per request, in order; the
+    /// stream ends after an error.
+    StreamAppend(
+        mpsc::Receiver<AppendEntriesRequest<TypeConfig>>,
+        mpsc::Sender<StreamAppendReply>,
+    ),
+    /// RequestVote.
+    Vote(
+        VoteRequest<TypeConfig>,
+        Reply<VoteResponse<TypeConfig>, RaftError<TypeConfig>>,
+    ),
+    /// A whole snapshot.
+    Snapshot(
+        VoteOf<TypeConfig>,
+        SnapshotOf<TypeConfig, SnapshotBlob>,
+        Reply<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>>,
+    ),
+    /// A batch sealed by a follower, to be proposed by this node (the leader). The bytes were
+    /// validated where they entered the process. Never forwarded again.
+    Forward(BatchBytes, Reply<Committed, SubmitError>),
+}
+
+/// Sends a follower's sealed batch to the leader and returns where it committed. Implemented
+/// by the network layer; called on the Raft shard.
+pub trait Forwarder: Send + 'static {
+    /// Proposes `batch` through `leader` (reachable at its membership address `addr`).
+    fn forward(
+        &self,
+        leader: u64,
+        addr: String,
+        batch: BatchBytes,
+    ) -> LocalBoxFuture<'static, Result<Committed, SubmitError>>;
+}
+
+/// A sealed batch on its way to the proposer on the Raft shard.
+pub(crate) struct Proposal {
+    pub(crate) bytes: BatchBytes,
+    pub(crate) reply: oneshot::Sender<Result<Committed, SubmitError>>,
+    /// Came from a follower: propose here or fail, never forward again.
+    pub(crate) forwarded: bool,
+}
+
+/// Serves the RPCs queued for one node until its queue closes. Runs on the node's Raft shard;
+/// each RPC is handled in its own task so a snapshot install does not hold up heartbeats.
+pub(crate) async fn serve<SM>(
+    raft: Raft<TypeConfig, SM>,
+    mut rx: mpsc::Receiver<Rpc>,
+    propose: mpsc::Sender<Proposal>,
+) where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
+{
+    // At most this many RPCs are handled at once; beyond it the queue (and then the senders)
+    // wait, instead of piling up handlers behind a slow node.
+    let handlers = Rc::new(glommio::sync::Semaphore::new(RPC_HANDLERS_MAX));
+    while let Some(rpc) = rx.next().await {
+        let Ok(permit) = handlers.acquire_static_permit(1).await else {
+            break;
+        };
+        let raft = raft.clone();
+        let mut propose = propose.clone();
+        glommio::spawn_local(async move {
+            let _permit = permit;
+            match rpc {
+                Rpc::Append(req, reply) => {
+                    let _ = reply.send(raft.append_entries(req).await);
+                }
+                Rpc::StreamAppend(requests, mut results) => {
+                    let out = raft.stream_append(requests);
+                    futures_util::pin_mut!(out);
+                    while let Some(r) = out.next().await {
+                        let failed = !matches!(r, Ok(Ok(_)));
+                        let r = r.map_err(|fatal| fatal.to_string());
+                        if results.send(r).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+                Rpc::Vote(req, reply) => {
+                    let _ = reply.send(raft.vote(req).await);
+                }
+                Rpc::Snapshot(vote, snapshot, reply) => {
+                    let _ = reply.send(raft.install_full_snapshot(vote, snapshot).await);
+                }
+                Rpc::Forward(bytes, reply) => {
+                    let (tx, rx) = oneshot::channel();
+                    let p = Proposal {
+                        bytes,
+                        reply: tx,
+                        forwarded: true,
+                    };
+                    let r = match propose.send(p).await {
+                        Ok(()) => rx.await.unwrap_or(Err(SubmitError::ShuttingDown)),
+                        Err(_) => Err(SubmitError::ShuttingDown),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        })
+        .detach();
+    }
+}
