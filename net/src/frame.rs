@@ -16,6 +16,9 @@ pub const WIRE_VERSION: u8 = 1;
 pub const FRAME_HEADER_BYTES: usize = 6;
 /// Largest frame (header included): a maximum batch (4 MiB) plus room for framing and headers.
 pub const FRAME_BYTES_MAX: usize = (4 << 20) + (64 << 10);
+/// Largest frame between peers (mutually authenticated): one replication request carries up to
+/// `baton_core::raft::wire::APPEND_BYTES_MAX` of entries, plus room for headers.
+pub const PEER_FRAME_BYTES_MAX: usize = baton_core::raft::wire::APPEND_BYTES_MAX + (64 << 10);
 
 /// Message kinds. Client kinds are below 64, peer kinds from 64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,6 +44,12 @@ pub enum FrameKind {
     RaftResponse = 67,
     /// Follower → leader: a sealed batch to propose.
     Forward = 68,
+    /// Peer → peer: the first frame on a peer connection (cluster id and node id).
+    PeerHello = 69,
+    /// Leader → follower: the outcome of a forwarded batch.
+    ForwardResponse = 70,
+    /// Peer → peer: raw snapshot data following a `RaftSnapshot` header.
+    RaftSnapshotChunk = 71,
 }
 
 impl FrameKind {
@@ -58,6 +67,9 @@ impl FrameKind {
             66 => RaftSnapshot,
             67 => RaftResponse,
             68 => Forward,
+            69 => PeerHello,
+            70 => ForwardResponse,
+            71 => RaftSnapshotChunk,
             _ => return None,
         })
     }
@@ -93,35 +105,71 @@ pub struct Frame {
     pub body: Vec<u8>,
 }
 
+impl FrameKind {
+    /// Largest frame of this kind: peer kinds (64 and up) may be as large as
+    /// `PEER_FRAME_BYTES_MAX`, client kinds `FRAME_BYTES_MAX`.
+    pub fn frame_bytes_max(self) -> usize {
+        if self as u8 >= 64 {
+            PEER_FRAME_BYTES_MAX
+        } else {
+            FRAME_BYTES_MAX
+        }
+    }
+}
+
+/// The header of a frame whose body is `body_len` bytes, so a sender can write the header and
+/// then the body in chunks without copying it; refuses a frame over its kind's maximum.
+pub fn frame_header(
+    kind: FrameKind,
+    body_len: usize,
+) -> Result<[u8; FRAME_HEADER_BYTES], ProtocolError> {
+    let total = FRAME_HEADER_BYTES.saturating_add(body_len);
+    let max = kind.frame_bytes_max();
+    if total > max {
+        return Err(ProtocolError::FrameTooLarge { len: total, max });
+    }
+    // Fits: FRAME_BYTES_MAX is far below u32::MAX.
+    let len = ((total - 4) as u32).to_le_bytes();
+    Ok([len[0], len[1], len[2], len[3], WIRE_VERSION, kind as u8])
+}
+
 /// Appends one frame to `out`.
 pub fn encode_frame(kind: FrameKind, body: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-    let total = FRAME_HEADER_BYTES + body.len();
-    if total > FRAME_BYTES_MAX {
-        return Err(ProtocolError::FrameTooLarge {
-            len: total,
-            max: FRAME_BYTES_MAX,
-        });
-    }
-    out.reserve(total);
-    out.extend_from_slice(&((2 + body.len()) as u32).to_le_bytes());
-    out.push(WIRE_VERSION);
-    out.push(kind as u8);
+    let header = frame_header(kind, body.len())?;
+    out.reserve(FRAME_HEADER_BYTES + body.len());
+    out.extend_from_slice(&header);
     out.extend_from_slice(body);
     Ok(())
 }
 
 /// Incremental decoder for one stream: feed it bytes as they arrive, take frames out.
-#[derive(Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Largest frame accepted.
+    max: usize,
     /// Set after an error: the stream is done.
     failed: Option<ProtocolError>,
 }
 
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::with_max(FRAME_BYTES_MAX)
+    }
+}
+
 impl FrameDecoder {
-    /// A decoder for a new stream.
+    /// A decoder for a new client stream (frames up to `FRAME_BYTES_MAX`).
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
+    }
+
+    /// A decoder accepting frames up to `max` bytes (peer streams: `PEER_FRAME_BYTES_MAX`).
+    pub fn with_max(max: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+            failed: None,
+        }
     }
 
     /// Adds received bytes.
@@ -175,10 +223,10 @@ impl FrameDecoder {
             return Ok(None);
         };
         // Checked before the body is buffered: a peer cannot make us hold more than a frame.
-        if 4 + len > FRAME_BYTES_MAX {
+        if 4 + len > self.max {
             return Err(ProtocolError::FrameTooLarge {
                 len: 4 + len,
-                max: FRAME_BYTES_MAX,
+                max: self.max,
             });
         }
         if len < 2 {
@@ -220,6 +268,9 @@ mod tests {
             FrameKind::RaftSnapshot,
             FrameKind::RaftResponse,
             FrameKind::Forward,
+            FrameKind::PeerHello,
+            FrameKind::ForwardResponse,
+            FrameKind::RaftSnapshotChunk,
         ])
     }
 
@@ -315,5 +366,66 @@ mod tests {
             encode_frame(FrameKind::SubmitRequest, &big, &mut Vec::new()),
             Err(ProtocolError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn header_then_body_chunks_is_a_frame() {
+        let chunks: [&[u8]; 3] = [b"abc", b"", b"defg"];
+        let body: Vec<u8> = chunks.concat();
+        let mut wire = frame_header(FrameKind::RaftAppend, body.len())
+            .unwrap()
+            .to_vec();
+        for c in chunks {
+            wire.extend_from_slice(c);
+        }
+        let mut expected = Vec::new();
+        encode_frame(FrameKind::RaftAppend, &body, &mut expected).unwrap();
+        assert_eq!(wire, expected);
+
+        let largest = FRAME_BYTES_MAX - FRAME_HEADER_BYTES;
+        assert!(frame_header(FrameKind::SubmitRequest, largest).is_ok());
+        assert_eq!(
+            frame_header(FrameKind::SubmitRequest, largest + 1),
+            Err(ProtocolError::FrameTooLarge {
+                len: FRAME_BYTES_MAX + 1,
+                max: FRAME_BYTES_MAX
+            })
+        );
+        // Peer frames may be larger (replication requests of many batches).
+        let largest = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES;
+        assert!(frame_header(FrameKind::RaftAppend, largest).is_ok());
+        assert_eq!(
+            frame_header(FrameKind::RaftAppend, largest + 1),
+            Err(ProtocolError::FrameTooLarge {
+                len: PEER_FRAME_BYTES_MAX + 1,
+                max: PEER_FRAME_BYTES_MAX
+            })
+        );
+        let mut d = FrameDecoder::new();
+        d.push(&frame_header(FrameKind::RaftAppend, FRAME_BYTES_MAX).unwrap());
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        let mut d = FrameDecoder::with_max(PEER_FRAME_BYTES_MAX);
+        d.push(&frame_header(FrameKind::RaftAppend, FRAME_BYTES_MAX).unwrap());
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(frame_header(FrameKind::Forward, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn every_kind_byte_round_trips() {
+        for b in 0..=u8::MAX {
+            if let Some(kind) = FrameKind::from_u8(b) {
+                assert_eq!(kind as u8, b);
+            }
+        }
+        for kind in [
+            FrameKind::PeerHello,
+            FrameKind::ForwardResponse,
+            FrameKind::RaftSnapshotChunk,
+        ] {
+            assert_eq!(FrameKind::from_u8(kind as u8), Some(kind));
+        }
     }
 }

@@ -1,12 +1,23 @@
 //! baton-net: QUIC endpoints, wire framing, TLS and the client library.
 //!
-//! So far: the wire framing ([`frame`]), pure code tested without sockets. The QUIC endpoints,
-//! TLS and `baton_net::Client` come with the QUIC issue.
+//! - [`frame`], [`msg`]: the wire format (pure, tested without sockets); Raft message bodies are
+//!   in `baton_core::raft::wire`.
+//! - [`tls`]: the cluster CA, certificates and rustls/quinn configurations.
+//! - [`server`]: a node's QUIC endpoint serving clients and peers; [`peer`]: dialing peers
+//!   (openraft's network, forwarding); [`node`]: a networked node (core node + QUIC runtime).
+//! - [`client`]: `Client`, for any tokio application.
 
+pub mod client;
 pub mod frame;
 pub mod msg;
+pub mod node;
+pub mod peer;
+pub mod server;
+pub mod stream;
 pub mod tls;
 
+pub use client::{Client, ClientError, ClientOptions};
 pub use frame::{
     encode_frame, Frame, FrameDecoder, FrameKind, ProtocolError, FRAME_BYTES_MAX, WIRE_VERSION,
 };
+pub use node::{NetNode, NetNodeConfig, NetNodeError, TlsPaths};

@@ -1,0 +1,1490 @@
+//! Client and forwarding message bodies: pure encoders and decoders, no I/O (`docs/protocol.md`
+//! has the byte layouts).
+//!
+//! All integers are little-endian. An `Option<u64>` is `[u8 present]`, then `[u64]` only when
+//! present; a string is `[u32 len][utf-8]` with a per-field bound. Every client request and
+//! response body starts with the client-chosen `u64 request_id`, echoed in the answer, so many
+//! requests can be in flight on one stream and be answered in any order. Decoders check every
+//! length and count against the bytes left before allocating, and refuse trailing bytes.
+//!
+//! Encoders cannot fail: a value over a limit (more than [`SUBMIT_TXS_MAX`] transactions, a
+//! cluster id over [`CLUSTER_ID_BYTES_MAX`] bytes, …) is written as it is, and the receiver's
+//! decoder refuses it with a typed error. A sender holding user input (the client) checks the
+//! limits first; a body over the frame limit is refused by `frame_header` before it is sent.
+
+use baton_core::node::{Committed, Member, NodeStatus, PeerProgress, Receipt, Role, SubmitError};
+use baton_core::{SubmitRejection, Transaction, TxHash, TxKind, BATCH_BYTES_MAX, BATCH_TXS_MAX};
+use bytes::Bytes;
+
+/// Most transactions in one submit request (and results in one response).
+pub const SUBMIT_TXS_MAX: usize = 65_536;
+/// Most members (and replication entries) in a status response.
+pub const STATUS_MEMBERS_MAX: usize = 1024;
+/// Longest member address in a status response, in bytes.
+pub const MEMBER_ADDR_BYTES_MAX: usize = 1024;
+/// Longest error message, in bytes; longer ones are cut (at a char boundary) when encoded.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
+/// Longest cluster id in a peer hello, in bytes.
+pub const CLUSTER_ID_BYTES_MAX: usize = 256;
+/// Longest `Overloaded` queue name, in bytes; longer ones are cut when encoded.
+pub const OVERLOADED_WHAT_BYTES_MAX: usize = 256;
+/// Most duplicates in a forward response: one per transaction of a batch.
+pub const FORWARD_DUPLICATES_MAX: usize = BATCH_TXS_MAX;
+
+/// The `Overloaded` queue names a decoder maps back to a `&'static str`.
+pub const OVERLOADED_WHATS: [&str; 5] = [
+    "sealed batch queue",
+    "dedup window (retry the submission)",
+    "membership change",
+    "forwarding queue",
+    "proposal queue",
+];
+/// The `Overloaded` queue name a decoder gives to a name not in [`OVERLOADED_WHATS`].
+pub const OVERLOADED_UNKNOWN: &str = "remote queue";
+
+/// Smallest encoded transaction: `[u64 rollup_id][u8 kind][u32 len]`.
+const TX_MIN_BYTES: usize = 13;
+/// Smallest encoded submit result: `[u8 1][u8 code]` (ShuttingDown).
+const RESULT_MIN_BYTES: usize = 2;
+/// Smallest encoded member: `[u64 id][u32 len][u8 voter]`.
+const MEMBER_MIN_BYTES: usize = 13;
+/// Smallest encoded replication entry: `[u64 id][u8 present]`.
+const PROGRESS_MIN_BYTES: usize = 9;
+/// Bytes of one encoded duplicate: `[u32 offset][u64 index][u32 offset]`.
+const DUPLICATE_BYTES: usize = 16;
+
+/// Why a message body could not be decoded (or a message not encoded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MsgError {
+    /// Fewer bytes than a field (or an announced count) needs.
+    #[error("{what}: needs {need} bytes, {have} left")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes it needs.
+        need: u64,
+        /// Bytes left.
+        have: usize,
+    },
+    /// Bytes left over after a complete message.
+    #[error("{what}: {len} trailing bytes")]
+    Trailing {
+        /// The message.
+        what: &'static str,
+        /// Bytes left over.
+        len: usize,
+    },
+    /// A tag or flag byte that names no variant.
+    #[error("{what}: unknown tag {value}")]
+    BadTag {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u8,
+    },
+    /// An error code this build does not know.
+    #[error("unknown error code {code}")]
+    UnknownErrorCode {
+        /// The code.
+        code: u16,
+    },
+    /// A count over its limit.
+    #[error("{what}: {count} exceeds the maximum {max}")]
+    TooMany {
+        /// What was counted.
+        what: &'static str,
+        /// The count.
+        count: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A string or byte field over its limit.
+    #[error("{what}: {len} bytes exceed the maximum {max}")]
+    TooLong {
+        /// The field.
+        what: &'static str,
+        /// Its length in bytes.
+        len: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A string field that is not UTF-8.
+    #[error("{what} is not UTF-8")]
+    BadUtf8 {
+        /// The field.
+        what: &'static str,
+    },
+    /// A `u64` that does not fit this platform's `usize`.
+    #[error("{what}: {value} does not fit in usize")]
+    OutOfRange {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading and writing fields
+
+/// A cursor over an untrusted body: every read is bounds-checked.
+pub struct Reader<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `body`, the message `what` (named in errors).
+    pub fn new(body: &'a [u8], what: &'static str) -> Self {
+        Self { rest: body, what }
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    /// The next `need` bytes.
+    pub fn take(&mut self, need: usize) -> Result<&'a [u8], MsgError> {
+        if need > self.rest.len() {
+            return Err(MsgError::Truncated {
+                what: self.what,
+                need: need as u64,
+                have: self.rest.len(),
+            });
+        }
+        let (out, rest) = self.rest.split_at(need);
+        self.rest = rest;
+        Ok(out)
+    }
+
+    /// The next `N` bytes as an array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], MsgError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    /// A `u8`.
+    pub fn u8(&mut self) -> Result<u8, MsgError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    /// A little-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16, MsgError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    /// A little-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32, MsgError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    /// A little-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, MsgError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A `u64` that must fit a `usize`.
+    pub fn usize(&mut self, what: &'static str) -> Result<usize, MsgError> {
+        let value = self.u64()?;
+        usize::try_from(value).map_err(|_| MsgError::OutOfRange { what, value })
+    }
+
+    /// A flag byte: 0 or 1.
+    pub fn flag(&mut self, what: &'static str) -> Result<bool, MsgError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(MsgError::BadTag { what, value }),
+        }
+    }
+
+    /// `[u8 present]`, then `[u64]` when present.
+    pub fn option_u64(&mut self, what: &'static str) -> Result<Option<u64>, MsgError> {
+        Ok(if self.flag(what)? {
+            Some(self.u64()?)
+        } else {
+            None
+        })
+    }
+
+    /// `[u32 len][utf-8]` of at most `max` bytes.
+    pub fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, MsgError> {
+        let len = self.u32()?;
+        if len as usize > max {
+            return Err(MsgError::TooLong {
+                what,
+                len: u64::from(len),
+                max,
+            });
+        }
+        std::str::from_utf8(self.take(len as usize)?).map_err(|_| MsgError::BadUtf8 { what })
+    }
+
+    /// A `u32` count of items, each at least `item_min_bytes` long, at most `max`: checked
+    /// against the limit and the bytes left, so it is safe to allocate for.
+    pub fn count(
+        &mut self,
+        what: &'static str,
+        max: usize,
+        item_min_bytes: usize,
+    ) -> Result<usize, MsgError> {
+        let count = self.u32()? as usize;
+        if count > max {
+            return Err(MsgError::TooMany {
+                what,
+                count: count as u64,
+                max,
+            });
+        }
+        let need = (count as u64).saturating_mul(item_min_bytes as u64);
+        if need > self.rest.len() as u64 {
+            return Err(MsgError::Truncated {
+                what,
+                need,
+                have: self.rest.len(),
+            });
+        }
+        Ok(count)
+    }
+
+    /// Ends the message: an error if bytes are left.
+    pub fn finish(self) -> Result<(), MsgError> {
+        if !self.rest.is_empty() {
+            return Err(MsgError::Trailing {
+                what: self.what,
+                len: self.rest.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_option_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            put_u64(out, v);
+        }
+    }
+}
+
+/// A length or count as a `u32` field; one past `u32::MAX` is written as `u32::MAX`, which every
+/// decoder refuses (its limits are far lower), so nothing over a limit is ever misread.
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// `[u32 len][utf-8]`, as it is: a decoder refuses a string over its field's limit.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, len_u32(s.len()));
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `[u32 len][utf-8]`, cut to at most `max` bytes at a char boundary.
+fn put_str_cut(out: &mut Vec<u8>, s: &str, max: usize) {
+    let mut len = s.len().min(max);
+    while !s.is_char_boundary(len) {
+        len -= 1;
+    }
+    put_u32(out, len as u32);
+    out.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SubmitError
+
+const NOT_LEADER: u8 = 1;
+const OVERLOADED: u8 = 2;
+const INVALID: u8 = 3;
+const REJECTED: u8 = 4;
+const COMMIT_TIMEOUT: u8 = 5;
+const SHUTTING_DOWN: u8 = 6;
+
+const EMPTY_TX: u8 = 1;
+const TX_TOO_LARGE: u8 = 2;
+const TX_EXCEEDS_BATCH: u8 = 3;
+const SEALED_QUEUE_FULL: u8 = 4;
+
+/// Appends `[u8 code]` and the fields of `e` (see `docs/protocol.md`).
+pub fn encode_submit_error(e: &SubmitError, out: &mut Vec<u8>) {
+    match e {
+        SubmitError::NotLeader { leader_hint } => {
+            out.push(NOT_LEADER);
+            put_option_u64(out, *leader_hint);
+        }
+        SubmitError::Overloaded { what } => {
+            out.push(OVERLOADED);
+            put_str_cut(out, what, OVERLOADED_WHAT_BYTES_MAX);
+        }
+        SubmitError::Invalid { position, reason } => {
+            out.push(INVALID);
+            put_u64(out, *position as u64);
+            encode_rejection(reason, out);
+        }
+        SubmitError::Rejected { index } => {
+            out.push(REJECTED);
+            put_u64(out, *index);
+        }
+        SubmitError::CommitTimeout { waited_ms } => {
+            out.push(COMMIT_TIMEOUT);
+            put_u64(out, *waited_ms);
+        }
+        SubmitError::ShuttingDown => out.push(SHUTTING_DOWN),
+    }
+}
+
+fn encode_rejection(reason: &SubmitRejection, out: &mut Vec<u8>) {
+    match reason {
+        SubmitRejection::EmptyTx => out.push(EMPTY_TX),
+        SubmitRejection::TxTooLarge { len, max } => {
+            out.push(TX_TOO_LARGE);
+            put_u64(out, *len as u64);
+            put_u64(out, *max as u64);
+        }
+        SubmitRejection::TxExceedsBatch { encoded_len, max } => {
+            out.push(TX_EXCEEDS_BATCH);
+            put_u64(out, *encoded_len as u64);
+            put_u64(out, *max as u64);
+        }
+        SubmitRejection::SealedQueueFull { max } => {
+            out.push(SEALED_QUEUE_FULL);
+            put_u64(out, *max as u64);
+        }
+    }
+}
+
+/// Reads what [`encode_submit_error`] wrote.
+pub fn decode_submit_error(r: &mut Reader<'_>) -> Result<SubmitError, MsgError> {
+    Ok(match r.u8()? {
+        NOT_LEADER => SubmitError::NotLeader {
+            leader_hint: r.option_u64("leader hint")?,
+        },
+        OVERLOADED => {
+            let what = r.str("overloaded queue", OVERLOADED_WHAT_BYTES_MAX)?;
+            SubmitError::Overloaded {
+                what: OVERLOADED_WHATS
+                    .iter()
+                    .find(|known| **known == what)
+                    .copied()
+                    .unwrap_or(OVERLOADED_UNKNOWN),
+            }
+        }
+        INVALID => SubmitError::Invalid {
+            position: r.usize("invalid position")?,
+            reason: decode_rejection(r)?,
+        },
+        REJECTED => SubmitError::Rejected { index: r.u64()? },
+        COMMIT_TIMEOUT => SubmitError::CommitTimeout {
+            waited_ms: r.u64()?,
+        },
+        SHUTTING_DOWN => SubmitError::ShuttingDown,
+        value => {
+            return Err(MsgError::BadTag {
+                what: "submit error",
+                value,
+            })
+        }
+    })
+}
+
+fn decode_rejection(r: &mut Reader<'_>) -> Result<SubmitRejection, MsgError> {
+    Ok(match r.u8()? {
+        EMPTY_TX => SubmitRejection::EmptyTx,
+        TX_TOO_LARGE => SubmitRejection::TxTooLarge {
+            len: r.usize("rejected tx length")?,
+            max: r.usize("rejected tx max")?,
+        },
+        TX_EXCEEDS_BATCH => SubmitRejection::TxExceedsBatch {
+            encoded_len: r.usize("rejected batch length")?,
+            max: r.usize("rejected batch max")?,
+        },
+        SEALED_QUEUE_FULL => SubmitRejection::SealedQueueFull {
+            max: r.usize("sealed queue max")?,
+        },
+        value => {
+            return Err(MsgError::BadTag {
+                what: "submit rejection",
+                value,
+            })
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submit
+
+const ACK_COMMITTED: u8 = 0;
+const TX_RAW: u8 = 0;
+const TX_ENCRYPTED: u8 = 1;
+const RESULT_OK: u8 = 0;
+const RESULT_ERR: u8 = 1;
+
+/// Client → node: transactions to sequence, answered once each is committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitRequest {
+    /// Client-chosen id, echoed in the response.
+    pub request_id: u64,
+    /// The transactions, at most [`SUBMIT_TXS_MAX`].
+    pub txs: Vec<Transaction>,
+}
+
+impl SubmitRequest {
+    /// Appends `[u64 request_id][u8 ack = 0][u32 count]`, then per transaction
+    /// `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        out.push(ACK_COMMITTED);
+        put_u32(out, len_u32(self.txs.len()));
+        for tx in &self.txs {
+            put_u64(out, tx.rollup_id);
+            match &tx.kind {
+                TxKind::Raw => out.push(TX_RAW),
+                TxKind::Encrypted { key_commitment } => {
+                    out.push(TX_ENCRYPTED);
+                    out.extend_from_slice(key_commitment);
+                }
+            }
+            put_u32(out, len_u32(tx.bytes.len()));
+            out.extend_from_slice(&tx.bytes);
+        }
+    }
+
+    /// Decodes a body. A transaction over the node's size limit still decodes (the node answers
+    /// it with a typed rejection); only a length past the end of the body is an error.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "submit request");
+        let request_id = r.u64()?;
+        let ack = r.u8()?;
+        if ack != ACK_COMMITTED {
+            return Err(MsgError::BadTag {
+                what: "submit ack",
+                value: ack,
+            });
+        }
+        let count = r.count("submit transactions", SUBMIT_TXS_MAX, TX_MIN_BYTES)?;
+        let mut txs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let rollup_id = r.u64()?;
+            let kind = match r.u8()? {
+                TX_RAW => TxKind::Raw,
+                TX_ENCRYPTED => TxKind::Encrypted {
+                    key_commitment: r.array()?,
+                },
+                value => {
+                    return Err(MsgError::BadTag {
+                        what: "transaction kind",
+                        value,
+                    })
+                }
+            };
+            let len = r.u32()? as usize;
+            let bytes = r.take(len)?.to_vec();
+            txs.push(Transaction {
+                rollup_id,
+                kind,
+                bytes,
+            });
+        }
+        r.finish()?;
+        Ok(Self { request_id, txs })
+    }
+}
+
+/// Node → client: one result per submitted transaction, in request order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitResponse {
+    /// The request's id.
+    pub request_id: u64,
+    /// A receipt or the reason there is none, per transaction.
+    pub results: Vec<Result<Receipt, SubmitError>>,
+}
+
+impl SubmitResponse {
+    /// Appends `[u64 request_id][u32 count]`, then per result
+    /// `[u8 0][32 tx_hash][u64 index][u32 offset][u8 duplicate]` or `[u8 1][submit error]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        put_u32(out, len_u32(self.results.len()));
+        for result in &self.results {
+            match result {
+                Ok(receipt) => {
+                    out.push(RESULT_OK);
+                    out.extend_from_slice(&receipt.tx_hash.0);
+                    put_u64(out, receipt.index);
+                    put_u32(out, receipt.offset);
+                    out.push(u8::from(receipt.duplicate));
+                }
+                Err(e) => {
+                    out.push(RESULT_ERR);
+                    encode_submit_error(e, out);
+                }
+            }
+        }
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "submit response");
+        let request_id = r.u64()?;
+        let count = r.count("submit results", SUBMIT_TXS_MAX, RESULT_MIN_BYTES)?;
+        let mut results = Vec::with_capacity(count);
+        for _ in 0..count {
+            let result = match r.u8()? {
+                RESULT_OK => Ok(Receipt {
+                    tx_hash: TxHash(r.array()?),
+                    index: r.u64()?,
+                    offset: r.u32()?,
+                    duplicate: r.flag("receipt duplicate")?,
+                }),
+                RESULT_ERR => Err(decode_submit_error(&mut r)?),
+                value => {
+                    return Err(MsgError::BadTag {
+                        what: "submit result",
+                        value,
+                    })
+                }
+            };
+            results.push(result);
+        }
+        r.finish()?;
+        Ok(Self {
+            request_id,
+            results,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// Client → node: the node's Raft status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusRequest {
+    /// Client-chosen id, echoed in the response.
+    pub request_id: u64,
+}
+
+impl StatusRequest {
+    /// Appends `[u64 request_id]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "status request");
+        let request_id = r.u64()?;
+        r.finish()?;
+        Ok(Self { request_id })
+    }
+}
+
+/// Node → client: the node's Raft status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusResponse {
+    /// The request's id.
+    pub request_id: u64,
+    /// The status.
+    pub status: NodeStatus,
+}
+
+fn role_byte(role: Role) -> u8 {
+    match role {
+        Role::Leader => 0,
+        Role::Follower => 1,
+        Role::Candidate => 2,
+        Role::Learner => 3,
+        Role::Shutdown => 4,
+    }
+}
+
+fn role_of(value: u8) -> Result<Role, MsgError> {
+    Ok(match value {
+        0 => Role::Leader,
+        1 => Role::Follower,
+        2 => Role::Candidate,
+        3 => Role::Learner,
+        4 => Role::Shutdown,
+        value => {
+            return Err(MsgError::BadTag {
+                what: "role",
+                value,
+            })
+        }
+    })
+}
+
+impl StatusResponse {
+    /// Appends `[u64 request_id][u64 id][u8 role][u64 term]`, six optional indices (leader,
+    /// last log, committed, applied, snapshot, purged), `[u32 n]{[u64 id][u32 len][addr][u8
+    /// voter]}` members and `[u32 n]{[u64 id][option matched]}` replication.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let s = &self.status;
+        put_u64(out, self.request_id);
+        put_u64(out, s.id);
+        out.push(role_byte(s.role));
+        put_u64(out, s.term);
+        for v in [
+            s.leader,
+            s.last_log_index,
+            s.committed_index,
+            s.applied_index,
+            s.snapshot_index,
+            s.purged_index,
+        ] {
+            put_option_u64(out, v);
+        }
+        put_u32(out, len_u32(s.members.len()));
+        for m in &s.members {
+            put_u64(out, m.id);
+            put_str(out, &m.addr);
+            out.push(u8::from(m.voter));
+        }
+        put_u32(out, len_u32(s.replication.len()));
+        for p in &s.replication {
+            put_u64(out, p.id);
+            put_option_u64(out, p.matched_index);
+        }
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "status response");
+        let request_id = r.u64()?;
+        let id = r.u64()?;
+        let role = role_of(r.u8()?)?;
+        let term = r.u64()?;
+        let leader = r.option_u64("leader")?;
+        let last_log_index = r.option_u64("last log index")?;
+        let committed_index = r.option_u64("committed index")?;
+        let applied_index = r.option_u64("applied index")?;
+        let snapshot_index = r.option_u64("snapshot index")?;
+        let purged_index = r.option_u64("purged index")?;
+        let n = r.count("status members", STATUS_MEMBERS_MAX, MEMBER_MIN_BYTES)?;
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            members.push(Member {
+                id: r.u64()?,
+                addr: r.str("member address", MEMBER_ADDR_BYTES_MAX)?.to_owned(),
+                voter: r.flag("member voter")?,
+            });
+        }
+        let n = r.count("status replication", STATUS_MEMBERS_MAX, PROGRESS_MIN_BYTES)?;
+        let mut replication = Vec::with_capacity(n);
+        for _ in 0..n {
+            replication.push(PeerProgress {
+                id: r.u64()?,
+                matched_index: r.option_u64("matched index")?,
+            });
+        }
+        r.finish()?;
+        Ok(Self {
+            request_id,
+            status: NodeStatus {
+                id,
+                role,
+                term,
+                leader,
+                last_log_index,
+                committed_index,
+                applied_index,
+                snapshot_index,
+                purged_index,
+                members,
+                replication,
+            },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error
+
+/// What went wrong with a request (or a connection), in an [`ErrorMsg`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The body could not be decoded.
+    Malformed = 1,
+    /// A frame kind not expected here (e.g. a peer kind on a client connection).
+    UnexpectedKind = 2,
+    /// A request over a limit.
+    TooLarge = 3,
+    /// A bounded queue is full; retry later.
+    Overloaded = 4,
+    /// The node is stopping.
+    ShuttingDown = 5,
+    /// A peer-only request from a client.
+    NotAPeer = 6,
+    /// A peer of another cluster.
+    WrongCluster = 7,
+    /// A bug on the node.
+    Internal = 8,
+}
+
+impl ErrorCode {
+    /// The code for a `u16`, if it is one.
+    pub fn from_u16(code: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match code {
+            1 => Malformed,
+            2 => UnexpectedKind,
+            3 => TooLarge,
+            4 => Overloaded,
+            5 => ShuttingDown,
+            6 => NotAPeer,
+            7 => WrongCluster,
+            8 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Either way: a typed error that ends the request `request_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorMsg {
+    /// The request it answers (0 when it answers none, e.g. a bad first frame).
+    pub request_id: u64,
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Details for humans, at most [`ERROR_MESSAGE_BYTES_MAX`] bytes on the wire.
+    pub message: String,
+}
+
+impl ErrorMsg {
+    /// Appends `[u64 request_id][u16 code][u32 len][utf-8]`; a longer message is cut to
+    /// [`ERROR_MESSAGE_BYTES_MAX`] bytes at a char boundary.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        out.extend_from_slice(&(self.code as u16).to_le_bytes());
+        put_str_cut(out, &self.message, ERROR_MESSAGE_BYTES_MAX);
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "error");
+        let request_id = r.u64()?;
+        let code = r.u16()?;
+        let code = ErrorCode::from_u16(code).ok_or(MsgError::UnknownErrorCode { code })?;
+        let message = r.str("error message", ERROR_MESSAGE_BYTES_MAX)?.to_owned();
+        r.finish()?;
+        Ok(Self {
+            request_id,
+            code,
+            message,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+/// Peer → peer: the first frame on a peer connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The cluster the sender belongs to, at most [`CLUSTER_ID_BYTES_MAX`] bytes.
+    pub cluster_id: String,
+    /// The sender's node id.
+    pub node_id: u64,
+}
+
+impl Hello {
+    /// Appends `[u64 node_id][u32 len][cluster_id utf-8]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.node_id);
+        put_str(out, &self.cluster_id);
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "peer hello");
+        let node_id = r.u64()?;
+        let cluster_id = r.str("cluster id", CLUSTER_ID_BYTES_MAX)?.to_owned();
+        r.finish()?;
+        Ok(Self {
+            cluster_id,
+            node_id,
+        })
+    }
+}
+
+/// Follower → leader: a sealed batch to propose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardRequest {
+    /// Follower-chosen id, echoed in the [`ForwardResponse`].
+    pub request_id: u64,
+    /// The encoded batch, at most `BATCH_BYTES_MAX` bytes.
+    pub batch: Bytes,
+}
+
+impl ForwardRequest {
+    /// The body as chunks, the batch shared (see [`encode_forward_request`]).
+    pub fn encode(&self) -> Vec<Bytes> {
+        encode_forward_request(self.request_id, &self.batch)
+    }
+
+    /// [`encode_forward_request`], for callers holding the parts.
+    pub fn encode_chunks(request_id: u64, batch: &Bytes) -> Vec<Bytes> {
+        encode_forward_request(request_id, batch)
+    }
+
+    /// [`decode_forward_request`]: the request id and the batch bytes, in place.
+    pub fn decode(body: &[u8]) -> Result<(u64, &[u8]), MsgError> {
+        decode_forward_request(body)
+    }
+}
+
+/// A forward request body as chunks whose concatenation is `[u64 request_id][batch]`; the batch
+/// chunk shares `batch`'s buffer (no copy).
+pub fn encode_forward_request(request_id: u64, batch: &Bytes) -> Vec<Bytes> {
+    let id = Bytes::copy_from_slice(&request_id.to_le_bytes());
+    vec![id, batch.clone()]
+}
+
+/// The request id and the batch bytes of a forward request body (the batch in place; the
+/// receiver copies it into an aligned buffer and validates it).
+pub fn decode_forward_request(body: &[u8]) -> Result<(u64, &[u8]), MsgError> {
+    let mut r = Reader::new(body, "forward request");
+    let request_id = r.u64()?;
+    let batch = r.take(r.remaining())?;
+    if batch.len() > BATCH_BYTES_MAX {
+        return Err(MsgError::TooLong {
+            what: "forwarded batch",
+            len: batch.len() as u64,
+            max: BATCH_BYTES_MAX,
+        });
+    }
+    Ok((request_id, batch))
+}
+
+/// Leader → follower: where a forwarded batch committed, or why it did not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardResponse {
+    /// The forward request's id.
+    pub request_id: u64,
+    /// The outcome.
+    pub result: Result<Committed, SubmitError>,
+}
+
+impl ForwardResponse {
+    /// Appends `[u64 request_id]`, then `[u8 0][u64 index][u32 n]{[u32 offset][u64 first index]
+    /// [u32 first offset]}` or `[u8 1][submit error]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        match &self.result {
+            Ok(c) => {
+                out.push(RESULT_OK);
+                put_u64(out, c.index);
+                put_u32(out, len_u32(c.duplicates.len()));
+                for (offset, (index, first_offset)) in &c.duplicates {
+                    put_u32(out, *offset);
+                    put_u64(out, *index);
+                    put_u32(out, *first_offset);
+                }
+            }
+            Err(e) => {
+                out.push(RESULT_ERR);
+                encode_submit_error(e, out);
+            }
+        }
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "forward response");
+        let request_id = r.u64()?;
+        let result = match r.u8()? {
+            RESULT_OK => {
+                let index = r.u64()?;
+                let n = r.count(
+                    "forward duplicates",
+                    FORWARD_DUPLICATES_MAX,
+                    DUPLICATE_BYTES,
+                )?;
+                let mut duplicates = Vec::with_capacity(n);
+                for _ in 0..n {
+                    duplicates.push((r.u32()?, (r.u64()?, r.u32()?)));
+                }
+                Ok(Committed { index, duplicates })
+            }
+            RESULT_ERR => Err(decode_submit_error(&mut r)?),
+            value => {
+                return Err(MsgError::BadTag {
+                    what: "forward result",
+                    value,
+                })
+            }
+        };
+        r.finish()?;
+        Ok(Self { request_id, result })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use baton_core::TX_BYTES_MAX;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn every_submit_error() -> Vec<SubmitError> {
+        let mut errors = vec![
+            SubmitError::NotLeader { leader_hint: None },
+            SubmitError::NotLeader {
+                leader_hint: Some(3),
+            },
+            SubmitError::Rejected { index: 77 },
+            SubmitError::CommitTimeout { waited_ms: 5000 },
+            SubmitError::ShuttingDown,
+        ];
+        for what in OVERLOADED_WHATS.iter().chain([&OVERLOADED_UNKNOWN]) {
+            errors.push(SubmitError::Overloaded { what });
+        }
+        for reason in [
+            SubmitRejection::EmptyTx,
+            SubmitRejection::TxTooLarge {
+                len: TX_BYTES_MAX + 1,
+                max: TX_BYTES_MAX,
+            },
+            SubmitRejection::TxExceedsBatch {
+                encoded_len: 9000,
+                max: 8192,
+            },
+            SubmitRejection::SealedQueueFull { max: 64 },
+        ] {
+            errors.push(SubmitError::Invalid {
+                position: 12,
+                reason,
+            });
+        }
+        errors
+    }
+
+    fn sample_submit() -> SubmitRequest {
+        SubmitRequest {
+            request_id: 42,
+            txs: vec![
+                Transaction {
+                    rollup_id: 7,
+                    kind: TxKind::Raw,
+                    bytes: vec![1, 2, 3],
+                },
+                Transaction {
+                    rollup_id: u64::MAX,
+                    kind: TxKind::Encrypted {
+                        key_commitment: [9; 32],
+                    },
+                    bytes: vec![0xab; 100],
+                },
+                // Empty: decodes; the node rejects it with a typed error.
+                Transaction {
+                    rollup_id: 0,
+                    kind: TxKind::Raw,
+                    bytes: Vec::new(),
+                },
+            ],
+        }
+    }
+
+    fn sample_status() -> StatusResponse {
+        StatusResponse {
+            request_id: 5,
+            status: NodeStatus {
+                id: 1,
+                role: Role::Leader,
+                term: 9,
+                leader: Some(1),
+                last_log_index: Some(100),
+                committed_index: Some(99),
+                applied_index: Some(98),
+                snapshot_index: None,
+                purged_index: Some(0),
+                members: vec![
+                    Member {
+                        id: 1,
+                        addr: "10.0.0.1:7000".into(),
+                        voter: true,
+                    },
+                    Member {
+                        id: 4,
+                        addr: "learner.example:7000".into(),
+                        voter: false,
+                    },
+                ],
+                replication: vec![
+                    PeerProgress {
+                        id: 4,
+                        matched_index: None,
+                    },
+                    PeerProgress {
+                        id: 2,
+                        matched_index: Some(99),
+                    },
+                ],
+            },
+        }
+    }
+
+    fn encoded(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        f(&mut out);
+        out
+    }
+
+    /// A valid body of every message, with a decoder that checks it.
+    /// A message name, a valid body, and a decoder that says whether bytes decode.
+    type Case = (&'static str, Vec<u8>, fn(&[u8]) -> bool);
+
+    fn valid_bodies() -> Vec<Case> {
+        let mut out: Vec<Case> = vec![
+            (
+                "submit request",
+                encoded(|o| sample_submit().encode(o)),
+                |b| SubmitRequest::decode(b).is_ok(),
+            ),
+            (
+                "status request",
+                encoded(|o| StatusRequest { request_id: 1 }.encode(o)),
+                |b| StatusRequest::decode(b).is_ok(),
+            ),
+            (
+                "status response",
+                encoded(|o| sample_status().encode(o)),
+                |b| StatusResponse::decode(b).is_ok(),
+            ),
+            (
+                "error",
+                encoded(|o| {
+                    ErrorMsg {
+                        request_id: 3,
+                        code: ErrorCode::WrongCluster,
+                        message: "cluster a, not b".into(),
+                    }
+                    .encode(o)
+                }),
+                |b| ErrorMsg::decode(b).is_ok(),
+            ),
+            (
+                "hello",
+                encoded(|o| {
+                    Hello {
+                        cluster_id: "prod-eu".into(),
+                        node_id: 3,
+                    }
+                    .encode(o)
+                }),
+                |b| Hello::decode(b).is_ok(),
+            ),
+            (
+                "forward ok",
+                encoded(|o| {
+                    ForwardResponse {
+                        request_id: 8,
+                        result: Ok(Committed {
+                            index: 50,
+                            duplicates: vec![(1, (40, 2)), (3, (41, 0))],
+                        }),
+                    }
+                    .encode(o)
+                }),
+                |b| ForwardResponse::decode(b).is_ok(),
+            ),
+        ];
+        let results = every_submit_error()
+            .into_iter()
+            .map(Err)
+            .chain([Ok(Receipt {
+                tx_hash: TxHash([4; 32]),
+                index: 10,
+                offset: 2,
+                duplicate: true,
+            })])
+            .collect();
+        out.push((
+            "submit response",
+            encoded(|o| {
+                SubmitResponse {
+                    request_id: 6,
+                    results,
+                }
+                .encode(o)
+            }),
+            |b| SubmitResponse::decode(b).is_ok(),
+        ));
+        for e in every_submit_error() {
+            out.push((
+                "forward error",
+                encoded(|o| {
+                    ForwardResponse {
+                        request_id: 8,
+                        result: Err(e),
+                    }
+                    .encode(o)
+                }),
+                |b| ForwardResponse::decode(b).is_ok(),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn submit_round_trips() {
+        let req = sample_submit();
+        let body = encoded(|o| req.encode(o));
+        assert_eq!(SubmitRequest::decode(&body).unwrap(), req);
+
+        let mut results: Vec<Result<Receipt, SubmitError>> =
+            every_submit_error().into_iter().map(Err).collect();
+        results.push(Ok(Receipt {
+            tx_hash: TxHash([4; 32]),
+            index: 10,
+            offset: 2,
+            duplicate: false,
+        }));
+        results.push(Ok(Receipt {
+            tx_hash: TxHash([5; 32]),
+            index: u64::MAX,
+            offset: u32::MAX,
+            duplicate: true,
+        }));
+        let resp = SubmitResponse {
+            request_id: u64::MAX,
+            results,
+        };
+        let body = encoded(|o| resp.encode(o));
+        assert_eq!(SubmitResponse::decode(&body).unwrap(), resp);
+    }
+
+    #[test]
+    fn every_submit_error_round_trips() {
+        for e in every_submit_error() {
+            let body = encoded(|o| encode_submit_error(&e, o));
+            let mut r = Reader::new(&body, "test");
+            assert_eq!(decode_submit_error(&mut r).unwrap(), e);
+            r.finish().unwrap();
+        }
+        // A queue this build does not know keeps its meaning, not its name.
+        let body = encoded(|o| {
+            encode_submit_error(
+                &SubmitError::Overloaded {
+                    what: "a queue from a newer build",
+                },
+                o,
+            )
+        });
+        assert_eq!(
+            decode_submit_error(&mut Reader::new(&body, "test")).unwrap(),
+            SubmitError::Overloaded {
+                what: OVERLOADED_UNKNOWN
+            }
+        );
+    }
+
+    #[test]
+    fn status_error_hello_and_forward_round_trip() {
+        let req = StatusRequest { request_id: 77 };
+        assert_eq!(
+            StatusRequest::decode(&encoded(|o| req.encode(o))).unwrap(),
+            req
+        );
+
+        for role in [
+            Role::Leader,
+            Role::Follower,
+            Role::Candidate,
+            Role::Learner,
+            Role::Shutdown,
+        ] {
+            let mut resp = sample_status();
+            resp.status.role = role;
+            let body = encoded(|o| resp.encode(o));
+            assert_eq!(StatusResponse::decode(&body).unwrap(), resp);
+        }
+        let mut empty = sample_status();
+        empty.status.members.clear();
+        empty.status.replication.clear();
+        empty.status.leader = None;
+        let body = encoded(|o| empty.encode(o));
+        assert_eq!(StatusResponse::decode(&body).unwrap(), empty);
+
+        for code in 1..=8 {
+            let msg = ErrorMsg {
+                request_id: code.into(),
+                code: ErrorCode::from_u16(code).unwrap(),
+                message: format!("error {code}"),
+            };
+            assert_eq!(msg.code as u16, code);
+            assert_eq!(ErrorMsg::decode(&encoded(|o| msg.encode(o))).unwrap(), msg);
+        }
+
+        let hello = Hello {
+            cluster_id: "c".repeat(CLUSTER_ID_BYTES_MAX),
+            node_id: 9,
+        };
+        let body = encoded(|o| hello.encode(o));
+        assert_eq!(Hello::decode(&body).unwrap(), hello);
+
+        let committed = ForwardResponse {
+            request_id: 1,
+            result: Ok(Committed {
+                index: 50,
+                duplicates: vec![(1, (40, 2)), (3, (41, 0))],
+            }),
+        };
+        let body = encoded(|o| committed.encode(o));
+        assert_eq!(ForwardResponse::decode(&body).unwrap(), committed);
+        for e in every_submit_error() {
+            let failed = ForwardResponse {
+                request_id: 2,
+                result: Err(e),
+            };
+            let body = encoded(|o| failed.encode(o));
+            assert_eq!(ForwardResponse::decode(&body).unwrap(), failed);
+        }
+    }
+
+    #[test]
+    fn forward_request_shares_the_batch() {
+        let batch = Bytes::from(vec![7u8; 300]);
+        let req = ForwardRequest {
+            request_id: 11,
+            batch: batch.clone(),
+        };
+        let chunks = req.encode();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[1].as_ptr(), batch.as_ptr());
+        let body: Vec<u8> = chunks.concat();
+        assert_eq!(decode_forward_request(&body).unwrap(), (11, &batch[..]));
+
+        assert!(matches!(
+            decode_forward_request(&[1, 2, 3]),
+            Err(MsgError::Truncated {
+                need: 8,
+                have: 3,
+                ..
+            })
+        ));
+        let mut big = vec![0u8; 8 + BATCH_BYTES_MAX + 1];
+        big[0] = 1;
+        assert_eq!(
+            decode_forward_request(&big),
+            Err(MsgError::TooLong {
+                what: "forwarded batch",
+                len: BATCH_BYTES_MAX as u64 + 1,
+                max: BATCH_BYTES_MAX
+            })
+        );
+    }
+
+    #[test]
+    fn tx_lengths_are_checked_against_the_body_not_the_core_limit() {
+        // Over the core limit but inside the body: decodes (the node rejects it later).
+        let req = SubmitRequest {
+            request_id: 1,
+            txs: vec![Transaction {
+                rollup_id: 1,
+                kind: TxKind::Raw,
+                bytes: vec![5; TX_BYTES_MAX + 1],
+            }],
+        };
+        let body = encoded(|o| req.encode(o));
+        assert_eq!(SubmitRequest::decode(&body).unwrap(), req);
+
+        // A length past the end of the body is an error.
+        let mut body = encoded(|o| sample_submit().encode(o));
+        let len_at = 8 + 1 + 4 + 8 + 1; // first tx's length field
+        body[len_at..len_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            SubmitRequest::decode(&body),
+            Err(MsgError::Truncated { need, .. }) if need == u64::from(u32::MAX)
+        ));
+    }
+
+    #[test]
+    fn bad_bodies_get_typed_errors() {
+        let mut body = encoded(|o| sample_submit().encode(o));
+        body[8] = 1;
+        assert_eq!(
+            SubmitRequest::decode(&body),
+            Err(MsgError::BadTag {
+                what: "submit ack",
+                value: 1
+            })
+        );
+
+        // Counts are checked against the limit and the bytes left before allocating.
+        let mut head = 1u64.to_le_bytes().to_vec();
+        head.push(0);
+        let mut over = head.clone();
+        over.extend_from_slice(&(SUBMIT_TXS_MAX as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            SubmitRequest::decode(&over),
+            Err(MsgError::TooMany { count, .. }) if count == SUBMIT_TXS_MAX as u64 + 1
+        ));
+        let mut short = head.clone();
+        short.extend_from_slice(&1000u32.to_le_bytes());
+        assert!(matches!(
+            SubmitRequest::decode(&short),
+            Err(MsgError::Truncated {
+                need: 13_000,
+                have: 0,
+                ..
+            })
+        ));
+
+        let too_many = SubmitRequest {
+            request_id: 1,
+            txs: vec![
+                Transaction {
+                    rollup_id: 0,
+                    kind: TxKind::Raw,
+                    bytes: vec![1],
+                };
+                SUBMIT_TXS_MAX + 1
+            ],
+        };
+        // Encoding writes it as it is; the receiver refuses it.
+        let body = encoded(|o| too_many.encode(o));
+        assert_eq!(
+            SubmitRequest::decode(&body),
+            Err(MsgError::TooMany {
+                what: "submit transactions",
+                count: SUBMIT_TXS_MAX as u64 + 1,
+                max: SUBMIT_TXS_MAX
+            })
+        );
+
+        let mut body = 3u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&99u16.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(
+            ErrorMsg::decode(&body),
+            Err(MsgError::UnknownErrorCode { code: 99 })
+        );
+
+        let long = Hello {
+            cluster_id: "c".repeat(CLUSTER_ID_BYTES_MAX + 1),
+            node_id: 1,
+        };
+        assert_eq!(
+            Hello::decode(&encoded(|o| long.encode(o))),
+            Err(MsgError::TooLong {
+                what: "cluster id",
+                len: CLUSTER_ID_BYTES_MAX as u64 + 1,
+                max: CLUSTER_ID_BYTES_MAX
+            })
+        );
+        let mut body = 1u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&2u32.to_le_bytes());
+        body.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(
+            Hello::decode(&body),
+            Err(MsgError::BadUtf8 { what: "cluster id" })
+        );
+
+        let mut long_addr = sample_status();
+        long_addr.status.members[0].addr = "a".repeat(MEMBER_ADDR_BYTES_MAX + 1);
+        assert!(matches!(
+            StatusResponse::decode(&encoded(|o| long_addr.encode(o))),
+            Err(MsgError::TooLong {
+                what: "member address",
+                ..
+            })
+        ));
+
+        let mut status = encoded(|o| sample_status().encode(o));
+        status[16] = 5;
+        assert_eq!(
+            StatusResponse::decode(&status),
+            Err(MsgError::BadTag {
+                what: "role",
+                value: 5
+            })
+        );
+
+        let mut err = vec![RESULT_ERR, 0];
+        assert!(matches!(
+            decode_submit_error(&mut Reader::new(&err[1..], "t")),
+            Err(MsgError::BadTag { value: 0, .. })
+        ));
+        err[1] = INVALID;
+        err.extend_from_slice(&0u64.to_le_bytes());
+        err.push(9);
+        assert!(matches!(
+            decode_submit_error(&mut Reader::new(&err[1..], "t")),
+            Err(MsgError::BadTag {
+                what: "submit rejection",
+                value: 9
+            })
+        ));
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_at_a_char_boundary() {
+        let msg = ErrorMsg {
+            request_id: 1,
+            code: ErrorCode::Internal,
+            message: format!("a{}", "é".repeat(ERROR_MESSAGE_BYTES_MAX)),
+        };
+        let back = ErrorMsg::decode(&encoded(|o| msg.encode(o))).unwrap();
+        assert_eq!(back.message.len(), ERROR_MESSAGE_BYTES_MAX - 1);
+        assert!(msg.message.starts_with(&back.message));
+    }
+
+    #[test]
+    fn prefixes_and_trailing_bytes_are_errors() {
+        for (what, body, decodes) in valid_bodies() {
+            assert!(decodes(&body), "{what}: valid body must decode");
+            for end in 0..body.len() {
+                assert!(
+                    !decodes(&body[..end]),
+                    "{what}: prefix of {end} bytes decoded"
+                );
+            }
+            let mut long = body.clone();
+            long.push(0);
+            assert!(!decodes(&long), "{what}: trailing byte accepted");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// No decoder panics on arbitrary bytes, nor on a valid body with bytes changed.
+        #[test]
+        fn decoding_never_panics(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+            pick in any::<prop::sample::Index>(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let _ = SubmitRequest::decode(&bytes);
+            let _ = SubmitResponse::decode(&bytes);
+            let _ = StatusRequest::decode(&bytes);
+            let _ = StatusResponse::decode(&bytes);
+            let _ = ErrorMsg::decode(&bytes);
+            let _ = Hello::decode(&bytes);
+            let _ = decode_forward_request(&bytes);
+            let _ = ForwardResponse::decode(&bytes);
+            let _ = decode_submit_error(&mut Reader::new(&bytes, "arbitrary"));
+
+            let bodies = valid_bodies();
+            let (_, mut body, decodes) = bodies[pick.index(bodies.len())].clone();
+            for (at, value) in flips {
+                let i = at.index(body.len());
+                body[i] = value;
+            }
+            let _ = decodes(&body);
+        }
+    }
+}

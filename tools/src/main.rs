@@ -3,6 +3,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod certs_cmd;
+mod client_cmd;
+mod node_cmd;
+mod node_config;
 mod wal_cmd;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +26,19 @@ enum Command {
         #[command(subcommand)]
         command: wal_cmd::WalCommand,
     },
+    /// Generate a cluster CA and node and client certificates.
+    Certs(certs_cmd::CertsArgs),
+    /// Run one node from its configuration file until SIGTERM/SIGINT.
+    Node(node_cmd::NodeArgs),
+    /// Local clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: node_cmd::ClusterCommand,
+    },
+    /// Submit transactions to a cluster.
+    Submit(client_cmd::SubmitArgs),
+    /// Show the status of a cluster's nodes.
+    Status(client_cmd::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,5 +51,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Wal { command } => wal_cmd::run(command),
+        Command::Certs(args) => certs_cmd::run(args),
+        Command::Node(args) => node_cmd::run_node(args),
+        Command::Cluster { command } => node_cmd::run_cluster(command),
+        Command::Submit(args) => client_cmd::run_submit(args),
+        Command::Status(args) => client_cmd::run_status(args),
     }
 }

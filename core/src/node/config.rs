@@ -83,6 +83,15 @@ impl NodeConfig {
         }
     }
 
+    /// Entries per replication request: as many full batches as fit in
+    /// `wire::APPEND_BYTES_MAX`, at least 1, at most 256.
+    pub fn payload_entries_max(&self) -> u64 {
+        let per_entry = self.batch.batch_bytes_max
+            + crate::raft::wire::ENTRY_HEADER_BYTES
+            + crate::raft::log_store::ENTRY_PREFIX_BYTES;
+        (crate::raft::wire::APPEND_BYTES_MAX / per_entry).clamp(1, 256) as u64
+    }
+
     /// The openraft configuration these settings make.
     pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
         let t = &self.raft;
@@ -94,6 +103,8 @@ impl NodeConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
             max_in_snapshot_log_to_keep: t.log_entries_kept_after_snapshot,
             install_snapshot_timeout: Duration::from_secs(10).as_millis() as u64,
+            // Replication requests stay below the wire limit even when every batch is full.
+            max_payload_entries: self.payload_entries_max(),
             ..Default::default()
         }
         .validate()

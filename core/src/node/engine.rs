@@ -694,9 +694,11 @@ async fn sequence(
         let addr = member_addr(raft, leader).unwrap_or_default();
         match forwarder.forward(leader, addr, bytes.clone()).await {
             // The leader we knew is gone or deposed: wait until this node hears of another.
+            // Wait (at most about an election) for this node to hear of another; the link may
+            // also just have failed, so try again either way until the deadline.
             Err(SubmitError::NotLeader { .. }) if !left.is_zero() => {
                 let moved = move |s: &NodeStatus| s.leader.is_some_and(|l| l != leader);
-                let _ = wait_for(raft, Box::new(moved), left).await;
+                let _ = wait_for(raft, Box::new(moved), left.min(lease_wait / 2)).await;
             }
             other => return other,
         }

@@ -1,0 +1,532 @@
+//! `Client`: submit transactions to a baton cluster from any tokio application.
+//!
+//! One QUIC connection to one node at a time (any node: followers forward to the leader), a few
+//! long-lived streams over it, many requests in flight per stream (tagged with request ids,
+//! answered in any order). A lost connection, a node that is shutting down, or per-transaction
+//! `NotLeader`/`Overloaded`/`CommitTimeout` answers are retried on the next node, within a
+//! bounded budget of attempts and time. Retrying is safe: submission is idempotent by
+//! transaction hash, and a retried transaction that was already sequenced gets its original
+//! receipt.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_core::node::{NodeStatus, Receipt, SubmitError};
+use baton_core::Transaction;
+use tokio::sync::oneshot;
+
+use crate::frame::FrameKind;
+use crate::msg::{
+    ErrorCode, ErrorMsg, MsgError, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
+};
+use crate::stream::{write_frame, FrameReader, StreamError};
+use crate::tls::{self, TlsError};
+
+/// How a client connects and retries.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Nodes to try, in order (any node of the cluster serves clients).
+    pub endpoints: Vec<SocketAddr>,
+    /// The cluster CA certificate the nodes' certificates must chain to.
+    pub ca_cert: PathBuf,
+    /// A client certificate and key to present, if the operator requires one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Streams per connection. Default 4.
+    pub streams: usize,
+    /// Attempts per call, the first included. Default 30.
+    pub attempts_max: u32,
+    /// Time budget of one call, retries included. Default 30,000 ms.
+    pub call_budget_ms: u64,
+    /// Bound on connecting to one node. Default 2,000 ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl ClientOptions {
+    /// Defaults for `endpoints` trusting `ca_cert`.
+    pub fn new(endpoints: Vec<SocketAddr>, ca_cert: impl Into<PathBuf>) -> ClientOptions {
+        ClientOptions {
+            endpoints,
+            ca_cert: ca_cert.into(),
+            identity: None,
+            streams: 4,
+            attempts_max: 30,
+            call_budget_ms: 30_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Why a client call failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// TLS configuration.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The local endpoint could not be created.
+    #[error("endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    /// No endpoints were given.
+    #[error("no endpoints given")]
+    NoEndpoints,
+    /// Every attempt failed; the last failure.
+    #[error("gave up after {attempts} attempts in {elapsed_ms} ms: {last}")]
+    Exhausted {
+        attempts: u32,
+        elapsed_ms: u64,
+        last: String,
+    },
+    /// The node refused the request itself (malformed, too large, unexpected).
+    #[error("refused by node: {code:?}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The request does not fit in one frame.
+    #[error("request too large: {0}")]
+    TooLarge(#[from] crate::frame::ProtocolError),
+}
+
+/// What went wrong on one attempt.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("undecodable answer: {0}")]
+    Msg(#[from] MsgError),
+    #[error("node error {code:?}: {message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("connection lost before the answer")]
+    Lost,
+}
+
+impl AttemptError {
+    /// Errors that retrying elsewhere cannot fix.
+    fn is_final(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::Remote {
+                code: ErrorCode::Malformed | ErrorCode::TooLarge | ErrorCode::UnexpectedKind,
+                ..
+            }
+        )
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(FrameKind, Vec<u8>)>>>>;
+
+/// One stream of a session: a shared writer and a reader task that routes answers by id.
+struct Lane {
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Pending,
+}
+
+/// One connection to one node.
+struct Session {
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    lanes: Vec<Arc<Lane>>,
+    next_lane: AtomicUsize,
+}
+
+impl Session {
+    async fn open(
+        conn: quinn::Connection,
+        addr: SocketAddr,
+        streams: usize,
+    ) -> Result<Session, AttemptError> {
+        let mut lanes = Vec::new();
+        for _ in 0..streams.max(1) {
+            let (send, recv) = conn.open_bi().await?;
+            let pending: Pending = Arc::default();
+            tokio::spawn(read_answers(FrameReader::new(recv), pending.clone()));
+            lanes.push(Arc::new(Lane {
+                send: tokio::sync::Mutex::new(send),
+                pending,
+            }));
+        }
+        Ok(Session {
+            conn,
+            addr,
+            lanes,
+            next_lane: AtomicUsize::new(0),
+        })
+    }
+
+    /// Sends one request and waits for its answer.
+    async fn request(
+        &self,
+        request_id: u64,
+        kind: FrameKind,
+        body: &[u8],
+    ) -> Result<(FrameKind, Vec<u8>), AttemptError> {
+        let lane = &self.lanes[self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len()];
+        let (tx, rx) = oneshot::channel();
+        lane.pending
+            .lock()
+            .expect("pending lock")
+            .insert(request_id, tx);
+        let sent = {
+            let mut send = lane.send.lock().await;
+            write_frame(&mut send, kind, body).await
+        };
+        if let Err(e) = sent {
+            lane.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
+            return Err(e.into());
+        }
+        let (kind, body) = rx.await.map_err(|_| AttemptError::Lost)?;
+        if kind == FrameKind::Error {
+            let e = ErrorMsg::decode(&body)?;
+            return Err(AttemptError::Remote {
+                code: e.code,
+                message: e.message,
+            });
+        }
+        Ok((kind, body))
+    }
+}
+
+/// Routes a stream's answers to their waiting requests; when the stream ends, every waiting
+/// request learns it (its sender is dropped).
+async fn read_answers(mut reader: FrameReader, pending: Pending) {
+    while let Ok(Some(f)) = reader.next().await {
+        let id = f
+            .body
+            .get(..8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let waiter = pending.lock().expect("pending lock").remove(&id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send((f.kind, f.body));
+            }
+            // An error about the stream itself (id 0): it is over.
+            None if f.kind == FrameKind::Error => break,
+            None => tracing::debug!(id, "answer for no waiting request"),
+        }
+    }
+    pending.lock().expect("pending lock").clear();
+}
+
+/// A client of a baton cluster. Cheap to clone; use from any tokio runtime.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: ClientOptions,
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// Index into `options.endpoints` of the node to try next.
+    next_endpoint: AtomicUsize,
+    next_request: AtomicU64,
+}
+
+fn retryable(e: &SubmitError) -> bool {
+    matches!(
+        e,
+        SubmitError::NotLeader { .. }
+            | SubmitError::Overloaded { .. }
+            | SubmitError::CommitTimeout { .. }
+            | SubmitError::ShuttingDown
+    )
+}
+
+impl Client {
+    /// A client for the nodes in `options` (connects lazily, on the first call).
+    pub fn new(options: ClientOptions) -> Result<Client, ClientError> {
+        if options.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let identity = options
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let config = tls::client_config(&options.ca_cert, identity)?;
+        let bind: SocketAddr = if options.endpoints[0].is_ipv6() {
+            "[::1]:0".parse().expect("literal")
+        } else {
+            "127.0.0.1:0".parse().expect("literal")
+        };
+        let bind = if options.endpoints[0].ip().is_loopback() {
+            bind
+        } else if options.endpoints[0].is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                options,
+                endpoint,
+                config,
+                session: tokio::sync::Mutex::new(None),
+                next_endpoint: AtomicUsize::new(0),
+                next_request: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The node the client is connected to, if any.
+    pub async fn connected_to(&self) -> Option<SocketAddr> {
+        self.inner.session.lock().await.as_ref().map(|s| s.addr)
+    }
+
+    /// The current session, connecting (to the next endpoint in turn) if there is none.
+    async fn session(&self) -> Result<Arc<Session>, AttemptError> {
+        let mut slot = self.inner.session.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if s.conn.close_reason().is_none() {
+                return Ok(s.clone());
+            }
+        }
+        *slot = None;
+        let eps = &self.inner.options.endpoints;
+        let addr = eps[self.inner.next_endpoint.load(Ordering::Relaxed) % eps.len()];
+        let timeout = Duration::from_millis(self.inner.options.connect_timeout_ms);
+        let connect = async {
+            let conn = self
+                .inner
+                .endpoint
+                .connect_with(self.inner.config.clone(), addr, &tls::server_name(&addr))
+                .map_err(|e| AttemptError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?
+                .await
+                .map_err(|e| AttemptError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            Session::open(conn, addr, self.inner.options.streams).await
+        };
+        let session =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| AttemptError::Connect {
+                    addr,
+                    reason: format!("no handshake within {} ms", timeout.as_millis()),
+                })??;
+        let session = Arc::new(session);
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Drops the session to `addr` (if still current) and moves on to the next endpoint.
+    async fn fail_over(&self, addr: SocketAddr) {
+        let mut slot = self.inner.session.lock().await;
+        if slot.as_ref().is_some_and(|s| s.addr == addr) {
+            if let Some(s) = slot.take() {
+                s.conn.close(0u32.into(), b"failing over");
+            }
+        }
+        let eps = &self.inner.options.endpoints;
+        let current = eps.iter().position(|e| *e == addr).unwrap_or(0);
+        let _ = self.inner.next_endpoint.compare_exchange(
+            current,
+            (current + 1) % eps.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One request on the current session; on a connection-level failure the client fails over
+    /// to the next node.
+    async fn attempt(
+        &self,
+        kind: FrameKind,
+        body: &[u8],
+        request_id: u64,
+    ) -> Result<(FrameKind, Vec<u8>), AttemptError> {
+        let session = self.session().await;
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                let eps = &self.inner.options.endpoints;
+                let at = self.inner.next_endpoint.load(Ordering::Relaxed) % eps.len();
+                self.fail_over(eps[at]).await;
+                return Err(e);
+            }
+        };
+        let r = session.request(request_id, kind, body).await;
+        match &r {
+            Err(AttemptError::Remote {
+                code: ErrorCode::ShuttingDown | ErrorCode::Overloaded,
+                ..
+            })
+            | Err(AttemptError::Stream(_))
+            | Err(AttemptError::Connection(_))
+            | Err(AttemptError::Lost) => self.fail_over(session.addr).await,
+            _ => {}
+        }
+        r
+    }
+
+    /// Sequences one transaction; its receipt or why it has none.
+    pub async fn submit_one(&self, tx: Transaction) -> Result<Receipt, SubmitError> {
+        match self.submit(vec![tx]).await {
+            Ok(mut r) => r.pop().expect("one result per transaction"),
+            Err(_) => Err(SubmitError::ShuttingDown),
+        }
+    }
+
+    /// Sequences `txs` (one request; retried as needed); one result per transaction, in order.
+    /// `Err` when the cluster could not be reached within the budget or refused the request.
+    pub async fn submit(
+        &self,
+        txs: Vec<Transaction>,
+    ) -> Result<Vec<Result<Receipt, SubmitError>>, ClientError> {
+        let started = Instant::now();
+        let budget = Duration::from_millis(self.inner.options.call_budget_ms);
+        let n = txs.len();
+        let mut results: Vec<Option<Result<Receipt, SubmitError>>> = vec![None; n];
+        let mut todo: Vec<usize> = (0..n).collect();
+        let mut last = String::new();
+        let mut attempts = 0;
+        while !todo.is_empty() {
+            if attempts == self.inner.options.attempts_max || started.elapsed() >= budget {
+                break;
+            }
+            if attempts > 0 {
+                backoff(attempts).await;
+            }
+            attempts += 1;
+            let request_id = self.next_id();
+            let request = SubmitRequest {
+                request_id,
+                txs: todo.iter().map(|&i| txs[i].clone()).collect(),
+            };
+            let mut body = Vec::new();
+            request.encode(&mut body);
+            crate::frame::frame_header(FrameKind::SubmitRequest, body.len())?;
+            let answer = match self
+                .attempt(FrameKind::SubmitRequest, &body, request_id)
+                .await
+            {
+                Ok(a) => a,
+                Err(AttemptError::Remote { code, message })
+                    if (AttemptError::Remote {
+                        code,
+                        message: String::new(),
+                    })
+                    .is_final() =>
+                {
+                    return Err(ClientError::Refused { code, message });
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let response = match answer.0 {
+                FrameKind::SubmitResponse => SubmitResponse::decode(&answer.1),
+                kind => {
+                    last = format!("unexpected answer {kind:?}");
+                    continue;
+                }
+            };
+            let response = match response {
+                Ok(r) if r.results.len() == todo.len() => r,
+                Ok(r) => {
+                    last = format!(
+                        "{} results for {} transactions",
+                        r.results.len(),
+                        todo.len()
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let mut again = Vec::new();
+            for (&i, r) in todo.iter().zip(response.results) {
+                match r {
+                    Err(e) if retryable(&e) => {
+                        last = e.to_string();
+                        results[i] = Some(Err(e));
+                        again.push(i);
+                    }
+                    r => results[i] = Some(r),
+                }
+            }
+            todo = again;
+        }
+        if results.iter().all(Option::is_none) {
+            return Err(ClientError::Exhausted {
+                attempts,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                last,
+            });
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(Err(SubmitError::CommitTimeout {
+                    waited_ms: started.elapsed().as_millis() as u64,
+                }))
+            })
+            .collect())
+    }
+
+    /// The status of the node the client is connected to.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let started = Instant::now();
+        let budget = Duration::from_millis(self.inner.options.call_budget_ms);
+        let mut last = String::new();
+        let mut attempts = 0;
+        while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
+            if attempts > 0 {
+                backoff(attempts).await;
+            }
+            attempts += 1;
+            let request_id = self.next_id();
+            let mut body = Vec::new();
+            StatusRequest { request_id }.encode(&mut body);
+            match self
+                .attempt(FrameKind::StatusRequest, &body, request_id)
+                .await
+            {
+                Ok((FrameKind::StatusResponse, body)) => match StatusResponse::decode(&body) {
+                    Ok(r) => return Ok(r.status),
+                    Err(e) => last = e.to_string(),
+                },
+                Ok((kind, _)) => last = format!("unexpected answer {kind:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(ClientError::Exhausted {
+            attempts,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            last,
+        })
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        if let Some(s) = self.inner.session.lock().await.take() {
+            s.conn.close(0u32.into(), b"bye");
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Exponential backoff between attempts: 10 ms doubling, at most 500 ms.
+async fn backoff(attempt: u32) {
+    let ms = (10u64 << attempt.min(6)).min(500);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}

@@ -1,0 +1,218 @@
+//! A networked node: the core node engine (glommio shards, Raft, WAL) plus its QUIC endpoint on a
+//! dedicated tokio runtime thread, serving clients and peers and dialing peers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::node::{self, NodeConfig, NodeHandle, Peers};
+use futures_channel::mpsc;
+
+use crate::peer::{PeerLinks, QuicForwarder, QuicNetworkFactory};
+use crate::server::{close_code, serve, ServerContext};
+use crate::tls::{self, TlsError};
+
+/// How long a stopping node waits for its connections to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// TLS material of a node.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    /// The cluster CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Everything a networked node needs.
+#[derive(Clone, Debug)]
+pub struct NetNodeConfig {
+    /// The core node (id, data dir, shards, batching, Raft timings, WAL).
+    pub node: NodeConfig,
+    /// Peers must present this cluster id.
+    pub cluster_id: String,
+    /// UDP address of the QUIC endpoint (clients and peers).
+    pub listen: SocketAddr,
+    /// TLS files.
+    pub tls: TlsPaths,
+    /// Threads of the network runtime (1: a current-thread runtime). Default 1.
+    pub net_threads: usize,
+    /// Members (id → peer address) to initialize a fresh cluster with; ignored once the node
+    /// has state. Give the same map to every node of a new cluster.
+    pub bootstrap: Option<BTreeMap<u64, String>>,
+}
+
+/// Why a networked node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NetNodeError {
+    /// TLS files or configuration.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The network runtime or endpoint could not start.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    /// The core node could not start.
+    #[error("node: {0}")]
+    Node(#[from] node::NodeError),
+    /// Bad configuration.
+    #[error("invalid configuration: {reason}")]
+    Config { reason: String },
+}
+
+/// A running networked node.
+pub struct NetNode {
+    node: NodeHandle,
+    endpoint: quinn::Endpoint,
+    links: Arc<PeerLinks>,
+    rt: tokio::runtime::Handle,
+    stop_rt: Option<tokio::sync::oneshot::Sender<()>>,
+    rt_thread: Option<std::thread::JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+/// Starts the network runtime on its own thread and returns its handle.
+fn start_runtime(
+    id: u64,
+    threads: usize,
+) -> Result<
+    (
+        tokio::runtime::Handle,
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ),
+    NetNodeError,
+> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(format!("baton-{id}-net"))
+            .enable_all()
+            .build()?
+    };
+    let handle = rt.handle().clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("baton-{id}-net"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let _ = stop_rx.await;
+            });
+            rt.shutdown_timeout(DRAIN_TIMEOUT);
+        })?;
+    Ok((handle, stop_tx, thread))
+}
+
+/// Starts a networked node: network runtime, QUIC endpoint, core node; initializes the cluster
+/// when `bootstrap` is set and the node is fresh.
+pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
+    let id = config.node.id;
+    if config.cluster_id.is_empty() {
+        return Err(NetNodeError::Config {
+            reason: "cluster_id must not be empty".into(),
+        });
+    }
+    let server_config = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    let peer_config =
+        tls::peer_client_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads)?;
+    let endpoint = {
+        let _guard = rt.enter();
+        quinn::Endpoint::server(server_config, config.listen)?
+    };
+    let local_addr = endpoint.local_addr()?;
+    let links = PeerLinks::new(
+        endpoint.clone(),
+        peer_config,
+        config.cluster_id.clone(),
+        id,
+        rt.clone(),
+    );
+    let (inbound_tx, inbound_rx) = mpsc::channel(baton_core::node::peer::RPC_QUEUE_MAX);
+    let peers = Peers {
+        factory: QuicNetworkFactory::new(links.clone()),
+        inbound: inbound_rx,
+        forwarder: Some(Box::new(QuicForwarder::new(links.clone()))),
+        on_stop: None,
+    };
+    let node = match node::start_with(config.node.clone(), peers) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = stop_rt.send(());
+            let _ = rt_thread.join();
+            return Err(e.into());
+        }
+    };
+    let ctx = Arc::new(ServerContext {
+        node: node.clone(),
+        node_id: id,
+        cluster_id: config.cluster_id.clone(),
+        inbound: inbound_tx,
+    });
+    rt.spawn(serve(endpoint.clone(), ctx));
+    if let Some(members) = config.bootstrap {
+        let members = members
+            .into_iter()
+            .map(|(id, addr)| (id, openraft::BasicNode::new(addr)))
+            .collect();
+        // Refused (harmlessly) when the node already has a log or a vote.
+        if let Err(e) = futures_lite::future::block_on(node.initialize(members)) {
+            tracing::info!(node = id, reason = %e, "not initializing: node has state");
+        }
+    }
+    tracing::info!(node = id, %local_addr, "node listening");
+    Ok(NetNode {
+        node,
+        endpoint,
+        links,
+        rt,
+        stop_rt: Some(stop_rt),
+        rt_thread: Some(rt_thread),
+        local_addr,
+    })
+}
+
+impl NetNode {
+    /// The core node's handle.
+    pub fn handle(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The network runtime (e.g. to wait for signals on it).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// Stops the node: Raft and the WAL shut down first (durable work stays durable; pending
+    /// submissions are answered with `ShuttingDown`), then connections close and the network
+    /// runtime stops. Blocks until every thread has exited.
+    pub fn shutdown(mut self) {
+        futures_lite::future::block_on(self.node.shutdown());
+        self.node.join();
+        // Let answers already queued reach their clients, then close.
+        let endpoint = self.endpoint.clone();
+        self.links.close_all();
+        let _ = self.rt.block_on(async move {
+            endpoint.close(close_code::SHUTDOWN.into(), b"shutdown");
+            tokio::time::timeout(DRAIN_TIMEOUT, endpoint.wait_idle()).await
+        });
+        if let Some(stop) = self.stop_rt.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.rt_thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The outgoing side of node-to-node traffic: connections to peers (mutual TLS, ALPN
+//! `baton-peer/1`, a hello exchange that checks the cluster id and node id), openraft's network
+//! (`RaftNetworkV2`) and the forwarder of followers' batches.
+//!
+//! openraft calls the network on the Raft shard (glommio). The QUIC work runs on the node's
+//! tokio runtime; the two meet at bounded channels and task handles:
+//! - votes, unary appends, snapshots and forwarded batches: one short-lived QUIC stream per
+//!   call, spawned on tokio and awaited on glommio with the call's deadline, so a vote never
+//!   queues behind replication;
+//! - `stream_append`: one QUIC stream per replication session; the Raft shard encodes requests
+//!   (batch bytes are shared, not copied) into a bounded channel, a tokio task writes them
+//!   pipelined and another reads the in-order results.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_core::node::{Committed, Forwarder, SubmitError};
+use baton_core::raft::wire::{self, WireError};
+use baton_core::raft::{BatchBytes, SnapshotBlob, TypeConfig};
+use bytes::Bytes;
+use futures_channel::mpsc;
+use futures_util::future::LocalBoxFuture;
+use futures_util::{SinkExt, Stream, StreamExt};
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
+
+use crate::frame::FrameKind;
+use crate::msg::{ErrorMsg, ForwardRequest, ForwardResponse, Hello, MsgError};
+use crate::stream::{write_frame, write_frame_chunks, FrameReader, StreamError};
+
+/// Replication requests encoded and waiting for the QUIC writer, per session.
+const APPEND_QUEUE_MAX: usize = 64;
+/// A replication session with unanswered requests fails after this long without a response.
+const APPEND_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on connecting to a peer and exchanging hellos.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a forwarded batch may take to commit through the leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Snapshot data per chunk frame.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// QUIC application error code of a connection closed by its owner.
+pub const CLOSE_NORMAL: u32 = 0;
+
+/// Why a call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer address does not resolve.
+    #[error("cannot resolve peer address {addr:?}")]
+    Resolve { addr: String },
+    /// QUIC refused to start the connection.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    /// The connection failed or was lost.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream failed.
+    #[error("stream: {0}")]
+    Stream(#[from] StreamError),
+    /// The peer belongs to another cluster.
+    #[error("peer {addr} is in cluster {found:?}, not {expected:?}")]
+    WrongCluster {
+        addr: SocketAddr,
+        expected: String,
+        found: String,
+    },
+    /// Another node answers at the address.
+    #[error("expected node {expected} at {addr}, found node {found}")]
+    WrongNode {
+        addr: SocketAddr,
+        expected: u64,
+        found: u64,
+    },
+    /// A Raft message did not decode.
+    #[error("raft message: {0}")]
+    Wire(#[from] WireError),
+    /// A baton message did not decode.
+    #[error("message: {0}")]
+    Msg(#[from] MsgError),
+    /// The peer answered with an error.
+    #[error("peer error: {0}")]
+    Remote(String),
+    /// No answer in time.
+    #[error("no answer within {ms} ms")]
+    Timeout { ms: u64 },
+    /// The node's network runtime is gone.
+    #[error("the network runtime stopped")]
+    RuntimeGone,
+}
+
+impl PeerError {
+    /// True when the peer could not be reached at all (openraft backs off longer).
+    fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Resolve { .. }
+                | PeerError::Connect { .. }
+                | PeerError::WrongCluster { .. }
+                | PeerError::WrongNode { .. }
+                | PeerError::RuntimeGone
+        ) || matches!(self, PeerError::Connection(_))
+    }
+}
+
+/// Connections from this node to its peers, shared by openraft's network and the forwarder.
+pub struct PeerLinks {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    cluster_id: String,
+    node_id: u64,
+    rt: tokio::runtime::Handle,
+    conns: Mutex<HashMap<u64, quinn::Connection>>,
+}
+
+impl PeerLinks {
+    /// Links for node `node_id` of `cluster_id`, dialing from `endpoint` with `config` (mutual
+    /// TLS, peer ALPN); QUIC work runs on `rt`.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        config: quinn::ClientConfig,
+        cluster_id: String,
+        node_id: u64,
+        rt: tokio::runtime::Handle,
+    ) -> Arc<PeerLinks> {
+        Arc::new(PeerLinks {
+            endpoint,
+            config,
+            cluster_id,
+            node_id,
+            rt,
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The open connection to `target`, or a new one (hello exchanged). Runs on tokio.
+    async fn connect(&self, target: u64, addr: &str) -> Result<quinn::Connection, PeerError> {
+        if let Some(c) = self.conns.lock().expect("conns lock").get(&target) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(target, addr))
+            .await
+            .map_err(|_| PeerError::Timeout {
+                ms: CONNECT_TIMEOUT.as_millis() as u64,
+            })??;
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .insert(target, conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, target: u64, addr: &str) -> Result<quinn::Connection, PeerError> {
+        let sock = resolve(addr).await?;
+        let name = crate::tls::server_name(&sock);
+        let conn = self
+            .endpoint
+            .connect_with(self.config.clone(), sock, &name)
+            .map_err(|source| PeerError::Connect { addr: sock, source })?
+            .await?;
+        // Hello both ways on the first stream: same cluster, the expected node.
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut body = Vec::new();
+        Hello {
+            cluster_id: self.cluster_id.clone(),
+            node_id: self.node_id,
+        }
+        .encode(&mut body);
+        write_frame(&mut send, FrameKind::PeerHello, &body).await?;
+        let _ = send.finish();
+        let mut reader = FrameReader::peer(recv);
+        let frame = reader.expect("PeerHello").await?;
+        match frame.kind {
+            FrameKind::PeerHello => {}
+            FrameKind::Error => {
+                let e = ErrorMsg::decode(&frame.body)?;
+                return Err(PeerError::Remote(format!("{:?}: {}", e.code, e.message)));
+            }
+            kind => return Err(StreamError::Unexpected { kind }.into()),
+        }
+        let hello = Hello::decode(&frame.body)?;
+        if hello.cluster_id != self.cluster_id {
+            conn.close(CLOSE_NORMAL.into(), b"wrong cluster");
+            return Err(PeerError::WrongCluster {
+                addr: sock,
+                expected: self.cluster_id.clone(),
+                found: hello.cluster_id,
+            });
+        }
+        if hello.node_id != target {
+            conn.close(CLOSE_NORMAL.into(), b"wrong node");
+            return Err(PeerError::WrongNode {
+                addr: sock,
+                expected: target,
+                found: hello.node_id,
+            });
+        }
+        Ok(conn)
+    }
+
+    /// Drops the cached connection to `target` (after a timeout: the next call dials again).
+    fn forget(&self, target: u64) {
+        if let Some(c) = self.conns.lock().expect("conns lock").remove(&target) {
+            c.close(CLOSE_NORMAL.into(), b"timeout");
+        }
+    }
+
+    /// Closes every connection.
+    pub fn close_all(&self) {
+        for (_, c) in self.conns.lock().expect("conns lock").drain() {
+            c.close(CLOSE_NORMAL.into(), b"shutdown");
+        }
+    }
+
+    /// Runs `f` on the network runtime and waits for it (from any executor) at most `ttl`.
+    async fn call<T, F>(self: &Arc<Self>, target: u64, ttl: Duration, f: F) -> Result<T, PeerError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, PeerError>> + Send + 'static,
+    {
+        let task = self.rt.spawn(async move {
+            tokio::time::timeout(ttl, f)
+                .await
+                .unwrap_or(Err(PeerError::Timeout {
+                    ms: ttl.as_millis() as u64,
+                }))
+        });
+        // A slow answer alone does not condemn the connection (heartbeats have tight
+        // deadlines); a dead peer's connection is dropped by the replication session's response
+        // timeout, and a restarted peer answers the old connection with a stateless reset.
+        let _ = target;
+        task.await.unwrap_or(Err(PeerError::RuntimeGone))
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, PeerError> {
+    let resolve_err = || PeerError::Resolve {
+        addr: addr.to_string(),
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|_| resolve_err())?
+        .next()
+        .ok_or_else(resolve_err)
+}
+
+/// One request, one response, on a fresh stream of the connection to `target`.
+async fn unary(
+    links: Arc<PeerLinks>,
+    target: u64,
+    addr: String,
+    kind: FrameKind,
+    chunks: Vec<Bytes>,
+) -> Result<Vec<u8>, PeerError> {
+    let conn = links.connect(target, &addr).await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    write_frame_chunks(&mut send, kind, chunks).await?;
+    let _ = send.finish();
+    let mut reader = FrameReader::peer(recv);
+    let frame = reader.expect("response").await?;
+    match frame.kind {
+        FrameKind::RaftResponse | FrameKind::ForwardResponse => Ok(frame.body),
+        FrameKind::Error => {
+            let e = ErrorMsg::decode(&frame.body)?;
+            Err(PeerError::Remote(format!("{:?}: {}", e.code, e.message)))
+        }
+        kind => Err(StreamError::Unexpected { kind }.into()),
+    }
+}
+
+fn rpc_error(
+    e: PeerError,
+    action: RPCTypes,
+    from: u64,
+    target: u64,
+    ttl: Duration,
+) -> RPCError<TypeConfig> {
+    match e {
+        PeerError::Timeout { .. } => RPCError::Timeout(Timeout {
+            action,
+            id: from,
+            target,
+            timeout: ttl,
+        }),
+        e if e.unreachable() => RPCError::Unreachable(Unreachable::new(&e)),
+        e => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+/// openraft's network factory over QUIC.
+pub struct QuicNetworkFactory {
+    links: Arc<PeerLinks>,
+}
+
+impl QuicNetworkFactory {
+    /// A factory dialing through `links`.
+    pub fn new(links: Arc<PeerLinks>) -> QuicNetworkFactory {
+        QuicNetworkFactory { links }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
+    type Network = QuicPeer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer {
+        QuicPeer {
+            links: self.links.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+/// One node's view of one peer, for openraft.
+pub struct QuicPeer {
+    links: Arc<PeerLinks>,
+    target: u64,
+    addr: String,
+}
+
+impl QuicPeer {
+    async fn unary(
+        &self,
+        action: RPCTypes,
+        ttl: Duration,
+        kind: FrameKind,
+        chunks: Vec<Bytes>,
+    ) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+        let (links, target, addr) = (self.links.clone(), self.target, self.addr.clone());
+        let from = self.links.node_id;
+        self.links
+            .call(target, ttl, unary(links, target, addr, kind, chunks))
+            .await
+            .map_err(|e| rpc_error(e, action, from, target, ttl))
+    }
+
+    fn remote(&self, e: String) -> RPCError<TypeConfig> {
+        RPCError::Network(NetworkError::new(&PeerError::Remote(e)))
+    }
+
+    fn decode_err(&self, e: WireError) -> RPCError<TypeConfig> {
+        RPCError::Network(NetworkError::new(&PeerError::Wire(e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for QuicPeer {
+    type SnapshotData = SnapshotBlob;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let chunks = wire::encode_append(&rpc).map_err(|e| self.decode_err(e))?;
+        let body = self
+            .unary(
+                RPCTypes::AppendEntries,
+                option.hard_ttl(),
+                FrameKind::RaftAppend,
+                chunks,
+            )
+            .await?;
+        match wire::decode_append_result(&body).map_err(|e| self.decode_err(e))? {
+            Ok(r) => Ok(AppendEntriesResponse::from(r)),
+            Err(e) => Err(self.remote(e)),
+        }
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin + 'static,
+    {
+        let links = self.links.clone();
+        let (target, addr) = (self.target, self.addr.clone());
+        let from = links.node_id;
+        let ttl = option.soft_ttl().max(CONNECT_TIMEOUT);
+        Box::pin(async move {
+            let conn = {
+                let l = links.clone();
+                let addr = addr.clone();
+                links
+                    .call(target, ttl, async move { l.connect(target, &addr).await })
+                    .await
+                    .map_err(|e| rpc_error(e, RPCTypes::AppendEntries, from, target, ttl))?
+            };
+            let (req_tx, req_rx) = mpsc::channel::<Vec<Bytes>>(APPEND_QUEUE_MAX);
+            let (res_tx, res_rx) = mpsc::channel(APPEND_QUEUE_MAX);
+            links
+                .rt
+                .spawn(replicate(links.clone(), target, conn, req_rx, res_tx));
+            // Encode on this (the Raft) shard: the batch bytes are shared with the log.
+            glommio::spawn_local(encode_requests(input, req_tx)).detach();
+            let out = res_rx.map(
+                move |r: Result<StreamAppendResult<TypeConfig>, PeerError>| {
+                    r.map_err(|e| {
+                        rpc_error(
+                            e,
+                            RPCTypes::AppendEntries,
+                            from,
+                            target,
+                            APPEND_RESPONSE_TIMEOUT,
+                        )
+                    })
+                },
+            );
+            Ok(Box::pin(out) as BoxStream<'s, _>)
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut body = Vec::new();
+        wire::encode_vote_request(&rpc, &mut body);
+        let chunks = vec![Bytes::from(body)];
+        let body = self
+            .unary(
+                RPCTypes::Vote,
+                option.hard_ttl(),
+                FrameKind::RaftVote,
+                chunks,
+            )
+            .await?;
+        match wire::decode_vote_response(&body).map_err(|e| self.decode_err(e))? {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.remote(e)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotBlob>,
+        _cancel: impl Future<Output = ReplicationClosed> + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut header = Vec::new();
+        let data = snapshot.snapshot.clone();
+        let (links, target, addr) = (self.links.clone(), self.target, self.addr.clone());
+        let from = links.node_id;
+        let ttl = option.hard_ttl();
+        let to_streaming =
+            |e: PeerError| match rpc_error(e, RPCTypes::InstallSnapshot, from, target, ttl) {
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                other => StreamingError::Network(NetworkError::new(&other)),
+            };
+        wire::encode_snapshot_header(&vote, &snapshot.meta, data.len() as u64, &mut header)
+            .map_err(|e| to_streaming(PeerError::Wire(e)))?;
+        let sent = self
+            .links
+            .call(
+                target,
+                ttl,
+                send_snapshot(links, target, addr, header, data),
+            )
+            .await;
+        let body = sent.map_err(to_streaming)?;
+        match wire::decode_snapshot_response(&body) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(to_streaming(PeerError::Remote(e))),
+            Err(e) => Err(to_streaming(PeerError::Wire(e))),
+        }
+    }
+}
+
+/// Feeds a replication session's requests, encoded, to its QUIC writer.
+async fn encode_requests<S>(mut input: S, mut out: mpsc::Sender<Vec<Bytes>>)
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    while let Some(req) = input.next().await {
+        match wire::encode_append(&req) {
+            Ok(chunks) => {
+                if out.send(chunks).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an append request; session ends");
+                return;
+            }
+        }
+    }
+}
+
+/// One replication session on one QUIC stream: a writer sends requests as they come
+/// (pipelined), this task reads the results, in order, until the peer finishes the stream.
+async fn replicate(
+    links: Arc<PeerLinks>,
+    target: u64,
+    conn: quinn::Connection,
+    mut requests: mpsc::Receiver<Vec<Bytes>>,
+    mut results: mpsc::Sender<Result<StreamAppendResult<TypeConfig>, PeerError>>,
+) {
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = results.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            while let Some(chunks) = requests.next().await {
+                if let Err(e) = write_frame_chunks(&mut send, FrameKind::RaftAppend, chunks).await {
+                    tracing::debug!(target, error = %e, "replication stream write failed");
+                    return;
+                }
+                sent.fetch_add(1, Ordering::Release);
+            }
+            let _ = send.finish();
+        })
+    };
+    let mut reader = FrameReader::peer(recv);
+    let mut received = 0u64;
+    loop {
+        let next = match tokio::time::timeout(APPEND_RESPONSE_TIMEOUT, reader.next()).await {
+            Ok(n) => n,
+            Err(_) if sent.load(Ordering::Acquire) > received => {
+                links.forget(target);
+                Err(StreamError::Ended {
+                    expected: "append response in time",
+                })
+            }
+            // Nothing outstanding: an idle session is fine.
+            Err(_) => continue,
+        };
+        let result = match next {
+            Ok(Some(f)) if f.kind == FrameKind::RaftResponse => {
+                match wire::decode_append_result(&f.body) {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(remote)) => Err(PeerError::Remote(remote)),
+                    Err(e) => Err(PeerError::Wire(e)),
+                }
+            }
+            Ok(Some(f)) => Err(StreamError::Unexpected { kind: f.kind }.into()),
+            Ok(None) => break,
+            Err(e) => Err(e.into()),
+        };
+        received += 1;
+        let stop = !matches!(result, Ok(Ok(_)));
+        if results.send(result).await.is_err() || stop {
+            break;
+        }
+    }
+    writer.abort();
+}
+
+async fn send_snapshot(
+    links: Arc<PeerLinks>,
+    target: u64,
+    addr: String,
+    header: Vec<u8>,
+    data: Bytes,
+) -> Result<Vec<u8>, PeerError> {
+    let conn = links.connect(target, &addr).await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    write_frame(&mut send, FrameKind::RaftSnapshot, &header).await?;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        write_frame_chunks(
+            &mut send,
+            FrameKind::RaftSnapshotChunk,
+            vec![data.slice(at..end)],
+        )
+        .await?;
+        at = end;
+    }
+    let _ = send.finish();
+    let mut reader = FrameReader::peer(recv);
+    let frame = reader.expect("snapshot response").await?;
+    match frame.kind {
+        FrameKind::RaftResponse => Ok(frame.body),
+        FrameKind::Error => {
+            let e = ErrorMsg::decode(&frame.body)?;
+            Err(PeerError::Remote(format!("{:?}: {}", e.code, e.message)))
+        }
+        kind => Err(StreamError::Unexpected { kind }.into()),
+    }
+}
+
+/// Forwards followers' sealed batches to the leader over QUIC.
+pub struct QuicForwarder {
+    links: Arc<PeerLinks>,
+    next_request: AtomicU64,
+}
+
+impl QuicForwarder {
+    /// A forwarder dialing through `links`.
+    pub fn new(links: Arc<PeerLinks>) -> QuicForwarder {
+        QuicForwarder {
+            links,
+            next_request: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Forwarder for QuicForwarder {
+    fn forward(
+        &self,
+        leader: u64,
+        addr: String,
+        batch: BatchBytes,
+    ) -> LocalBoxFuture<'static, Result<Committed, SubmitError>> {
+        let links = self.links.clone();
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let chunks = ForwardRequest::encode_chunks(request_id, &batch.into_bytes());
+            let l = links.clone();
+            let call = async move {
+                let body = unary(l, leader, addr, FrameKind::Forward, chunks).await?;
+                Ok(ForwardResponse::decode(&body)?)
+            };
+            match links.call(leader, FORWARD_TIMEOUT, call).await {
+                Ok(r) if r.request_id == request_id => r.result,
+                Ok(r) => {
+                    tracing::warn!(
+                        leader,
+                        request_id,
+                        got = r.request_id,
+                        "forward answer for another request"
+                    );
+                    Err(SubmitError::NotLeader { leader_hint: None })
+                }
+                // The outcome is unknown: the caller retries (idempotent by transaction hash).
+                Err(PeerError::Timeout { ms }) => Err(SubmitError::CommitTimeout { waited_ms: ms }),
+                Err(e) => {
+                    tracing::debug!(leader, error = %e, "forwarding failed");
+                    Err(SubmitError::NotLeader { leader_hint: None })
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,528 @@
+//! The incoming side: one QUIC endpoint per node accepts clients (ALPN `baton/1`) and peers
+//! (ALPN `baton-peer/1`, mutual TLS, hello with the cluster id), reads frames and hands whole
+//! requests to the node: submissions to its `NodeHandle`, Raft RPCs and forwarded batches to its
+//! Raft shard through the bounded `Rpc` queue.
+//!
+//! Bad input gets a typed `Error` frame (or the stream or connection closed with a reason) and
+//! never reaches the log; one client's garbage does not disturb other streams or connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::node::{NodeHandle, Rpc};
+use baton_core::raft::wire;
+use baton_core::raft::BatchBytes;
+use bytes::BytesMut;
+use futures_channel::{mpsc, oneshot};
+use futures_util::{SinkExt, StreamExt};
+use rkyv::util::AlignedVec;
+
+use crate::frame::{Frame, FrameKind, ProtocolError};
+use crate::msg::{
+    ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, Hello, StatusRequest, StatusResponse,
+    SubmitRequest, SubmitResponse,
+};
+use crate::stream::{write_frame, FrameReader, StreamError};
+use crate::tls::{ALPN_CLIENT, ALPN_PEER};
+
+/// Requests of one client stream being processed at once; beyond it the stream is not read
+/// (QUIC flow control then slows the client).
+pub const STREAM_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// Responses of one stream waiting for its writer.
+const RESPONSES_QUEUED_MAX: usize = 256;
+/// How long a dialing peer has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// QUIC application error codes a node closes connections or streams with.
+pub mod close_code {
+    /// A protocol violation (malformed or oversized frame) on the stream.
+    pub const PROTOCOL: u32 = 1;
+    /// A peer connection without a client certificate.
+    pub const NOT_A_PEER: u32 = 2;
+    /// A peer of another cluster.
+    pub const WRONG_CLUSTER: u32 = 3;
+    /// An ALPN this node does not serve.
+    pub const BAD_ALPN: u32 = 4;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// What the server needs from its node.
+pub struct ServerContext {
+    /// The node's handle (submissions, status).
+    pub node: NodeHandle,
+    /// This node's id.
+    pub node_id: u64,
+    /// The cluster id peers must present.
+    pub cluster_id: String,
+    /// Raft RPCs and forwarded batches for the Raft shard.
+    pub inbound: mpsc::Sender<Rpc>,
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(ctx, conn).await,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "connection refused during handshake")
+                }
+            }
+        });
+    }
+}
+
+fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    match alpn_of(&conn).as_deref() {
+        Some(a) if a == ALPN_CLIENT => serve_client(ctx, conn).await,
+        Some(a) if a == ALPN_PEER => {
+            if conn.peer_identity().is_none() {
+                tracing::warn!(%remote, "refused peer: no client certificate");
+                conn.close(close_code::NOT_A_PEER.into(), b"peer certificate required");
+                return;
+            }
+            serve_peer(ctx, conn).await
+        }
+        other => {
+            tracing::warn!(%remote, alpn = ?other, "refused connection: unknown ALPN");
+            conn.close(close_code::BAD_ALPN.into(), b"unknown ALPN");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(client_stream(ctx.clone(), send, recv));
+            }
+            Err(e) => {
+                tracing::debug!(remote = %conn.remote_address(), error = %e, "client connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// The request id at the start of a body, if there are 8 bytes to read.
+fn request_id_of(body: &[u8]) -> u64 {
+    body.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0)
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: String) -> (FrameKind, Vec<u8>) {
+    let mut body = Vec::new();
+    ErrorMsg {
+        request_id,
+        code,
+        message,
+    }
+    .encode(&mut body);
+    (FrameKind::Error, body)
+}
+
+fn protocol_code(e: &ProtocolError) -> ErrorCode {
+    match e {
+        ProtocolError::FrameTooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::Malformed,
+    }
+}
+
+/// One client stream: requests are read in order and processed concurrently (bounded); each
+/// response goes out when ready, tagged with its request id.
+async fn client_stream(
+    ctx: Arc<ServerContext>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let (out_tx, mut out_rx) =
+        tokio::sync::mpsc::channel::<(FrameKind, Vec<u8>)>(RESPONSES_QUEUED_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some((kind, body)) = out_rx.recv().await {
+            if write_frame(&mut send, kind, &body).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_REQUESTS_IN_FLIGHT_MAX));
+    let mut reader = FrameReader::new(recv);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(StreamError::Protocol(e)) => {
+                // The stream's framing is broken: say why, stop reading it.
+                tracing::debug!(error = %e, "client stream: protocol error");
+                let _ = out_tx
+                    .send(error_frame(0, protocol_code(&e), e.to_string()))
+                    .await;
+                reader.stop(close_code::PROTOCOL);
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "client stream ended");
+                break;
+            }
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let node = ctx.node.clone();
+        let out = out_tx.clone();
+        tokio::spawn(async move {
+            let response = client_request(&node, frame).await;
+            let _ = out.send(response).await;
+            drop(permit);
+        });
+    }
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+async fn client_request(node: &NodeHandle, frame: Frame) -> (FrameKind, Vec<u8>) {
+    let request_id = request_id_of(&frame.body);
+    let mut body = Vec::new();
+    match frame.kind {
+        FrameKind::SubmitRequest => match SubmitRequest::decode(&frame.body) {
+            Ok(req) => {
+                let results = node.submit(req.txs).await;
+                SubmitResponse {
+                    request_id: req.request_id,
+                    results,
+                }
+                .encode(&mut body);
+                (FrameKind::SubmitResponse, body)
+            }
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        FrameKind::StatusRequest => match StatusRequest::decode(&frame.body) {
+            Ok(req) => match node.status().await {
+                Ok(status) => {
+                    StatusResponse {
+                        request_id: req.request_id,
+                        status,
+                    }
+                    .encode(&mut body);
+                    (FrameKind::StatusResponse, body)
+                }
+                Err(e) => error_frame(req.request_id, ErrorCode::ShuttingDown, e.to_string()),
+            },
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        kind => error_frame(
+            request_id,
+            ErrorCode::UnexpectedKind,
+            format!("{kind:?} is not a client request"),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+async fn serve_peer(ctx: Arc<ServerContext>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, accept_hello(&ctx, &conn)).await;
+    match hello {
+        Ok(Ok(from)) => tracing::debug!(%remote, from, "peer connected"),
+        Ok(Err(reason)) => {
+            tracing::warn!(%remote, %reason, "refused peer");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "refused peer: no hello in time");
+            conn.close(close_code::PROTOCOL.into(), b"no hello");
+            return;
+        }
+    }
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(peer_stream(ctx.clone(), send, recv));
+            }
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "peer connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the dialer's hello, checks its cluster id, answers with ours.
+async fn accept_hello(ctx: &ServerContext, conn: &quinn::Connection) -> Result<u64, String> {
+    let (mut send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::peer(recv);
+    let frame = reader
+        .expect("PeerHello")
+        .await
+        .map_err(|e| e.to_string())?;
+    if frame.kind != FrameKind::PeerHello {
+        conn.close(close_code::PROTOCOL.into(), b"hello expected");
+        return Err(format!("first frame is {:?}, not a hello", frame.kind));
+    }
+    let hello = Hello::decode(&frame.body).map_err(|e| e.to_string())?;
+    if hello.cluster_id != ctx.cluster_id {
+        let (kind, body) = error_frame(
+            0,
+            ErrorCode::WrongCluster,
+            format!("this is cluster {:?}", ctx.cluster_id),
+        );
+        let _ = write_frame(&mut send, kind, &body).await;
+        let _ = send.finish();
+        conn.close(close_code::WRONG_CLUSTER.into(), b"wrong cluster id");
+        return Err(format!(
+            "wrong cluster id {:?} (this is {:?}), node {}",
+            hello.cluster_id, ctx.cluster_id, hello.node_id
+        ));
+    }
+    let mut body = Vec::new();
+    Hello {
+        cluster_id: ctx.cluster_id.clone(),
+        node_id: ctx.node_id,
+    }
+    .encode(&mut body);
+    write_frame(&mut send, FrameKind::PeerHello, &body)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(hello.node_id)
+}
+
+async fn peer_stream(
+    ctx: Arc<ServerContext>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::peer(recv);
+    let first = match reader.next().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "peer stream: bad first frame");
+            return;
+        }
+    };
+    let inbound = ctx.inbound.clone();
+    let result = match first.kind {
+        FrameKind::RaftAppend => serve_append(first, reader, send, inbound).await,
+        FrameKind::RaftVote => serve_vote(first, &mut send, inbound).await,
+        FrameKind::RaftSnapshot => serve_snapshot(first, reader, &mut send, inbound).await,
+        FrameKind::Forward => serve_forward(first, &mut send, inbound).await,
+        kind => {
+            let (k, body) = error_frame(
+                request_id_of(&first.body),
+                ErrorCode::UnexpectedKind,
+                format!("{kind:?} does not open a peer stream"),
+            );
+            let _ = write_frame(&mut send, k, &body).await;
+            let _ = send.finish();
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "peer stream failed");
+    }
+}
+
+/// Why serving a peer stream stopped early.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("the node is shutting down")]
+    NodeGone,
+}
+
+async fn respond(
+    send: &mut quinn::SendStream,
+    kind: FrameKind,
+    body: &[u8],
+) -> Result<(), ServeError> {
+    write_frame(send, kind, body).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn refuse(
+    send: &mut quinn::SendStream,
+    request_id: u64,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), ServeError> {
+    let (k, body) = error_frame(request_id, code, message);
+    respond(send, k, &body).await
+}
+
+/// A replication session: requests are decoded as they arrive and fed, in order, to the Raft
+/// shard's `stream_append`; its in-order results go back as they come.
+async fn serve_append(
+    first: Frame,
+    mut reader: FrameReader,
+    mut send: quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let (mut req_tx, req_rx) = mpsc::channel(baton_core::node::peer::STREAM_APPEND_QUEUE_MAX);
+    let (res_tx, mut res_rx) = mpsc::channel(baton_core::node::peer::STREAM_APPEND_QUEUE_MAX);
+    inbound
+        .send(Rpc::StreamAppend(req_rx, res_tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let feed = tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            let frame = match next.take() {
+                Some(f) => f,
+                None => match reader.next().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "replication stream read failed");
+                        return;
+                    }
+                },
+            };
+            if frame.kind != FrameKind::RaftAppend {
+                tracing::warn!(kind = ?frame.kind, "replication stream: unexpected frame; ending it");
+                return;
+            }
+            match wire::decode_append(&frame.body) {
+                Ok(req) => {
+                    if req_tx.send(req).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "replication stream: undecodable append; ending it");
+                    return;
+                }
+            }
+        }
+    });
+    let mut body = Vec::new();
+    while let Some(r) = res_rx.next().await {
+        body.clear();
+        wire::encode_append_result(&r, &mut body);
+        if let Err(e) = write_frame(&mut send, FrameKind::RaftResponse, &body).await {
+            feed.abort();
+            return Err(e.into());
+        }
+    }
+    feed.abort();
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn serve_vote(
+    first: Frame,
+    send: &mut quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let req = match wire::decode_vote_request(&first.body) {
+        Ok(r) => r,
+        Err(e) => return refuse(send, 0, ErrorCode::Malformed, e.to_string()).await,
+    };
+    let (tx, rx) = oneshot::channel();
+    inbound
+        .send(Rpc::Vote(req, tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let r = rx.await.map_err(|_| ServeError::NodeGone)?;
+    let mut body = Vec::new();
+    wire::encode_vote_response(&r.map_err(|e| e.to_string()), &mut body);
+    respond(send, FrameKind::RaftResponse, &body).await
+}
+
+async fn serve_snapshot(
+    first: Frame,
+    mut reader: FrameReader,
+    send: &mut quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let (vote, meta, len) = match wire::decode_snapshot_header(&first.body) {
+        Ok(h) => h,
+        Err(e) => return refuse(send, 0, ErrorCode::Malformed, e.to_string()).await,
+    };
+    // `len` is bounded by the decoder (SNAPSHOT_BYTES_MAX).
+    let len = len as usize;
+    let mut data = BytesMut::with_capacity(len);
+    while data.len() < len {
+        let f = reader.expect("snapshot chunk").await?;
+        if f.kind != FrameKind::RaftSnapshotChunk || data.len() + f.body.len() > len {
+            let msg = format!("bad snapshot chunk ({:?}, {} bytes)", f.kind, f.body.len());
+            return refuse(send, 0, ErrorCode::Malformed, msg).await;
+        }
+        data.extend_from_slice(&f.body);
+    }
+    let snapshot = openraft::Snapshot {
+        meta,
+        snapshot: data.freeze(),
+    };
+    let (tx, rx) = oneshot::channel();
+    inbound
+        .send(Rpc::Snapshot(vote, snapshot, tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let r = rx.await.map_err(|_| ServeError::NodeGone)?;
+    let mut body = Vec::new();
+    wire::encode_snapshot_response(&r.map_err(|e| e.to_string()), &mut body);
+    respond(send, FrameKind::RaftResponse, &body).await
+}
+
+/// A follower's sealed batch: validated here (untrusted bytes), then proposed by the Raft
+/// shard, which never forwards it again.
+async fn serve_forward(
+    first: Frame,
+    send: &mut quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let (request_id, batch) = match ForwardRequest::decode(&first.body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                send,
+                request_id_of(&first.body),
+                ErrorCode::Malformed,
+                e.to_string(),
+            )
+            .await
+        }
+    };
+    // One copy into an aligned buffer, so the batch can be read in place from here on.
+    let mut buf = AlignedVec::<16>::with_capacity(batch.len());
+    buf.extend_from_slice(batch);
+    let bytes = BatchBytes::from_aligned(buf);
+    if let Err(e) = bytes.batch() {
+        return refuse(
+            send,
+            request_id,
+            ErrorCode::Malformed,
+            format!("forwarded batch: {e}"),
+        )
+        .await;
+    }
+    let (tx, rx) = oneshot::channel();
+    inbound
+        .send(Rpc::Forward(bytes, tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let result = rx.await.map_err(|_| ServeError::NodeGone)?;
+    let mut body = Vec::new();
+    ForwardResponse { request_id, result }.encode(&mut body);
+    respond(send, FrameKind::ForwardResponse, &body).await
+}

@@ -1,0 +1,404 @@
+//! `baton node` (run one node from its TOML file) and `baton cluster up` (a local cluster of
+//! real node processes on 127.0.0.1).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_net::tls::{self, CertOptions};
+use baton_net::{Client, ClientOptions};
+use clap::Args;
+use serde::Serialize;
+
+use crate::node_config::{NodeFile, PeerFile, TlsFile};
+
+/// `baton node`
+#[derive(Args)]
+pub struct NodeArgs {
+    /// The node's configuration file.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Runs one node until SIGTERM or SIGINT, then shuts it down cleanly.
+pub fn run_node(args: NodeArgs) -> ExitCode {
+    let file = match NodeFile::load(&args.config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("baton node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let base = args
+        .config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let config = file.to_config(&base);
+    let node = match baton_net::node::start(config) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("baton node: cannot start node {}: {e}", file.node_id);
+            return ExitCode::from(1);
+        }
+    };
+    eprintln!(
+        "baton node {} listening on {} (cluster {:?})",
+        file.node_id,
+        node.local_addr(),
+        file.cluster_id
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    node.runtime().spawn(async move {
+        let signal = wait_for_stop_signal().await;
+        let _ = tx.send(signal);
+    });
+    let signal = rx.recv().unwrap_or("runtime stopped");
+    eprintln!("baton node {}: {signal}, shutting down", file.node_id);
+    node.shutdown();
+    eprintln!("baton node {}: stopped", file.node_id);
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the node still runs; it stops when killed.
+        std::future::pending::<()>().await;
+        unreachable!()
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// `baton cluster up`
+#[derive(Args)]
+pub struct ClusterUpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Directory for certificates, configurations, logs and data (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// UDP port of node 1; node i listens on base_port + i - 1.
+    #[arg(long, default_value_t = 7100)]
+    base_port: u16,
+    /// Shards per node.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Print the endpoints as one JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Give up waiting for a leader after this long.
+    #[arg(long, default_value_t = 30_000)]
+    leader_timeout_ms: u64,
+}
+
+/// `baton cluster`
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Start a local cluster of node processes on 127.0.0.1 and keep it up until Ctrl-C or
+    /// SIGTERM.
+    Up(ClusterUpArgs),
+}
+
+/// What `cluster up` prints (and writes to DIR/cluster.json) once a leader is elected.
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct ClusterInfo {
+    /// Cluster id.
+    pub cluster_id: String,
+    /// The CA certificate clients must trust.
+    pub ca_cert: PathBuf,
+    /// The client certificate and key.
+    pub client_cert: PathBuf,
+    /// The client key.
+    pub client_key: PathBuf,
+    /// The nodes.
+    pub nodes: Vec<NodeInfo>,
+    /// The leader when the cluster came up.
+    pub leader: u64,
+}
+
+/// One node of a local cluster.
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: u64,
+    /// Client and peer address.
+    pub addr: SocketAddr,
+    /// Its process id.
+    pub pid: u32,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// Runs `cluster` subcommands.
+pub fn run_cluster(command: ClusterCommand) -> ExitCode {
+    match command {
+        ClusterCommand::Up(args) => cluster_up(args),
+    }
+}
+
+/// Writes certificates and node configuration files for a local cluster in `dir` (once: an
+/// existing cluster directory is reused as it is).
+pub fn prepare_cluster(
+    dir: &Path,
+    nodes: u64,
+    base_port: u16,
+    shards: usize,
+) -> Result<Vec<(u64, SocketAddr, PathBuf)>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        tls::generate(&certs, &CertOptions::new("baton-local", nodes))
+            .map_err(|e| e.to_string())?;
+    }
+    let peers: Vec<PeerFile> = (1..=nodes)
+        .map(|id| PeerFile {
+            id,
+            addr: format!("127.0.0.1:{}", base_port as u64 + id - 1),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for id in 1..=nodes {
+        let addr: SocketAddr = peers[(id - 1) as usize]
+            .addr
+            .parse()
+            .expect("literal address");
+        let config = dir.join(format!("node-{id}.toml"));
+        let (cert, key) = tls::node_files(&certs, id);
+        let file = NodeFile {
+            node_id: id,
+            cluster_id: "baton-local".into(),
+            listen_addr: addr,
+            data_dir: dir.join(format!("node-{id}")),
+            shards: Some(shards),
+            pin_shards: false,
+            net_threads: 1,
+            bootstrap: true,
+            tls: TlsFile {
+                ca_cert: certs.join("ca.pem"),
+                cert,
+                key,
+            },
+            peers: peers.clone(),
+            raft: Default::default(),
+            batch: Default::default(),
+            limits: Default::default(),
+        };
+        let text = toml::to_string(&file).map_err(|e| e.to_string())?;
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        out.push((id, addr, config));
+    }
+    Ok(out)
+}
+
+/// Starts `baton node --config <config>` with its output appended to `log`.
+pub fn spawn_node(config: &Path, log: &Path) -> std::io::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.try_clone()?;
+    Command::new(exe)
+        .arg("node")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+}
+
+/// Sends SIGTERM to every child, waits up to `grace`, then SIGKILLs what is left.
+pub fn stop_children(children: &mut [Child], grace: Duration) {
+    for c in children.iter() {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    for c in children.iter_mut() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn cluster_up(args: ClusterUpArgs) -> ExitCode {
+    if args.nodes == 0 || args.nodes > 7 {
+        eprintln!("baton cluster up: --nodes must be 1 to 7");
+        return ExitCode::from(2);
+    }
+    let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("baton cluster up: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let dir = args.dir.canonicalize().expect("created above");
+    let mut children = Vec::new();
+    let mut infos = Vec::new();
+    for (id, addr, config) in &prepared {
+        let log = dir.join(format!("node-{id}.log"));
+        match spawn_node(config, &log) {
+            Ok(child) => {
+                infos.push(NodeInfo {
+                    id: *id,
+                    addr: *addr,
+                    pid: child.id(),
+                    config: config.clone(),
+                    data_dir: dir.join(format!("node-{id}")),
+                    log,
+                });
+                children.push(child);
+            }
+            Err(e) => {
+                eprintln!("baton cluster up: cannot start node {id}: {e}");
+                stop_children(&mut children, Duration::from_secs(5));
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let certs = dir.join("certs");
+    let (client_cert, client_key) = tls::client_files(&certs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let endpoints: Vec<SocketAddr> = infos.iter().map(|n| n.addr).collect();
+    let ca = certs.join("ca.pem");
+    let leader = rt.block_on(wait_for_leader(
+        &endpoints,
+        &ca,
+        Duration::from_millis(args.leader_timeout_ms),
+    ));
+    let leader = match leader {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("baton cluster up: {e}; node logs are in {}", dir.display());
+            stop_children(&mut children, Duration::from_secs(5));
+            return ExitCode::from(1);
+        }
+    };
+    let info = ClusterInfo {
+        cluster_id: "baton-local".into(),
+        ca_cert: ca,
+        client_cert,
+        client_key,
+        nodes: infos,
+        leader,
+    };
+    let json = serde_json::to_string(&info).expect("serializable");
+    let _ = std::fs::write(dir.join("cluster.json"), &json);
+    if args.json {
+        println!("{json}");
+    } else {
+        println!(
+            "baton cluster up: {} nodes, leader {leader}",
+            info.nodes.len()
+        );
+        for n in &info.nodes {
+            println!(
+                "  node {}  {}  pid {}  log {}",
+                n.id,
+                n.addr,
+                n.pid,
+                n.log.display()
+            );
+        }
+        println!("  CA {}", info.ca_cert.display());
+        println!("Ctrl-C stops the cluster.");
+    }
+    let _ = std::io::stdout().flush();
+    let signal = rt.block_on(async {
+        tokio::select! {
+            s = wait_for_stop_signal() => s,
+            _ = watch_children_exit(&info) => "a node exited",
+        }
+    });
+    eprintln!("baton cluster up: {signal}, stopping the nodes");
+    stop_children(&mut children, Duration::from_secs(10));
+    ExitCode::SUCCESS
+}
+
+/// Resolves when every node process has exited (they were killed from outside).
+async fn watch_children_exit(info: &ClusterInfo) {
+    loop {
+        let alive = info
+            .nodes
+            .iter()
+            // SAFETY: signal 0 only checks that the process exists.
+            .filter(|n| unsafe { libc::kill(n.pid as libc::pid_t, 0) } == 0)
+            .count();
+        if alive == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls the nodes' status until one of them reports a leader that all of them agree on.
+async fn wait_for_leader(
+    endpoints: &[SocketAddr],
+    ca: &Path,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let deadline = Instant::now() + timeout;
+    let clients: Vec<Client> = endpoints
+        .iter()
+        .map(|e| {
+            let mut o = ClientOptions::new(vec![*e], ca);
+            o.attempts_max = 1;
+            o.call_budget_ms = 1_000;
+            Client::new(o).map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        let mut leaders = Vec::new();
+        for c in &clients {
+            match c.status().await {
+                Ok(s) => leaders.push(s.leader),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if leaders.len() == clients.len() && leaders.iter().all(|l| l.is_some() && *l == leaders[0])
+        {
+            return Ok(leaders[0].expect("checked"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "no leader within {} ms (last: {last})",
+        timeout.as_millis()
+    ))
+}

@@ -1,0 +1,267 @@
+//! `node.toml`: the configuration file of `baton node`. Every key has a unit in its name where it
+//! has one, and a documented default (docs/operations.md lists them all).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use baton_core::node::{NodeConfig, RaftTimings};
+use baton_net::{NetNodeConfig, TlsPaths};
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Raft node id (≥ 1). Required.
+    pub node_id: u64,
+    /// Cluster id peers must share. Default "baton-local".
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// UDP address for clients and peers. Required.
+    pub listen_addr: SocketAddr,
+    /// WAL and snapshot directory. Required (relative paths are relative to the file).
+    pub data_dir: PathBuf,
+    /// Glommio shards. Default: available cores.
+    #[serde(default)]
+    pub shards: Option<usize>,
+    /// Pin shard k to CPU k. Default false.
+    #[serde(default)]
+    pub pin_shards: bool,
+    /// Threads of the QUIC runtime. Default 1.
+    #[serde(default = "one")]
+    pub net_threads: usize,
+    /// Initialize a fresh cluster with `peers` on start (harmless once it has state).
+    /// Default false.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// TLS files. Required.
+    pub tls: TlsFile,
+    /// Every member of the cluster, this node included. Required.
+    pub peers: Vec<PeerFile>,
+    /// Raft timings.
+    #[serde(default)]
+    pub raft: RaftFile,
+    /// Batching.
+    #[serde(default)]
+    pub batch: BatchFile,
+    /// Submission queues and limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// Cluster CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[[peers]]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// Node id.
+    pub id: u64,
+    /// Its `host:port`.
+    pub addr: String,
+}
+
+/// `[raft]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftFile {
+    /// Default 50.
+    pub heartbeat_interval_ms: u64,
+    /// Default 200.
+    pub election_timeout_min_ms: u64,
+    /// Default 400.
+    pub election_timeout_max_ms: u64,
+    /// Default 10,000.
+    pub snapshot_every_entries: u64,
+    /// Default 1,000.
+    pub log_entries_kept_after_snapshot: u64,
+}
+
+impl Default for RaftFile {
+    fn default() -> Self {
+        let t = RaftTimings::default();
+        RaftFile {
+            heartbeat_interval_ms: t.heartbeat_interval_ms,
+            election_timeout_min_ms: t.election_timeout_min_ms,
+            election_timeout_max_ms: t.election_timeout_max_ms,
+            snapshot_every_entries: t.snapshot_every_entries,
+            log_entries_kept_after_snapshot: t.log_entries_kept_after_snapshot,
+        }
+    }
+}
+
+/// `[batch]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchFile {
+    /// Largest encoded batch. Default 1 MiB.
+    pub batch_bytes_max: usize,
+    /// Most transactions per batch.
+    pub batch_txs_max: usize,
+    /// Seal a batch once its oldest transaction waited this long.
+    pub linger_us: u64,
+}
+
+impl Default for BatchFile {
+    fn default() -> Self {
+        let p = baton_core::batcher::BatchPolicy::default();
+        BatchFile {
+            batch_bytes_max: p.batch_bytes_max,
+            batch_txs_max: p.batch_txs_max,
+            linger_us: p.linger_us,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// Transaction hashes each shard remembers for deduplication. Default 1,048,576.
+    pub dedup_window_txs: usize,
+    /// Submissions queued per shard. Default 1,024.
+    pub submit_queue_max: usize,
+    /// Sealed batches queued for the Raft shard. Default 64.
+    pub propose_queue_max: usize,
+    /// Batches proposed and not yet committed. Default 256.
+    pub proposals_in_flight_max: usize,
+    /// How long a batch may wait for its commit. Default 10,000.
+    pub commit_wait_ms: u64,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        let c = NodeConfig::new(1, "");
+        LimitsFile {
+            dedup_window_txs: c.dedup_window_txs,
+            submit_queue_max: c.submit_queue_max,
+            propose_queue_max: c.propose_queue_max,
+            proposals_in_flight_max: c.proposals_in_flight_max,
+            commit_wait_ms: c.commit_wait_ms,
+        }
+    }
+}
+
+fn default_cluster_id() -> String {
+    "baton-local".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Why a configuration file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not readable.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not valid TOML or not this schema.
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// A value breaks a rule.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl NodeFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: NodeFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if file.node_id == 0 {
+            return Err(invalid("node_id must be at least 1".into()));
+        }
+        if !file.peers.iter().any(|p| p.id == file.node_id) {
+            return Err(invalid(format!(
+                "peers must list this node (id {})",
+                file.node_id
+            )));
+        }
+        let mut ids: Vec<u64> = file.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != file.peers.len() {
+            return Err(invalid("peer ids must be unique".into()));
+        }
+        Ok(file)
+    }
+
+    /// The networked node configuration; relative paths are taken relative to `base` (the
+    /// directory of the file).
+    pub fn to_config(&self, base: &Path) -> NetNodeConfig {
+        let mut node = NodeConfig::new(self.node_id, resolve(base, &self.data_dir));
+        if let Some(s) = self.shards {
+            node.shards = s;
+        }
+        node.pin_shards = self.pin_shards;
+        node.raft = RaftTimings {
+            heartbeat_interval_ms: self.raft.heartbeat_interval_ms,
+            election_timeout_min_ms: self.raft.election_timeout_min_ms,
+            election_timeout_max_ms: self.raft.election_timeout_max_ms,
+            snapshot_every_entries: self.raft.snapshot_every_entries,
+            log_entries_kept_after_snapshot: self.raft.log_entries_kept_after_snapshot,
+        };
+        node.batch.batch_bytes_max = self.batch.batch_bytes_max;
+        node.batch.batch_txs_max = self.batch.batch_txs_max;
+        node.batch.linger_us = self.batch.linger_us;
+        node.dedup_window_txs = self.limits.dedup_window_txs;
+        node.submit_queue_max = self.limits.submit_queue_max;
+        node.propose_queue_max = self.limits.propose_queue_max;
+        node.proposals_in_flight_max = self.limits.proposals_in_flight_max;
+        node.commit_wait_ms = self.limits.commit_wait_ms;
+        let bootstrap = self.bootstrap.then(|| {
+            self.peers
+                .iter()
+                .map(|p| (p.id, p.addr.clone()))
+                .collect::<BTreeMap<_, _>>()
+        });
+        NetNodeConfig {
+            node,
+            cluster_id: self.cluster_id.clone(),
+            listen: self.listen_addr,
+            tls: TlsPaths {
+                ca_cert: resolve(base, &self.tls.ca_cert),
+                cert: resolve(base, &self.tls.cert),
+                key: resolve(base, &self.tls.key),
+            },
+            net_threads: self.net_threads,
+            bootstrap,
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Harness for multi-process tests: `baton cluster up` and `baton node` as real processes on
+//! 127.0.0.1, QUIC clients, and reading the nodes' WALs back after they stop.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_core::node::{NodeStatus, Receipt};
+use baton_core::{Transaction, TxHash, TxKind};
+use baton_net::{Client, ClientOptions};
+
+pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
+
+/// A UDP port range of `n` consecutive free ports on 127.0.0.1, spread by process id so
+/// concurrent test processes do not collide.
+pub fn free_base_port(n: u16) -> u16 {
+    let mut base = 20_000 + (std::process::id() % 4_000) as u16 * 8;
+    for _ in 0..100 {
+        let all_free = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+        base = 20_000 + (base - 20_000 + 8 * 37) % 32_000;
+    }
+    panic!("no free UDP port range");
+}
+
+/// One node of a running local cluster.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// A cluster started by `baton cluster up`.
+pub struct ClusterUp {
+    pub dir: PathBuf,
+    pub process: Child,
+    pub ca: PathBuf,
+    pub nodes: Vec<NodeInfo>,
+    pub leader: u64,
+    /// Nodes started by the test itself (restarts).
+    pub extra: Vec<Child>,
+}
+
+impl ClusterUp {
+    /// Runs `baton cluster up --json` and waits (bounded) for its endpoints line.
+    pub fn start(dir: &Path, nodes: u64, base_port: u16) -> ClusterUp {
+        let mut process = Command::new(BATON)
+            .args(["cluster", "up", "--json", "--nodes", &nodes.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--base-port", &base_port.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn baton cluster up");
+        let stdout = process.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("cluster up prints its endpoints within 60 s");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("cluster up printed {line:?}: {e}"));
+        let nodes = v["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| NodeInfo {
+                id: n["id"].as_u64().unwrap(),
+                addr: n["addr"].as_str().unwrap().parse().unwrap(),
+                pid: n["pid"].as_u64().unwrap() as u32,
+                config: n["config"].as_str().unwrap().into(),
+                data_dir: n["data_dir"].as_str().unwrap().into(),
+                log: n["log"].as_str().unwrap().into(),
+            })
+            .collect();
+        ClusterUp {
+            dir: dir.to_path_buf(),
+            process,
+            ca: v["ca_cert"].as_str().unwrap().into(),
+            nodes,
+            leader: v["leader"].as_u64().unwrap(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    pub fn node(&self, id: u64) -> &NodeInfo {
+        self.nodes.iter().find(|n| n.id == id).expect("node id")
+    }
+
+    /// A client trying the nodes starting with node `first`.
+    pub fn client_from(&self, first: u64) -> Client {
+        let mut eps = self.endpoints();
+        let at = eps
+            .iter()
+            .position(|e| *e == self.node(first).addr)
+            .unwrap();
+        eps.rotate_left(at);
+        Client::new(ClientOptions::new(eps, &self.ca)).expect("client")
+    }
+
+    /// A client of node `id` alone.
+    pub fn client_of(&self, id: u64) -> Client {
+        let mut o = ClientOptions::new(vec![self.node(id).addr], &self.ca);
+        o.attempts_max = 3;
+        o.call_budget_ms = 3_000;
+        Client::new(o).expect("client")
+    }
+
+    /// SIGKILLs node `id`'s process.
+    pub fn kill(&self, id: u64) {
+        let pid = self.node(id).pid;
+        // SAFETY: kill(2) on a pid of a node process this test started (through cluster up).
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill node {id} (pid {pid})");
+    }
+
+    /// Starts node `id` again as a process of this test (same config, data, port).
+    pub fn restart(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.node(id).log)
+            .unwrap();
+        let child = Command::new(BATON)
+            .arg("node")
+            .arg("--config")
+            .arg(&self.node(id).config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("restart node");
+        let pid = child.id();
+        self.extra.push(child);
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap().pid = pid;
+    }
+
+    /// SIGTERM to cluster up (which stops its nodes) and to restarted nodes; waits for all.
+    pub fn stop(mut self) -> Vec<NodeInfo> {
+        let mut all: Vec<&mut Child> = vec![&mut self.process];
+        all.extend(self.extra.iter_mut());
+        for c in &all {
+            // SAFETY: kill(2) on processes this test started.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for c in all {
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "processes did not stop on SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.nodes.clone()
+    }
+}
+
+/// `n` distinct transactions whose payloads start with `tag`.
+pub fn txs(tag: &str, from: u64, n: u64) -> Vec<Transaction> {
+    (from..from + n)
+        .map(|i| Transaction {
+            rollup_id: 1,
+            kind: TxKind::Raw,
+            bytes: format!("{tag}-{i:010}-{}", "x".repeat(100)).into_bytes(),
+        })
+        .collect()
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits (bounded) until `client`'s node has applied `index`.
+pub async fn wait_applied(client: &Client, index: u64, timeout: Duration) -> NodeStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = client.status().await {
+            if s.applied_index >= Some(index) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not applied {index} in time: {s:?}"
+            );
+        }
+        assert!(Instant::now() < deadline, "no status in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A node's log as read back from its WAL: index → (term, tx hashes of the batch).
+pub struct Log {
+    pub entries: BTreeMap<u64, (u64, Option<Vec<TxHash>>)>,
+}
+
+impl Log {
+    pub fn read(dir: &Path) -> Log {
+        let dir = dir.to_path_buf();
+        let entries = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("glommio executor")
+            .run(async move {
+                let (wal, _) = baton_wal::Wal::open(&dir, baton_wal::WalOptions::default())
+                    .await
+                    .expect("open WAL");
+                let mut entries = BTreeMap::new();
+                if let (Some(first), Some(last)) = (wal.first_index(), wal.last_index()) {
+                    for i in first..=last {
+                        let r = wal.read(i).await.expect("read entry");
+                        let hashes = baton_core::raft::log_store::entry_batch(r.payload())
+                            .expect("entries decode")
+                            .map(|b| {
+                                baton_core::access_batch(b)
+                                    .expect("valid batch")
+                                    .txs
+                                    .iter()
+                                    .map(|t| t.tx_hash())
+                                    .collect()
+                            });
+                        let raft_index = baton_core::raft::log_store::raft_index(i).unwrap();
+                        entries.insert(raft_index, (r.term, hashes));
+                    }
+                }
+                entries
+            });
+        Log { entries }
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.entries.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+/// Every log holds the same entries where they overlap; returns the longest.
+pub fn check_logs_agree(logs: &HashMap<u64, Log>) -> &Log {
+    let ids: Vec<u64> = logs.keys().copied().collect();
+    for (k, a) in ids.iter().enumerate() {
+        for b in &ids[k + 1..] {
+            for (i, ea) in &logs[a].entries {
+                if let Some(eb) = logs[b].entries.get(i) {
+                    assert_eq!(ea, eb, "nodes {a} and {b} disagree at index {i}");
+                }
+            }
+        }
+    }
+    logs.values().max_by_key(|l| l.last_index()).unwrap()
+}
+
+/// Every receipt names the first position of its transaction in `log` (later copies, from
+/// retries, are duplicates the state machine does not order again), and no two transactions
+/// share a position.
+pub fn check_receipts(log: &Log, receipts: &[Receipt]) {
+    let mut first: HashMap<TxHash, (u64, u32)> = HashMap::new();
+    for (index, (_, hashes)) in &log.entries {
+        for (offset, h) in hashes.iter().flatten().enumerate() {
+            first.entry(*h).or_insert((*index, offset as u32));
+        }
+    }
+    for r in receipts {
+        assert_eq!(
+            first.get(&r.tx_hash),
+            Some(&(r.index, r.offset)),
+            "receipt {r:?} is not the first position of its transaction"
+        );
+    }
+}
