@@ -285,6 +285,8 @@ async fn accept_hello(ctx: &ServerContext, conn: &quinn::Connection) -> Result<u
         );
         let _ = write_frame(&mut send, kind, &body).await;
         let _ = send.finish();
+        // Let the reason arrive before the connection closes (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         conn.close(close_code::WRONG_CLUSTER.into(), b"wrong cluster id");
         return Err(format!(
             "wrong cluster id {:?} (this is {:?}), node {}",

@@ -589,7 +589,8 @@ pub fn client_config(
     quic_client_config(ca, identity, ALPN_CLIENT)
 }
 
-fn quic_client_config(
+/// A client configuration offering `alpn` (tests of refused connections use it).
+pub fn quic_client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
     alpn: &[u8],

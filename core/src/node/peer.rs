@@ -95,8 +95,15 @@ pub(crate) async fn serve<SM>(
     // wait, instead of piling up handlers behind a slow node.
     let handlers = Rc::new(glommio::sync::Semaphore::new(RPC_HANDLERS_MAX));
     while let Some(rpc) = rx.next().await {
-        let Ok(permit) = handlers.acquire_static_permit(1).await else {
-            break;
+        // Votes, replication sessions and forwarded batches never wait for a permit: a vote
+        // must not queue behind bulk work, sessions live long (one per follower), and forwards
+        // are bounded by each follower's proposals in flight. The rest share the permits.
+        let permit = match rpc {
+            Rpc::Vote(..) | Rpc::StreamAppend(..) | Rpc::Forward(..) => None,
+            Rpc::Append(..) | Rpc::Snapshot(..) => match handlers.acquire_static_permit(1).await {
+                Ok(p) => Some(p),
+                Err(_) => break,
+            },
         };
         let raft = raft.clone();
         let mut propose = propose.clone();

@@ -49,6 +49,28 @@ pub struct ClusterUp {
     pub leader: u64,
     /// Nodes started by the test itself (restarts).
     pub extra: Vec<Child>,
+    /// `stop` ran: nothing left to clean up.
+    pub stopped: bool,
+}
+
+impl Drop for ClusterUp {
+    /// A failed test leaves no processes behind: SIGKILL everything it started.
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        for n in &self.nodes {
+            // SAFETY: kill(2) on node processes this test started (an exited pid is harmless
+            // within the test's short life).
+            unsafe { libc::kill(n.pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl ClusterUp {
@@ -96,6 +118,7 @@ impl ClusterUp {
             nodes,
             leader: v["leader"].as_u64().unwrap(),
             extra: Vec::new(),
+            stopped: false,
         }
     }
 
@@ -176,7 +199,8 @@ impl ClusterUp {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        self.nodes.clone()
+        self.stopped = true;
+        std::mem::take(&mut self.nodes)
     }
 }
 
