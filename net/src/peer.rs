@@ -203,7 +203,10 @@ impl PeerLinks {
                 found: hello.cluster_id,
             });
         }
-        if hello.node_id != target {
+        let is_node = conn
+            .peer_identity()
+            .is_some_and(|identity| crate::tls::is_node_certificate(identity.as_ref(), target));
+        if hello.node_id != target || !is_node {
             conn.close(CLOSE_NORMAL.into(), b"wrong node");
             return Err(PeerError::WrongNode {
                 addr: sock,

@@ -293,6 +293,27 @@ async fn accept_hello(ctx: &ServerContext, conn: &quinn::Connection) -> Result<u
             hello.cluster_id, ctx.cluster_id, hello.node_id
         ));
     }
+    let is_node = conn
+        .peer_identity()
+        .is_some_and(|identity| crate::tls::is_node_certificate(identity.as_ref(), hello.node_id));
+    if !is_node {
+        let (kind, body) = error_frame(
+            0,
+            ErrorCode::NotAPeer,
+            format!("the certificate is not node {}'s", hello.node_id),
+        );
+        let _ = write_frame(&mut send, kind, &body).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(
+            close_code::NOT_A_PEER.into(),
+            b"certificate does not name the node",
+        );
+        return Err(format!(
+            "announced node {} but its certificate does not name it",
+            hello.node_id
+        ));
+    }
     let mut body = Vec::new();
     Hello {
         cluster_id: ctx.cluster_id.clone(),

@@ -300,7 +300,17 @@ pub fn generate(out_dir: &Path, opts: &CertOptions) -> Result<CertFiles, TlsErro
     ];
     for (id, cert_path, key_path) in &files.nodes {
         let what = format!("node {id}'s certificate");
-        let params = leaf_params(opts, &format!("baton node {id}"), sans.clone(), true)?;
+        // The node's identity name binds the certificate to its node id (checked against the
+        // id a peer announces in its hello); the client certificate has none.
+        let mut node_sans = sans.clone();
+        let identity = node_identity_name(*id);
+        node_sans.push(SanType::DnsName(identity.as_str().try_into().map_err(
+            |source| TlsError::InvalidSan {
+                san: identity.clone(),
+                source,
+            },
+        )?));
+        let params = leaf_params(opts, &format!("baton node {id}"), node_sans, true)?;
         let key = new_key(&what)?;
         let cert = params
             .signed_by(&key, &ca, &ca_key)
@@ -336,6 +346,29 @@ fn rcgen_err(what: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
 fn new_key(what: &str) -> Result<KeyPair, TlsError> {
     // ECDSA P-256: small, fast, and supported by every TLS 1.3 stack.
     KeyPair::generate().map_err(rcgen_err(what))
+}
+
+/// The DNS name in node `id`'s certificate that identifies it as that node.
+pub fn node_identity_name(id: u64) -> String {
+    format!("node-{id}.baton")
+}
+
+/// True when the certificate chain a peer presented (`quinn::Connection::peer_identity`, already
+/// verified against the cluster CA by rustls) belongs to node `id`.
+pub fn is_node_certificate(identity: &dyn std::any::Any, id: u64) -> bool {
+    let Some(chain) = identity.downcast_ref::<Vec<CertificateDer<'static>>>() else {
+        return false;
+    };
+    let Some(leaf) = chain.first() else {
+        return false;
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(node_identity_name(id)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 /// 127.0.0.1, ::1, localhost, then the extra names (IP if it parses, else DNS).

@@ -1,7 +1,8 @@
 //! Bad input on a node's QUIC port: garbage, oversized, truncated and unknown frames, peer
 //! messages from a client, malformed bodies, oversized transactions, a peer without a
-//! certificate, a peer of another cluster, an unknown ALPN. Each gets a typed error (or its
-//! stream or connection closed); the node keeps serving everyone else and writes nothing.
+//! certificate, a client certificate posing as a peer, a peer of another cluster, an unknown
+//! ALPN. Each gets a typed error (or its stream or connection closed); the node keeps serving
+//! everyone else and writes nothing.
 
 mod common;
 
@@ -192,6 +193,30 @@ fn bad_input_gets_typed_errors_and_disturbs_nothing() {
             .await
             .expect("closed by the node");
         assert!(closed.to_string().contains("wrong cluster id"), "{closed}");
+        // The client certificate chains to the cluster CA but names no node: not a peer.
+        let (cert, key) = tls::client_files(&certs);
+        let imposter = raw(addr, &cluster.ca, tls::ALPN_PEER, Some((&cert, &key)))
+            .await
+            .unwrap();
+        let (mut send, recv) = imposter.open_bi().await.unwrap();
+        let mut body = Vec::new();
+        Hello {
+            cluster_id: "baton-local".into(),
+            node_id: 2,
+        }
+        .encode(&mut body);
+        write_frame(&mut send, FrameKind::PeerHello, &body)
+            .await
+            .unwrap();
+        let f = FrameReader::peer(recv).next().await.unwrap().unwrap();
+        assert_eq!(ErrorMsg::decode(&f.body).unwrap().code, ErrorCode::NotAPeer);
+        let closed = tokio::time::timeout(WAIT, imposter.closed())
+            .await
+            .expect("closed by the node");
+        assert!(
+            closed.to_string().contains("does not name the node"),
+            "{closed}"
+        );
         assert!(
             raw(addr, &cluster.ca, b"nope/1", None).await.is_err(),
             "unknown ALPN refused"
