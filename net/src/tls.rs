@@ -50,10 +50,11 @@ pub const PEM_BYTES_MAX: u64 = 1 << 20;
 const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// Connection idle timeout, in milliseconds.
-pub const IDLE_TIMEOUT_MS: u32 = 10_000;
+/// Connection idle timeout, in milliseconds: how long a killed peer or node (whose port answers
+/// nothing, not even a stateless reset) holds up the requests on its connection.
+pub const IDLE_TIMEOUT_MS: u32 = 3_000;
 /// Keep-alive interval, in milliseconds (well under the idle timeout).
-pub const KEEP_ALIVE_INTERVAL_MS: u64 = 1_000;
+pub const KEEP_ALIVE_INTERVAL_MS: u64 = 500;
 /// Bidirectional streams a peer may have open at once.
 pub const BIDI_STREAMS_MAX: u32 = 1024;
 /// Per-stream receive window in bytes: room for a few maximum (4 MiB) frames in flight.

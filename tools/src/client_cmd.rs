@@ -209,6 +209,7 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
         let (rollup, size) = (args.rollup, args.size);
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, 0u64);
+            let mut latencies_us = Vec::new();
             loop {
                 let first = next.fetch_add(per, std::sync::atomic::Ordering::Relaxed);
                 if first >= count {
@@ -218,7 +219,10 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
                     .map(|i| generated(rollup, seed, i, size))
                     .collect::<Vec<_>>();
                 let n = txs.len() as u64;
-                match client.submit(txs).await {
+                let sent = Instant::now();
+                let answer = client.submit(txs).await;
+                latencies_us.push(sent.elapsed().as_micros() as u64);
+                match answer {
                     Ok(results) => {
                         for r in results {
                             match r {
@@ -236,24 +240,29 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
                     }
                 }
             }
-            (ok, failed)
+            (ok, failed, latencies_us)
         }));
     }
     let (mut ok, mut failed) = (0, 0);
+    let mut latencies_us = Vec::new();
     for t in tasks {
-        let (o, f) = t.await.unwrap_or((0, 0));
+        let (o, f, l) = t.await.unwrap_or((0, 0, Vec::new()));
         ok += o;
         failed += f;
+        latencies_us.extend(l);
     }
     let secs = started.elapsed().as_secs_f64();
+    let [p50, p90, p99] = percentiles_us(&mut latencies_us, [0.5, 0.9, 0.99]);
     if args.json {
         println!(
             "{}",
-            json!({"sequenced": ok, "failed": failed, "seconds": secs, "tx_per_s": ok as f64 / secs})
+            json!({"sequenced": ok, "failed": failed, "seconds": secs, "tx_per_s": ok as f64 / secs,
+                   "request_latency_us": {"p50": p50, "p90": p90, "p99": p99}})
         );
     } else {
         println!(
-            "sequenced {ok} transactions ({failed} failed) in {secs:.2} s: {:.0} tx/s",
+            "sequenced {ok} transactions ({failed} failed) in {secs:.2} s: {:.0} tx/s; \
+             request latency (submit to committed) p50 {p50} us, p90 {p90} us, p99 {p99} us",
             ok as f64 / secs
         );
     }
@@ -264,11 +273,27 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
     }
 }
 
+/// The given quantiles (0..=1) of `samples`, in their unit; 0 when empty.
+fn percentiles_us<const N: usize>(samples: &mut [u64], quantiles: [f64; N]) -> [u64; N] {
+    samples.sort_unstable();
+    quantiles.map(|q| {
+        if samples.is_empty() {
+            return 0;
+        }
+        let at = ((samples.len() - 1) as f64 * q).round() as usize;
+        samples[at]
+    })
+}
+
 /// `baton status`
 #[derive(Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     target: Target,
+    /// Ask each node this many times and print the round-trip percentiles (a loopback QUIC
+    /// request/response that involves no consensus).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -322,10 +347,26 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
             o.endpoints = vec![*e];
             o.attempts_max = 2;
             o.call_budget_ms = 3_000;
+            let mut rtts_us = Vec::new();
             let status = match Client::new(o) {
-                Ok(c) => c.status().await.map_err(|e| e.to_string()),
+                Ok(c) => {
+                    let mut last = c.status().await.map_err(|e| e.to_string());
+                    for _ in 1..args.repeat.max(1) {
+                        let sent = Instant::now();
+                        last = c.status().await.map_err(|e| e.to_string());
+                        rtts_us.push(sent.elapsed().as_micros() as u64);
+                    }
+                    last
+                }
                 Err(e) => Err(e.to_string()),
             };
+            if !rtts_us.is_empty() {
+                let [p50, p99] = percentiles_us(&mut rtts_us, [0.5, 0.99]);
+                eprintln!(
+                    "{e}: status round trip p50 {p50} us, p99 {p99} us ({} requests)",
+                    rtts_us.len()
+                );
+            }
             match status {
                 Ok(s) => {
                     if !args.json {

@@ -692,10 +692,27 @@ async fn sequence(
             }
         };
         let addr = member_addr(raft, leader).unwrap_or_default();
-        match forwarder.forward(leader, addr, bytes.clone()).await {
-            // The leader we knew is gone or deposed: wait until this node hears of another.
-            // Wait (at most about an election) for this node to hear of another; the link may
-            // also just have failed, so try again either way until the deadline.
+        // A leader that dies with our batch in flight never answers (until its connection times
+        // out): once this node hears of a new leader, or the deadline passes, stop waiting and
+        // send the batch again; the state machine reports whatever already committed as
+        // duplicates with their original positions.
+        let forward = forwarder.forward(leader, addr, bytes.clone());
+        let moved = move |s: &NodeStatus| s.leader.is_some_and(|l| l != leader);
+        let changed = wait_for(raft, Box::new(moved), left);
+        futures_util::pin_mut!(forward, changed);
+        let outcome = match futures_util::future::select(forward, changed).await {
+            futures_util::future::Either::Left((r, _)) => r,
+            futures_util::future::Either::Right((Ok(_), _)) => continue,
+            futures_util::future::Either::Right((Err(_), _)) => {
+                return Err(SubmitError::CommitTimeout {
+                    waited_ms: commit_wait.as_millis() as u64,
+                })
+            }
+        };
+        match outcome {
+            // The link may have failed, or the leader was deposed: wait (at most about an
+            // election) for this node to hear of another leader, then try again either way,
+            // until the deadline.
             Err(SubmitError::NotLeader { .. }) if !left.is_zero() => {
                 let moved = move |s: &NodeStatus| s.leader.is_some_and(|l| l != leader);
                 let _ = wait_for(raft, Box::new(moved), left.min(lease_wait / 2)).await;
