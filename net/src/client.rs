@@ -339,6 +339,43 @@ impl Client {
         );
     }
 
+    /// Moves the client to node `leader` (a `NotLeader` hint) if its address, as the cluster
+    /// membership gives it, is one of the configured endpoints.
+    async fn prefer_leader(&self, leader: u64) {
+        let Some(session) = self.inner.session.lock().await.clone() else {
+            return;
+        };
+        let request_id = self.next_id();
+        let mut body = Vec::new();
+        StatusRequest { request_id }.encode(&mut body);
+        let Ok((FrameKind::StatusResponse, answer)) = session
+            .request(request_id, FrameKind::StatusRequest, &body)
+            .await
+        else {
+            return;
+        };
+        let Ok(status) = StatusResponse::decode(&answer) else {
+            return;
+        };
+        let eps = &self.inner.options.endpoints;
+        let target = status
+            .status
+            .members
+            .iter()
+            .find(|m| m.id == leader)
+            .and_then(|m| m.addr.parse::<SocketAddr>().ok())
+            .and_then(|addr| eps.iter().position(|e| *e == addr));
+        if let Some(at) = target {
+            if eps[at] != session.addr {
+                self.inner.next_endpoint.store(at, Ordering::Relaxed);
+                let mut slot = self.inner.session.lock().await;
+                if slot.as_ref().is_some_and(|s| s.addr == session.addr) {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
     fn next_id(&self) -> u64 {
         self.inner.next_request.fetch_add(1, Ordering::Relaxed)
     }
@@ -454,7 +491,14 @@ impl Client {
                 }
             };
             let mut again = Vec::new();
+            let mut hint = None;
             for (&i, r) in todo.iter().zip(response.results) {
+                if let Err(SubmitError::NotLeader {
+                    leader_hint: Some(l),
+                }) = &r
+                {
+                    hint = Some(*l);
+                }
                 match r {
                     Err(e) if retryable(&e) => {
                         last = e.to_string();
@@ -465,6 +509,9 @@ impl Client {
                 }
             }
             todo = again;
+            if let (Some(leader), false) = (hint, todo.is_empty()) {
+                self.prefer_leader(leader).await;
+            }
         }
         if results.iter().all(Option::is_none) {
             return Err(ClientError::Exhausted {
