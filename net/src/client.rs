@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,9 @@ pub enum ClientError {
     /// The node refused the request itself (malformed, too large, unexpected).
     #[error("refused by node: {code:?}: {message}")]
     Refused { code: ErrorCode, message: String },
+    /// The transaction got no receipt (see [`SubmitError`]).
+    #[error("not sequenced: {0}")]
+    NotSequenced(SubmitError),
     /// The request does not fit in one frame.
     #[error("request too large: {0}")]
     TooLarge(#[from] crate::frame::ProtocolError),
@@ -102,6 +105,8 @@ enum AttemptError {
     Remote { code: ErrorCode, message: String },
     #[error("connection lost before the answer")]
     Lost,
+    #[error("no answer within the call's budget")]
+    Timeout,
 }
 
 impl AttemptError {
@@ -123,6 +128,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(FrameKind, Vec<u8>)>>>>;
 struct Lane {
     send: tokio::sync::Mutex<quinn::SendStream>,
     pending: Pending,
+    /// False once its reader stopped: nothing would route an answer any more.
+    alive: Arc<AtomicBool>,
 }
 
 /// One connection to one node.
@@ -143,10 +150,16 @@ impl Session {
         for _ in 0..streams.max(1) {
             let (send, recv) = conn.open_bi().await?;
             let pending: Pending = Arc::default();
-            tokio::spawn(read_answers(FrameReader::new(recv), pending.clone()));
+            let alive = Arc::new(AtomicBool::new(true));
+            tokio::spawn(read_answers(
+                FrameReader::new(recv),
+                pending.clone(),
+                alive.clone(),
+            ));
             lanes.push(Arc::new(Lane {
                 send: tokio::sync::Mutex::new(send),
                 pending,
+                alive,
             }));
         }
         Ok(Session {
@@ -170,6 +183,14 @@ impl Session {
             .lock()
             .expect("pending lock")
             .insert(request_id, tx);
+        // Checked after registering: a reader that stopped meanwhile cleared the map first.
+        if !lane.alive.load(Ordering::Acquire) {
+            lane.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
+            return Err(AttemptError::Lost);
+        }
         let sent = {
             let mut send = lane.send.lock().await;
             write_frame(&mut send, kind, body).await
@@ -191,11 +212,17 @@ impl Session {
         }
         Ok((kind, body))
     }
+
+    /// True while the connection is open and every stream still routes answers.
+    fn usable(&self) -> bool {
+        self.conn.close_reason().is_none()
+            && self.lanes.iter().all(|l| l.alive.load(Ordering::Acquire))
+    }
 }
 
 /// Routes a stream's answers to their waiting requests; when the stream ends, every waiting
 /// request learns it (its sender is dropped).
-async fn read_answers(mut reader: FrameReader, pending: Pending) {
+async fn read_answers(mut reader: FrameReader, pending: Pending, alive: Arc<AtomicBool>) {
     while let Ok(Some(f)) = reader.next().await {
         let id = f
             .body
@@ -207,10 +234,11 @@ async fn read_answers(mut reader: FrameReader, pending: Pending) {
                 let _ = w.send((f.kind, f.body));
             }
             // An error about the stream itself (id 0): it is over.
-            None if f.kind == FrameKind::Error => break,
+            None if f.kind == FrameKind::Error && id == 0 => break,
             None => tracing::debug!(id, "answer for no waiting request"),
         }
     }
+    alive.store(false, Ordering::Release);
     pending.lock().expect("pending lock").clear();
 }
 
@@ -285,7 +313,7 @@ impl Client {
     async fn session(&self) -> Result<Arc<Session>, AttemptError> {
         let mut slot = self.inner.session.lock().await;
         if let Some(s) = slot.as_ref() {
-            if s.conn.close_reason().is_none() {
+            if s.usable() {
                 return Ok(s.clone());
             }
         }
@@ -348,9 +376,9 @@ impl Client {
         let request_id = self.next_id();
         let mut body = Vec::new();
         StatusRequest { request_id }.encode(&mut body);
-        let Ok((FrameKind::StatusResponse, answer)) = session
-            .request(request_id, FrameKind::StatusRequest, &body)
-            .await
+        let asked = session.request(request_id, FrameKind::StatusRequest, &body);
+        let Ok(Ok((FrameKind::StatusResponse, answer))) =
+            tokio::time::timeout(Duration::from_secs(1), asked).await
         else {
             return;
         };
@@ -387,6 +415,7 @@ impl Client {
         kind: FrameKind,
         body: &[u8],
         request_id: u64,
+        deadline: Instant,
     ) -> Result<(FrameKind, Vec<u8>), AttemptError> {
         let session = self.session().await;
         let session = match session {
@@ -398,7 +427,10 @@ impl Client {
                 return Err(e);
             }
         };
-        let r = session.request(request_id, kind, body).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = tokio::time::timeout(left, session.request(request_id, kind, body))
+            .await
+            .unwrap_or(Err(AttemptError::Timeout));
         match &r {
             Err(AttemptError::Remote {
                 code: ErrorCode::ShuttingDown | ErrorCode::Overloaded,
@@ -406,18 +438,19 @@ impl Client {
             })
             | Err(AttemptError::Stream(_))
             | Err(AttemptError::Connection(_))
-            | Err(AttemptError::Lost) => self.fail_over(session.addr).await,
+            | Err(AttemptError::Lost)
+            | Err(AttemptError::Timeout) => self.fail_over(session.addr).await,
             _ => {}
         }
         r
     }
 
     /// Sequences one transaction; its receipt or why it has none.
-    pub async fn submit_one(&self, tx: Transaction) -> Result<Receipt, SubmitError> {
-        match self.submit(vec![tx]).await {
-            Ok(mut r) => r.pop().expect("one result per transaction"),
-            Err(_) => Err(SubmitError::ShuttingDown),
-        }
+    pub async fn submit_one(&self, tx: Transaction) -> Result<Receipt, ClientError> {
+        let mut r = self.submit(vec![tx]).await?;
+        r.pop()
+            .expect("one result per transaction")
+            .map_err(ClientError::NotSequenced)
     }
 
     /// Sequences `txs` (one request; retried as needed); one result per transaction, in order.
@@ -429,6 +462,9 @@ impl Client {
         let started = Instant::now();
         let budget = Duration::from_millis(self.inner.options.call_budget_ms);
         let n = txs.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let mut results: Vec<Option<Result<Receipt, SubmitError>>> = vec![None; n];
         let mut todo: Vec<usize> = (0..n).collect();
         let mut last = String::new();
@@ -450,7 +486,12 @@ impl Client {
             request.encode(&mut body);
             crate::frame::frame_header(FrameKind::SubmitRequest, body.len())?;
             let answer = match self
-                .attempt(FrameKind::SubmitRequest, &body, request_id)
+                .attempt(
+                    FrameKind::SubmitRequest,
+                    &body,
+                    request_id,
+                    started + budget,
+                )
                 .await
             {
                 Ok(a) => a,
@@ -499,6 +540,14 @@ impl Client {
                 {
                     hint = Some(*l);
                 }
+                // Positions in a retried request count within the retried subset.
+                let r = match r {
+                    Err(SubmitError::Invalid { reason, .. }) => Err(SubmitError::Invalid {
+                        position: i,
+                        reason,
+                    }),
+                    r => r,
+                };
                 match r {
                     Err(e) if retryable(&e) => {
                         last = e.to_string();
@@ -545,7 +594,12 @@ impl Client {
             let mut body = Vec::new();
             StatusRequest { request_id }.encode(&mut body);
             match self
-                .attempt(FrameKind::StatusRequest, &body, request_id)
+                .attempt(
+                    FrameKind::StatusRequest,
+                    &body,
+                    request_id,
+                    started + budget,
+                )
                 .await
             {
                 Ok((FrameKind::StatusResponse, body)) => match StatusResponse::decode(&body) {
