@@ -357,9 +357,16 @@ fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
     // Exactly once: a receipt names the first position of its transaction in the log. A later
     // copy (a retry or a resubmission through another node that reached the log) is a duplicate
     // the state machine does not order again.
-    let longest = logs.values().max_by_key(|l| l.last_index()).unwrap();
+    // The union of the logs (they agree where they overlap; each may have purged a different
+    // prefix), in index order.
+    let mut union = std::collections::BTreeMap::new();
+    for log in logs.values() {
+        for (index, hashes) in log.batches() {
+            union.entry(index).or_insert(hashes);
+        }
+    }
     let mut first: HashMap<TxHash, (u64, u32)> = HashMap::new();
-    for (index, hashes) in longest.batches() {
+    for (index, hashes) in union {
         for (offset, h) in hashes.iter().enumerate() {
             first.entry(*h).or_insert((index, offset as u32));
         }

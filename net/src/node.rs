@@ -66,6 +66,7 @@ pub enum NetNodeError {
 /// A running networked node.
 pub struct NetNode {
     node: NodeHandle,
+    ctx: Arc<ServerContext>,
     endpoint: quinn::Endpoint,
     links: Arc<PeerLinks>,
     rt: tokio::runtime::Handle,
@@ -155,8 +156,9 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
         node_id: id,
         cluster_id: config.cluster_id.clone(),
         inbound: inbound_tx,
+        in_flight: Default::default(),
     });
-    rt.spawn(serve(endpoint.clone(), ctx));
+    rt.spawn(serve(endpoint.clone(), ctx.clone()));
     if let Some(members) = config.bootstrap {
         let members = members
             .into_iter()
@@ -170,6 +172,7 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
     tracing::info!(node = id, %local_addr, "node listening");
     Ok(NetNode {
         node,
+        ctx,
         endpoint,
         links,
         rt,
@@ -201,10 +204,15 @@ impl NetNode {
     pub fn shutdown(mut self) {
         futures_lite::future::block_on(self.node.shutdown());
         self.node.join();
-        // Let answers already queued reach their clients, then close.
+        // Every request taken is answered now (committed, or `ShuttingDown`): let the answers
+        // reach their streams, then close, giving QUIC a moment to deliver them.
         let endpoint = self.endpoint.clone();
+        let ctx = self.ctx.clone();
         self.links.close_all();
         let _ = self.rt.block_on(async move {
+            if !ctx.in_flight.drained(DRAIN_TIMEOUT).await {
+                tracing::warn!("client requests still in flight at shutdown");
+            }
             endpoint.close(close_code::SHUTDOWN.into(), b"shutdown");
             tokio::time::timeout(DRAIN_TIMEOUT, endpoint.wait_idle()).await
         });

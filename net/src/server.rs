@@ -57,6 +57,41 @@ pub struct ServerContext {
     pub cluster_id: String,
     /// Raft RPCs and forwarded batches for the Raft shard.
     pub inbound: mpsc::Sender<Rpc>,
+    /// Client requests taken and whose answers are not yet written (see [`InFlight::drained`]).
+    pub in_flight: InFlight,
+}
+
+/// Counts client requests between being read and their answer being handed to the stream.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn enter(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn leave(&self) {
+        if self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no request is in flight, or `timeout` passes; true if drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
 }
 
 /// Accepts connections until the endpoint closes.
@@ -152,11 +187,15 @@ async fn client_stream(
 ) {
     let (out_tx, mut out_rx) =
         tokio::sync::mpsc::channel::<(FrameKind, Vec<u8>)>(RESPONSES_QUEUED_MAX);
+    let writer_ctx = ctx.clone();
     let writer = tokio::spawn(async move {
+        let mut broken = false;
+        // Every answer leaves the in-flight count once written (or dropped: the stream broke).
         while let Some((kind, body)) = out_rx.recv().await {
-            if write_frame(&mut send, kind, &body).await.is_err() {
-                return;
+            if !broken && write_frame(&mut send, kind, &body).await.is_err() {
+                broken = true;
             }
+            writer_ctx.in_flight.leave();
         }
         let _ = send.finish();
     });
@@ -169,9 +208,14 @@ async fn client_stream(
             Err(StreamError::Protocol(e)) => {
                 // The stream's framing is broken: say why, stop reading it.
                 tracing::debug!(error = %e, "client stream: protocol error");
-                let _ = out_tx
+                ctx.in_flight.enter();
+                if out_tx
                     .send(error_frame(0, protocol_code(&e), e.to_string()))
-                    .await;
+                    .await
+                    .is_err()
+                {
+                    ctx.in_flight.leave();
+                }
                 reader.stop(close_code::PROTOCOL);
                 break;
             }
@@ -183,11 +227,14 @@ async fn client_stream(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let node = ctx.node.clone();
+        let ctx = ctx.clone();
         let out = out_tx.clone();
+        ctx.in_flight.enter();
         tokio::spawn(async move {
-            let response = client_request(&node, frame).await;
-            let _ = out.send(response).await;
+            let response = client_request(&ctx.node, frame).await;
+            if out.send(response).await.is_err() {
+                ctx.in_flight.leave();
+            }
             drop(permit);
         });
     }
