@@ -111,6 +111,8 @@ pub struct BatchFile {
     pub batch_txs_max: usize,
     /// Seal a batch once its oldest transaction waited this long.
     pub linger_us: u64,
+    /// Seal at once when none of the shard's batches awaits its commit. Default true.
+    pub seal_when_idle: bool,
 }
 
 impl Default for BatchFile {
@@ -120,6 +122,7 @@ impl Default for BatchFile {
             batch_bytes_max: p.batch_bytes_max,
             batch_txs_max: p.batch_txs_max,
             linger_us: p.linger_us,
+            seal_when_idle: true,
         }
     }
 }
@@ -240,6 +243,7 @@ impl NodeFile {
         node.batch.batch_bytes_max = self.batch.batch_bytes_max;
         node.batch.batch_txs_max = self.batch.batch_txs_max;
         node.batch.linger_us = self.batch.linger_us;
+        node.seal_when_idle = self.batch.seal_when_idle;
         node.dedup_window_txs = self.limits.dedup_window_txs;
         node.submit_queue_max = self.limits.submit_queue_max;
         node.propose_queue_max = self.limits.propose_queue_max;

@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub pin_shards: bool,
     /// When shards seal batches.
     pub batch: BatchPolicy,
+    /// Seal at once, without lingering, when none of the shard's batches is waiting for its
+    /// commit (a lone client gets no linger; under load batches still gather). Default true.
+    pub seal_when_idle: bool,
     /// Transaction hashes each shard remembers for deduplication. Default 1,048,576.
     pub dedup_window_txs: usize,
     /// Submissions queued per shard before `submit` waits. Default 1,024.
@@ -73,6 +76,7 @@ impl NodeConfig {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: false,
             batch: BatchPolicy::default(),
+            seal_when_idle: true,
             dedup_window_txs: 1 << 20,
             submit_queue_max: 1024,
             propose_queue_max: 64,

@@ -248,10 +248,13 @@ struct ShardState {
     recent_order: VecDeque<u64>,
     /// Transactions of failed batches, for the batcher to forget before it accepts more.
     forget: Vec<(TxHash, TxSlot)>,
+    /// Batches handed to the Raft shard and not yet resolved.
+    in_flight: usize,
 }
 
 impl ShardState {
     fn resolve(&mut self, seq: u64, result: Result<Committed, SubmitError>) {
+        self.in_flight -= 1;
         let waiters = self.waiting.remove(&seq).unwrap_or_default();
         if result.is_err() {
             let slots = waiters.iter().filter(|w| !w.duplicate);
@@ -341,6 +344,14 @@ async fn batching_shard(
         }
         let lookups = accept(&mut batcher, &state, msg, origin);
         flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+        // Nothing of this shard's is waiting for a commit: lingering for company would only add
+        // latency (a lone client). While batches are in flight, new transactions linger and
+        // gather (batching under load).
+        if config.seal_when_idle && state.borrow().in_flight == 0 {
+            while let Some(b) = batcher.seal_now() {
+                dispatch(b, &state, &mut propose).await;
+            }
+        }
         for (request, slot, tx_hash) in lookups {
             let r = match lookup(&control, tx_hash).await {
                 Some((index, offset)) => Ok(Receipt {
@@ -489,6 +500,7 @@ async fn dispatch(
     propose: &mut mpsc::Sender<Proposal>,
 ) {
     let seq = b.seq;
+    state.borrow_mut().in_flight += 1;
     let (tx, rx) = oneshot::channel();
     let proposal = Proposal {
         bytes: BatchBytes::from_aligned(b.bytes),
