@@ -30,6 +30,8 @@ use crate::tls::{ALPN_CLIENT, ALPN_PEER};
 pub const STREAM_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Responses of one stream waiting for its writer.
 const RESPONSES_QUEUED_MAX: usize = 256;
+/// Snapshot bytes reserved up front, before the chunks arrive.
+const SNAPSHOT_RESERVE_BYTES_MAX: usize = 8 << 20;
 /// How long a dialing peer has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -528,9 +530,10 @@ async fn serve_snapshot(
         Ok(h) => h,
         Err(e) => return refuse(send, 0, ErrorCode::Malformed, e.to_string()).await,
     };
-    // `len` is bounded by the decoder (SNAPSHOT_BYTES_MAX).
+    // `len` is bounded by the decoder (SNAPSHOT_BYTES_MAX); memory grows with the chunks that
+    // actually arrive, so a header alone cannot make the node reserve it.
     let len = len as usize;
-    let mut data = BytesMut::with_capacity(len);
+    let mut data = BytesMut::with_capacity(len.min(SNAPSHOT_RESERVE_BYTES_MAX));
     while data.len() < len {
         let f = reader.expect("snapshot chunk").await?;
         if f.kind != FrameKind::RaftSnapshotChunk || data.len() + f.body.len() > len {

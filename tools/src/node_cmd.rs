@@ -151,8 +151,8 @@ pub fn run_cluster(command: ClusterCommand) -> ExitCode {
     }
 }
 
-/// Writes certificates and node configuration files for a local cluster in `dir` (once: an
-/// existing cluster directory is reused as it is).
+/// Writes certificates (once: existing ones are kept) and node configuration files (on every
+/// call) for a local cluster in `dir`.
 pub fn prepare_cluster(
     dir: &Path,
     nodes: u64,
@@ -342,7 +342,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let signal = rt.block_on(async {
         tokio::select! {
             s = wait_for_stop_signal() => s,
-            _ = watch_children_exit(&info) => "a node exited",
+            _ = watch_children_exit(&info) => "every node exited",
         }
     });
     eprintln!("baton cluster up: {signal}, stopping the nodes");

@@ -52,6 +52,39 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Option<ErrorMsg> {
     Some(ErrorMsg::decode(&frame.body).expect("a valid error body"))
 }
 
+/// Dials `addr` as a peer presenting `identity` and sends a hello; returns the error code the
+/// node answers with and the reason it closes the connection with.
+async fn peer_hello(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    identity: (&std::path::Path, &std::path::Path),
+    cluster_id: &str,
+    node_id: u64,
+) -> (ErrorCode, String) {
+    let conn = raw(addr, ca, tls::ALPN_PEER, Some(identity)).await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut body = Vec::new();
+    Hello {
+        cluster_id: cluster_id.into(),
+        node_id,
+    }
+    .encode(&mut body);
+    write_frame(&mut send, FrameKind::PeerHello, &body)
+        .await
+        .unwrap();
+    let f = tokio::time::timeout(WAIT, FrameReader::peer(recv).next())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("an error frame");
+    assert_eq!(f.kind, FrameKind::Error);
+    let code = ErrorMsg::decode(&f.body).unwrap().code;
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed by the node");
+    (code, closed.to_string())
+}
+
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut out = ((2 + body.len()) as u32).to_le_bytes().to_vec();
     out.push(WIRE_VERSION);
@@ -171,52 +204,14 @@ fn bad_input_gets_typed_errors_and_disturbs_nothing() {
         );
         let certs = cluster.dir.join("certs");
         let (cert, key) = tls::node_files(&certs, 2);
-        let wrong = raw(addr, &cluster.ca, tls::ALPN_PEER, Some((&cert, &key)))
-            .await
-            .unwrap();
-        let (mut send, recv) = wrong.open_bi().await.unwrap();
-        let mut body = Vec::new();
-        Hello {
-            cluster_id: "someone-else".into(),
-            node_id: 2,
-        }
-        .encode(&mut body);
-        write_frame(&mut send, FrameKind::PeerHello, &body)
-            .await
-            .unwrap();
-        let f = FrameReader::peer(recv).next().await.unwrap().unwrap();
-        assert_eq!(
-            ErrorMsg::decode(&f.body).unwrap().code,
-            ErrorCode::WrongCluster
-        );
-        let closed = tokio::time::timeout(WAIT, wrong.closed())
-            .await
-            .expect("closed by the node");
-        assert!(closed.to_string().contains("wrong cluster id"), "{closed}");
+        let (code, closed) = peer_hello(addr, &cluster.ca, (&cert, &key), "someone-else", 2).await;
+        assert_eq!(code, ErrorCode::WrongCluster);
+        assert!(closed.contains("wrong cluster id"), "{closed}");
         // The client certificate chains to the cluster CA but names no node: not a peer.
         let (cert, key) = tls::client_files(&certs);
-        let imposter = raw(addr, &cluster.ca, tls::ALPN_PEER, Some((&cert, &key)))
-            .await
-            .unwrap();
-        let (mut send, recv) = imposter.open_bi().await.unwrap();
-        let mut body = Vec::new();
-        Hello {
-            cluster_id: "baton-local".into(),
-            node_id: 2,
-        }
-        .encode(&mut body);
-        write_frame(&mut send, FrameKind::PeerHello, &body)
-            .await
-            .unwrap();
-        let f = FrameReader::peer(recv).next().await.unwrap().unwrap();
-        assert_eq!(ErrorMsg::decode(&f.body).unwrap().code, ErrorCode::NotAPeer);
-        let closed = tokio::time::timeout(WAIT, imposter.closed())
-            .await
-            .expect("closed by the node");
-        assert!(
-            closed.to_string().contains("does not name the node"),
-            "{closed}"
-        );
+        let (code, closed) = peer_hello(addr, &cluster.ca, (&cert, &key), "baton-local", 2).await;
+        assert_eq!(code, ErrorCode::NotAPeer);
+        assert!(closed.contains("does not name the node"), "{closed}");
         assert!(
             raw(addr, &cluster.ca, b"nope/1", None).await.is_err(),
             "unknown ALPN refused"

@@ -116,10 +116,14 @@ fn killing_the_leader_under_load_elects_another_and_loses_no_committed_receipt()
         // One client per node, each submitting small requests one after another, recording
         // when each commit came back.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Commits acknowledged so far, by all clients.
+        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
+        let acked_tx = std::sync::Arc::new(acked_tx);
         let mut tasks = Vec::new();
         for id in 1..=3u64 {
             let client = cluster.client_from(id);
             let stop = stop.clone();
+            let acked_tx = acked_tx.clone();
             tasks.push(tokio::spawn(async move {
                 let mut receipts = Vec::new();
                 let mut acks = Vec::new();
@@ -137,16 +141,28 @@ fn killing_the_leader_under_load_elects_another_and_loses_no_committed_receipt()
                         receipts.push(x.expect("sequenced (retried through the failover)"));
                     }
                     acks.push(Instant::now());
+                    acked_tx.send_modify(|n| *n += 1);
                     i += 10;
                 }
                 (receipts, acks)
             }));
         }
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        // Under load first, then kill the leader; write availability is back once commits land
+        // after the kill: wait for plenty of them (about 20 requests per client).
+        let wait_acked = |n: u64| {
+            let mut acked = acked.clone();
+            async move {
+                tokio::time::timeout(WAIT, acked.wait_for(|a| *a >= n))
+                    .await
+                    .unwrap_or_else(|_| panic!("{n} commits within {WAIT:?}"))
+                    .expect("clients running");
+            }
+        };
+        wait_acked(150).await;
         let killed_at = Instant::now();
         cluster.kill(old);
-        // Write availability is back once a commit lands after the kill.
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let before = *acked.borrow();
+        wait_acked(before + 60).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut receipts = Vec::new();
         let mut acks = Vec::new();

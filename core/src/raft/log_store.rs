@@ -401,16 +401,25 @@ pub(crate) fn decode_membership(r: &mut Reader<'_>) -> Result<Membership, CodecE
     Membership::new(configs, nodes).map_err(|source| CodecError::InvalidMembership { source })
 }
 
-/// Writes the WAL payload of `entry` into `out` (cleared first).
-pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<(), LogStoreError> {
-    out.clear();
-    let kind = match &entry.payload {
+/// Appends the `ENTRY_PREFIX_BYTES` prefix of an entry with `payload`: `[u8 kind][15 zeros]`.
+/// Shared by the WAL payload and the wire encoding (`wire::encode_append`).
+pub(crate) fn encode_entry_prefix(
+    payload: &EntryPayload<BatchBytes, u64, BasicNode>,
+    out: &mut Vec<u8>,
+) {
+    let kind = match payload {
         EntryPayload::Blank => KIND_BLANK,
         EntryPayload::Normal(_) => KIND_NORMAL,
         EntryPayload::Membership(_) => KIND_MEMBERSHIP,
     };
     out.push(kind);
     out.extend_from_slice(&[0u8; ENTRY_PREFIX_BYTES - 1]);
+}
+
+/// Writes the WAL payload of `entry` into `out` (cleared first).
+pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<(), LogStoreError> {
+    out.clear();
+    encode_entry_prefix(&entry.payload, out);
     match &entry.payload {
         EntryPayload::Blank => {}
         EntryPayload::Normal(batch) => out.extend_from_slice(batch.as_bytes()),

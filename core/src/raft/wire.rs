@@ -16,8 +16,8 @@ use openraft::raft::{
 use openraft::EntryPayload;
 
 use super::log_store::{
-    decode_entry, decode_log_id, decode_membership, encode_log_id, encode_membership, CodecError,
-    Reader, Vote, ENTRY_PREFIX_BYTES,
+    decode_entry, decode_log_id, decode_membership, encode_entry_prefix, encode_log_id,
+    encode_membership, CodecError, Reader, Vote, ENTRY_PREFIX_BYTES,
 };
 use super::state_machine::{SnapshotMeta, StoredMembership};
 use super::types::{LogId, TypeConfig};
@@ -36,12 +36,6 @@ pub const ERROR_BYTES_MAX: usize = 4096;
 
 /// Bytes before each entry's payload: `[u64 term][u64 index][u32 payload_len]`.
 pub const ENTRY_HEADER_BYTES: usize = 20;
-
-// Entry prefixes as `log_store` writes them (`[u8 kind][15 zero bytes]`); a test pins them to
-// `encode_entry`'s output.
-const KIND_BLANK: u8 = 1;
-const KIND_NORMAL: u8 = 2;
-const KIND_MEMBERSHIP: u8 = 3;
 
 const APPEND_OK: u8 = 0;
 const APPEND_CONFLICT: u8 = 1;
@@ -227,13 +221,7 @@ pub fn encode_append(req: &AppendEntriesRequest<TypeConfig>) -> Result<Vec<Bytes
         let len_at = pending.len();
         pending.extend_from_slice(&0u32.to_le_bytes());
         let prefix_at = pending.len();
-        let kind = match &entry.payload {
-            EntryPayload::Blank => KIND_BLANK,
-            EntryPayload::Normal(_) => KIND_NORMAL,
-            EntryPayload::Membership(_) => KIND_MEMBERSHIP,
-        };
-        pending.push(kind);
-        pending.extend_from_slice(&[0u8; ENTRY_PREFIX_BYTES - 1]);
+        encode_entry_prefix(&entry.payload, &mut pending);
         let payload_len = match &entry.payload {
             EntryPayload::Blank => ENTRY_PREFIX_BYTES,
             EntryPayload::Membership(m) => {
