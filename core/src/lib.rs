@@ -6,6 +6,7 @@
 //! - [`batcher`]: the shard's deterministic batch builder (validate, hash, dedup, seal),
 //! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
 //! - [`hash`]: keccak256 and `TxHash`,
+//! - [`encrypted`]: the ciphertext format of encrypted transactions and their key commitment,
 //! - [`limits`]: every size limit, [`error`]: `ModelError`,
 //! - [`raft`]: openraft on glommio: the runtime adapter and baton's `TypeConfig`.
 //!
@@ -16,6 +17,7 @@
 
 pub mod batch;
 pub mod batcher;
+pub mod encrypted;
 pub mod error;
 pub mod hash;
 pub mod limits;
