@@ -13,4 +13,8 @@
 
 pub mod driver;
 pub mod gen;
+pub mod load;
+pub mod plot;
 pub mod recorder;
+pub mod report;
+pub mod sweep;
