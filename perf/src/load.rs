@@ -280,12 +280,12 @@ pub async fn run(
         c.close().await;
     }
 
+    let after = statuses(cluster).await?;
     let mut rec = recorder.lock().expect("recorder lock");
     rec.record_unsent(unsent, batch as u64);
     let (tx, bytes) = rec.ok();
     let secs = window.seconds();
     let rss = rss.lock().expect("rss lock").clone();
-    let after = statuses(cluster).await?;
     let nodes = after
         .iter()
         .zip(&cluster.endpoints)

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::report::RunResult;
-use crate::sweep::SweepResult;
+use crate::sweep::{SweepResult, SweepStep};
+
+/// A named series of a sweep chart: how to read its value off a step, and its colour.
+type StepSeries = (&'static str, fn(&SweepStep) -> f64, RGBColor);
 
 const SIZE: (u32, u32) = (960, 540);
 
@@ -155,8 +158,7 @@ pub fn plot_sweep(s: &SweepResult, dir: &Path, stem: &str) -> Result<Vec<PathBuf
             .y_desc("ms")
             .draw()
             .map_err(err)?;
-        let series: [(&str, fn(&crate::sweep::SweepStep) -> f64, RGBColor); 2] =
-            [("p50", |t| t.p50_ms, BLUE), ("p99", |t| t.p99_ms, RED)];
+        let series: [StepSeries; 2] = [("p50", |t| t.p50_ms, BLUE), ("p99", |t| t.p99_ms, RED)];
         for (name, f, color) in series {
             let pts: Vec<(f64, f64)> = s
                 .steps

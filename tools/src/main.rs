@@ -5,6 +5,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod certs_cmd;
 mod client_cmd;
+mod demo_cmd;
 mod node_cmd;
 mod node_config;
 mod wal_cmd;
@@ -39,6 +40,8 @@ enum Command {
     Submit(client_cmd::SubmitArgs),
     /// Show the status of a cluster's nodes.
     Status(client_cmd::StatusArgs),
+    /// Start a local 3-node cluster, put it under load for 10 s, print the results, clean up.
+    Demo(demo_cmd::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,5 +59,6 @@ fn main() -> std::process::ExitCode {
         Command::Cluster { command } => node_cmd::run_cluster(command),
         Command::Submit(args) => client_cmd::run_submit(args),
         Command::Status(args) => client_cmd::run_status(args),
+        Command::Demo(args) => demo_cmd::run(args),
     }
 }

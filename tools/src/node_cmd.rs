@@ -208,6 +208,44 @@ pub fn prepare_cluster(
     Ok(out)
 }
 
+/// Locked memory glommio's executors need per node (io_uring rings and registered buffers),
+/// with room: 64 MiB.
+const MEMLOCK_BYTES: u64 = 64 << 20;
+
+/// Raises this process's locked-memory limit (inherited by the nodes it starts) to what glommio
+/// needs: the soft limit up to the hard one, and the hard one too where allowed (root). Returns
+/// the soft limit now in force.
+pub fn raise_memlock() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut l) != 0 {
+            return 0;
+        }
+        if l.rlim_cur >= MEMLOCK_BYTES || l.rlim_cur == libc::RLIM_INFINITY {
+            return l.rlim_cur;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: MEMLOCK_BYTES,
+            rlim_max: l.rlim_max.max(MEMLOCK_BYTES),
+        };
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &wanted) == 0 {
+            return MEMLOCK_BYTES;
+        }
+        let soft = libc::rlimit {
+            rlim_cur: l.rlim_max,
+            rlim_max: l.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &soft) == 0 {
+            return l.rlim_max;
+        }
+        l.rlim_cur
+    }
+}
+
 /// Starts `baton node --config <config>` with its output appended to `log`.
 pub fn spawn_node(config: &Path, log: &Path) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
@@ -265,6 +303,13 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         }
     };
     let dir = args.dir.canonicalize().expect("created above");
+    let memlock = raise_memlock();
+    if memlock < 512 << 10 {
+        eprintln!(
+            "baton cluster up: warning: locked memory is limited to {memlock} bytes; nodes need \
+             at least 512 KiB (raise `ulimit -l`)"
+        );
+    }
     let mut children = Vec::new();
     let mut infos = Vec::new();
     for (id, addr, config) in &prepared {
@@ -367,7 +412,7 @@ async fn watch_children_exit(info: &ClusterInfo) {
 }
 
 /// Polls the nodes' status until one of them reports a leader that all of them agree on.
-async fn wait_for_leader(
+pub async fn wait_for_leader(
     endpoints: &[SocketAddr],
     ca: &Path,
     timeout: Duration,

@@ -1,0 +1,308 @@
+//! `baton demo`: a local cluster of real node processes under load, a results table, cleanup.
+
+use std::path::PathBuf;
+use std::process::{Child, ExitCode};
+use std::time::{Duration, Instant};
+
+use baton_perf::gen::{parse_rollups, TxShape};
+use baton_perf::load::{self, Cluster, Progress};
+use baton_perf::report::{AckLevel, RunConfig, RunResult, Spread};
+use clap::Args;
+
+use crate::node_cmd::{prepare_cluster, raise_memlock, spawn_node, stop_children, wait_for_leader};
+
+/// `baton demo`
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_s: f64,
+    /// Client connections, spread over all nodes.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Transactions per request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Bytes per transaction.
+    #[arg(long, default_value_t = 128)]
+    tx_bytes: usize,
+    /// Shards per node.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Keep the cluster's directory (certificates, configurations, logs, WALs) here instead of
+    /// a temporary directory that is removed at the end.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+    /// Also write the load generator's JSON result here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// A free range of `n` consecutive UDP ports on 127.0.0.1.
+fn free_base_port(n: u16) -> Option<u16> {
+    let mut base = 21_000 + (std::process::id() % 2_000) as u16 * 8;
+    for _ in 0..200 {
+        if (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Some(base);
+        }
+        base = 21_000 + (base - 21_000 + 8 * 37) % 30_000;
+    }
+    None
+}
+
+/// The running demo cluster; its processes are stopped when dropped.
+struct Running {
+    children: Vec<Child>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        stop_children(&mut self.children, Duration::from_secs(10));
+    }
+}
+
+/// Runs `baton demo`.
+pub fn run(args: DemoArgs) -> ExitCode {
+    match demo(args) {
+        Ok(problems) if problems.is_empty() => {
+            println!("demo: OK");
+            ExitCode::SUCCESS
+        }
+        Ok(problems) => {
+            for p in problems {
+                eprintln!("demo: FAILED: {p}");
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("demo: FAILED: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the demo; the problems found (none when it went well).
+fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
+    if !(1..=7).contains(&args.nodes) {
+        return Err("--nodes must be 1 to 7".into());
+    }
+    let started = Instant::now();
+    let temp;
+    let dir = match &args.keep_dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("baton-demo-")
+                .tempdir()
+                .map_err(|e| format!("temporary directory: {e}"))?;
+            temp.path().to_path_buf()
+        }
+    };
+    let base_port = free_base_port(args.nodes as u16).ok_or("no free UDP port range")?;
+    let prepared = prepare_cluster(&dir, args.nodes, base_port, args.shards)?;
+    let dir = dir.canonicalize().map_err(|e| e.to_string())?;
+    println!(
+        "demo: starting {} nodes on 127.0.0.1:{base_port}.. in {}",
+        args.nodes,
+        dir.display()
+    );
+    if raise_memlock() < 512 << 10 {
+        return Err(
+            "locked memory is limited below the 512 KiB glommio needs per node, and \
+                    this user cannot raise it: raise `ulimit -l` (see README, Requirements)"
+                .into(),
+        );
+    }
+    let mut running = Running {
+        children: Vec::new(),
+    };
+    let mut endpoints = Vec::new();
+    let mut pids = Vec::new();
+    for (id, addr, config) in &prepared {
+        let log = dir.join(format!("node-{id}.log"));
+        let child = spawn_node(config, &log).map_err(|e| format!("start node {id}: {e}"))?;
+        pids.push(Some(child.id()));
+        running.children.push(child);
+        endpoints.push(*addr);
+    }
+    let ca = dir.join("certs").join("ca.pem");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let leader = rt
+        .block_on(wait_for_leader(&endpoints, &ca, Duration::from_secs(20)))
+        .map_err(|e| format!("{e}; node logs are in {}", dir.display()))?;
+    println!(
+        "demo: leader is node {leader} ({:.1} s); {:.0} s of closed-loop load through all nodes \
+         ({} connections × {} requests × {} tx of {} B), {:.0} s warm-up first",
+        started.elapsed().as_secs_f64(),
+        args.duration_s,
+        args.connections,
+        args.in_flight,
+        args.batch,
+        args.tx_bytes,
+        args.warmup_s
+    );
+    let config = RunConfig {
+        connections: args.connections.max(1),
+        in_flight: args.in_flight.max(1),
+        rate_tx_per_s: None,
+        outstanding_max: 4096,
+        batch: args.batch.max(1),
+        tx: TxShape {
+            tx_bytes: args.tx_bytes,
+            rollups: parse_rollups("1")?,
+            encrypted_pct: 0,
+        },
+        ack: AckLevel::Committed,
+        warmup_s: args.warmup_s,
+        duration_s: args.duration_s,
+        spread: Spread::All,
+        client_threads: 1,
+    };
+    let cluster = Cluster {
+        endpoints: endpoints.clone(),
+        ca_cert: ca.clone(),
+        pids,
+    };
+    let result = rt.block_on(load::run(&config, &cluster, Progress::Line))?;
+    let mut problems = Vec::new();
+    // Every node must apply the same log to its end.
+    let converged = rt.block_on(wait_converged(&cluster, Duration::from_secs(10)));
+    if let Err(e) = &converged {
+        problems.push(e.clone());
+    }
+    print_table(&result, converged.as_ref().ok());
+    if let Some(p) = &args.out {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&result).expect("serializable"),
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if result.errors.tx > 0 {
+        problems.push(format!(
+            "{} transactions got no receipt: {:?}",
+            result.errors.tx, result.errors.by_type
+        ));
+    }
+    if result.throughput.tx == 0 {
+        problems.push("no transaction was sequenced".into());
+    }
+    // A clean stop: every node exits 0 on SIGTERM.
+    let mut children = std::mem::take(&mut running.children);
+    stop_children(&mut children, Duration::from_secs(10));
+    for (c, (id, ..)) in children.iter_mut().zip(&prepared) {
+        match c.try_wait() {
+            Ok(Some(s)) if s.success() => {}
+            other => problems.push(format!(
+                "node {id} did not stop cleanly ({other:?}); its log: {}",
+                dir.join(format!("node-{id}.log")).display()
+            )),
+        }
+    }
+    if !problems.is_empty() && args.keep_dir.is_none() {
+        // The temporary directory goes away with the logs in it: show their ends first.
+        for (id, ..) in &prepared {
+            let log =
+                std::fs::read_to_string(dir.join(format!("node-{id}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            eprintln!("--- node {id} log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+    println!(
+        "demo: done in {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        match &args.keep_dir {
+            Some(d) => format!("; the cluster's files are in {}", d.display()),
+            None => "; temporary files removed".into(),
+        }
+    );
+    Ok(problems)
+}
+
+/// Waits until every node has applied the same, final index; returns it per node.
+async fn wait_converged(cluster: &Cluster, timeout: Duration) -> Result<Vec<(u64, u64)>, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let statuses = load::statuses(cluster).await?;
+        let applied: Vec<_> = statuses
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map(|s| (s.id, s.applied_index, s.committed_index))
+            })
+            .collect();
+        let last = match applied.iter().cloned().collect::<Result<Vec<_>, _>>() {
+            Ok(v) => {
+                let first = v[0].1;
+                if first.is_some() && v.iter().all(|(_, a, c)| *a == first && *c == first) {
+                    return Ok(v.iter().map(|(id, a, _)| (*id, a.unwrap_or(0))).collect());
+                }
+                format!("(id, applied, committed) per node: {v:?}")
+            }
+            Err(e) => e.clone(),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the nodes did not converge on one applied index within {} s: {last}",
+                timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_table(r: &RunResult, applied: Option<&Vec<(u64, u64)>>) {
+    let t = &r.throughput;
+    println!();
+    println!(
+        "  throughput   {:>10.0} tx/s   {:>7.1} MB/s   ({} tx in {:.1} s, {} failed)",
+        t.tx_per_s, t.mb_per_s, t.tx, r.measured_s, r.errors.tx
+    );
+    println!("  latency (ms)        p50      p90      p99    p99.9      max");
+    for (level, l) in &r.latency_ms {
+        println!(
+            "  submit → {level:<9} {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}",
+            l.p50, l.p90, l.p99, l.p99_9, l.max
+        );
+    }
+    let leader = r
+        .nodes
+        .iter()
+        .find(|n| n.role == "leader")
+        .and_then(|n| n.id);
+    println!(
+        "  leader       node {}",
+        leader.map_or("?".into(), |l| l.to_string())
+    );
+    for n in &r.nodes {
+        let applied = applied
+            .and_then(|a| a.iter().find(|(id, _)| Some(*id) == n.id))
+            .map(|(_, a)| *a)
+            .or(n.applied_index);
+        println!(
+            "  node {:<3} {:<22} {:<9} applied index {:>8}   max RSS {:>5} MiB",
+            n.id.map_or("?".into(), |i| i.to_string()),
+            n.endpoint,
+            n.role,
+            applied.map_or("-".into(), |a| a.to_string()),
+            n.rss_max_bytes
+                .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+        );
+    }
+    println!();
+}
