@@ -58,6 +58,48 @@ pub async fn closed_loop<F, Fut>(
     while workers.join_next().await.is_some() {}
 }
 
+/// What wakes the open loop at each request's intended time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pacer {
+    /// tokio's timer: 1 ms resolution (a request may go out up to 1 ms late, and that lateness
+    /// counts in its latency); follows paused time in tests.
+    Tokio,
+    /// A dedicated thread sleeping with `nanosleep` (tens of µs of lateness) that hands each
+    /// slot to the runtime through a channel.
+    Thread,
+}
+
+/// Sends slot numbers 0, 1, 2, … at `start_std + intended_us(i)` until the window ends or the
+/// receiver is gone.
+fn spawn_ticker(
+    start: Instant,
+    until_us: u64,
+    intended_us: impl Fn(u64) -> u64 + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<u64> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let start = start.into_std();
+    std::thread::Builder::new()
+        .name("perf-pacer".into())
+        .spawn(move || {
+            for i in 0u64.. {
+                let intended = intended_us(i);
+                if intended >= until_us {
+                    break;
+                }
+                let at = start + Duration::from_micros(intended);
+                let now = std::time::Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                if tx.blocking_send(i).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn the pacer thread");
+    rx
+}
+
 /// What an open-loop run sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpenLoopStats {
@@ -71,9 +113,12 @@ pub struct OpenLoopStats {
 /// Open loop: request `i` is intended at `start + i / requests_per_s` and sent then (or as soon
 /// as one of `outstanding_max` in-flight slots frees up), spread over `connections`; its latency
 /// is measured from the intended time. Nothing is sent after the recorder's window ends; waits
-/// for every sent request's answer before returning.
+/// for every sent request's answer before returning. `pacer` decides how the loop waits for a
+/// slot.
+#[allow(clippy::too_many_arguments)]
 pub async fn open_loop<F, Fut>(
     start: Instant,
+    pacer: Pacer,
     requests_per_s: f64,
     connections: usize,
     outstanding_max: usize,
@@ -87,18 +132,30 @@ where
     assert!(requests_per_s > 0.0, "a positive rate");
     let window = recorder.lock().expect("recorder lock").window();
     let interval_ns = 1e9 / requests_per_s;
-    let intended_us = |i: u64| (i as f64 * interval_ns / 1_000.0) as u64;
+    let intended_us = move |i: u64| (i as f64 * interval_ns / 1_000.0) as u64;
     let end = start + Duration::from_micros(window.until_us);
     let slots = Arc::new(Semaphore::new(outstanding_max.max(1)));
     let submit = Arc::new(submit);
     let mut inflight = JoinSet::new();
+    let mut ticks = match pacer {
+        Pacer::Tokio => None,
+        Pacer::Thread => Some(spawn_ticker(start, window.until_us, intended_us)),
+    };
     let mut i = 0u64;
     loop {
         let intended = intended_us(i);
         if intended >= window.until_us {
             break;
         }
-        tokio::time::sleep_until(start + Duration::from_micros(intended)).await;
+        match &mut ticks {
+            None => tokio::time::sleep_until(start + Duration::from_micros(intended)).await,
+            // The pacer sends the slots in order, one per request.
+            Some(rx) => {
+                if rx.recv().await.is_none() {
+                    break;
+                }
+            }
+        }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("never closed"),
             _ = tokio::time::sleep_until(end) => break,
@@ -121,6 +178,7 @@ where
         // Reap finished tasks as we go so the set stays as small as what is in flight.
         while inflight.try_join_next().is_some() {}
     }
+    drop(ticks);
     let sent = i;
     let mut unsent = 0;
     while intended_us(i) < window.until_us {
@@ -162,6 +220,7 @@ mod tests {
         let rec = recorder(0, 1_000);
         let stats = open_loop(
             Instant::now(),
+            Pacer::Tokio,
             1_000.0,
             1,
             1,
@@ -196,6 +255,7 @@ mod tests {
         let rec = recorder(100, 1_000);
         let stats = open_loop(
             Instant::now(),
+            Pacer::Tokio,
             100.0,
             2,
             5,
@@ -219,6 +279,41 @@ mod tests {
         // The five sent ones were warm-up; the measured window got no answers.
         assert_eq!(r.latency().count, 0);
         assert_eq!(r.live(), (5, 0));
+    }
+
+    /// The thread pacer on the real clock: every slot of the window is sent, in order, and none
+    /// before its intended time.
+    #[tokio::test]
+    async fn thread_pacer_sends_every_slot_no_earlier_than_intended() {
+        let rec = recorder(0, 300);
+        let start = Instant::now();
+        let early = Arc::new(AtomicUsize::new(0));
+        let e2 = early.clone();
+        let stats = open_loop(
+            start,
+            Pacer::Thread,
+            200.0,
+            1,
+            100,
+            move |_, i| {
+                // Slot i is intended at i × 5 ms.
+                if us_since(start) < i * 5_000 {
+                    e2.fetch_add(1, Ordering::SeqCst);
+                }
+                async move { ok() }
+            },
+            rec.clone(),
+        )
+        .await;
+        assert_eq!(
+            stats,
+            OpenLoopStats {
+                sent: 60,
+                unsent: 0
+            }
+        );
+        assert_eq!(early.load(Ordering::SeqCst), 0);
+        assert_eq!(rec.lock().unwrap().latency().count, 60);
     }
 
     #[tokio::test(start_paused = true)]

@@ -261,6 +261,7 @@ pub async fn run(
         Some(rate) => {
             let stats = driver::open_loop(
                 start,
+                driver::Pacer::Thread,
                 rate / batch as f64,
                 config.connections,
                 config.outstanding_max,
