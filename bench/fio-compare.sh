@@ -12,10 +12,7 @@
 # RECORD*IN_FLIGHT bytes with O_DIRECT and an fdatasync after every write:
 #   fio --name=wal --filename=DIR/fio.dat --rw=write --bs=BS --size=1G --direct=1 --fdatasync=1 \
 #       --ioengine=psync --runtime=SECONDS --time_based
-# Cases marked zc run the WAL with --zero-copy (Wal::append_buf: each record's buffer is written
-# as is, after padding to a block); the large rounds run both ways.
 # Prints both throughputs and the ratio (target: WAL >= 80% of fio).
-# BATON_BIN=path runs that binary instead of building target/release/baton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-}
@@ -27,36 +24,29 @@ if ! command -v fio >/dev/null; then
   echo "installing fio (Debian package)…" >&2
   { apt-get update -qq && apt-get install -y -qq fio; } >/dev/null
 fi
-baton=${BATON_BIN:-}
-if [ -z "$baton" ]; then cargo build --release -q -p baton; baton=./target/release/baton; fi
-printf '%-27s %11s %11s %7s %12s %12s %14s\n' 'record x round, depth' wal_MiB/s fio_MiB/s ratio wal_syncs/s fio_syncs/s wal_KiB/sync
-# CASES="RECORD IN_FLIGHT DEPTH [zc];…" runs only those cases.
-cases=${CASES:-"4096 1 1;65536 1 1;4096 64 1;4096 64 2;65536 64 1;65536 64 1 zc;65536 64 2;65536 64 2 zc;1048576 8 1;1048576 8 1 zc;1048576 8 2;1048576 8 2 zc"}
-IFS=';' read -r -a case_list <<<"$cases"
-for case in "${case_list[@]}"; do
-  read -r rb inf depth mode <<<"$case"
-  zc=(); [ "${mode:-}" = zc ] && zc=(--zero-copy)
+cargo build --release -q -p baton
+printf '%-24s %11s %11s %7s %12s %12s %14s\n' 'record x round, depth' wal_MiB/s fio_MiB/s ratio wal_syncs/s fio_syncs/s wal_KiB/sync
+for case in "4096 1 1" "65536 1 1" "4096 64 1" "4096 64 2" "65536 64 1" "65536 64 2" "1048576 8 1" "1048576 8 2"; do
+  read -r rb inf depth <<<"$case"
   bs=$((rb * inf))
   wals=(); fios=()
   for _ in $(seq "$reps"); do
     rm -rf "$dir/wal"
-    wals+=("$("$baton" wal bench --dir "$dir/wal" --record-bytes "$rb" --in-flight "$inf" --depth "$depth" --seconds "$secs" "${zc[@]}" --json)")
+    wals+=("$(./target/release/baton wal bench --dir "$dir/wal" --record-bytes "$rb" --in-flight "$inf" --depth "$depth" --seconds "$secs" --json)")
     fios+=("$(fio --name=wal --filename="$dir/fio.dat" --rw=write --bs="$bs" --size=1G --direct=1 --fdatasync=1 \
           --ioengine=psync --runtime="$secs" --time_based --output-format=json)")
     rm -f "$dir/fio.dat"
   done
-  python3 - "$rb" "$inf" "$depth" "${mode:-copy}" "${#wals[@]}" "${wals[@]}" "${fios[@]}" <<'PY'
+  python3 - "$rb" "$inf" "$depth" "${#wals[@]}" "${wals[@]}" "${fios[@]}" <<'PY'
 import json, statistics, sys
-rb, inf, depth = (int(a) for a in sys.argv[1:4])
-mode, n = sys.argv[4], int(sys.argv[5])
-wals = [json.loads(x) for x in sys.argv[6:6 + n]]
-fios = [json.loads(x)["jobs"][0]["write"] for x in sys.argv[6 + n:6 + 2 * n]]
+rb, inf, depth, n = (int(a) for a in sys.argv[1:5])
+wals = [json.loads(x) for x in sys.argv[5:5 + n]]
+fios = [json.loads(x)["jobs"][0]["write"] for x in sys.argv[5 + n:5 + 2 * n]]
 w = statistics.median(x["bytes_per_s"] for x in wals) / 2**20
 f = statistics.median(x["bw_bytes"] for x in fios) / 2**20
 ws = statistics.median(x["fdatasyncs"] / x["seconds"] for x in wals)
 fs = statistics.median(x["total_ios"] / (x["runtime"] / 1000) for x in fios)
 kps = statistics.median(x["bytes_per_sync"] for x in wals) / 1024
-label = f"{rb}B x{inf}, depth {depth}" + (", zc" if mode == "zc" else "")
-print(label.ljust(27), f"{w:11.1f} {f:11.1f} {w / f:7.2f} {ws:12.0f} {fs:12.0f} {kps:14.0f}")
+print(f"{rb}B x{inf}, depth {depth}".ljust(24), f"{w:11.1f} {f:11.1f} {w / f:7.2f} {ws:12.0f} {fs:12.0f} {kps:14.0f}")
 PY
 done

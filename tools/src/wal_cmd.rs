@@ -12,8 +12,7 @@ use serde_json::json;
 
 #[derive(Subcommand)]
 pub enum WalCommand {
-    /// List segments, records (and the padding records before zero-copy ones) and the verdict
-    /// recovery would reach. Changes nothing.
+    /// List segments and records and the verdict recovery would reach. Changes nothing.
     /// Exit status: 0 when the log would open (clean or with a torn tail to cut), 2 when
     /// recovery would refuse it (corruption before the tail).
     Dump {
@@ -45,11 +44,6 @@ pub enum WalCommand {
         /// one syncs, as a busy log does.
         #[arg(long, default_value_t = 1)]
         depth: usize,
-        /// Zero-copy appends (`Wal::append_buf`): each record is built in a DMA buffer from the
-        /// log's pool and written as is, after padding to a block. The bench writes only the
-        /// index into each payload (like fio, it does not rebuild payloads).
-        #[arg(long)]
-        zero_copy: bool,
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -65,19 +59,8 @@ pub fn run(cmd: WalCommand) -> ExitCode {
             in_flight,
             seconds,
             depth,
-            zero_copy,
             json,
-        } => bench(
-            dir,
-            BenchShape {
-                record_bytes,
-                in_flight,
-                seconds,
-                depth,
-                zero_copy,
-            },
-            json,
-        ),
+        } => bench(dir, record_bytes, in_flight, seconds, depth, json),
     }
 }
 
@@ -119,25 +102,19 @@ fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
             .segments
             .iter()
             .map(|s| {
-                let (records, paddings): (Vec<_>, Vec<_>) = if summary {
-                    (Vec::new(), Vec::new())
+                let records: Vec<_> = if summary {
+                    Vec::new()
                 } else {
-                    (
-                        s.records.iter().map(|r| json!({"index": r.header.index, "term": r.header.term, "offset": r.offset, "len": r.header.payload_len, "crc": format!("{:#010x}", r.header.crc), "crc_ok": true})).collect(),
-                        s.paddings.iter().map(|p| json!({"offset": p.offset, "bytes": p.bytes, "next_index": p.next_index})).collect(),
-                    )
+                    s.records.iter().map(|r| json!({"index": r.header.index, "term": r.header.term, "offset": r.offset, "len": r.header.payload_len, "crc": format!("{:#010x}", r.header.crc), "crc_ok": true})).collect()
                 };
                 json!({
                     "path": s.path,
                     "first_index": s.name_index,
                     "header": s.header.map(|h| json!({"first_index": h.first_index, "segment_bytes": h.segment_bytes, "torn_window_bytes": h.torn_window_bytes})).map_err(|f| f.to_string()),
                     "record_count": s.records.len(),
-                    "padding_count": s.paddings.len(),
-                    "padding_bytes": s.paddings.iter().map(|p| p.bytes).sum::<u64>(),
                     "last_index": s.records.last().map(|r| r.header.index),
                     "end": end_json(&s.end),
                     "records": records,
-                    "paddings": paddings,
                 })
             })
             .collect();
@@ -157,36 +134,21 @@ fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
                 Err(f) => format!("BAD HEADER: {f}"),
             };
             println!(
-                "segment {}  first={} last={} records={} paddings={}  {header}",
+                "segment {}  first={} last={} records={}  {header}",
                 s.path.display(),
                 s.name_index,
                 last,
-                s.records.len(),
-                s.paddings.len()
+                s.records.len()
             );
             if !summary {
                 println!(
                     "  {:>12} {:>8} {:>10} {:>8} {:>10}  crc",
                     "index", "term", "offset", "len", "crc32"
                 );
-                // Records and paddings in file order (a padding comes just before its record).
-                let mut paddings = s.paddings.iter().peekable();
                 for r in &s.records {
-                    while let Some(p) = paddings.next_if(|p| p.offset < r.offset) {
-                        println!(
-                            "  {:>12} {:>8} {:>10} {:>8} {:>10}  padding before {}",
-                            "-", "-", p.offset, p.bytes, "-", p.next_index
-                        );
-                    }
                     println!(
                         "  {:>12} {:>8} {:>10} {:>8} {:#010x}  ok",
                         r.header.index, r.header.term, r.offset, r.header.payload_len, r.header.crc
-                    );
-                }
-                for p in paddings {
-                    println!(
-                        "  {:>12} {:>8} {:>10} {:>8} {:>10}  padding before {} (not written)",
-                        "-", "-", p.offset, p.bytes, "-", p.next_index
                     );
                 }
             }
@@ -217,40 +179,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// What `baton wal bench` appends.
-struct BenchShape {
+fn bench(
+    dir: Option<PathBuf>,
     record_bytes: usize,
     in_flight: usize,
     seconds: u64,
     depth: usize,
-    zero_copy: bool,
-}
-
-/// Appends record `index` the way the bench was asked to.
-async fn bench_append(
-    wal: &Wal,
-    index: u64,
-    payload: &[u8],
-    zero_copy: bool,
-) -> Result<(), baton_wal::WalError> {
-    if !zero_copy {
-        return wal.append(index, 1, payload).await;
-    }
-    let mut buf = wal.record_buf(payload.len());
-    let n = payload.len().min(8);
-    buf.payload_area_mut()[..n].copy_from_slice(&index.to_le_bytes()[..n]);
-    buf.set_payload_len(payload.len());
-    wal.append_buf(index, 1, buf).await
-}
-
-fn bench(dir: Option<PathBuf>, shape: BenchShape, as_json: bool) -> ExitCode {
-    let BenchShape {
-        record_bytes,
-        in_flight,
-        seconds,
-        depth,
-        zero_copy,
-    } = shape;
+    as_json: bool,
+) -> ExitCode {
     let tmp;
     let dir = match dir {
         Some(d) => d,
@@ -301,7 +237,7 @@ fn bench(dir: Option<PathBuf>, shape: BenchShape, as_json: bool) -> ExitCode {
         while Instant::now() < deadline {
             let round = Instant::now();
             for _ in 0..in_flight {
-                bench_append(&wal, index, &payload, zero_copy).await?;
+                wal.append(index, 1, &payload).await?;
                 index += 1;
             }
             rounds.push_back((index - 1, round));
@@ -322,40 +258,32 @@ fn bench(dir: Option<PathBuf>, shape: BenchShape, as_json: bool) -> ExitCode {
             s.appends - start_stats.appends,
             s.syncs - start_stats.syncs,
             latencies,
-            s,
         ))
     });
     match result {
-        Ok((secs, appends, syncs, mut lat, stats)) => {
+        Ok((secs, appends, syncs, mut lat)) => {
             lat.sort();
             let mb = appends as f64 * record_bytes as f64 / secs / (1 << 20) as f64;
             if as_json {
                 let us = |d: Duration| d.as_secs_f64() * 1e6;
                 let out = json!({
-                    "record_bytes": record_bytes, "in_flight": in_flight, "depth": depth, "zero_copy": zero_copy, "seconds": secs,
+                    "record_bytes": record_bytes, "in_flight": in_flight, "depth": depth, "seconds": secs,
                     "bytes_per_sync": appends as f64 * record_bytes as f64 / syncs.max(1) as f64,
                     "records_per_s": appends as f64 / secs, "bytes_per_s": appends as f64 * record_bytes as f64 / secs,
                     "fdatasyncs": syncs, "records_per_sync": appends as f64 / syncs.max(1) as f64,
-                    "written_bytes": stats.written_bytes, "padding_bytes": stats.padding_bytes, "reused_buffers": stats.reused_buffers,
                     "latency_us": {"p50": us(percentile(&lat, 0.5)), "p99": us(percentile(&lat, 0.99)), "max": us(percentile(&lat, 1.0))},
                 });
                 println!("{out}");
                 return ExitCode::SUCCESS;
             }
-            let how = if zero_copy { ", zero-copy" } else { "" };
             println!(
-                "baton wal bench: {record_bytes}-byte records, {in_flight} per round, depth {depth}{how}, {secs:.1} s"
+                "baton wal bench: {record_bytes}-byte records, {in_flight} per round, depth {depth}, {secs:.1} s"
             );
             println!("  records/s        {:>12.0}", appends as f64 / secs);
             println!("  MiB/s            {mb:>12.1}");
             println!(
                 "  fdatasyncs       {syncs:>12}  ({:.1} records per sync)",
                 appends as f64 / syncs.max(1) as f64
-            );
-            println!(
-                "  written          {:>12.1} MiB  ({} of them padding)",
-                stats.written_bytes as f64 / (1 << 20) as f64,
-                stats.padding_bytes
             );
             println!(
                 "  append→durable   p50 {:?}  p99 {:?}  max {:?}",

@@ -1,8 +1,6 @@
 //! baton-wal: a segmented, append-only, O_DIRECT write-ahead log on glommio (io_uring).
 //!
-//! - [`record`]: the on-disk record framing (32-byte header, crc32, 16-byte alignment; padding).
-//! - [`record_buf`]: a record built in place in a DMA buffer, for zero-copy appends.
-//! - [`buffer_pool`]: DMA buffers of finished rounds, kept for reuse.
+//! - [`record`]: the on-disk record framing (32-byte header, crc32, 16-byte alignment).
 //! - [`segment`]: segment files and their header block.
 //! - [`wal`]: the log: appends, group commit, reads, truncation, purge.
 //! - [`recovery`]: what a crash left behind, and what open does about it.
@@ -11,19 +9,16 @@
 //! The crate knows nothing of Raft or transactions: records are `(index, term, payload)`.
 //! See docs/wal.md for the format and the durability argument.
 
-pub mod buffer_pool;
 pub mod error;
 pub mod failpoint;
 pub mod meta;
 pub mod options;
 pub mod record;
-pub mod record_buf;
 pub mod recovery;
 pub mod segment;
 pub mod wal;
 
 pub use error::{Corruption, WalError};
 pub use options::WalOptions;
-pub use record_buf::RecordBuf;
 pub use recovery::{inspect, Inspection, Verdict};
 pub use wal::{Record, RecoveryReport, Wal, WalShutdown, WalStats};

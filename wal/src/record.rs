@@ -14,21 +14,6 @@
 //! The header is 32 bytes so the payload starts 16-byte aligned in an aligned buffer, which lets
 //! readers `rkyv::access` it in place. An all-zero header marks the end of the written data
 //! (segments are preallocated with zeros, and index 0 is never a valid record).
-//!
-//! A *padding record* fills the space before a record that must start block-aligned (a
-//! zero-copy append writes the caller's buffer as is, so its record starts at a block):
-//!
-//! ```text
-//! offset  size  field
-//!      0     4  body_len     u32 LE, bytes after the header (the padding is 32 + body_len bytes)
-//!      4     4  crc32        u32 LE, over bytes 0..4 and 8..32 (the body is not covered)
-//!      8     8  next_index   u64 LE, index of the record that follows the padding
-//!     16     8  zero
-//!     24     4  magic        u32 LE, PAD_MAGIC
-//!     28     4  zero
-//!     32     n  zero
-//! ```
-//! A padding record is 32 to `PAD_BYTES_MAX` bytes, a multiple of 16, and carries no entry.
 
 /// Bytes of a record header.
 pub const HEADER_BYTES: usize = 32;
@@ -36,11 +21,6 @@ pub const HEADER_BYTES: usize = 32;
 pub const RECORD_ALIGN_BYTES: usize = 16;
 /// Tags every record header, so garbage is told apart from a record with a bad checksum.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"BtRc");
-/// Tags a padding record (see the module docs).
-pub const PAD_MAGIC: u32 = u32::from_le_bytes(*b"BtPd");
-/// Largest padding record: the rest of a block, plus a whole block when the rest is too short
-/// for a header.
-pub const PAD_BYTES_MAX: usize = 4096 + HEADER_BYTES;
 /// Largest payload one record may carry (a batch is at most 4 MiB; the rest is headroom).
 pub const PAYLOAD_BYTES_MAX: usize = (4 << 20) + (64 << 10);
 
@@ -87,9 +67,6 @@ pub enum RecordFault {
     /// The record is valid but not the index that must come next.
     #[error("index {found} where {expected} was expected")]
     IndexMismatch { expected: u64, found: u64 },
-    /// A padding record whose size is not a multiple of 16 or over `PAD_BYTES_MAX`.
-    #[error("padding record of {bytes} bytes (must be a multiple of 16, at most {max})")]
-    BadPadding { bytes: usize, max: usize },
 }
 
 /// What lies at an offset of a segment.
@@ -99,8 +76,6 @@ pub enum RecordCheck {
     End,
     /// A valid record.
     Record(RecordHeader),
-    /// A valid padding record of `bytes` bytes (header included), announcing `next_index`.
-    Padding { bytes: usize, next_index: u64 },
     /// Bytes that are neither zero nor a valid record.
     Fault(RecordFault),
 }
@@ -118,69 +93,24 @@ fn crc_of(header: &[u8], payload: &[u8]) -> u32 {
 /// Panics if `dst` is shorter than `record_bytes(payload.len())` or the payload is over the
 /// maximum: callers check both before reserving space.
 pub fn encode(dst: &mut [u8], index: u64, term: u64, payload: &[u8]) -> usize {
-    let size = record_bytes(payload.len());
-    dst[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
-    let written = encode_in_place(&mut dst[..size], index, term, payload.len());
-    debug_assert_eq!(written, size);
-    size
-}
-
-/// Frames a record whose payload already sits at `dst[32..32 + payload_len]` (a zero-copy
-/// append): writes the header and the zero padding after the payload; returns the record's size.
-///
-/// Panics if `dst` is shorter than `record_bytes(payload_len)` or the payload is over the
-/// maximum: callers check both.
-pub fn encode_in_place(dst: &mut [u8], index: u64, term: u64, payload_len: usize) -> usize {
     assert!(
-        payload_len <= PAYLOAD_BYTES_MAX,
+        payload.len() <= PAYLOAD_BYTES_MAX,
         "payload over PAYLOAD_BYTES_MAX"
     );
     assert!(index >= 1, "raft indexes start at 1");
-    let size = record_bytes(payload_len);
+    let size = record_bytes(payload.len());
     let dst = &mut dst[..size];
     let (header, rest) = dst.split_at_mut(HEADER_BYTES);
-    header[0..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     header[8..16].copy_from_slice(&index.to_le_bytes());
     header[16..24].copy_from_slice(&term.to_le_bytes());
     header[24..28].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     header[28..32].fill(0);
-    rest[payload_len..].fill(0);
-    let crc = crc_of(header, &rest[..payload_len]);
+    rest[..payload.len()].copy_from_slice(payload);
+    rest[payload.len()..].fill(0);
+    let crc = crc_of(header, payload);
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     size
-}
-
-/// Bytes of padding needed at file offset `end` so that the next record starts on a `block`
-/// boundary: 0 when it already does, else at least a header's worth.
-pub const fn padding_bytes(end: u64, block: u64) -> usize {
-    let rest = (block - end % block) % block;
-    if rest == 0 {
-        0
-    } else if rest < HEADER_BYTES as u64 {
-        (rest + block) as usize
-    } else {
-        rest as usize
-    }
-}
-
-/// Writes a padding record of `bytes` bytes (header and zero body) at the start of `dst`,
-/// announcing that the record after it has index `next_index`.
-///
-/// Panics if `bytes` is not a valid padding size or `dst` is shorter.
-pub fn encode_padding(dst: &mut [u8], bytes: usize, next_index: u64) {
-    assert!(
-        (HEADER_BYTES..=PAD_BYTES_MAX).contains(&bytes) && bytes % RECORD_ALIGN_BYTES == 0,
-        "padding of {bytes} bytes"
-    );
-    assert!(next_index >= 1, "raft indexes start at 1");
-    let dst = &mut dst[..bytes];
-    dst.fill(0);
-    let header = &mut dst[..HEADER_BYTES];
-    header[0..4].copy_from_slice(&((bytes - HEADER_BYTES) as u32).to_le_bytes());
-    header[8..16].copy_from_slice(&next_index.to_le_bytes());
-    header[24..28].copy_from_slice(&PAD_MAGIC.to_le_bytes());
-    let crc = crc_of(header, &[]);
-    header[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -202,9 +132,6 @@ pub fn check(buf: &[u8], pos: usize) -> RecordCheck {
         return RecordCheck::End;
     }
     let magic = u32_at(header, 24);
-    if magic == PAD_MAGIC {
-        return check_padding(buf, pos);
-    }
     if magic != RECORD_MAGIC {
         return RecordCheck::Fault(RecordFault::BadMagic { found: magic });
     }
@@ -236,28 +163,6 @@ pub fn check(buf: &[u8], pos: usize) -> RecordCheck {
     })
 }
 
-fn check_padding(buf: &[u8], pos: usize) -> RecordCheck {
-    let header = &buf[pos..pos + HEADER_BYTES];
-    let bytes = HEADER_BYTES + u32_at(header, 0) as usize;
-    if bytes > PAD_BYTES_MAX || bytes % RECORD_ALIGN_BYTES != 0 {
-        return RecordCheck::Fault(RecordFault::BadPadding {
-            bytes,
-            max: PAD_BYTES_MAX,
-        });
-    }
-    let stored = u32_at(header, 4);
-    let computed = crc_of(header, &[]);
-    if stored != computed {
-        return RecordCheck::Fault(RecordFault::CrcMismatch { stored, computed });
-    }
-    // The body is not read: it may lie past the end of a truncated file, and what follows the
-    // padding is checked on its own.
-    RecordCheck::Padding {
-        bytes,
-        next_index: u64_at(header, 8),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,77 +180,6 @@ mod tests {
     fn zero_header_is_end_and_short_buffer_is_end() {
         assert_eq!(check(&[0u8; 64], 0), RecordCheck::End);
         assert_eq!(check(&[1u8; 16], 0), RecordCheck::End);
-    }
-
-    #[test]
-    fn padding_reaches_the_next_block_with_room_for_a_header() {
-        assert_eq!(padding_bytes(4096, 4096), 0);
-        assert_eq!(padding_bytes(4096 + 32, 4096), 4064);
-        assert_eq!(padding_bytes(8192 - 32, 4096), 32);
-        // 16 bytes cannot hold a header: pad through the next block as well.
-        assert_eq!(padding_bytes(8192 - 16, 4096), 16 + 4096);
-        for end in (4096u64..3 * 4096).step_by(16) {
-            let pad = padding_bytes(end, 4096);
-            assert_eq!((end + pad as u64) % 4096, 0, "end {end}");
-            assert!(pad == 0 || (HEADER_BYTES..=PAD_BYTES_MAX).contains(&pad));
-        }
-    }
-
-    #[test]
-    fn padding_roundtrip_and_faults() {
-        let mut buf = vec![0xeeu8; 4096 + 64];
-        encode_padding(&mut buf, 4064, 9);
-        assert_eq!(
-            check(&buf, 0),
-            RecordCheck::Padding {
-                bytes: 4064,
-                next_index: 9
-            }
-        );
-        assert!(buf[32..4064].iter().all(|&b| b == 0), "the body is zero");
-        assert_eq!(buf[4064], 0xee, "nothing written past the padding");
-        // Every header byte is covered.
-        for at in 0..HEADER_BYTES {
-            let mut bad = buf.clone();
-            bad[at] ^= 0x10;
-            assert!(
-                !matches!(
-                    check(&bad, 0),
-                    RecordCheck::Padding { .. } | RecordCheck::End
-                ),
-                "flip at {at}"
-            );
-        }
-        // A size that is not a multiple of 16, or too large, is refused even with a right crc.
-        for body in [4065 - 32u32, PAD_BYTES_MAX as u32] {
-            let mut bad = buf.clone();
-            bad[0..4].copy_from_slice(&body.to_le_bytes());
-            let crc = crc_of(&bad[..HEADER_BYTES], &[]);
-            bad[4..8].copy_from_slice(&crc.to_le_bytes());
-            assert!(
-                matches!(
-                    check(&bad, 0),
-                    RecordCheck::Fault(RecordFault::BadPadding { .. })
-                ),
-                "body {body}"
-            );
-        }
-        // A padding whose body lies past the end of the bytes (a truncated file) still reads.
-        assert!(matches!(
-            check(&buf[..HEADER_BYTES], 0),
-            RecordCheck::Padding { bytes: 4064, .. }
-        ));
-    }
-
-    #[test]
-    fn in_place_framing_matches_the_copying_one() {
-        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
-        let mut a = vec![0x55u8; record_bytes(payload.len())];
-        let mut b = vec![0x55u8; record_bytes(payload.len())];
-        encode(&mut a, 3, 2, &payload);
-        b[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(&payload);
-        assert_eq!(encode_in_place(&mut b, 3, 2, payload.len()), a.len());
-        assert_eq!(a, b);
     }
 
     proptest! {

@@ -32,17 +32,6 @@ pub struct ScannedRecord {
     pub header: RecordHeader,
 }
 
-/// A valid padding record found by a scan (it fills the space before a block-aligned record).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScannedPadding {
-    /// Offset of the padding in its segment file.
-    pub offset: u64,
-    /// Its size, header included.
-    pub bytes: u64,
-    /// Index of the record it announces.
-    pub next_index: u64,
-}
-
 /// How the scan of a segment's records ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanEnd {
@@ -68,8 +57,6 @@ pub struct SegmentScan {
     pub header: Result<SegmentHeader, HeaderFault>,
     /// The valid records, in order, up to the end or the first fault.
     pub records: Vec<ScannedRecord>,
-    /// The valid padding records among them, in order.
-    pub paddings: Vec<ScannedPadding>,
     /// How the scan ended (`Clean` at offset 0 when the header was unusable).
     pub end: ScanEnd,
     /// Size of the file image scanned.
@@ -82,8 +69,7 @@ impl SegmentScan {
         self.name_index + self.records.len() as u64
     }
 
-    /// Offset just past the last valid record (padding after it, with no record after the
-    /// padding, is not included: the next append overwrites it).
+    /// Offset just past the last valid record.
     pub fn valid_end(&self) -> u64 {
         match self.records.last() {
             Some(r) => r.offset + r.header.record_bytes() as u64,
@@ -100,7 +86,6 @@ pub fn scan_segment(path: &Path, name_index: u64, bytes: &[u8]) -> SegmentScan {
         name_index,
         header,
         records: Vec::new(),
-        paddings: Vec::new(),
         end: ScanEnd::Clean { offset: 0 },
         file_bytes: bytes.len() as u64,
     };
@@ -121,19 +106,6 @@ pub fn scan_segment(path: &Path, name_index: u64, bytes: &[u8]) -> SegmentScan {
                 expected += 1;
                 continue;
             }
-            RecordCheck::Padding { bytes, next_index } if next_index == expected => {
-                scan.paddings.push(ScannedPadding {
-                    offset: pos as u64,
-                    bytes: bytes as u64,
-                    next_index,
-                });
-                pos += bytes;
-                continue;
-            }
-            RecordCheck::Padding { next_index, .. } => RecordFault::IndexMismatch {
-                expected,
-                found: next_index,
-            },
             RecordCheck::Record(h) => RecordFault::IndexMismatch {
                 expected,
                 found: h.index,
@@ -396,114 +368,6 @@ mod tests {
         ));
         let err = judge(&[scan(2, &b), scan(1, &a)]).unwrap_err();
         assert!(matches!(err, WalError::Corrupt { .. }));
-    }
-
-    /// A segment image where the records flagged `true` start on a block after a padding
-    /// record, as zero-copy appends write them. Returns the image and each record's offset.
-    fn mixed_image(first: u64, records: &[(usize, bool)]) -> (Vec<u8>, Vec<u64>) {
-        let mut img = vec![0u8; 256 << 10];
-        SegmentHeader {
-            first_index: first,
-            segment_bytes: img.len() as u64,
-            torn_window_bytes: 8192,
-        }
-        .encode(&mut img);
-        let mut pos = BLOCK_BYTES;
-        let mut offsets = Vec::new();
-        for (i, &(n, aligned)) in records.iter().enumerate() {
-            let index = first + i as u64;
-            let pad = if aligned {
-                record::padding_bytes(pos as u64, BLOCK_BYTES as u64)
-            } else {
-                0
-            };
-            if pad > 0 {
-                record::encode_padding(&mut img[pos..], pad, index);
-                pos += pad;
-            }
-            let payload: Vec<u8> = (0..n).map(|b| (b + i) as u8).collect();
-            offsets.push(pos as u64);
-            pos += encode(&mut img[pos..], index, 1, &payload);
-        }
-        (img, offsets)
-    }
-
-    #[test]
-    fn paddings_are_skipped_and_listed() {
-        let (a, offs) = mixed_image(1, &[(100, false), (5000, true), (10, false), (8, true)]);
-        let s = scan(1, &a);
-        assert_eq!(s.records.len(), 4);
-        assert_eq!(s.records.iter().map(|r| r.offset).collect::<Vec<_>>(), offs);
-        assert_eq!(offs[1] % BLOCK_BYTES as u64, 0);
-        assert_eq!(offs[3] % BLOCK_BYTES as u64, 0);
-        let nexts: Vec<u64> = s.paddings.iter().map(|p| p.next_index).collect();
-        assert_eq!(nexts, [2, 4]);
-        for (p, &next_at) in s.paddings.iter().zip([offs[1], offs[3]].iter()) {
-            assert_eq!(p.offset + p.bytes, next_at);
-        }
-        assert_eq!(judge(&[s]).unwrap(), Verdict::Clean);
-    }
-
-    #[test]
-    fn a_padding_at_the_end_is_not_part_of_the_valid_data() {
-        let (mut a, offs) = mixed_image(1, &[(100, false), (5000, true)]);
-        // As if the crash came after the padding was written but before its record.
-        a[offs[1] as usize..].fill(0);
-        let s = scan(1, &a);
-        assert_eq!(s.records.len(), 1);
-        assert_eq!(s.paddings.len(), 1);
-        assert_eq!(s.valid_end(), offs[0] + record_bytes(100) as u64);
-        assert_eq!(judge(&[s]).unwrap(), Verdict::Clean);
-    }
-
-    #[test]
-    fn a_torn_zero_copy_record_is_cut_at_its_block_not_at_its_padding() {
-        let (mut a, offs) = mixed_image(1, &[(100, false), (5000, true)]);
-        a[offs[1] as usize + 4500] ^= 1;
-        let s = scan(1, &a);
-        assert_eq!((s.records.len(), s.paddings.len()), (1, 1));
-        match judge(&[s]).unwrap() {
-            Verdict::TornTail { offset, fault, .. } => {
-                assert_eq!(offset, offs[1]);
-                assert!(matches!(fault, RecordFault::CrcMismatch { .. }));
-            }
-            v => panic!("{v:?}"),
-        }
-    }
-
-    #[test]
-    fn a_padding_announcing_another_index_is_a_fault() {
-        let (mut a, offs) = mixed_image(1, &[(100, false), (5000, true)]);
-        let pad_at = offs[0] as usize + record_bytes(100);
-        let pad = record::padding_bytes(pad_at as u64, BLOCK_BYTES as u64);
-        record::encode_padding(&mut a[pad_at..], pad, 7);
-        let s = scan(1, &a);
-        let want = ScanEnd::Fault {
-            offset: pad_at as u64,
-            fault: RecordFault::IndexMismatch {
-                expected: 2,
-                found: 7,
-            },
-            last_valid_after: Some(offs[1]),
-        };
-        assert_eq!(s.end, want);
-        // In the last segment, within the torn window: a torn tail; in an earlier one: corrupt.
-        assert!(matches!(
-            judge(std::slice::from_ref(&s)).unwrap(),
-            Verdict::TornTail { offset, .. } if offset == pad_at as u64
-        ));
-        let (b, _) = image(3, &[5], 64 << 10);
-        let err = judge(&[s, scan(3, &b)]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                WalError::Corrupt {
-                    reason: Corruption::Record(RecordFault::IndexMismatch { .. }),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
     }
 
     #[test]

@@ -9,15 +9,9 @@
 //! O_DIRECT writes whole 4096-byte blocks, so a buffer starts at the block holding the end of the
 //! previous one and carries that block's bytes (the *tail carry*); the rewrite puts back the same
 //! bytes, so a torn rewrite cannot damage records that were already durable.
-//!
-//! `append_buf` is the zero-copy append: the caller's [`RecordBuf`] (header space reserved, the
-//! payload built in place) becomes a buffer of the group commit by itself. Its record starts on
-//! a block, after a padding record that fills the rest of the previous one. Buffers of finished
-//! rounds go to a bounded pool that `record_buf` and new group-commit buffers draw from.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -26,12 +20,10 @@ use std::task::{Poll, Waker};
 use futures_lite::future::poll_fn;
 use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
-use crate::buffer_pool::BufferPool;
 use crate::error::WalError;
 use crate::failpoint::{self, points};
 use crate::options::WalOptions;
-use crate::record::{self, RecordCheck, HEADER_BYTES, PAD_BYTES_MAX};
-use crate::record_buf::RecordBuf;
+use crate::record::{self, RecordCheck, HEADER_BYTES};
 use crate::recovery::{self, SegmentScan, Verdict};
 use crate::segment::{self, SegmentHeader, BLOCK_BYTES};
 
@@ -60,10 +52,6 @@ pub struct WalStats {
     pub written_bytes: u64,
     /// Segments created since open.
     pub segments_created: u64,
-    /// Bytes of padding records written before zero-copy records.
-    pub padding_bytes: u64,
-    /// DMA buffers taken from the pool of finished rounds instead of allocated.
-    pub reused_buffers: u64,
 }
 
 /// What `Wal::open` found and repaired.
@@ -134,24 +122,18 @@ struct Segment {
     file: Option<Rc<DmaFile>>,
     /// The file exists on disk.
     created: bool,
-    /// Where each record lies, for index `first_index + i`.
-    records: Vec<Span>,
+    /// File offset of each record, for index `first_index + i`.
+    offsets: Vec<u64>,
     /// End of the appended data (pending records included).
     end: u64,
     /// Data below this offset is in the file (written, maybe not yet synced).
     written_end: u64,
 }
 
-/// Where a record lies in its segment file (padding before the next record not included).
-#[derive(Clone, Copy)]
-struct Span {
-    offset: u64,
-    bytes: u32,
-}
-
-impl Span {
-    fn end(&self) -> u64 {
-        self.offset + u64::from(self.bytes)
+impl Segment {
+    fn record_size(&self, i: usize) -> u64 {
+        let next = self.offsets.get(i + 1).copied().unwrap_or(self.end);
+        next - self.offsets[i]
     }
 }
 
@@ -220,8 +202,6 @@ struct Inner {
     syncer_waker: Option<Waker>,
     durable_waiters: Vec<(u64, Waker)>,
     waiters: Vec<Waker>,
-    /// Buffers of finished rounds, for reuse.
-    pool: BufferPool,
     stats: WalStats,
 }
 
@@ -295,122 +275,6 @@ impl Inner {
     fn release_if_done(&mut self) {
         if (self.closed || self.failed.is_some()) && self.is_idle() {
             self.lock.take();
-        }
-    }
-
-    /// Checks an append of a `size`-byte record at `index` can go ahead and starts a new segment
-    /// when it does not fit in the active one. Returns the padding needed first (always 0 unless
-    /// `block_aligned`, which asks for the record to start on a block).
-    fn begin_append(
-        &mut self,
-        index: u64,
-        size: usize,
-        block_aligned: bool,
-    ) -> Result<usize, WalError> {
-        self.check_usable()?;
-        if self.next_index != 0 && index != self.next_index {
-            return Err(WalError::NonContiguous {
-                expected: self.next_index,
-                got: index,
-            });
-        }
-        if self.last_index().is_none() {
-            self.first_visible = index;
-        }
-        let pad_at = |end: u64| {
-            if block_aligned {
-                record::padding_bytes(end, BLOCK)
-            } else {
-                0
-            }
-        };
-        let rotate = match self.segments.back() {
-            None => true,
-            Some(s) => s.end + (pad_at(s.end) + size) as u64 > self.opts.segment_bytes,
-        };
-        if rotate {
-            self.segments.push_back(Segment {
-                first_index: index,
-                path: segment::segment_path(&self.dir, index),
-                file: None,
-                created: false,
-                records: Vec::new(),
-                end: BLOCK,
-                written_end: BLOCK,
-            });
-            self.tail = Tail {
-                file_pos: BLOCK,
-                bytes: Vec::new(),
-            };
-        }
-        Ok(pad_at(self.segments.back().expect("active segment").end))
-    }
-
-    /// The open group-commit buffer of the active segment, with room for `size` more bytes: the
-    /// last queued one if it has room, else a new one that starts with the tail carry. A
-    /// `padding_only` buffer is sized for the padding alone (a zero-copy record follows it).
-    fn open_flush(&mut self, size: usize, padding_only: bool) -> &mut Flush {
-        let active_first = self.segments.back().expect("active segment").first_index;
-        let fits = matches!(self.queue.back(), Some(f) if f.segment_first == active_first && f.used + size <= f.buf.len());
-        if !fits {
-            let carry = match self.queue.back() {
-                Some(f) if f.segment_first == active_first => f.carry(),
-                _ => std::mem::take(&mut self.tail),
-            };
-            let need = carry.bytes.len() + size;
-            // Size the buffer for what recent rounds needed, not the maximum: small buffers come
-            // back warm from the allocator, 8 MiB ones fault in fresh pages every time (unless
-            // the pool has one).
-            let want = if padding_only {
-                need.max(FLUSH_BYTES_MIN)
-            } else {
-                (2 * self.last_round_bytes)
-                    .max(need + BLOCK_BYTES)
-                    .max(FLUSH_BYTES_MIN)
-            };
-            let capacity = (align_up(want as u64) as usize).min(self.opts.flush_bytes_max);
-            let fits_need = align_up((need + BLOCK_BYTES) as u64) as usize;
-            // Padding-only buffers are small and trimmed to a block: they would waste a pooled one.
-            let pooled = if padding_only {
-                None
-            } else {
-                self.pool.take(fits_need.min(capacity), capacity)
-            };
-            let mut buf = match pooled {
-                Some(buf) => {
-                    self.stats.reused_buffers += 1;
-                    buf
-                }
-                None => glommio::allocate_dma_buffer(capacity),
-            };
-            buf.as_bytes_mut()[..carry.bytes.len()].copy_from_slice(&carry.bytes);
-            self.queue.push_back(Flush {
-                segment_first: active_first,
-                file_pos: carry.file_pos,
-                buf,
-                used: carry.bytes.len(),
-                record_bytes: 0,
-                last_index: 0,
-            });
-        }
-        self.queue.back_mut().expect("open flush")
-    }
-
-    /// Records that the `size`-byte record `index` now lies at `file_pos` of the active segment.
-    fn finish_append(&mut self, index: u64, file_pos: u64, size: usize, payload_len: usize) {
-        let segment = self.segments.back_mut().expect("active segment");
-        debug_assert_eq!(segment.end, file_pos, "buffer and segment agree on the end");
-        segment.records.push(Span {
-            offset: file_pos,
-            bytes: size as u32,
-        });
-        segment.end += size as u64;
-        self.next_index = index + 1;
-        self.pending_bytes += size;
-        self.stats.appends += 1;
-        self.stats.payload_bytes += payload_len as u64;
-        if let Some(w) = self.syncer_waker.take() {
-            w.wake();
         }
     }
 }
@@ -505,14 +369,7 @@ impl Wal {
                 path: scan.path.clone(),
                 file: Some(file),
                 created: true,
-                records: scan
-                    .records
-                    .iter()
-                    .map(|r| Span {
-                        offset: r.offset,
-                        bytes: r.header.record_bytes() as u32,
-                    })
-                    .collect(),
+                offsets: scan.records.iter().map(|r| r.offset).collect(),
                 end,
                 written_end: end,
             });
@@ -520,11 +377,10 @@ impl Wal {
         close_old_segment_files(&mut segments);
         let next_index = segments
             .back()
-            .map_or(0, |s| s.first_index + s.records.len() as u64);
+            .map_or(0, |s| s.first_index + s.offsets.len() as u64);
         let first_visible = segments.front().map_or(0, |s| s.first_index);
         let inner = Inner {
             dir: dir.to_path_buf(),
-            pool: BufferPool::new(2 * opts.flush_bytes_max),
             opts,
             directory: Rc::new(directory),
             lock: Some(lock),
@@ -598,101 +454,97 @@ impl Wal {
     /// for space when `pending_bytes_max` is reached; await [`Wal::durable`] for durability.
     ///
     /// `index` must follow the last index (any index ≥ 1 for a log that was never written).
-    /// The payload is copied once, into the group-commit buffer; [`Wal::append_buf`] avoids it.
     pub async fn append(&self, index: u64, term: u64, payload: &[u8]) -> Result<(), WalError> {
-        self.check_input(index, payload.len())?;
+        let max = self.shared.borrow().opts.payload_bytes_max;
+        if payload.len() > max {
+            return Err(WalError::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        if index == 0 {
+            return Err(WalError::ZeroIndex);
+        }
         let size = record::record_bytes(payload.len());
         self.wait_for_room(size).await?;
         let mut guard = self.shared.borrow_mut();
         let inner = &mut *guard;
-        inner.begin_append(index, size, false)?;
-        let flush = inner.open_flush(size, false);
+        inner.check_usable()?;
+        if inner.next_index != 0 && index != inner.next_index {
+            return Err(WalError::NonContiguous {
+                expected: inner.next_index,
+                got: index,
+            });
+        }
+        let was_empty = inner.last_index().is_none();
+        let segment_bytes = inner.opts.segment_bytes;
+        let rotate = match inner.segments.back() {
+            None => true,
+            Some(s) => s.end + size as u64 > segment_bytes,
+        };
+        if rotate {
+            inner.segments.push_back(Segment {
+                first_index: index,
+                path: segment::segment_path(&inner.dir, index),
+                file: None,
+                created: false,
+                offsets: Vec::new(),
+                end: BLOCK,
+                written_end: BLOCK,
+            });
+            inner.tail = Tail {
+                file_pos: BLOCK,
+                bytes: Vec::new(),
+            };
+        }
+        let active_first = inner.segments.back().expect("active segment").first_index;
+        let fits = matches!(inner.queue.back(), Some(f) if f.segment_first == active_first && f.used + size <= f.buf.len());
+        if !fits {
+            let carry = match inner.queue.back() {
+                Some(f) if f.segment_first == active_first => f.carry(),
+                _ => std::mem::take(&mut inner.tail),
+            };
+            // Size the buffer for what recent rounds needed, not the maximum: small buffers come
+            // back warm from the allocator, 8 MiB ones fault in fresh pages every time.
+            let want = (2 * inner.last_round_bytes)
+                .max(carry.bytes.len() + size + BLOCK_BYTES)
+                .max(FLUSH_BYTES_MIN);
+            let capacity = (align_up(want as u64) as usize).min(inner.opts.flush_bytes_max);
+            let mut buf = glommio::allocate_dma_buffer(capacity);
+            buf.as_bytes_mut()[..carry.bytes.len()].copy_from_slice(&carry.bytes);
+            inner.queue.push_back(Flush {
+                segment_first: active_first,
+                file_pos: carry.file_pos,
+                buf,
+                used: carry.bytes.len(),
+                record_bytes: 0,
+                last_index: 0,
+            });
+        }
+        let flush = inner.queue.back_mut().expect("open flush");
         let at = flush.used;
         let written = record::encode(&mut flush.buf.as_bytes_mut()[at..], index, term, payload);
         debug_assert_eq!(written, size);
         flush.used += size;
         flush.record_bytes += size;
         flush.last_index = index;
-        let file_pos = flush.file_pos + at as u64;
-        inner.finish_append(index, file_pos, size, payload.len());
-        Ok(())
-    }
-
-    /// A buffer for a zero-copy append of up to `payload_capacity` payload bytes: build the
-    /// payload in it and pass it to [`Wal::append_buf`]. Reuses the buffers of finished rounds
-    /// when it can (its payload area then holds old bytes); fresh buffers are zeroed.
-    pub fn record_buf(&self, payload_capacity: usize) -> RecordBuf {
-        let len = RecordBuf::buffer_bytes(payload_capacity);
-        let reused = {
-            let mut inner = self.shared.borrow_mut();
-            let buf = inner.pool.take(len, len);
-            inner.stats.reused_buffers += u64::from(buf.is_some());
-            buf
-        };
-        let buf = reused.unwrap_or_else(|| {
-            let mut buf = glommio::allocate_dma_buffer(len);
-            buf.as_bytes_mut().fill(0);
-            buf
-        });
-        RecordBuf::from_dma(buf)
-    }
-
-    /// Appends the record built in `buf` without copying its payload: the buffer itself is
-    /// written to the segment (its record starts on a block, after a padding record). Otherwise
-    /// as [`Wal::append`]: returns once the record can be read back; await [`Wal::durable`].
-    ///
-    /// Worth it for large payloads: each such record also takes the rest of its last block
-    /// (up to 4 KiB) as padding.
-    pub async fn append_buf(&self, index: u64, term: u64, buf: RecordBuf) -> Result<(), WalError> {
-        let payload_len = buf.payload_len();
-        self.check_input(index, payload_len)?;
-        let size = record::record_bytes(payload_len);
-        self.wait_for_room(size + PAD_BYTES_MAX).await?;
-        let mut buf = buf.buf;
-        // The crc pass over the payload, done before the log is borrowed.
-        let written = record::encode_in_place(buf.as_bytes_mut(), index, term, payload_len);
-        debug_assert_eq!(written, size);
-        let mut guard = self.shared.borrow_mut();
-        let inner = &mut *guard;
-        let pad = inner.begin_append(index, size, true)?;
-        if pad > 0 {
-            let flush = inner.open_flush(pad, true);
-            let at = flush.used;
-            record::encode_padding(&mut flush.buf.as_bytes_mut()[at..], pad, index);
-            flush.used += pad;
-            flush.record_bytes += pad;
-            let pad_pos = flush.file_pos + at as u64;
-            let segment = inner.segments.back_mut().expect("active segment");
-            debug_assert_eq!(segment.end, pad_pos);
-            segment.end += pad as u64;
-            inner.pending_bytes += pad;
-            inner.stats.padding_bytes += pad as u64;
+        let segment = inner.segments.back_mut().expect("active segment");
+        debug_assert_eq!(
+            segment.end,
+            flush.file_pos + at as u64,
+            "buffer and segment agree on the end"
+        );
+        segment.offsets.push(segment.end);
+        segment.end += size as u64;
+        if was_empty {
+            inner.first_visible = index;
         }
-        let segment = inner.segments.back().expect("active segment");
-        let file_pos = segment.end;
-        debug_assert_eq!(file_pos % BLOCK, 0, "a zero-copy record starts on a block");
-        inner.queue.push_back(Flush {
-            segment_first: segment.first_index,
-            file_pos,
-            buf,
-            used: size,
-            record_bytes: size,
-            last_index: index,
-        });
-        inner.finish_append(index, file_pos, size, payload_len);
-        Ok(())
-    }
-
-    fn check_input(&self, index: u64, payload_len: usize) -> Result<(), WalError> {
-        let max = self.shared.borrow().opts.payload_bytes_max;
-        if payload_len > max {
-            return Err(WalError::PayloadTooLarge {
-                len: payload_len,
-                max,
-            });
-        }
-        if index == 0 {
-            return Err(WalError::ZeroIndex);
+        inner.next_index = index + 1;
+        inner.pending_bytes += size;
+        inner.stats.appends += 1;
+        inner.stats.payload_bytes += payload.len() as u64;
+        if let Some(w) = inner.syncer_waker.take() {
+            w.wake();
         }
         Ok(())
     }
@@ -790,8 +642,8 @@ impl Wal {
                 return Err(not_found());
             }
             let seg = inner.segment_of(index).ok_or_else(not_found)?;
-            let span = seg.records[(index - seg.first_index) as usize];
-            let (offset, size) = (span.offset, u64::from(span.bytes));
+            let i = (index - seg.first_index) as usize;
+            let (offset, size) = (seg.offsets[i], seg.record_size(i));
             if offset + size <= seg.written_end {
                 Source::File(seg.file.clone(), seg.path.clone(), offset, size as usize)
             } else {
@@ -877,16 +729,6 @@ impl Wal {
                             },
                         ),
                     }),
-                    RecordCheck::Padding { next_index, .. } => Err(WalError::Corrupt {
-                        path,
-                        offset,
-                        reason: crate::error::Corruption::Record(
-                            record::RecordFault::IndexMismatch {
-                                expected: index,
-                                found: next_index,
-                            },
-                        ),
-                    }),
                     RecordCheck::Fault(f) => Err(WalError::Corrupt {
                         path,
                         offset,
@@ -962,14 +804,11 @@ impl Wal {
                 }
                 Some(seg) => {
                     let keep = (index + 1 - seg.first_index) as usize;
-                    // Cut just after the last record kept (padding after it goes too). When the
-                    // cut falls on a segment boundary this segment keeps every record, but the
-                    // tail carry still describes the deleted one: cut here at its own end, which
-                    // rewrites its last block and gives the right carry.
-                    let cut = seg.records[..keep.min(seg.records.len())]
-                        .last()
-                        .map_or(BLOCK, Span::end);
-                    seg.records.truncate(keep);
+                    // When the cut falls on a segment boundary this segment keeps every record,
+                    // but the tail carry still describes the deleted one: cut here at its own
+                    // end, which rewrites its last block and gives the right carry.
+                    let cut = seg.offsets.get(keep).copied().unwrap_or(seg.end);
+                    seg.offsets.truncate(keep);
                     seg.end = cut;
                     seg.written_end = cut;
                     Some((seg.file.clone(), seg.path.clone(), cut))
@@ -1180,15 +1019,7 @@ async fn syncer(weak: Weak<RefCell<Inner>>) {
         let result = run_round(&shared).await;
         let mut inner = shared.borrow_mut();
         inner.syncing = false;
-        let done = std::mem::take(&mut inner.inflight);
-        if result.is_ok() {
-            // Buffers no reader holds any more go back to the pool.
-            for f in done {
-                if let Ok(buf) = Rc::try_unwrap(f.buf) {
-                    inner.pool.put(buf);
-                }
-            }
-        }
+        inner.inflight.clear();
         if let Err(e) = result {
             inner.fail(e);
             return;
@@ -1230,14 +1061,14 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
                 buf: buf.clone(),
                 used: flush.used,
             });
-            round.push(RoundWrite {
+            round.push((
                 buf,
                 len,
-                file_pos: flush.file_pos,
-                used: flush.used,
-                last_index: flush.last_index,
-                record_bytes: flush.record_bytes,
-            });
+                flush.file_pos,
+                flush.used,
+                flush.last_index,
+                flush.record_bytes,
+            ));
         }
         (first, round)
     };
@@ -1286,29 +1117,39 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
             f
         }
     };
-    // Writes that do not overlap go out together. One that starts in the last block of the
-    // previous one (the tail carry) waits for it, so that block's newer bytes land last.
-    let last_index = round.iter().map(|w| w.last_index).max().unwrap_or(0);
-    let record_bytes: usize = round.iter().map(|w| w.record_bytes).sum();
-    let round_bytes: usize = round.iter().map(|w| w.len).sum();
-    let mut wave: Vec<RoundWrite> = Vec::new();
-    for w in round {
-        if wave
-            .last()
-            .is_some_and(|p| w.file_pos < p.file_pos + p.len as u64)
-        {
-            write_wave(
-                shared,
-                &file,
+    let mut last_index = 0;
+    let mut record_bytes = 0;
+    let mut round_bytes = 0;
+    for (buf, len, file_pos, used, flush_last_index, flush_record_bytes) in round {
+        failpoint::hit(points::WRITE).map_err(|e| WalError::io("write", &path, e))?;
+        let n = file
+            .write_rc_at(buf, file_pos)
+            .await
+            .map_err(|e| WalError::glommio("write", &path, e))?;
+        if n != len {
+            return Err(WalError::io(
+                "write",
                 &path,
-                segment_first,
-                std::mem::take(&mut wave),
-            )
-            .await?;
+                std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {n} of {len} bytes"),
+                ),
+            ));
         }
-        wave.push(w);
+        let mut inner = shared.borrow_mut();
+        inner.stats.writes += 1;
+        inner.stats.written_bytes += len as u64;
+        if let Some(seg) = inner
+            .segments
+            .iter_mut()
+            .find(|s| s.first_index == segment_first)
+        {
+            seg.written_end = seg.written_end.max(file_pos + used as u64);
+        }
+        last_index = flush_last_index;
+        record_bytes += flush_record_bytes;
+        round_bytes += len;
     }
-    write_wave(shared, &file, &path, segment_first, wave).await?;
     failpoint::hit(points::FDATASYNC).map_err(|e| WalError::io("fdatasync", &path, e))?;
     file.fdatasync()
         .await
@@ -1322,78 +1163,6 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     );
     inner.durable_index = inner.durable_index.max(last_index);
     inner.pending_bytes -= record_bytes;
-    Ok(())
-}
-
-/// One buffer of a round: `len` bytes (whole blocks) at `file_pos`, `used` of them data.
-struct RoundWrite {
-    buf: Rc<DmaBuffer>,
-    len: usize,
-    file_pos: u64,
-    used: usize,
-    last_index: u64,
-    record_bytes: usize,
-}
-
-/// Issues `writes` at once and waits for all of them; then counts them as written.
-async fn write_wave(
-    shared: &Shared,
-    file: &DmaFile,
-    path: &Path,
-    segment_first: u64,
-    writes: Vec<RoundWrite>,
-) -> Result<(), WalError> {
-    for _ in &writes {
-        failpoint::hit(points::WRITE).map_err(|e| WalError::io("write", path, e))?;
-    }
-    let mut pending: Vec<_> = writes
-        .iter()
-        .map(|w| Some(Box::pin(file.write_rc_at(w.buf.clone(), w.file_pos))))
-        .collect();
-    let mut results: Vec<Option<glommio::Result<usize, ()>>> =
-        std::iter::repeat_with(|| None).take(writes.len()).collect();
-    // Every write is waited for, even after one fails: none is left in flight.
-    poll_fn(|cx| {
-        for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
-            if let Some(fut) = slot {
-                if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                    *result = Some(r);
-                    *slot = None;
-                }
-            }
-        }
-        if pending.iter().all(Option::is_none) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    for (w, result) in writes.iter().zip(results) {
-        let n = result
-            .expect("every write completed")
-            .map_err(|e| WalError::glommio("write", path, e))?;
-        if n != w.len {
-            return Err(WalError::io(
-                "write",
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short write: {n} of {} bytes", w.len),
-                ),
-            ));
-        }
-        let mut inner = shared.borrow_mut();
-        inner.stats.writes += 1;
-        inner.stats.written_bytes += w.len as u64;
-        if let Some(seg) = inner
-            .segments
-            .iter_mut()
-            .find(|s| s.first_index == segment_first)
-        {
-            seg.written_end = seg.written_end.max(w.file_pos + w.used as u64);
-        }
-    }
     Ok(())
 }
 

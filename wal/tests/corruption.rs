@@ -1,10 +1,9 @@
 //! Corruption and truncation at every offset of the last records (a torn tail, cut on open),
-//! and corruption of durable data before the tail (a typed error, nothing changed on disk); the
-//! same for logs with zero-copy records and their padding records.
+//! and corruption of durable data before the tail (a typed error, nothing changed on disk).
 
 mod common;
 
-use baton_wal::recovery::{ScannedPadding, ScannedRecord};
+use baton_wal::recovery::ScannedRecord;
 use baton_wal::{Corruption, Verdict, Wal, WalError, WalOptions};
 use common::*;
 
@@ -19,25 +18,6 @@ fn make_log(dir: &std::path::Path, n: u64, opts: WalOptions) -> Vec<ScannedRecor
     let ins = baton_wal::inspect(dir).unwrap();
     assert_eq!(ins.verdict.unwrap(), Verdict::Clean);
     ins.segments.last().unwrap().records.clone()
-}
-
-/// A closed log of `n` records, zero-copy where `is_zero_copy`; returns the records and the
-/// paddings of its last segment.
-fn make_mixed_log(
-    dir: &std::path::Path,
-    n: u64,
-    opts: WalOptions,
-) -> (Vec<ScannedRecord>, Vec<ScannedPadding>) {
-    let max = opts.payload_bytes_max;
-    run(|| async {
-        let (wal, _) = Wal::open(dir, opts).await.unwrap();
-        fill_mixed(&wal, 1, n, max).await;
-        wal.close().await.unwrap();
-    });
-    let ins = baton_wal::inspect(dir).unwrap();
-    assert_eq!(ins.verdict.unwrap(), Verdict::Clean);
-    let last = ins.segments.last().unwrap();
-    (last.records.clone(), last.paddings.clone())
 }
 
 /// Opens the damaged log and checks it recovers to exactly `expect_last`, stays usable, and
@@ -55,10 +35,7 @@ fn expect_recovers_to(dir: &std::path::Path, expect_last: u64, what: &str) {
             report.verdict
         );
         check_all(&wal, expect_last.saturating_sub(3).max(1), expect_last, max).await;
-        // Zero-copy and copied appends both continue the repaired log.
-        append_as(&wal, expect_last + 1, max, true).await;
-        append_as(&wal, expect_last + 2, max, false).await;
-        wal.durable(expect_last + 2).await.unwrap();
+        fill(&wal, expect_last + 1, expect_last + 2, max).await;
     });
     run(|| async {
         let (wal, report) = Wal::open(dir, small()).await.unwrap();
@@ -253,210 +230,4 @@ fn a_half_created_last_segment_is_removed() {
         assert_eq!(wal.last_index(), Some(50));
     });
     assert!(!path.exists());
-}
-
-/// Flips bytes of `seg` at `at` and checks the log recovers to `expect_last`.
-fn flip_and_expect(
-    dir: &std::path::Path,
-    pristine: &[(std::path::PathBuf, Vec<u8>)],
-    seg: &std::path::Path,
-    at: u64,
-    expect_last: u64,
-    what: &str,
-) {
-    restore(dir, pristine);
-    let mut img = std::fs::read(seg).unwrap();
-    img[at as usize] ^= 0x5a;
-    std::fs::write(seg, &img).unwrap();
-    expect_recovers_to(dir, expect_last, what);
-}
-
-#[test]
-fn flipping_zero_copy_records_and_their_padding_cuts_the_tail_there() {
-    let dir = tempfile::tempdir().unwrap();
-    // The last three: 117 copied, 118 and 119 zero-copy (each after a padding).
-    let (recs, pads) = make_mixed_log(dir.path(), 119, small());
-    let pristine = snapshot(dir.path());
-    let seg = last_segment(dir.path());
-    let last3 = &recs[recs.len() - 3..];
-    assert_eq!(
-        last3.iter().map(|r| r.header.index).collect::<Vec<_>>(),
-        [117, 118, 119]
-    );
-    assert!(is_zero_copy(118) && is_zero_copy(119) && !is_zero_copy(117));
-    let mut cases = 0;
-    for r in last3 {
-        let covered = 32 + r.header.payload_len as u64;
-        for off in (0..32)
-            .chain((32..covered).step_by(41))
-            .chain([covered - 1])
-        {
-            let what = format!("flip at +{off} of record {}", r.header.index);
-            flip_and_expect(
-                dir.path(),
-                &pristine,
-                &seg,
-                r.offset + off,
-                r.header.index - 1,
-                &what,
-            );
-            cases += 1;
-        }
-    }
-    // A bad padding header cuts before the record it announces; its zero body is not covered.
-    let last_pads: Vec<_> = pads.iter().filter(|p| p.next_index >= 118).collect();
-    assert_eq!(last_pads.len(), 2);
-    for p in last_pads {
-        for off in 0..32 {
-            let what = format!("flip at +{off} of the padding before {}", p.next_index);
-            flip_and_expect(
-                dir.path(),
-                &pristine,
-                &seg,
-                p.offset + off,
-                p.next_index - 1,
-                &what,
-            );
-            cases += 1;
-        }
-        let what = format!("flip in the body of the padding before {}", p.next_index);
-        flip_and_expect(
-            dir.path(),
-            &pristine,
-            &seg,
-            p.offset + p.bytes - 1,
-            119,
-            &what,
-        );
-    }
-    assert!(cases > 150);
-}
-
-#[test]
-fn truncating_inside_zero_copy_records_cuts_the_tail_there() {
-    let dir = tempfile::tempdir().unwrap();
-    let (recs, pads) = make_mixed_log(dir.path(), 119, small());
-    let pristine = snapshot(dir.path());
-    let seg = last_segment(dir.path());
-    let last3 = &recs[recs.len() - 3..];
-    let end = last3[2].offset + last3[2].header.record_bytes() as u64;
-    // Strided offsets, plus the edges of every padding and record of the tail.
-    let mut cuts: Vec<u64> = (last3[0].offset..=end).step_by(23).collect();
-    for p in pads.iter().filter(|p| p.next_index >= 118) {
-        cuts.extend([
-            p.offset,
-            p.offset + 16,
-            p.offset + 32,
-            p.offset + p.bytes - 1,
-        ]);
-    }
-    for r in last3 {
-        cuts.extend([r.offset + 1, r.offset + 32, r.offset + 4096]);
-    }
-    cuts.extend([end - 1, end]);
-    for at in cuts {
-        restore(dir.path(), &pristine);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(at)
-            .unwrap();
-        let survivors = recs
-            .iter()
-            .filter(|r| r.offset + 32 + r.header.payload_len as u64 <= at)
-            .count();
-        let expect = recs[survivors - 1].header.index;
-        expect_recovers_to(dir.path(), expect, &format!("truncate at {at}"));
-    }
-}
-
-#[test]
-fn corrupt_zero_copy_record_or_padding_in_an_earlier_segment_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    make_mixed_log(dir.path(), 300, small());
-    let ins = baton_wal::inspect(dir.path()).unwrap();
-    assert!(ins.segments.len() >= 3);
-    let victim = &ins.segments[1];
-    let record = victim
-        .records
-        .iter()
-        .find(|r| is_zero_copy(r.header.index) && r.header.payload_len > 100)
-        .unwrap();
-    let padding = victim.paddings[victim.paddings.len() / 2];
-    for (at, what) in [
-        (record.offset + 32 + 50, "zero-copy payload"),
-        (padding.offset + 8, "padding header"),
-    ] {
-        let pristine = snapshot(dir.path());
-        let mut img = std::fs::read(&victim.path).unwrap();
-        img[at as usize] ^= 1;
-        std::fs::write(&victim.path, &img).unwrap();
-        let before = snapshot(dir.path());
-        let err = run(|| async {
-            Wal::open(dir.path(), small())
-                .await
-                .err()
-                .expect("open must fail")
-        });
-        let offset = match err {
-            WalError::Corrupt {
-                path,
-                offset,
-                reason: Corruption::Record(_),
-            } if path == victim.path => offset,
-            other => panic!("{what}: unexpected {other:?}"),
-        };
-        let expected = if what == "padding header" {
-            padding.offset
-        } else {
-            record.offset
-        };
-        assert_eq!(offset, expected, "{what}");
-        let after = snapshot(dir.path());
-        for ((p, a), (_, b)) in before.iter().zip(&after) {
-            if !p.ends_with("PROBE") && !p.ends_with("LOCK") {
-                assert!(a == b, "{what}: {} changed by a refused open", p.display());
-            }
-        }
-        restore(dir.path(), &pristine);
-    }
-}
-
-#[test]
-fn corrupt_zero_copy_record_far_before_the_tail_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = WalOptions {
-        payload_bytes_max: 4 << 10,
-        segment_bytes: 4 << 20,
-        flush_bytes_max: 32 << 10,
-        pending_bytes_max: 64 << 10,
-    };
-    let (recs, pads) = make_mixed_log(dir.path(), 800, opts.clone());
-    assert_eq!(segment_count(dir.path()), 1);
-    let seg = last_segment(dir.path());
-    let pristine = snapshot(dir.path());
-    let record = recs.iter().find(|r| is_zero_copy(r.header.index)).unwrap();
-    for at in [record.offset + 33, pads[2].offset + 4] {
-        restore(dir.path(), &pristine);
-        let mut img = std::fs::read(&seg).unwrap();
-        img[at as usize] ^= 1;
-        std::fs::write(&seg, &img).unwrap();
-        let err = run(|| async {
-            Wal::open(dir.path(), opts.clone())
-                .await
-                .err()
-                .expect("open must fail")
-        });
-        assert!(
-            matches!(
-                err,
-                WalError::Corrupt {
-                    reason: Corruption::BeforeTail { .. },
-                    ..
-                }
-            ),
-            "flip at {at}: {err:?}"
-        );
-    }
 }

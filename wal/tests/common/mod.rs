@@ -38,32 +38,6 @@ pub async fn fill(wal: &Wal, from: u64, to: u64, max: usize) {
     wal.durable(to).await.unwrap();
 }
 
-/// Whether record `index` is appended zero-copy by the mixed helpers: two of every five, in
-/// runs, so zero-copy records follow both kinds.
-pub fn is_zero_copy(index: u64) -> bool {
-    index % 5 >= 3
-}
-
-/// Appends record `index` with its deterministic payload, zero-copy (`append_buf`) or copied.
-pub async fn append_as(wal: &Wal, index: u64, max: usize, zero_copy: bool) {
-    let payload = payload(index, max);
-    if zero_copy {
-        let mut buf = wal.record_buf(payload.len());
-        buf.set_payload(&payload);
-        wal.append_buf(index, term(index), buf).await.unwrap();
-    } else {
-        wal.append(index, term(index), &payload).await.unwrap();
-    }
-}
-
-/// Appends `from..=to`, zero-copy where `is_zero_copy`, and waits until durable.
-pub async fn fill_mixed(wal: &Wal, from: u64, to: u64, max: usize) {
-    for i in from..=to {
-        append_as(wal, i, max, is_zero_copy(i)).await;
-    }
-    wal.durable(to).await.unwrap();
-}
-
 /// Reads every index in `from..=to` and checks it is the deterministic record.
 pub async fn check_all(wal: &Wal, from: u64, to: u64, max: usize) {
     for i in from..=to {
