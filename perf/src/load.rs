@@ -119,17 +119,6 @@ pub async fn statuses(cluster: &Cluster) -> Result<Vec<Result<NodeStatus, String
     Ok(out)
 }
 
-/// The role's name.
-pub fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
-        Role::Learner => "learner",
-        Role::Shutdown => "shutdown",
-    }
-}
-
 /// The resident set size of process `pid`, bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -153,6 +142,7 @@ pub async fn run(
     cluster: &Cluster,
     progress: Progress,
 ) -> Result<RunResult, String> {
+    config.validate()?;
     if cluster.endpoints.is_empty() {
         return Err("no endpoints".into());
     }
@@ -295,7 +285,7 @@ pub async fn run(
             Ok(s) => NodeFacts {
                 endpoint: e.to_string(),
                 id: Some(s.id),
-                role: role_name(s.role).into(),
+                role: s.role.name().into(),
                 term: Some(s.term),
                 applied_index: s.applied_index,
                 committed_index: s.committed_index,

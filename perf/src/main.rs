@@ -108,10 +108,7 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn config(&self, rate: Option<f64>) -> Result<RunConfig, String> {
-        if !(self.duration_s > 0.0 && self.warmup_s >= 0.0) {
-            return Err("--duration-s must be positive and --warmup-s not negative".into());
-        }
-        Ok(RunConfig {
+        let config = RunConfig {
             connections: self.connections.max(1),
             in_flight: self.in_flight.max(1),
             rate_tx_per_s: rate,
@@ -127,7 +124,9 @@ impl LoadArgs {
             duration_s: self.duration_s,
             spread: self.spread,
             client_threads: self.client_threads.max(1),
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 
     fn progress(&self) -> Progress {

@@ -63,6 +63,41 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Refuses settings a run cannot honour: a window that is not a positive, finite length,
+    /// a warm-up that is negative, an offered rate that is not positive, zero connections,
+    /// requests in flight or transactions per request, a transaction shape the generator
+    /// refuses.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
+            return Err(format!(
+                "the duration must be positive (got {} s)",
+                self.duration_s
+            ));
+        }
+        if !(self.warmup_s.is_finite() && self.warmup_s >= 0.0) {
+            return Err(format!(
+                "the warm-up must not be negative (got {} s)",
+                self.warmup_s
+            ));
+        }
+        if let Some(r) = self.rate_tx_per_s {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(format!("the offered rate must be positive (got {r} tx/s)"));
+            }
+        }
+        if self.connections == 0
+            || self.in_flight == 0
+            || self.batch == 0
+            || self.outstanding_max == 0
+        {
+            return Err(
+                "connections, in-flight, batch and outstanding bounds must be at least 1".into(),
+            );
+        }
+        // The transaction shape's own rules (size, encrypted share, rollups).
+        crate::gen::TxGen::new(self.tx.clone(), 0).map(|_| ())
+    }
+
     /// "closed" or "open".
     pub fn mode(&self) -> &'static str {
         if self.rate_tx_per_s.is_some() {
@@ -361,6 +396,20 @@ mod tests {
         let back: RunResult = serde_json::from_str(&text).unwrap();
         assert_eq!(back.latency_ms, r.latency_ms);
         assert!((back.error_ratio() - 10.0 / 1_010.0).abs() < 1e-12);
+        assert_eq!(r.config.validate(), Ok(()));
+        for bad in [
+            |c: &mut RunConfig| c.duration_s = 0.0,
+            |c: &mut RunConfig| c.duration_s = f64::NAN,
+            |c: &mut RunConfig| c.warmup_s = -1.0,
+            |c: &mut RunConfig| c.rate_tx_per_s = Some(0.0),
+            |c: &mut RunConfig| c.rate_tx_per_s = Some(f64::INFINITY),
+            |c: &mut RunConfig| c.batch = 0,
+            |c: &mut RunConfig| c.tx.tx_bytes = 8,
+        ] {
+            let mut c = r.config.clone();
+            bad(&mut c);
+            assert!(c.validate().is_err(), "{c:?}");
+        }
         let md = r.markdown();
         assert!(
             md.contains("| submit → committed | 2.00 | 0.00 | 4.00 |"),

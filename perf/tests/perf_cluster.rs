@@ -234,4 +234,19 @@ fn bad_arguments_are_refused_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("weight"));
+    for (arg, says) in [("--rate=0", "rate"), ("--duration-s=-1", "duration")] {
+        let out = Command::new(PERF)
+            .args([
+                "run",
+                "--endpoints",
+                "127.0.0.1:9",
+                "--ca",
+                "/nonexistent",
+                arg,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{arg}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{arg}");
+    }
 }

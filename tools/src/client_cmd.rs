@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use baton_core::node::{NodeStatus, Role};
+use baton_core::node::NodeStatus;
 use baton_core::{Transaction, TxKind};
 use baton_net::{Client, ClientOptions};
 use clap::Args;
@@ -299,21 +299,11 @@ pub struct StatusArgs {
     json: bool,
 }
 
-fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
-        Role::Learner => "learner",
-        Role::Shutdown => "shutdown",
-    }
-}
-
 /// The status as JSON.
 pub fn status_json(s: &NodeStatus) -> serde_json::Value {
     json!({
         "id": s.id,
-        "role": role_name(s.role),
+        "role": s.role.name(),
         "term": s.term,
         "leader": s.leader,
         "last_log_index": s.last_log_index,
@@ -399,7 +389,7 @@ fn print_status(endpoint: SocketAddr, s: &NodeStatus) {
     println!(
         "{endpoint}: node {} {} term {} leader {} last {} committed {} applied {}",
         s.id,
-        role_name(s.role),
+        s.role.name(),
         s.term,
         opt(s.leader),
         opt(s.last_log_index),

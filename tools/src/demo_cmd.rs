@@ -95,6 +95,24 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     if !(1..=7).contains(&args.nodes) {
         return Err("--nodes must be 1 to 7".into());
     }
+    let config = RunConfig {
+        connections: args.connections.max(1),
+        in_flight: args.in_flight.max(1),
+        rate_tx_per_s: None,
+        outstanding_max: 4096,
+        batch: args.batch.max(1),
+        tx: TxShape {
+            tx_bytes: args.tx_bytes,
+            rollups: parse_rollups("1")?,
+            encrypted_pct: 0,
+        },
+        ack: AckLevel::Committed,
+        warmup_s: args.warmup_s,
+        duration_s: args.duration_s,
+        spread: Spread::All,
+        client_threads: 1,
+    };
+    config.validate()?;
     let started = Instant::now();
     let temp;
     let dir = match &args.keep_dir {
@@ -153,23 +171,6 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         args.tx_bytes,
         args.warmup_s
     );
-    let config = RunConfig {
-        connections: args.connections.max(1),
-        in_flight: args.in_flight.max(1),
-        rate_tx_per_s: None,
-        outstanding_max: 4096,
-        batch: args.batch.max(1),
-        tx: TxShape {
-            tx_bytes: args.tx_bytes,
-            rollups: parse_rollups("1")?,
-            encrypted_pct: 0,
-        },
-        ack: AckLevel::Committed,
-        warmup_s: args.warmup_s,
-        duration_s: args.duration_s,
-        spread: Spread::All,
-        client_threads: 1,
-    };
     let cluster = Cluster {
         endpoints: endpoints.clone(),
         ca_cert: ca.clone(),

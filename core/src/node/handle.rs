@@ -39,6 +39,19 @@ pub enum Role {
     Shutdown,
 }
 
+impl Role {
+    /// Its lower-case name, as status output and results print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// A snapshot of a node's Raft state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStatus {
