@@ -53,6 +53,25 @@ fn header_digest(
     tx_count: u32,
     timestamp_us: u64,
 ) -> [u8; 32] {
+    keccak256(&header_digest_input(
+        term,
+        index,
+        prev_batch_hash,
+        tx_merkle_root,
+        tx_count,
+        timestamp_us,
+    ))
+}
+
+/// The canonical header layout (see `BatchHeader::digest`).
+fn header_digest_input(
+    term: u64,
+    index: u64,
+    prev_batch_hash: &[u8; 32],
+    tx_merkle_root: &[u8; 32],
+    tx_count: u32,
+    timestamp_us: u64,
+) -> [u8; HEADER_DIGEST_INPUT_BYTES] {
     let mut input = [0u8; HEADER_DIGEST_INPUT_BYTES];
     input[0..8].copy_from_slice(&term.to_be_bytes());
     input[8..16].copy_from_slice(&index.to_be_bytes());
@@ -60,10 +79,22 @@ fn header_digest(
     input[48..80].copy_from_slice(tx_merkle_root);
     input[80..84].copy_from_slice(&tx_count.to_be_bytes());
     input[84..92].copy_from_slice(&timestamp_us.to_be_bytes());
-    keccak256(&input)
+    input
 }
 
 impl BatchHeader {
+    /// The canonical 92-byte big-endian encoding that `digest` hashes.
+    pub fn digest_input(&self) -> [u8; HEADER_DIGEST_INPUT_BYTES] {
+        header_digest_input(
+            self.term,
+            self.index,
+            &self.prev_batch_hash,
+            &self.tx_merkle_root,
+            self.tx_count,
+            self.timestamp_us,
+        )
+    }
+
     /// keccak256 of the canonical 92-byte big-endian header encoding, independent of rkyv:
     ///
     /// `term u64 ‖ index u64 ‖ prev_batch_hash [32] ‖ tx_merkle_root [32] ‖ tx_count u32 ‖

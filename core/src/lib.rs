@@ -7,6 +7,8 @@
 //! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
 //! - [`hash`]: keccak256 and `TxHash`,
 //! - [`encrypted`]: the ciphertext format of encrypted transactions and their key commitment,
+//! - [`receipt`]: the leader's signed batch header, receipts at two ack levels and their offline
+//!   verification,
 //! - [`sign`]: leader signatures (secp256k1, Ethereum-style recoverable) and addresses,
 //! - [`limits`]: every size limit, [`error`]: `ModelError`,
 //! - [`raft`]: openraft on glommio: the runtime adapter and baton's `TypeConfig`.
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod merkle;
 pub mod node;
 pub mod raft;
+pub mod receipt;
 pub mod sequencer;
 pub mod sign;
 pub mod tx;
@@ -45,7 +48,8 @@ pub use merkle::{
     merkle_proof, merkle_root, verify_proof, MerkleAccumulator, MerkleProof, MerkleTree,
 };
 pub use raft::{ApplyResult, BatchBytes, GlommioRuntime, TypeConfig};
-pub use sign::{Address, Signature, Signer};
+pub use receipt::{AckLevel, Receipt, ReceiptError, SignedHeader};
 pub use sequencer::{Applied, Duplicate, Position, Sequencer, SequencerError};
+pub use sign::{Address, Signature, Signer};
 pub use tx::{ArchivedTransaction, Transaction};
 pub use tx_kind::{ArchivedTxKind, TxKind};

@@ -5,7 +5,7 @@
 //! a committed batch and its Raft log id and returns what it ordered; two sequencers fed the same
 //! batches end in the same state and write byte-identical snapshots.
 //!
-//! Snapshot format (version 1, all integers little-endian):
+//! Snapshot format (version 2, all integers little-endian):
 //!
 //! ```text
 //! header (56 bytes): magic "BATONSEQ" | version u32 | reserved u32 (0) | body_len u64 |
@@ -13,7 +13,8 @@
 //! body:              has_applied u64 (0 or 1) | applied_index u64 | applied_term u64 |
 //!                    tx_total u64 | duplicates_total u64 | batch_count u64 | position_count u64 |
 //!                    batch_count × { index u64 | term u64 | header_digest [32] | tx_count u32 |
-//!                                    reserved u32 (0) }            (56 bytes, index ascending)
+//!                                    signed u32 (0 or 1) | signed header [160] (zero when
+//!                                    unsigned) }                  (216 bytes, index ascending)
 //!                    position_count × { tx_hash [32] | index u64 | offset u32 }
 //!                                                                   (44 bytes, hash ascending)
 //! ```
@@ -26,6 +27,7 @@ use crate::batch::access_batch;
 use crate::error::ModelError;
 use crate::hash::{keccak256, TxHash};
 use crate::merkle::MerkleAccumulator;
+use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -74,10 +76,13 @@ pub struct BatchRecord {
     /// Raft term.
     pub term: u64,
     /// `digest()` of the batch header (what the leader signs, and the next batch's
-    /// `prev_batch_hash`).
+    /// `prev_batch_hash`): of the signed header when there is one.
     pub header_digest: [u8; 32],
     /// Transactions in the batch, duplicates included.
     pub tx_count: u32,
+    /// The leader's signed header, for batches a leader signed (all but those of a leader
+    /// without a key).
+    pub signed: Option<SignedHeader>,
 }
 
 /// Why a batch was not applied. The state is unchanged whenever this is returned.
@@ -101,6 +106,12 @@ pub enum SequencerError {
         header: [u8; 32],
         /// Root of the transactions.
         computed: [u8; 32],
+    },
+    /// The leader's signed header does not describe the batch it came with.
+    #[error("batch at index {index}: signed header does not match its transactions")]
+    SignedHeaderMismatch {
+        /// Raft index of the rejected batch.
+        index: u64,
     },
     /// Batches must be applied in increasing index order.
     #[error("batch index {index} is not after the last applied batch index {applied}")]
@@ -128,7 +139,9 @@ impl SequencerError {
     pub fn is_content_rejection(&self) -> bool {
         matches!(
             self,
-            SequencerError::InvalidBatch { .. } | SequencerError::MerkleRootMismatch { .. }
+            SequencerError::InvalidBatch { .. }
+                | SequencerError::MerkleRootMismatch { .. }
+                | SequencerError::SignedHeaderMismatch { .. }
         )
     }
 }
@@ -186,10 +199,10 @@ pub enum SnapshotError {
 
 const MAGIC: [u8; 8] = *b"BATONSEQ";
 /// Snapshot format version written by this build.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 56;
 const FIXED_BODY_BYTES: usize = 7 * 8;
-const BATCH_RECORD_BYTES: usize = 56;
+const BATCH_RECORD_BYTES: usize = 56 + SIGNED_HEADER_BYTES;
 const POSITION_RECORD_BYTES: usize = 44;
 
 /// The sequencer state machine (see the module docs).
@@ -232,6 +245,19 @@ impl Sequencer {
         term: u64,
         batch_bytes: &[u8],
     ) -> Result<Applied, SequencerError> {
+        self.apply_signed_batch(index, term, batch_bytes, None)
+    }
+
+    /// `apply_batch` for a batch the leader signed: `signed` must name `(term, index)` and carry
+    /// the batch's Merkle root and count, or the batch is rejected
+    /// ([`SequencerError::SignedHeaderMismatch`]); it is kept with the batch's record.
+    pub fn apply_signed_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        batch_bytes: &[u8],
+        signed: Option<&SignedHeader>,
+    ) -> Result<Applied, SequencerError> {
         if let Some((applied, applied_term)) = self.applied {
             if index <= applied {
                 return Err(SequencerError::IndexNotAfterApplied { index, applied });
@@ -261,9 +287,15 @@ impl Sequencer {
                 computed,
             });
         }
-        // Validation passed: from here on nothing can fail, so the update is all or nothing.
         // `access_batch` bounds the count by BATCH_TXS_MAX, so offsets fit in u32.
         let tx_count = hashes.len() as u32;
+        if let Some(h) = signed.map(|s| &s.header) {
+            if (h.term, h.index, h.tx_merkle_root, h.tx_count) != (term, index, computed, tx_count)
+            {
+                return Err(SequencerError::SignedHeaderMismatch { index });
+            }
+        }
+        // Validation passed: from here on nothing can fail, so the update is all or nothing.
         let mut duplicates = Vec::new();
         for (offset, hash) in hashes.into_iter().enumerate() {
             let offset = offset as u32;
@@ -282,8 +314,12 @@ impl Sequencer {
             BatchRecord {
                 index,
                 term,
-                header_digest: batch.header.digest(),
+                header_digest: match signed {
+                    Some(s) => s.digest(),
+                    None => batch.header.digest(),
+                },
                 tx_count,
+                signed: signed.copied(),
             },
         );
         self.applied = Some((index, term));
@@ -360,7 +396,11 @@ impl Sequencer {
             out.extend_from_slice(&b.term.to_le_bytes());
             out.extend_from_slice(&b.header_digest);
             out.extend_from_slice(&b.tx_count.to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&u32::from(b.signed.is_some()).to_le_bytes());
+            match &b.signed {
+                Some(s) => out.extend_from_slice(&s.encode()),
+                None => out.extend_from_slice(&[0u8; SIGNED_HEADER_BYTES]),
+            }
         }
         let mut positions: Vec<(&TxHash, &Position)> = self.positions.iter().collect();
         positions.sort_unstable_by_key(|(hash, _)| **hash);
@@ -411,14 +451,29 @@ impl Sequencer {
         let mut sum_tx = 0u64;
         for (at, rec) in batch_bytes.chunks_exact(BATCH_RECORD_BYTES).enumerate() {
             let at = at as u64;
+            let signed = match le_u32(&rec[52..56]) {
+                0 if rec[56..].iter().all(|b| *b == 0) => None,
+                0 => return Err(inconsistent("unsigned batch with header bytes", at)),
+                1 => Some(
+                    SignedHeader::decode(&rec[56..])
+                        .map_err(|_| inconsistent("malformed signed header", at))?,
+                ),
+                _ => return Err(inconsistent("bad signed flag", at)),
+            };
             let b = BatchRecord {
                 index: le_u64(&rec[0..8]),
                 term: le_u64(&rec[8..16]),
                 header_digest: rec[16..48].try_into().expect("32 bytes"),
                 tx_count: le_u32(&rec[48..52]),
+                signed,
             };
-            if le_u32(&rec[52..56]) != 0 {
-                return Err(inconsistent("reserved batch field is not zero", at));
+            if let Some(s) = &b.signed {
+                let h = &s.header;
+                if (h.index, h.term, h.tx_count) != (b.index, b.term, b.tx_count)
+                    || s.digest() != b.header_digest
+                {
+                    return Err(inconsistent("signed header disagrees with its batch", at));
+                }
             }
             let prev: Option<&BatchRecord> = batches.values().next_back();
             if prev.is_some_and(|p| b.index <= p.index || b.term < p.term) {
@@ -663,10 +718,10 @@ mod tests {
             Err(SnapshotError::BadMagic { .. })
         ));
         let mut bad = good.clone();
-        bad[8] = 2;
+        bad[8] = 1;
         assert!(matches!(
             Sequencer::from_snapshot(&bad),
-            Err(SnapshotError::UnsupportedVersion { found: 2, .. })
+            Err(SnapshotError::UnsupportedVersion { found: 1, .. })
         ));
         let mut bad = good.clone();
         bad.push(0);

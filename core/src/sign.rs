@@ -97,9 +97,10 @@ impl Signature {
         let id = RecoveryId::from_byte(id).ok_or(SignError::BadSignature {
             reason: "recovery id out of range",
         })?;
-        let sig = EcdsaSignature::from_slice(&self.0[..64]).map_err(|_| SignError::BadSignature {
-            reason: "r or s out of range",
-        })?;
+        let sig =
+            EcdsaSignature::from_slice(&self.0[..64]).map_err(|_| SignError::BadSignature {
+                reason: "r or s out of range",
+            })?;
         // Malleable (high-s) signatures are refused: every signature has one canonical form.
         if sig.normalize_s().is_some() {
             return Err(SignError::BadSignature {
@@ -386,9 +387,6 @@ mod tests {
         assert_eq!(Signer::load(&path).unwrap().address(), s.address());
         assert!(matches!(s.save(&path), Err(SignError::Io { .. })));
         std::fs::write(&path, "nothex\n").unwrap();
-        assert!(matches!(
-            Signer::load(&path),
-            Err(SignError::BadKey { .. })
-        ));
+        assert!(matches!(Signer::load(&path), Err(SignError::BadKey { .. })));
     }
 }

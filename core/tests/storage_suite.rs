@@ -208,3 +208,148 @@ fn reopened_after_purging_everything_continues_after_the_purge_point() {
         );
     });
 }
+
+fn normal(term: u64, index: u64, b: BatchBytes) -> Entry {
+    Entry::new_normal(LogId::new_term_index(term, index), b)
+}
+
+fn seal_of(entry: &Entry) -> Option<baton_core::SignedHeader> {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(b) => b.seal().copied(),
+        _ => None,
+    }
+}
+
+/// The leader signs its batches on append: header fields from the log id and the previous
+/// signed batch, signature by its key, the preconfirmation ticket fired; what is read back (by
+/// replication and apply) is the signed form, also after a reopen.
+#[test]
+fn leader_signs_batches_on_append_and_chains_them() {
+    use baton_core::raft::types::SealTicket;
+    use baton_core::Signer;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Signer::from_secret(&[3; 32]).unwrap();
+    GlommioRuntime::new(1).block_on(async {
+        let mut store = open(dir.path()).await;
+        store.set_signer(1, key.clone());
+        // Not the leader yet (no vote): stored unsigned.
+        append(&mut store, vec![normal(1, 0, batch(0, &[b"a"]))]).await;
+        // Leader of term 2.
+        store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        let (ticket, preconfirmed) = SealTicket::new();
+        let first = batch(1, &[b"b", b"c"]).with_ticket(ticket);
+        append(
+            &mut store,
+            vec![
+                normal(2, 1, first),
+                Entry::new_blank(LogId::new_term_index(2, 2)),
+                normal(2, 3, batch(3, &[b"d"])),
+            ],
+        )
+        .await;
+        let fired = preconfirmed.await.expect("ticket fired on append");
+        let (_, _, _, entries) = everything(&mut store).await;
+        assert_eq!(seal_of(&entries[0]), None, "not signed outside its term");
+        let s1 = seal_of(&entries[1]).expect("signed");
+        let s3 = seal_of(&entries[3]).expect("signed");
+        assert_eq!(fired, s1);
+        assert_eq!(
+            (s1.header.term, s1.header.index, s1.header.tx_count),
+            (2, 1, 2)
+        );
+        assert_eq!(s1.header.prev_batch_hash, [0; 32], "first signed batch");
+        assert_eq!(
+            s3.header.prev_batch_hash,
+            s1.digest(),
+            "chained over the blank"
+        );
+        assert!(s3.header.timestamp_us >= s1.header.timestamp_us);
+        assert_eq!(s1.signer().unwrap(), key.address());
+        let root = match &entries[1].payload {
+            openraft::EntryPayload::Normal(b) => b.batch().unwrap().compute_tx_merkle_root(),
+            _ => unreachable!(),
+        };
+        assert_eq!(s1.header.tx_merkle_root, root);
+        drop(store);
+
+        // Reopened: same signed entries; the chain continues from the last signed batch.
+        let mut store = open(dir.path()).await;
+        store.set_signer(1, key.clone());
+        let (_, _, _, again) = everything(&mut store).await;
+        assert_eq!(again, entries);
+        append(&mut store, vec![normal(2, 4, batch(4, &[b"e"]))]).await;
+        let s4 = seal_of(
+            &store
+                .get_log_reader()
+                .await
+                .try_get_log_entries(4..5)
+                .await
+                .unwrap()[0],
+        )
+        .unwrap();
+        assert_eq!(s4.header.prev_batch_hash, s3.digest());
+
+        // Truncating the last signed batch moves the chain back.
+        store
+            .truncate_after(Some(LogId::new_term_index(2, 3)))
+            .await
+            .unwrap();
+        append(&mut store, vec![normal(2, 4, batch(4, &[b"f"]))]).await;
+        let s4b = seal_of(
+            &store
+                .get_log_reader()
+                .await
+                .try_get_log_entries(4..5)
+                .await
+                .unwrap()[0],
+        )
+        .unwrap();
+        assert_eq!(s4b.header.prev_batch_hash, s3.digest());
+    });
+}
+
+/// A follower stores the leader's signed batch as it is and never signs with its own key; a
+/// signed header naming another position is refused.
+#[test]
+fn follower_keeps_the_leaders_signature() {
+    use baton_core::{BatchHeader, SignedHeader, Signer};
+    let dir = tempfile::tempdir().unwrap();
+    let leader = Signer::from_secret(&[4; 32]).unwrap();
+    GlommioRuntime::new(1).block_on(async {
+        let mut store = open(dir.path()).await;
+        store.set_signer(2, Signer::from_secret(&[5; 32]).unwrap());
+        store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        let b = batch(0, &[b"x"]);
+        let root = b.batch().unwrap().compute_tx_merkle_root();
+        let header = BatchHeader {
+            term: 3,
+            index: 0,
+            prev_batch_hash: [0; 32],
+            tx_merkle_root: root,
+            tx_count: 1,
+            timestamp_us: 10,
+        };
+        let signed = SignedHeader::sign(header, &leader);
+        append(&mut store, vec![normal(3, 0, b.clone().with_seal(signed))]).await;
+        // Unsigned in the leader's term: the follower does not sign it.
+        append(&mut store, vec![normal(3, 1, batch(1, &[b"y"]))]).await;
+        let (_, _, _, entries) = everything(&mut store).await;
+        assert_eq!(seal_of(&entries[0]), Some(signed));
+        assert_eq!(seal_of(&entries[1]), None);
+
+        let mut wrong = header;
+        wrong.index = 7;
+        let (tx, _rx) = GlommioOneshot::channel();
+        let refused = store
+            .append(
+                vec![normal(
+                    3,
+                    2,
+                    b.with_seal(SignedHeader::sign(wrong, &leader)),
+                )],
+                IOFlushed::signal(tx),
+            )
+            .await;
+        assert!(refused.is_err());
+    });
+}

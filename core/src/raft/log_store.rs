@@ -6,11 +6,21 @@
 //!   at index 0) but the WAL reserves index 0, so the record at WAL index `i + 1` holds Raft
 //!   index `i` ([`wal_index`]). The record header's term is the entry's term (standard Raft
 //!   leader ids: a log id is exactly `(term, index)`).
-//! - **Payload.** A 16-byte prefix `[u8 kind][15 zero bytes]` (kinds: 1 blank, 2 normal,
-//!   3 membership), then: nothing for blank; the batch bytes as they are for normal (WAL payloads
-//!   start 16-byte aligned, so the batch does too and is read in place); for membership, the
-//!   hand-written encoding of [`encode_membership`]. The batch bytes are not validated here (the
-//!   WAL's crc32 guards them; the state machine validates before it reads them).
+//! - **Payload.** A 16-byte prefix `[u8 kind][15 zero bytes]` (kinds: 1 blank, 2 unsigned
+//!   batch, 3 membership, 4 signed batch), then: nothing for blank; for a signed batch the
+//!   160-byte [`SignedHeader`] encoding; for either batch kind the batch bytes as they are (WAL
+//!   payloads start 16-byte aligned, so the batch does too and is read in place); for
+//!   membership, the hand-written encoding of [`encode_membership`]. The batch bytes are not
+//!   validated here (the WAL's crc32 guards them; the state machine validates before it reads
+//!   them).
+//! - **Signing.** The leader seals batches here, in `append`: an unsigned batch appended in a term
+//!   whose committed vote names this node gets its header completed (term and index from the
+//!   log id, `prev_batch_hash` = digest of the last signed batch in the log, the wall-clock time,
+//!   never earlier than that batch's) and signed with the node's key ([`LogStore::set_signer`]),
+//!   and is stored, replicated and applied in that form; the batch's [`SealTicket`], if any, is
+//!   fired once the WAL holds the entry (the preconfirmation). Replication and apply read entries
+//!   back from this store, so no node ever sees the unsigned form of a leader's batch. A signed
+//!   batch from the leader is stored as it is, after checking its header names its log id.
 //!
 //! The vote, the last committed log id and the last purged log id live in one small blob
 //! ([`Wal::save_meta`]: written to a temporary file, fsynced, renamed; a crash leaves the old or
@@ -42,7 +52,10 @@ use openraft::{AsyncRuntime, BasicNode, EntryPayload, OptionalSend};
 use rkyv::util::AlignedVec;
 
 use super::runtime::{GlommioRuntime, JoinHandle};
-use super::types::{BatchBytes, Entry, LogId, TypeConfig};
+use super::types::{BatchBytes, Entry, LogId, SealTicket, TypeConfig};
+use crate::batch::{access_batch_unchecked, BatchHeader};
+use crate::receipt::{SignedHeader, SignedHeaderError, SIGNED_HEADER_BYTES};
+use crate::sign::Signer;
 
 /// A vote of [`TypeConfig`].
 pub type Vote = <TypeConfig as openraft::RaftTypeConfig>::Vote;
@@ -66,6 +79,7 @@ pub const READ_BYTES_MAX: usize = 16 << 20;
 const KIND_BLANK: u8 = 1;
 const KIND_NORMAL: u8 = 2;
 const KIND_MEMBERSHIP: u8 = 3;
+const KIND_SIGNED: u8 = 4;
 
 const META_VERSION: u8 = 1;
 
@@ -148,6 +162,17 @@ pub enum CodecError {
         /// What openraft rejected.
         #[source]
         source: openraft::error::MembershipError<u64>,
+    },
+    /// A signed batch header that does not decode.
+    #[error("signed batch header: {0}")]
+    SignedHeader(#[from] SignedHeaderError),
+    /// A signed batch header naming another log position than its entry's.
+    #[error("signed header is for term {term} index {index}, not its entry's")]
+    SealMismatch {
+        /// Term in the header.
+        term: u64,
+        /// Index in the header.
+        index: u64,
     },
     /// A meta blob version this build cannot read.
     #[error("log store meta version {found} is not supported (this build reads {supported})")]
@@ -401,19 +426,35 @@ pub(crate) fn decode_membership(r: &mut Reader<'_>) -> Result<Membership, CodecE
     Membership::new(configs, nodes).map_err(|source| CodecError::InvalidMembership { source })
 }
 
-/// Appends the `ENTRY_PREFIX_BYTES` prefix of an entry with `payload`: `[u8 kind][15 zeros]`.
-/// Shared by the WAL payload and the wire encoding (`wire::encode_append`).
+/// Bytes of an entry's WAL payload before its batch or membership encoding: the prefix, plus
+/// the signed header of a signed batch.
+pub(crate) fn entry_head_len(payload: &EntryPayload<BatchBytes, u64, BasicNode>) -> usize {
+    match payload {
+        EntryPayload::Normal(b) if b.seal().is_some() => ENTRY_PREFIX_BYTES + SIGNED_HEADER_BYTES,
+        _ => ENTRY_PREFIX_BYTES,
+    }
+}
+
+/// Appends the head of an entry with `payload` (`entry_head_len` bytes): `[u8 kind][15 zeros]`,
+/// then a signed batch's 160-byte signed header. Shared by the WAL payload and the wire encoding
+/// (`wire::encode_append`).
 pub(crate) fn encode_entry_prefix(
     payload: &EntryPayload<BatchBytes, u64, BasicNode>,
     out: &mut Vec<u8>,
 ) {
     let kind = match payload {
         EntryPayload::Blank => KIND_BLANK,
+        EntryPayload::Normal(b) if b.seal().is_some() => KIND_SIGNED,
         EntryPayload::Normal(_) => KIND_NORMAL,
         EntryPayload::Membership(_) => KIND_MEMBERSHIP,
     };
     out.push(kind);
     out.extend_from_slice(&[0u8; ENTRY_PREFIX_BYTES - 1]);
+    if let EntryPayload::Normal(b) = payload {
+        if let Some(seal) = b.seal() {
+            out.extend_from_slice(&seal.encode());
+        }
+    }
 }
 
 /// Writes the WAL payload of `entry` into `out` (cleared first).
@@ -439,6 +480,7 @@ enum Kind {
     Blank,
     Normal,
     Membership,
+    Signed,
 }
 
 /// Checks the entry prefix; returns the kind and a reader positioned after the prefix.
@@ -452,8 +494,23 @@ fn read_prefix(payload: &[u8]) -> Result<(Kind, Reader<'_>), CodecError> {
         KIND_BLANK => Ok((Kind::Blank, r)),
         KIND_NORMAL => Ok((Kind::Normal, r)),
         KIND_MEMBERSHIP => Ok((Kind::Membership, r)),
+        KIND_SIGNED => Ok((Kind::Signed, r)),
         kind => Err(CodecError::UnknownKind { kind }),
     }
+}
+
+/// Reads a signed batch's header and checks it names `(term, index)` when given.
+fn read_seal(r: &mut Reader<'_>, log_id: Option<(u64, u64)>) -> Result<SignedHeader, CodecError> {
+    let seal = SignedHeader::decode(r.take(SIGNED_HEADER_BYTES)?)?;
+    if let Some((term, index)) = log_id {
+        if (seal.header.term, seal.header.index) != (term, index) {
+            return Err(CodecError::SealMismatch {
+                term: seal.header.term,
+                index: seal.header.index,
+            });
+        }
+    }
+    Ok(seal)
 }
 
 /// The batch bytes inside a WAL payload written by this store, in place (16-byte aligned when
@@ -461,7 +518,23 @@ fn read_prefix(payload: &[u8]) -> Result<(Kind, Reader<'_>), CodecError> {
 /// WAL directly; the batch itself is not validated (use `access_batch`).
 pub fn entry_batch(payload: &[u8]) -> Result<Option<&[u8]>, CodecError> {
     let (kind, mut r) = read_prefix(payload)?;
-    Ok((kind == Kind::Normal).then(|| r.rest()))
+    match kind {
+        Kind::Normal => Ok(Some(r.rest())),
+        Kind::Signed => {
+            read_seal(&mut r, None)?;
+            Ok(Some(r.rest()))
+        }
+        Kind::Blank | Kind::Membership => Ok(None),
+    }
+}
+
+/// The leader's signed header inside a WAL payload of a signed batch; `None` for other kinds.
+pub fn entry_seal(payload: &[u8]) -> Result<Option<SignedHeader>, CodecError> {
+    let (kind, mut r) = read_prefix(payload)?;
+    match kind {
+        Kind::Signed => Ok(Some(read_seal(&mut r, None)?)),
+        _ => Ok(None),
+    }
 }
 
 /// Raft index of WAL index `wal_index` (see the module docs); `None` for 0, which the WAL never
@@ -475,12 +548,20 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Code
     let (kind, mut r) = read_prefix(payload)?;
     let payload = match kind {
         Kind::Blank => EntryPayload::Blank,
-        Kind::Normal => {
+        Kind::Normal | Kind::Signed => {
+            let seal = match kind {
+                Kind::Signed => Some(read_seal(&mut r, Some((term, index)))?),
+                _ => None,
+            };
             // One copy, into an aligned buffer the entry owns (the WAL's read buffer is !Send).
             let bytes = r.rest();
             let mut buf = AlignedVec::<16>::with_capacity(bytes.len());
             buf.extend_from_slice(bytes);
-            EntryPayload::Normal(BatchBytes::from_aligned(buf))
+            let batch = BatchBytes::from_aligned(buf);
+            EntryPayload::Normal(match seal {
+                Some(seal) => batch.with_seal(seal),
+                None => batch,
+            })
         }
         Kind::Membership => EntryPayload::Membership(decode_membership(&mut r)?),
     };
@@ -489,6 +570,13 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Code
         log_id: LogId::new_term_index(term, index),
         payload,
     })
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// What the meta blob holds.
@@ -565,6 +653,10 @@ struct State {
     last_flush: Option<JoinHandle<()>>,
     /// Encoding buffer reused across appends.
     scratch: Vec<u8>,
+    /// This node's id and key, to sign batches in terms it leads.
+    signer: Option<(u64, Signer)>,
+    /// Digest and time of the last signed batch in the log (the next one's `prev_batch_hash`).
+    last_signed: Option<([u8; 32], u64)>,
 }
 
 struct Shared {
@@ -624,6 +716,91 @@ impl Shared {
             }
         }
         Ok(entries)
+    }
+
+    /// Sets `last_signed` from the newest signed batch in the log (scanning back from the end;
+    /// none when the log holds no signed batch).
+    async fn find_last_signed(&self) -> Result<(), LogStoreError> {
+        let mut found = None;
+        if let Some((first, last)) = self.visible() {
+            let mut index = last;
+            loop {
+                let record = self
+                    .wal
+                    .read(wal_index(index)?)
+                    .await
+                    .map_err(wal_err("read"))?;
+                let seal = entry_seal(record.payload())
+                    .map_err(|source| LogStoreError::Entry { index, source })?;
+                if let Some(seal) = seal {
+                    found = Some((seal.digest(), seal.header.timestamp_us));
+                    break;
+                }
+                if index == first {
+                    break;
+                }
+                index -= 1;
+            }
+        }
+        self.state.borrow_mut().last_signed = found;
+        Ok(())
+    }
+
+    /// Signs `entry` if it is an unsigned batch and this node leads its term (see the module
+    /// docs); checks that a signed batch's header names its log id. Returns the entry as it is
+    /// to be stored, and the ticket to fire once it is.
+    fn seal(
+        &self,
+        entry: Entry,
+    ) -> Result<(Entry, Option<(SealTicket, SignedHeader)>), LogStoreError> {
+        let EntryPayload::Normal(batch) = &entry.payload else {
+            return Ok((entry, None));
+        };
+        let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
+        let mut state = self.state.borrow_mut();
+        if let Some(seal) = batch.seal() {
+            if (seal.header.term, seal.header.index) != (term, index) {
+                return Err(LogStoreError::Entry {
+                    index,
+                    source: CodecError::SealMismatch {
+                        term: seal.header.term,
+                        index: seal.header.index,
+                    },
+                });
+            }
+            state.last_signed = Some((seal.digest(), seal.header.timestamp_us));
+            return Ok((entry, None));
+        }
+        let leads = match (&state.signer, &state.meta.vote) {
+            (Some((id, _)), Some(vote)) => {
+                vote.committed && vote.leader_id.voted_for == *id && vote.leader_id.term == term
+            }
+            _ => false,
+        };
+        let Some((_, signer)) = state.signer.as_ref().filter(|_| leads) else {
+            return Ok((entry, None));
+        };
+        // SAFETY: a batch proposed on this node was built by this process's batcher or, when
+        // forwarded by a follower, validated with `access_batch` where it entered the process;
+        // the buffer is immutable since.
+        let archived = unsafe { access_batch_unchecked(batch.as_bytes()) };
+        let (prev, prev_time) = state.last_signed.unwrap_or(([0; 32], 0));
+        let header = BatchHeader {
+            term,
+            index,
+            prev_batch_hash: prev,
+            tx_merkle_root: archived.header.tx_merkle_root,
+            tx_count: archived.header.tx_count.to_native(),
+            timestamp_us: wall_clock_us().max(prev_time),
+        };
+        let seal = SignedHeader::sign(header, signer);
+        state.last_signed = Some((seal.digest(), header.timestamp_us));
+        let ticket = batch.ticket().cloned().map(|t| (t, seal));
+        let sealed = Entry {
+            log_id: entry.log_id,
+            payload: EntryPayload::Normal(batch.clone().with_seal(seal)),
+        };
+        Ok((sealed, ticket))
     }
 
     /// Waits until every append so far is durable and its callback was called.
@@ -698,9 +875,25 @@ impl LogStore {
                 last_log_id,
                 last_flush: None,
                 scratch: Vec::new(),
+                signer: None,
+                last_signed: None,
             }),
         });
+        shared.find_last_signed().await?;
         Ok((LogStore { shared }, report))
+    }
+
+    /// Signs batches appended in terms this node (`id`) leads with `signer` (see the module
+    /// docs). Without a signer, a leader stores its batches unsigned.
+    pub fn set_signer(&self, id: u64, signer: Signer) {
+        self.shared.state.borrow_mut().signer = Some((id, signer));
+    }
+
+    /// A reader of this log, e.g. to fetch a committed batch for a receipt.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The WAL underneath (stats, directory).
@@ -730,6 +923,7 @@ impl LogStore {
                     });
                 }
                 let w = wal_index(index)?;
+                let (entry, ticket) = shared.seal(entry)?;
                 encode_entry(&entry, &mut buf)?;
                 shared
                     .wal
@@ -737,6 +931,9 @@ impl LogStore {
                     .await
                     .map_err(wal_err("append"))?;
                 shared.state.borrow_mut().last_log_id = Some(entry.log_id);
+                if let Some((ticket, seal)) = ticket {
+                    ticket.fire(seal);
+                }
                 last_wal = Some(w);
             }
             Ok(())
@@ -781,11 +978,14 @@ impl LogStore {
             .truncate_after(keep_through)
             .await
             .map_err(wal_err("truncate"))?;
-        let mut state = shared.state.borrow_mut();
-        if state.last_log_id > last_kept {
-            state.last_log_id = last_kept.max(state.meta.last_purged);
+        {
+            let mut state = shared.state.borrow_mut();
+            if state.last_log_id > last_kept {
+                state.last_log_id = last_kept.max(state.meta.last_purged);
+            }
         }
-        Ok(())
+        // The last signed batch may have been cut off.
+        shared.find_last_signed().await
     }
 
     async fn purge_through(&mut self, log_id: LogId) -> Result<(), LogStoreError> {

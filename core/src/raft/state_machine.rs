@@ -198,14 +198,16 @@ impl State {
                 self.membership = StoredMembership::new(Some(log_id), m.clone());
             }
             EntryPayload::Normal(batch) => {
-                match self.sequencer.apply_batch(
+                match self.sequencer.apply_signed_batch(
                     log_id.index,
                     log_id.leader_id.term,
                     batch.as_bytes(),
+                    batch.seal(),
                 ) {
                     Ok(applied) => {
                         result.tx_count = applied.tx_count;
                         result.duplicates = applied.duplicates;
+                        result.seal = batch.seal().copied();
                     }
                     Err(e) if e.is_content_rejection() => {
                         // Counted, not logged: core has no logger; the node reports the count.

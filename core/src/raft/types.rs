@@ -5,13 +5,16 @@
 //! as baton's own rkyv batch bytes (WAL record, QUIC frame), never through openraft's encoding.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_channel::oneshot;
 use rkyv::util::AlignedVec;
 
 use super::runtime::GlommioRuntime;
 use crate::batch::{access_batch, ArchivedBatch};
 use crate::error::ModelError;
+use crate::receipt::SignedHeader;
 
 openraft::declare_raft_types!(
     /// openraft types of a baton node: the log carries sealed batch buffers, applying one yields
@@ -40,63 +43,139 @@ pub type LogId = openraft::LogId<openraft::vote::leader_id_std::CommittedLeaderI
 /// the state machine (`RaftStateMachine::SnapshotData`) and the network name this type instead.
 pub type SnapshotBlob = Bytes;
 
-/// The Raft request: one encoded rkyv batch buffer (see [`crate::batch`]).
+/// The Raft request: one encoded rkyv batch buffer (see [`crate::batch`]) and, once the leader
+/// has appended it, the leader's [`SignedHeader`].
 ///
 /// Cloning shares the buffer (a reference count, no copy), and the buffer is `Send`, so the same
 /// bytes go from the shard that sealed the batch to shard 0, into the WAL, and to the net thread
 /// for replication.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BatchBytes(Bytes);
+///
+/// A shard's batch enters `client_write` unsigned; the leader's log store fills in the header
+/// fields only the leader knows (term, index, previous batch digest, time), signs it, and stores
+/// and replicates the batch with that [`SignedHeader`] (see `raft::log_store`). The optional
+/// [`SealTicket`] tells the proposer at that moment (the preconfirmation); it never leaves the
+/// process.
+#[derive(Clone)]
+pub struct BatchBytes {
+    bytes: Bytes,
+    seal: Option<SignedHeader>,
+    ticket: Option<SealTicket>,
+}
+
+/// One-shot notice of a batch's signed header, fired by the leader's log store when it appends
+/// the batch. Clones share the slot; the first `fire` wins.
+#[derive(Clone, Default)]
+pub struct SealTicket(Arc<Mutex<Option<oneshot::Sender<SignedHeader>>>>);
+
+impl SealTicket {
+    /// A ticket and the receiver its `fire` reaches.
+    pub fn new() -> (SealTicket, oneshot::Receiver<SignedHeader>) {
+        let (tx, rx) = oneshot::channel();
+        (SealTicket(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Sends `seal` to the receiver, if nobody did yet and it still listens.
+    pub fn fire(&self, seal: SignedHeader) {
+        let sender = self.0.lock().map(|mut s| s.take()).unwrap_or(None);
+        if let Some(tx) = sender {
+            let _ = tx.send(seal);
+        }
+    }
+}
 
 impl BatchBytes {
     /// Takes ownership of an encoder buffer without copying; its alignment is kept, so
     /// [`BatchBytes::batch`] can read it in place.
     pub fn from_aligned<const ALIGNMENT: usize>(buf: AlignedVec<ALIGNMENT>) -> Self {
-        Self(Bytes::from_owner(buf))
+        Self::from(Bytes::from_owner(buf))
+    }
+
+    /// The same batch carrying `seal`.
+    pub fn with_seal(mut self, seal: SignedHeader) -> Self {
+        self.seal = Some(seal);
+        self
+    }
+
+    /// The same batch carrying `ticket`.
+    pub fn with_ticket(mut self, ticket: SealTicket) -> Self {
+        self.ticket = Some(ticket);
+        self
+    }
+
+    /// The leader's signed header, once the batch is in a leader's log.
+    pub fn seal(&self) -> Option<&SignedHeader> {
+        self.seal.as_ref()
+    }
+
+    /// The preconfirmation ticket, on the leader before append.
+    pub fn ticket(&self) -> Option<&SealTicket> {
+        self.ticket.as_ref()
     }
 
     /// The encoded batch.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 
     /// Length of the encoded batch, in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.bytes.len()
     }
 
     /// True if the buffer is empty (never a valid batch).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty()
     }
 
     /// The shared buffer, e.g. to hand to the network without a copy.
     pub fn into_bytes(self) -> Bytes {
-        self.0
+        self.bytes
     }
 
     /// Validated in-place view of the batch (for bytes from disk or the network).
     pub fn batch(&self) -> Result<&ArchivedBatch, ModelError> {
-        access_batch(&self.0)
+        access_batch(&self.bytes)
     }
 }
 
 impl From<Bytes> for BatchBytes {
     fn from(bytes: Bytes) -> Self {
-        Self(bytes)
+        Self {
+            bytes,
+            seal: None,
+            ticket: None,
+        }
     }
 }
 
+/// Equal bytes and seal (the ticket is a process-local notice, not part of the value).
+impl PartialEq for BatchBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes && self.seal == other.seal
+    }
+}
+
+impl Eq for BatchBytes {}
+
 impl fmt::Debug for BatchBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BatchBytes({} bytes)", self.0.len())
+        match &self.seal {
+            Some(s) => write!(
+                f,
+                "BatchBytes({} bytes, sealed at {}/{})",
+                self.bytes.len(),
+                s.header.term,
+                s.header.index
+            ),
+            None => write!(f, "BatchBytes({} bytes)", self.bytes.len()),
+        }
     }
 }
 
 /// openraft logs requests with `Display`; a batch shows as its size only.
 impl fmt::Display for BatchBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "batch of {} bytes", self.0.len())
+        write!(f, "batch of {} bytes", self.bytes.len())
     }
 }
 
@@ -113,6 +192,8 @@ pub struct ApplyResult {
     pub duplicates: Vec<crate::sequencer::Duplicate>,
     /// The batch was committed but its content is invalid: nothing was ordered.
     pub rejected: bool,
+    /// The leader's signed header of the batch (`None` if its leader had no key).
+    pub seal: Option<SignedHeader>,
 }
 
 #[cfg(test)]

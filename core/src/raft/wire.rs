@@ -17,7 +17,7 @@ use openraft::EntryPayload;
 
 use super::log_store::{
     decode_entry, decode_log_id, decode_membership, encode_entry_prefix, encode_log_id,
-    encode_membership, CodecError, Reader, Vote, ENTRY_PREFIX_BYTES,
+    encode_membership, entry_head_len, CodecError, Reader, Vote, ENTRY_PREFIX_BYTES,
 };
 use super::state_machine::{SnapshotMeta, StoredMembership};
 use super::types::{LogId, TypeConfig};
@@ -229,7 +229,7 @@ pub fn encode_append(req: &AppendEntriesRequest<TypeConfig>) -> Result<Vec<Bytes
                     .map_err(|source| WireError::Entry { index, source })?;
                 pending.len() - prefix_at
             }
-            EntryPayload::Normal(batch) => ENTRY_PREFIX_BYTES + batch.len(),
+            EntryPayload::Normal(batch) => entry_head_len(&entry.payload) + batch.len(),
         };
         let len = u32::try_from(payload_len).map_err(|_| WireError::EntryTooLarge {
             index,
