@@ -23,7 +23,7 @@ use rkyv::util::AlignedVec;
 use crate::batch::BatchHeader;
 use crate::hash::TxHash;
 use crate::limits::TX_BYTES_MAX;
-use crate::merkle::merkle_root;
+use crate::merkle::MerkleTree;
 use crate::tx_kind::TxKind;
 
 pub use dedup::DEDUP_CAPACITY_MAX;
@@ -89,6 +89,8 @@ pub struct SealedBatch {
     pub tx_hashes: Vec<TxHash>,
     /// `merkle_root(&tx_hashes)`, as in the header.
     pub merkle_root: [u8; 32],
+    /// The Merkle tree over `tx_hashes`, for receipts' inclusion paths.
+    pub tree: MerkleTree,
 }
 
 /// The batch under construction.
@@ -293,7 +295,9 @@ impl Batcher {
         assert!(!building.txs.is_empty(), "sealing an empty batch");
         let tx_count = u32::try_from(building.txs.len()).expect("bounded by BATCH_TXS_MAX");
         let tx_hashes = std::mem::take(&mut building.tx_hashes);
-        let root = merkle_root(&tx_hashes);
+        // The whole tree, not just the root: receipts carry Merkle paths.
+        let tree = MerkleTree::new(&tx_hashes);
+        let root = tree.root();
         let header = BatchHeader {
             term: 0,
             index: 0,
@@ -321,6 +325,7 @@ impl Batcher {
             tx_count,
             tx_hashes,
             merkle_root: root,
+            tree,
         });
         self.next_seq += 1;
     }

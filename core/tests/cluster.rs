@@ -78,7 +78,7 @@ fn three_nodes_elect_replicate_thousands_of_batches_and_agree() {
         let leader = cluster.wait_leader(WAIT).await;
         let receipts = load(&cluster.nodes[&leader], 0, 250, 40, 8).await;
         assert_eq!(receipts.len(), 10_000);
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         assert!(last > 2_000, "10k transactions in batches of at most 4 make thousands of batches (last index {last})");
         cluster.wait_all_applied(last, WAIT).await;
         receipts
@@ -128,7 +128,7 @@ fn a_stopped_leader_is_replaced_and_the_cluster_continues() {
             .expect("a new leader is elected");
         let new = status.leader.unwrap();
         receipts.extend(load(&cluster.nodes[&new], 10_000, 50, 20, 4).await);
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         for (&id, node) in &cluster.nodes {
             if id != old {
                 node.wait_for(WAIT, move |s| s.applied_index >= Some(last))
@@ -151,7 +151,7 @@ fn a_restarted_follower_recovers_from_its_wal_and_catches_up() {
     let (follower, mut receipts) = run(async {
         let leader = cluster.wait_leader(WAIT).await;
         let receipts = load(&cluster.nodes[&leader], 0, 40, 25, 4).await;
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         cluster.wait_all_applied(last, WAIT).await;
         let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
         cluster.nodes[&follower].shutdown().await;
@@ -165,7 +165,7 @@ fn a_restarted_follower_recovers_from_its_wal_and_catches_up() {
     receipts.extend(more);
     cluster.restart(follower);
     run(async {
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         cluster.nodes[&follower]
             .wait_for(WAIT, move |s| s.applied_index >= Some(last))
             .await
@@ -194,7 +194,7 @@ fn a_follower_far_behind_catches_up_by_snapshot_after_the_leader_purged() {
     });
     cluster.nodes[&follower].join();
     // Everything the follower holds is at or below this index.
-    let follower_last = receipts.iter().map(|r| r.index).max().unwrap() + 1;
+    let follower_last = receipts.iter().map(|r| r.index()).max().unwrap() + 1;
     let (more, purged_past) = run(async {
         let more = load(&cluster.nodes[&leader], 50_000, 200, 10, 4).await;
         // Purged past the follower's log: it can only catch up by snapshot.
@@ -213,7 +213,7 @@ fn a_follower_far_behind_catches_up_by_snapshot_after_the_leader_purged() {
     );
     cluster.restart(follower);
     run(async {
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         let s = cluster.nodes[&follower]
             .wait_for(WAIT, move |s| s.applied_index >= Some(last))
             .await
@@ -321,8 +321,8 @@ fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
             .remove(0)
             .unwrap();
         assert_eq!(
-            (again.index, again.offset, again.tx_hash),
-            (first.index, first.offset, first.tx_hash)
+            (again.index(), again.offset, again.tx_hash),
+            (first.index(), first.offset, first.tx_hash)
         );
         assert!(again.duplicate);
     });
@@ -341,17 +341,21 @@ fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
     for r in receipts {
         // Entries purged everywhere live on in snapshots; `stop_and_check` verified those
         // receipts against every node's state machine.
-        if r.index < first_held {
+        if r.index() < first_held {
             continue;
         }
-        let found = logs.values().find_map(|log| log.tx_at(r.index, r.offset));
+        let found = logs.values().find_map(|log| log.tx_at(r.index(), r.offset));
         let hash = found.unwrap_or_else(|| panic!("receipt {r:?} points at nothing"));
         assert_eq!(
             hash, r.tx_hash,
             "receipt {r:?} points at another transaction"
         );
-        if let Some(prev) = seen.insert(r.tx_hash, (r.index, r.offset)) {
-            assert_eq!(prev, (r.index, r.offset), "one transaction, two positions");
+        if let Some(prev) = seen.insert(r.tx_hash, (r.index(), r.offset)) {
+            assert_eq!(
+                prev,
+                (r.index(), r.offset),
+                "one transaction, two positions"
+            );
         }
     }
     // Exactly once: a receipt names the first position of its transaction in the log. A later
@@ -371,10 +375,10 @@ fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
             first.entry(*h).or_insert((index, offset as u32));
         }
     }
-    for r in receipts.iter().filter(|r| r.index >= first_held) {
+    for r in receipts.iter().filter(|r| r.index() >= first_held) {
         assert_eq!(
             first.get(&r.tx_hash),
-            Some(&(r.index, r.offset)),
+            Some(&(r.index(), r.offset)),
             "receipt {r:?} is not the first position of its transaction"
         );
     }
@@ -483,7 +487,7 @@ fn followers_forward_to_the_leader_and_follow_it_through_a_failover() {
         for (r, first) in again.iter().zip(&receipts) {
             let r = r.as_ref().expect("a duplicate gets a receipt");
             assert!(r.duplicate);
-            assert_eq!((r.index, r.offset), (first.index, first.offset));
+            assert_eq!((r.index(), r.offset), (first.index(), first.offset));
         }
         // The leader stops; submissions already sent to the followers wait out the election and
         // commit through the new leader.
@@ -503,5 +507,48 @@ fn followers_forward_to_the_leader_and_follow_it_through_a_failover() {
     });
     cluster.nodes[&old].join();
     cluster.stopped.push(old);
+    cluster.stop_and_check(&receipts);
+}
+
+/// Preconfirmed receipts come from the leader's signature before the commit, through the
+/// leader and through a forwarding follower; they verify offline, and the committed receipt of
+/// the same transaction names the same position and signed header.
+#[test]
+fn preconfirmed_receipts_are_signed_and_kept_by_the_commit() {
+    use baton_core::AckLevel;
+    let cluster = Cluster::start_forwarding(3, small_batches);
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+        let signers: Vec<baton_core::Address> =
+            cluster.nodes.values().map(|n| n.signer()).collect();
+        let leader_key = cluster.nodes[&leader].signer();
+        let mut committed = Vec::new();
+        for (round, via) in [leader, follower].into_iter().enumerate() {
+            let batch = txs(7_000_000 + round as u64 * 100, 20);
+            let pre = cluster.nodes[&via]
+                .submit_with(batch.clone(), AckLevel::Preconfirmed)
+                .await;
+            for r in &pre {
+                let r = r.as_ref().expect("preconfirmed");
+                assert_eq!(r.level, AckLevel::Preconfirmed);
+                assert_eq!(r.verify(&signers).unwrap(), leader_key, "the leader signs");
+                assert!(r.term() >= 1);
+            }
+            // Submitting again asks for the committed level: same positions (idempotent).
+            let again = cluster.nodes[&via].submit(batch).await;
+            for (p, c) in pre.iter().zip(&again) {
+                let (p, c) = (p.as_ref().unwrap(), c.as_ref().unwrap());
+                assert_eq!(c.level, AckLevel::Committed);
+                assert_eq!(
+                    (c.index(), c.offset, c.batch),
+                    (p.index(), p.offset, p.batch)
+                );
+                c.verify(&signers).unwrap();
+                committed.push(c.clone());
+            }
+        }
+        committed
+    });
     cluster.stop_and_check(&receipts);
 }

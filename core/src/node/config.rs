@@ -6,6 +6,7 @@ use std::time::Duration;
 use baton_wal::WalOptions;
 
 use crate::batcher::BatchPolicy;
+use crate::sign::Signer;
 
 /// Raft timings and log compaction.
 #[derive(Clone, Debug)]
@@ -65,6 +66,10 @@ pub struct NodeConfig {
     pub raft: RaftTimings,
     /// WAL sizes.
     pub wal: WalOptions,
+    /// The key this node signs batch and block headers with while it leads. Default: a fresh
+    /// random key (fine for tests; a real node loads its key file so its address stays the
+    /// same across restarts).
+    pub signer: Signer,
 }
 
 impl NodeConfig {
@@ -84,6 +89,7 @@ impl NodeConfig {
             commit_wait_ms: 10_000,
             raft: RaftTimings::default(),
             wal: WalOptions::default(),
+            signer: Signer::random(),
         }
     }
 
@@ -92,7 +98,8 @@ impl NodeConfig {
     pub fn payload_entries_max(&self) -> u64 {
         let per_entry = self.batch.batch_bytes_max
             + crate::raft::wire::ENTRY_HEADER_BYTES
-            + crate::raft::log_store::ENTRY_PREFIX_BYTES;
+            + crate::raft::log_store::ENTRY_PREFIX_BYTES
+            + crate::receipt::SIGNED_HEADER_BYTES;
         (crate::raft::wire::APPEND_BYTES_MAX / per_entry).clamp(1, 256) as u64
     }
 

@@ -20,15 +20,18 @@ use openraft::RaftNetworkFactory;
 
 use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch, TxSlot};
 use crate::hash::TxHash;
+use crate::merkle::MerkleTree;
 use crate::node::config::NodeConfig;
 use crate::node::error::{NodeError, SubmitError};
 use crate::node::handle::{
-    Committed, Control, Member, NodeHandle, NodeStatus, PeerProgress, Receipt, Role, ShardSubmit,
+    Committed, Control, Member, NodeHandle, NodeStatus, PeerProgress, Role, ShardSubmit,
     SubmitReply,
 };
 use crate::node::local_net::LocalRouter;
 use crate::node::peer::{serve, Forwarder, Proposal, Rpc};
+use crate::raft::types::SealTicket;
 use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
+use crate::receipt::{AckLevel, Receipt, SignedHeader};
 
 /// Committed batches whose positions a shard remembers to answer duplicates without asking the
 /// state machine.
@@ -92,7 +95,9 @@ where
         reason: e.to_string(),
     })?;
     // A sealed batch must fit in one WAL record, behind the log store's entry prefix.
-    let entry_max = config.batch.batch_bytes_max + crate::raft::log_store::ENTRY_PREFIX_BYTES;
+    let entry_max = config.batch.batch_bytes_max
+        + crate::raft::log_store::ENTRY_PREFIX_BYTES
+        + crate::receipt::SIGNED_HEADER_BYTES;
     if entry_max > config.wal.payload_bytes_max {
         return Err(NodeError::Config {
             reason: format!(
@@ -159,6 +164,7 @@ where
         shards: shard_txs,
         control: control_tx,
         threads: Arc::new(Mutex::new(threads)),
+        signer: config.signer.address(),
     })
 }
 
@@ -207,10 +213,17 @@ struct Request {
     results: Vec<Option<Result<Receipt, SubmitError>>>,
     remaining: usize,
     reply: Option<SubmitReply>,
+    /// When its transactions are answered.
+    ack: AckLevel,
 }
 
 impl Request {
+    /// Answers `slot`, unless it was answered already (a preconfirmed transaction whose batch
+    /// then commits or fails); replies once every slot is answered.
     fn fill(&mut self, slot: usize, r: Result<Receipt, SubmitError>) {
+        if self.reply.is_none() {
+            return;
+        }
         if self.results[slot].is_none() {
             self.results[slot] = Some(r);
             self.remaining -= 1;
@@ -239,25 +252,129 @@ struct Waiter {
     duplicate: bool,
 }
 
+/// A batch being built or handed to the Raft shard: who waits, and once sealed its Merkle tree
+/// (for receipts' paths).
 #[derive(Default)]
+struct InFlight {
+    tree: Option<Rc<MerkleTree>>,
+    waiters: Vec<Waiter>,
+    /// The leader's signed header, once preconfirmed.
+    seal: Option<SignedHeader>,
+}
+
+/// A committed batch the shard remembers, to answer duplicates of its transactions.
+struct Recent {
+    committed: Committed,
+    tree: Rc<MerkleTree>,
+}
+
 struct ShardState {
-    /// Waiters per batch sequence number, until the batch commits or fails.
-    waiting: HashMap<u64, Vec<Waiter>>,
-    /// Recently committed batches: sequence → Raft index and state-machine duplicates.
-    recent: HashMap<u64, Committed>,
+    /// Batches handed to the Raft shard and not yet resolved, by batch sequence number.
+    waiting: HashMap<u64, InFlight>,
+    /// Recently committed batches, by sequence number.
+    recent: HashMap<u64, Recent>,
     recent_order: VecDeque<u64>,
     /// Transactions of failed batches, for the batcher to forget before it accepts more.
     forget: Vec<(TxHash, TxSlot)>,
     /// Batches handed to the Raft shard and not yet resolved.
     in_flight: usize,
+    /// To ask the Raft shard for receipts of transactions committed in other batches.
+    control: mpsc::Sender<Control>,
+}
+
+/// What a waiter gets from a committed batch: a receipt, or (when the state machine found the
+/// transaction was sequenced earlier, in a batch this shard does not remember) a lookup.
+enum Answer {
+    Ready(Result<Receipt, SubmitError>),
+    Lookup,
+}
+
+/// The receipt of the transaction at `offset` of the batch with `tree` and `seal`.
+fn receipt_at(
+    tree: &MerkleTree,
+    seal: Option<&SignedHeader>,
+    index: u64,
+    tx_hash: TxHash,
+    offset: u32,
+    level: AckLevel,
+    duplicate: bool,
+) -> Result<Receipt, SubmitError> {
+    let batch = *seal.ok_or(SubmitError::ReceiptUnavailable { index })?;
+    let path = tree
+        .proof(offset as usize)
+        .map_err(|_| SubmitError::ReceiptUnavailable { index })?
+        .path;
+    Ok(Receipt {
+        tx_hash,
+        level,
+        batch,
+        offset,
+        path,
+        duplicate,
+    })
+}
+
+fn answer(c: &Committed, tree: &MerkleTree, tx_hash: TxHash, offset: u32, dup: bool) -> Answer {
+    if c.duplicates.iter().any(|(o, _)| *o == offset) {
+        return Answer::Lookup;
+    }
+    Answer::Ready(receipt_at(
+        tree,
+        c.seal.as_ref(),
+        c.index,
+        tx_hash,
+        offset,
+        AckLevel::Committed,
+        dup,
+    ))
 }
 
 impl ShardState {
+    fn new(control: mpsc::Sender<Control>) -> ShardState {
+        ShardState {
+            waiting: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            forget: Vec::new(),
+            in_flight: 0,
+            control,
+        }
+    }
+
+    /// The leader signed batch `seq`: answer the waiters that asked for preconfirmations.
+    fn preconfirm(&mut self, seq: u64, seal: SignedHeader) {
+        let Some(f) = self.waiting.get_mut(&seq) else {
+            return;
+        };
+        let Some(tree) = f.tree.clone() else {
+            return;
+        };
+        f.seal = Some(seal);
+        for w in &f.waiters {
+            let mut request = w.request.borrow_mut();
+            if request.ack == AckLevel::Preconfirmed {
+                let r = receipt_at(
+                    &tree,
+                    Some(&seal),
+                    seal.header.index,
+                    w.tx_hash,
+                    w.offset,
+                    AckLevel::Preconfirmed,
+                    w.duplicate,
+                );
+                request.fill(w.slot, r);
+            }
+        }
+    }
+
     fn resolve(&mut self, seq: u64, result: Result<Committed, SubmitError>) {
         self.in_flight -= 1;
-        let waiters = self.waiting.remove(&seq).unwrap_or_default();
+        let Some(f) = self.waiting.remove(&seq) else {
+            return;
+        };
+        let tree = f.tree.unwrap_or_else(|| Rc::new(MerkleTree::new(&[])));
         if result.is_err() {
-            let slots = waiters.iter().filter(|w| !w.duplicate);
+            let slots = f.waiters.iter().filter(|w| !w.duplicate);
             self.forget.extend(slots.map(|w| {
                 (
                     w.tx_hash,
@@ -268,15 +385,17 @@ impl ShardState {
                 )
             }));
         }
-        for w in waiters {
-            let r = match &result {
-                Ok(c) => Ok(receipt_in(c, w.tx_hash, w.offset, w.duplicate)),
-                Err(e) => Err(e.clone()),
-            };
-            w.request.borrow_mut().fill(w.slot, r);
+        for w in f.waiters {
+            match &result {
+                Ok(c) => match answer(c, &tree, w.tx_hash, w.offset, w.duplicate) {
+                    Answer::Ready(r) => w.request.borrow_mut().fill(w.slot, r),
+                    Answer::Lookup => self.look_up(w.request, w.slot, w.tx_hash),
+                },
+                Err(e) => w.request.borrow_mut().fill(w.slot, Err(e.clone())),
+            }
         }
-        if let Ok(c) = result {
-            self.recent.insert(seq, c);
+        if let Ok(committed) = result {
+            self.recent.insert(seq, Recent { committed, tree });
             self.recent_order.push_back(seq);
             if self.recent_order.len() > RECENT_BATCHES_MAX {
                 let old = self.recent_order.pop_front().expect("non-empty");
@@ -284,22 +403,25 @@ impl ShardState {
             }
         }
     }
-}
 
-fn receipt_in(c: &Committed, tx_hash: TxHash, offset: u32, duplicate: bool) -> Receipt {
-    match c.duplicates.iter().find(|(o, _)| *o == offset) {
-        Some((_, (index, first_offset))) => Receipt {
-            tx_hash,
-            index: *index,
-            offset: *first_offset,
-            duplicate: true,
-        },
-        None => Receipt {
-            tx_hash,
-            index: c.index,
-            offset,
-            duplicate,
-        },
+    /// Answers `slot` of `request` with the original receipt of `tx_hash`, from the Raft shard
+    /// (on a task: the state machine and log are read there).
+    fn look_up(&self, request: RequestRef, slot: usize, tx_hash: TxHash) {
+        let control = self.control.clone();
+        glommio::spawn_local(async move {
+            let r = match committed_receipt(&control, tx_hash).await {
+                Some(r) => r.map(|r| Receipt {
+                    duplicate: true,
+                    ..r
+                }),
+                // Its earlier batch failed and the shard forgot it meanwhile: retry.
+                None => Err(SubmitError::Overloaded {
+                    what: "dedup window (retry the submission)",
+                }),
+            };
+            request.borrow_mut().fill(slot, r);
+        })
+        .detach();
     }
 }
 
@@ -320,7 +442,7 @@ async fn batching_shard(
             return;
         }
     };
-    let state = Rc::new(RefCell::new(ShardState::default()));
+    let state = Rc::new(RefCell::new(ShardState::new(control)));
     loop {
         let msg = match batcher.next_deadline_us() {
             None => rx.next().await,
@@ -342,7 +464,7 @@ async fn batching_shard(
         for (tx_hash, slot) in state.borrow_mut().forget.drain(..) {
             batcher.forget(&tx_hash, slot);
         }
-        let lookups = accept(&mut batcher, &state, msg, origin);
+        accept(&mut batcher, &state, msg, origin);
         flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
         // Nothing of this shard's is waiting for a commit: lingering for company would only add
         // latency (a lone client). While batches are in flight, new transactions linger and
@@ -352,21 +474,6 @@ async fn batching_shard(
                 dispatch(b, &state, &mut propose).await;
             }
         }
-        for (request, slot, tx_hash) in lookups {
-            let r = match lookup(&control, tx_hash).await {
-                Some((index, offset)) => Ok(Receipt {
-                    tx_hash,
-                    index,
-                    offset,
-                    duplicate: true,
-                }),
-                // Its earlier batch failed and the shard forgot it meanwhile: retry.
-                None => Err(SubmitError::Overloaded {
-                    what: "dedup window (retry the submission)",
-                }),
-            };
-            request.borrow_mut().fill(slot, r);
-        }
     }
     // Shutting down: hand over what was accepted; the Raft shard answers or fails it.
     while let Some(b) = batcher.seal_now() {
@@ -374,34 +481,35 @@ async fn batching_shard(
     }
 }
 
-/// Asks the Raft shard's state machine where `tx_hash` was sequenced.
-async fn lookup(control: &mpsc::Sender<Control>, tx_hash: TxHash) -> Option<(u64, u32)> {
+/// Asks the Raft shard for the committed receipt of `tx_hash` (`None` if it was not sequenced).
+async fn committed_receipt(
+    control: &mpsc::Sender<Control>,
+    tx_hash: TxHash,
+) -> Option<Result<Receipt, SubmitError>> {
     let (tx, rx) = oneshot::channel();
     control
         .clone()
-        .send(Control::Lookup(tx_hash, tx))
+        .send(Control::Receipt(tx_hash, tx))
         .await
         .ok()?;
     rx.await.ok().flatten()
 }
 
-/// A duplicate of a transaction the shard no longer remembers: its request, slot and hash.
-type Lookup = (RequestRef, usize, TxHash);
-
-/// Pushes a message's transactions into the batcher and registers their waiters; returns the
-/// duplicates whose original must be looked up in the state machine.
+/// Pushes a message's transactions into the batcher and registers their waiters; duplicates of
+/// transactions committed in batches the shard no longer remembers are looked up on the Raft
+/// shard.
 fn accept(
     batcher: &mut Batcher,
     state: &Rc<RefCell<ShardState>>,
     msg: ShardSubmit,
     origin: Instant,
-) -> Vec<Lookup> {
-    let mut lookups = Vec::new();
+) {
     let n = msg.txs.len();
     let request = Rc::new(RefCell::new(Request {
         results: (0..n).map(|_| None).collect(),
         remaining: n,
         reply: Some(msg.reply),
+        ack: msg.ack,
     }));
     if n == 0 {
         request
@@ -409,7 +517,7 @@ fn accept(
             .reply
             .take()
             .map(|r| r.send(Vec::new()));
-        return lookups;
+        return;
     }
     for (slot, (position, tx)) in msg.txs.iter().enumerate() {
         let incoming = IncomingTx {
@@ -431,6 +539,7 @@ fn accept(
                     .waiting
                     .entry(at.batch_seq)
                     .or_default()
+                    .waiters
                     .push(w);
             }
             Ok(PushOutcome::Duplicate {
@@ -438,28 +547,40 @@ fn accept(
                 first_seen,
             }) => {
                 let mut st = state.borrow_mut();
-                if let Some(ws) = st.waiting.get_mut(&first_seen.batch_seq) {
-                    ws.push(Waiter {
-                        request: request.clone(),
-                        slot,
-                        tx_hash,
-                        offset: first_seen.offset_in_batch,
-                        duplicate: true,
-                    });
-                } else if let Some(c) = st.recent.get(&first_seen.batch_seq) {
-                    let r = receipt_in(c, tx_hash, first_seen.offset_in_batch, true);
-                    request.borrow_mut().fill(
-                        slot,
-                        Ok(Receipt {
-                            duplicate: true,
-                            ..r
-                        }),
-                    );
+                let w = Waiter {
+                    request: request.clone(),
+                    slot,
+                    tx_hash,
+                    offset: first_seen.offset_in_batch,
+                    duplicate: true,
+                };
+                let seq = first_seen.batch_seq;
+                if let Some(f) = st.waiting.get_mut(&seq) {
+                    // Its batch is being built or in flight; if already preconfirmed, a
+                    // preconfirmation request is answered now.
+                    if let (Some(seal), Some(tree), AckLevel::Preconfirmed) =
+                        (f.seal, &f.tree, request.borrow().ack)
+                    {
+                        let r = receipt_at(
+                            tree,
+                            Some(&seal),
+                            seal.header.index,
+                            tx_hash,
+                            w.offset,
+                            AckLevel::Preconfirmed,
+                            true,
+                        );
+                        request.borrow_mut().fill(slot, r);
+                    }
+                    f.waiters.push(w);
+                } else if let Some(r) = st.recent.get(&seq) {
+                    match answer(&r.committed, &r.tree, tx_hash, w.offset, true) {
+                        Answer::Ready(r) => request.borrow_mut().fill(slot, r),
+                        Answer::Lookup => st.look_up(request.clone(), slot, tx_hash),
+                    }
                 } else {
-                    // Committed long ago: the shard loop asks the state machine after this
-                    // message (awaited there, so these lookups are bounded).
-                    drop(st);
-                    lookups.push((request.clone(), slot, tx_hash));
+                    // Committed long ago: the Raft shard knows.
+                    st.look_up(request.clone(), slot, tx_hash);
                 }
             }
             Err(reason) => {
@@ -478,7 +599,6 @@ fn accept(
             }
         }
     }
-    lookups
 }
 
 async fn flush_sealed(
@@ -500,10 +620,15 @@ async fn dispatch(
     propose: &mut mpsc::Sender<Proposal>,
 ) {
     let seq = b.seq;
-    state.borrow_mut().in_flight += 1;
+    let (ticket, sealed) = SealTicket::new();
+    {
+        let mut st = state.borrow_mut();
+        st.in_flight += 1;
+        st.waiting.entry(seq).or_default().tree = Some(Rc::new(b.tree));
+    }
     let (tx, rx) = oneshot::channel();
     let proposal = Proposal {
-        bytes: BatchBytes::from_aligned(b.bytes),
+        bytes: BatchBytes::from_aligned(b.bytes).with_ticket(ticket),
         reply: tx,
         forwarded: false,
     };
@@ -515,7 +640,19 @@ async fn dispatch(
     }
     let state = state.clone();
     glommio::spawn_local(async move {
-        let result = rx.await.unwrap_or(Err(SubmitError::ShuttingDown));
+        // The preconfirmation comes first, or never (the batch failed before it was signed).
+        let result = {
+            futures_util::pin_mut!(rx);
+            match futures_util::future::select(sealed, &mut rx).await {
+                futures_util::future::Either::Left((Ok(seal), _)) => {
+                    state.borrow_mut().preconfirm(seq, seal);
+                    rx.await
+                }
+                futures_util::future::Either::Left((Err(_), _)) => rx.await,
+                futures_util::future::Either::Right((r, _)) => r,
+            }
+        };
+        let result = result.unwrap_or(Err(SubmitError::ShuttingDown));
         state.borrow_mut().resolve(seq, result);
     })
     .detach();
@@ -561,6 +698,8 @@ async fn raft_shard<F>(
             return;
         }
     };
+    log_store.set_signer(id, config.signer.clone());
+    let log_reader = log_store.reader();
     let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = match Sm::open(&config.data_dir) {
         Ok(sm) => sm,
@@ -642,6 +781,14 @@ async fn raft_shard<F>(
                         .ok()
                         .flatten();
                     let _ = reply.send(found);
+                })
+                .detach();
+            }
+            Control::Receipt(tx_hash, reply) => {
+                let raft = raft.clone();
+                let reader = log_reader.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(receipt_of(&raft, reader, tx_hash).await);
                 })
                 .detach();
             }
@@ -734,6 +881,55 @@ async fn sequence(
     }
 }
 
+/// The committed receipt of `tx_hash`: its position and signed header from the state machine,
+/// its Merkle path from the batch in the log. `None` if this node has not applied it.
+async fn receipt_of(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    mut reader: crate::raft::LogReader,
+    tx_hash: TxHash,
+) -> Option<Result<Receipt, SubmitError>> {
+    use openraft::storage::RaftLogReader;
+    let found = raft
+        .with_state_machine(move |sm: &mut Sm| {
+            let found = sm.lookup(&tx_hash).map(|p| {
+                let signed = sm.view().with(|s| s.batch(p.index).and_then(|b| b.signed));
+                (p, signed)
+            });
+            Box::pin(async move { found })
+        })
+        .await
+        .ok()
+        .flatten();
+    let (position, signed) = found?;
+    let index = position.index;
+    let unavailable = SubmitError::ReceiptUnavailable { index };
+    let Some(signed) = signed else {
+        return Some(Err(unavailable));
+    };
+    let entries = match reader.try_get_log_entries(index..index + 1).await {
+        Ok(e) => e,
+        Err(_) => return Some(Err(unavailable)),
+    };
+    let Some(openraft::EntryPayload::Normal(batch)) = entries.first().map(|e| &e.payload) else {
+        // Purged into a snapshot.
+        return Some(Err(unavailable));
+    };
+    let Ok(archived) = batch.batch() else {
+        return Some(Err(unavailable));
+    };
+    let hashes: Vec<TxHash> = archived.txs.iter().map(|t| t.tx_hash()).collect();
+    let tree = MerkleTree::new(&hashes);
+    Some(receipt_at(
+        &tree,
+        Some(&signed),
+        index,
+        tx_hash,
+        position.offset,
+        AckLevel::Committed,
+        false,
+    ))
+}
+
 fn raft_id(raft: &openraft::Raft<TypeConfig, Sm>) -> u64 {
     use openraft::async_runtime::WatchReceiver;
     raft.metrics().borrow_watched().id
@@ -803,6 +999,7 @@ async fn write_once(
         }),
         Ok(resp) => Ok(Committed {
             index: resp.log_id.index,
+            seal: resp.data.seal,
             duplicates: resp
                 .data
                 .duplicates

@@ -25,6 +25,11 @@ pub enum SubmitError {
     /// its outcome is unknown. Retrying is safe: submission is idempotent by transaction hash.
     #[error("no commit within {waited_ms} ms; outcome unknown, retry")]
     CommitTimeout { waited_ms: u64 },
+    /// The transaction is sequenced in the batch at `index`, but this node cannot prove it: the
+    /// batch carries no leader signature, or it was purged from this node's log into a
+    /// snapshot. Another node (or a later read) may have it.
+    #[error("sequenced at index {index}, but no receipt can be built here")]
+    ReceiptUnavailable { index: u64 },
     /// The node is stopping or stopped.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -9,20 +9,9 @@ use futures_util::SinkExt;
 
 use crate::hash::TxHash;
 use crate::node::error::{NodeError, SubmitError};
+pub use crate::receipt::{AckLevel, Receipt, SignedHeader};
+use crate::sign::Address;
 use crate::tx::Transaction;
-
-/// Where a transaction was sequenced: Raft index of its batch and its offset in the batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Receipt {
-    /// keccak256 of the transaction bytes.
-    pub tx_hash: TxHash,
-    /// Raft index of the batch.
-    pub index: u64,
-    /// Offset of the transaction in the batch.
-    pub offset: u32,
-    /// True when this submission was a duplicate and the receipt is the original's.
-    pub duplicate: bool,
-}
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,14 +88,16 @@ pub struct PeerProgress {
     pub matched_index: Option<u64>,
 }
 
-/// Where a committed batch landed: its Raft index, and for transactions the state machine found
-/// to repeat an earlier one, the original position.
+/// Where a committed batch landed: its Raft index and signed header, and for transactions the
+/// state machine found to repeat an earlier one, the original position.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Committed {
     /// Raft index of the batch.
     pub index: u64,
     /// `(offset in this batch, (index, offset) of the first occurrence))` per duplicate.
     pub duplicates: Vec<(u32, (u64, u32))>,
+    /// The leader's signed header (`None` only if that leader had no key).
+    pub seal: Option<SignedHeader>,
 }
 
 pub(crate) type SubmitReply = oneshot::Sender<Vec<Result<Receipt, SubmitError>>>;
@@ -115,6 +106,8 @@ pub(crate) type SubmitReply = oneshot::Sender<Vec<Result<Receipt, SubmitError>>>
 pub(crate) struct ShardSubmit {
     /// (position in the caller's request, transaction)
     pub txs: Vec<(usize, Transaction)>,
+    /// When the transactions are answered.
+    pub ack: AckLevel,
     pub reply: SubmitReply,
 }
 
@@ -126,6 +119,11 @@ pub(crate) enum Control {
         oneshot::Sender<Result<(), String>>,
     ),
     Lookup(TxHash, oneshot::Sender<Option<(u64, u32)>>),
+    /// The committed receipt of a transaction; `None` if it was not sequenced.
+    Receipt(
+        TxHash,
+        oneshot::Sender<Option<Result<Receipt, SubmitError>>>,
+    ),
     WaitFor(
         StatusCondition,
         std::time::Duration,
@@ -144,6 +142,8 @@ pub struct NodeHandle {
     pub(crate) shards: Vec<mpsc::Sender<ShardSubmit>>,
     pub(crate) control: mpsc::Sender<Control>,
     pub(crate) threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// Address of the node's signing key.
+    pub(crate) signer: Address,
 }
 
 /// Which shard owns a transaction: a cheap hash of its bytes, so the same transaction always
@@ -158,9 +158,24 @@ impl NodeHandle {
         self.id
     }
 
+    /// Address of this node's signing key (what its batch and block signatures recover to).
+    pub fn signer(&self) -> Address {
+        self.signer
+    }
+
     /// Sequences `txs`; resolves when each is committed (or failed), one result per
     /// transaction, in request order.
     pub async fn submit(&self, txs: Vec<Transaction>) -> Vec<Result<Receipt, SubmitError>> {
+        self.submit_with(txs, AckLevel::Committed).await
+    }
+
+    /// Sequences `txs`; resolves when each has a receipt at level `ack` (or failed), one result
+    /// per transaction, in request order.
+    pub async fn submit_with(
+        &self,
+        txs: Vec<Transaction>,
+        ack: AckLevel,
+    ) -> Vec<Result<Receipt, SubmitError>> {
         let n = txs.len();
         let mut groups: Vec<Vec<(usize, Transaction)>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
@@ -180,6 +195,7 @@ impl NodeHandle {
             if shard
                 .send(ShardSubmit {
                     txs: group,
+                    ack,
                     reply: tx,
                 })
                 .await
@@ -205,6 +221,21 @@ impl NodeHandle {
         self.control
             .clone()
             .send(Control::Status(tx))
+            .await
+            .map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)
+    }
+
+    /// The committed receipt of a sequenced transaction, from this node's state machine and log
+    /// (`None` if this node has not applied it).
+    pub async fn receipt(
+        &self,
+        tx_hash: TxHash,
+    ) -> Result<Option<Result<Receipt, SubmitError>>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::Receipt(tx_hash, tx))
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
         rx.await.map_err(|_| NodeError::ShuttingDown)

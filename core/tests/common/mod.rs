@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_core::node::{self, LocalRouter, NodeConfig, NodeHandle, Receipt, Role};
+use baton_core::node::{self, LocalRouter, NodeConfig, NodeHandle, Receipt, Role, SubmitError};
 use baton_core::TxHash;
 
 /// Runs `f` to completion on a glommio executor in this thread.
@@ -135,7 +135,9 @@ impl Cluster {
     /// then stops every node, reads their logs back and checks the invariants.
     pub fn stop_and_check(self, receipts: &[Receipt]) {
         run(async {
-            let last = receipts.iter().map(|r| r.index).max().unwrap_or(0);
+            let last = receipts.iter().map(|r| r.index()).max().unwrap_or(0);
+            let signers: Vec<baton_core::Address> =
+                self.nodes.values().map(|n| n.signer()).collect();
             for (id, n) in &self.nodes {
                 if self.stopped.contains(id) {
                     continue;
@@ -145,14 +147,36 @@ impl Cluster {
                 })
                 .await
                 .expect("node applies every receipt's batch");
-                for r in receipts {
+                for (i, r) in receipts.iter().enumerate() {
                     let found = n.lookup(r.tx_hash).await.expect("lookup");
                     assert_eq!(
                         found,
-                        Some((r.index, r.offset)),
+                        Some((r.index(), r.offset)),
                         "node {id} places {} elsewhere than its receipt",
                         r.tx_hash
                     );
+                    r.verify(&signers).expect("receipt verifies offline");
+                    // Every node can prove it too (a sample: each proof reads a batch).
+                    if i % 97 == 0 {
+                        let own = n
+                            .receipt(r.tx_hash)
+                            .await
+                            .expect("receipt")
+                            .expect("sequenced");
+                        let purged = n.status().await.expect("status").purged_index;
+                        if purged >= Some(r.index()) {
+                            // Its batch lives on only in the snapshot: no path to prove it.
+                            assert_eq!(
+                                own,
+                                Err(SubmitError::ReceiptUnavailable { index: r.index() })
+                            );
+                            continue;
+                        }
+                        let own = own.expect("provable");
+                        assert_eq!((own.index(), own.offset), (r.index(), r.offset));
+                        assert_eq!(own.batch, r.batch, "same signed header on node {id}");
+                        own.verify(&signers).expect("node's receipt verifies");
+                    }
                 }
             }
         });
