@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_core::node::{NodeStatus, Receipt, SubmitError};
+use baton_core::AckLevel;
 use baton_core::Transaction;
 use tokio::sync::oneshot;
 
@@ -453,11 +454,23 @@ impl Client {
             .map_err(ClientError::NotSequenced)
     }
 
-    /// Sequences `txs` (one request; retried as needed); one result per transaction, in order.
-    /// `Err` when the cluster could not be reached within the budget or refused the request.
+    /// Sequences `txs` (one request; retried as needed) and waits for committed receipts; one
+    /// result per transaction, in order. `Err` when the cluster could not be reached within the
+    /// budget or refused the request.
     pub async fn submit(
         &self,
         txs: Vec<Transaction>,
+    ) -> Result<Vec<Result<Receipt, SubmitError>>, ClientError> {
+        self.submit_with(txs, AckLevel::Committed).await
+    }
+
+    /// [`submit`](Client::submit), answered at level `ack`: `Preconfirmed` returns as soon as the
+    /// leader has ordered and signed each transaction's batch (a receipt may come back at
+    /// `Committed` when that happened first, e.g. through a follower).
+    pub async fn submit_with(
+        &self,
+        txs: Vec<Transaction>,
+        ack: AckLevel,
     ) -> Result<Vec<Result<Receipt, SubmitError>>, ClientError> {
         let started = Instant::now();
         let budget = Duration::from_millis(self.inner.options.call_budget_ms);
@@ -480,6 +493,7 @@ impl Client {
             let request_id = self.next_id();
             let request = SubmitRequest {
                 request_id,
+                ack,
                 txs: todo.iter().map(|&i| txs[i].clone()).collect(),
             };
             let mut body = Vec::new();

@@ -13,7 +13,11 @@
 //! limits first; a body over the frame limit is refused by `frame_header` before it is sent.
 
 use baton_core::node::{Committed, Member, NodeStatus, PeerProgress, Receipt, Role, SubmitError};
-use baton_core::{SubmitRejection, Transaction, TxHash, TxKind, BATCH_BYTES_MAX, BATCH_TXS_MAX};
+use baton_core::receipt::{PROOF_PATH_MAX, SIGNED_HEADER_BYTES};
+use baton_core::{
+    AckLevel, Address, SignedHeader, SubmitRejection, Transaction, TxHash, TxKind, BATCH_BYTES_MAX,
+    BATCH_TXS_MAX,
+};
 use bytes::Bytes;
 
 /// Most transactions in one submit request (and results in one response).
@@ -310,6 +314,7 @@ const INVALID: u8 = 3;
 const REJECTED: u8 = 4;
 const COMMIT_TIMEOUT: u8 = 5;
 const SHUTTING_DOWN: u8 = 6;
+const RECEIPT_UNAVAILABLE: u8 = 7;
 
 const EMPTY_TX: u8 = 1;
 const TX_TOO_LARGE: u8 = 2;
@@ -341,6 +346,10 @@ pub fn encode_submit_error(e: &SubmitError, out: &mut Vec<u8>) {
             put_u64(out, *waited_ms);
         }
         SubmitError::ShuttingDown => out.push(SHUTTING_DOWN),
+        SubmitError::ReceiptUnavailable { index } => {
+            out.push(RECEIPT_UNAVAILABLE);
+            put_u64(out, *index);
+        }
     }
 }
 
@@ -389,6 +398,7 @@ pub fn decode_submit_error(r: &mut Reader<'_>) -> Result<SubmitError, MsgError> 
             waited_ms: r.u64()?,
         },
         SHUTTING_DOWN => SubmitError::ShuttingDown,
+        RECEIPT_UNAVAILABLE => SubmitError::ReceiptUnavailable { index: r.u64()? },
         value => {
             return Err(MsgError::BadTag {
                 what: "submit error",
@@ -425,26 +435,54 @@ fn decode_rejection(r: &mut Reader<'_>) -> Result<SubmitRejection, MsgError> {
 // Submit
 
 const ACK_COMMITTED: u8 = 0;
+const ACK_PRECONFIRMED: u8 = 1;
+
+fn ack_byte(level: AckLevel) -> u8 {
+    match level {
+        AckLevel::Committed => ACK_COMMITTED,
+        AckLevel::Preconfirmed => ACK_PRECONFIRMED,
+    }
+}
+
+fn ack_of(value: u8, what: &'static str) -> Result<AckLevel, MsgError> {
+    match value {
+        ACK_COMMITTED => Ok(AckLevel::Committed),
+        ACK_PRECONFIRMED => Ok(AckLevel::Preconfirmed),
+        value => Err(MsgError::BadTag { what, value }),
+    }
+}
+
+/// A signed header (`SIGNED_HEADER_BYTES`), decoded.
+fn read_signed_header(r: &mut Reader<'_>) -> Result<SignedHeader, MsgError> {
+    let bytes = r.take(SIGNED_HEADER_BYTES)?;
+    SignedHeader::decode(bytes).map_err(|_| MsgError::BadTag {
+        what: "signed header padding",
+        value: 1,
+    })
+}
+
 const TX_RAW: u8 = 0;
 const TX_ENCRYPTED: u8 = 1;
 const RESULT_OK: u8 = 0;
 const RESULT_ERR: u8 = 1;
 
-/// Client → node: transactions to sequence, answered once each is committed.
+/// Client → node: transactions to sequence, answered once each has a receipt at `ack`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubmitRequest {
     /// Client-chosen id, echoed in the response.
     pub request_id: u64,
+    /// When the node answers: preconfirmed or committed.
+    pub ack: AckLevel,
     /// The transactions, at most [`SUBMIT_TXS_MAX`].
     pub txs: Vec<Transaction>,
 }
 
 impl SubmitRequest {
-    /// Appends `[u64 request_id][u8 ack = 0][u32 count]`, then per transaction
-    /// `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
+    /// Appends `[u64 request_id][u8 ack (0 committed, 1 preconfirmed)][u32 count]`, then per
+    /// transaction `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.request_id);
-        out.push(ACK_COMMITTED);
+        out.push(ack_byte(self.ack));
         put_u32(out, len_u32(self.txs.len()));
         for tx in &self.txs {
             put_u64(out, tx.rollup_id);
@@ -465,13 +503,7 @@ impl SubmitRequest {
     pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
         let mut r = Reader::new(body, "submit request");
         let request_id = r.u64()?;
-        let ack = r.u8()?;
-        if ack != ACK_COMMITTED {
-            return Err(MsgError::BadTag {
-                what: "submit ack",
-                value: ack,
-            });
-        }
+        let ack = ack_of(r.u8()?, "submit ack")?;
         let count = r.count("submit transactions", SUBMIT_TXS_MAX, TX_MIN_BYTES)?;
         let mut txs = Vec::with_capacity(count);
         for _ in 0..count {
@@ -497,7 +529,11 @@ impl SubmitRequest {
             });
         }
         r.finish()?;
-        Ok(Self { request_id, txs })
+        Ok(Self {
+            request_id,
+            ack,
+            txs,
+        })
     }
 }
 
@@ -511,19 +547,43 @@ pub struct SubmitResponse {
 }
 
 impl SubmitResponse {
-    /// Appends `[u64 request_id][u32 count]`, then per result
-    /// `[u8 0][32 tx_hash][u64 index][u32 offset][u8 duplicate]` or `[u8 1][submit error]`.
+    /// Appends `[u64 request_id][u32 h]{[160 signed header]}[u32 count]`, then per result
+    /// `[u8 0][32 tx_hash][u8 level][u32 header number][u32 offset][u8 duplicate]
+    /// [u8 path_len]{[32 sibling]}` or `[u8 1][submit error]`. Each distinct signed header is
+    /// sent once; receipts name it by its number in the list.
     pub fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.request_id);
+        let mut headers: Vec<&SignedHeader> = Vec::new();
+        let mut numbers = Vec::with_capacity(self.results.len());
+        for r in self.results.iter().flatten() {
+            let at = match headers.iter().rposition(|h| **h == r.batch) {
+                Some(at) => at,
+                None => {
+                    headers.push(&r.batch);
+                    headers.len() - 1
+                }
+            };
+            numbers.push(at as u32);
+        }
+        put_u32(out, len_u32(headers.len()));
+        for h in &headers {
+            out.extend_from_slice(&h.encode());
+        }
         put_u32(out, len_u32(self.results.len()));
+        let mut numbers = numbers.into_iter();
         for result in &self.results {
             match result {
                 Ok(receipt) => {
                     out.push(RESULT_OK);
                     out.extend_from_slice(&receipt.tx_hash.0);
-                    put_u64(out, receipt.index);
+                    out.push(ack_byte(receipt.level));
+                    put_u32(out, numbers.next().expect("one number per receipt"));
                     put_u32(out, receipt.offset);
                     out.push(u8::from(receipt.duplicate));
+                    out.push(u8::try_from(receipt.path.len()).unwrap_or(u8::MAX));
+                    for sibling in &receipt.path {
+                        out.extend_from_slice(sibling);
+                    }
                 }
                 Err(e) => {
                     out.push(RESULT_ERR);
@@ -537,16 +597,46 @@ impl SubmitResponse {
     pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
         let mut r = Reader::new(body, "submit response");
         let request_id = r.u64()?;
+        let h = r.count("receipt headers", SUBMIT_TXS_MAX, SIGNED_HEADER_BYTES)?;
+        let mut headers = Vec::with_capacity(h);
+        for _ in 0..h {
+            headers.push(read_signed_header(&mut r)?);
+        }
         let count = r.count("submit results", SUBMIT_TXS_MAX, RESULT_MIN_BYTES)?;
         let mut results = Vec::with_capacity(count);
         for _ in 0..count {
             let result = match r.u8()? {
-                RESULT_OK => Ok(Receipt {
-                    tx_hash: TxHash(r.array()?),
-                    index: r.u64()?,
-                    offset: r.u32()?,
-                    duplicate: r.flag("receipt duplicate")?,
-                }),
+                RESULT_OK => {
+                    let tx_hash = TxHash(r.array()?);
+                    let level = ack_of(r.u8()?, "receipt level")?;
+                    let number = r.u32()? as usize;
+                    let batch = *headers.get(number).ok_or(MsgError::BadTag {
+                        what: "receipt header number",
+                        value: u8::MAX,
+                    })?;
+                    let offset = r.u32()?;
+                    let duplicate = r.flag("receipt duplicate")?;
+                    let len = r.u8()? as usize;
+                    if len > PROOF_PATH_MAX {
+                        return Err(MsgError::TooLong {
+                            what: "receipt path",
+                            len: len as u64,
+                            max: PROOF_PATH_MAX,
+                        });
+                    }
+                    let mut path = Vec::with_capacity(len);
+                    for _ in 0..len {
+                        path.push(r.array()?);
+                    }
+                    Ok(Receipt {
+                        tx_hash,
+                        level,
+                        batch,
+                        offset,
+                        path,
+                        duplicate,
+                    })
+                }
                 RESULT_ERR => Err(decode_submit_error(&mut r)?),
                 value => {
                     return Err(MsgError::BadTag {
@@ -626,7 +716,8 @@ fn role_of(value: u8) -> Result<Role, MsgError> {
 }
 
 impl StatusResponse {
-    /// Appends `[u64 request_id][u64 id][u8 role][u64 term]`, six optional indices (leader,
+    /// Appends `[u64 request_id][u64 id][u8 role][u64 term][20 signer address]`, six optional
+    /// indices (leader,
     /// last log, committed, applied, snapshot, purged), `[u32 n]{[u64 id][u32 len][addr][u8
     /// voter]}` members and `[u32 n]{[u64 id][option matched]}` replication.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -635,6 +726,7 @@ impl StatusResponse {
         put_u64(out, s.id);
         out.push(role_byte(s.role));
         put_u64(out, s.term);
+        out.extend_from_slice(&s.signer.0);
         for v in [
             s.leader,
             s.last_log_index,
@@ -665,6 +757,7 @@ impl StatusResponse {
         let id = r.u64()?;
         let role = role_of(r.u8()?)?;
         let term = r.u64()?;
+        let signer = Address(r.array()?);
         let leader = r.option_u64("leader")?;
         let last_log_index = r.option_u64("last log index")?;
         let committed_index = r.option_u64("committed index")?;
@@ -703,6 +796,7 @@ impl StatusResponse {
                 purged_index,
                 members,
                 replication,
+                signer,
             },
         })
     }
@@ -878,14 +972,19 @@ pub struct ForwardResponse {
 }
 
 impl ForwardResponse {
-    /// Appends `[u64 request_id]`, then `[u8 0][u64 index][u32 n]{[u32 offset][u64 first index]
-    /// [u32 first offset]}` or `[u8 1][submit error]`.
+    /// Appends `[u64 request_id]`, then `[u8 0][u64 index][u8 signed][160 signed header if
+    /// signed][u32 n]{[u32 offset][u64 first index][u32 first offset]}` or
+    /// `[u8 1][submit error]`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.request_id);
         match &self.result {
             Ok(c) => {
                 out.push(RESULT_OK);
                 put_u64(out, c.index);
+                out.push(u8::from(c.seal.is_some()));
+                if let Some(seal) = &c.seal {
+                    out.extend_from_slice(&seal.encode());
+                }
                 put_u32(out, len_u32(c.duplicates.len()));
                 for (offset, (index, first_offset)) in &c.duplicates {
                     put_u32(out, *offset);
@@ -907,6 +1006,10 @@ impl ForwardResponse {
         let result = match r.u8()? {
             RESULT_OK => {
                 let index = r.u64()?;
+                let seal = match r.flag("forward signed")? {
+                    true => Some(read_signed_header(&mut r)?),
+                    false => None,
+                };
                 let n = r.count(
                     "forward duplicates",
                     FORWARD_DUPLICATES_MAX,
@@ -916,7 +1019,11 @@ impl ForwardResponse {
                 for _ in 0..n {
                     duplicates.push((r.u32()?, (r.u64()?, r.u32()?)));
                 }
-                Ok(Committed { index, duplicates })
+                Ok(Committed {
+                    index,
+                    duplicates,
+                    seal,
+                })
             }
             RESULT_ERR => Err(decode_submit_error(&mut r)?),
             value => {
@@ -947,6 +1054,7 @@ mod tests {
             SubmitError::Rejected { index: 77 },
             SubmitError::CommitTimeout { waited_ms: 5000 },
             SubmitError::ShuttingDown,
+            SubmitError::ReceiptUnavailable { index: 12 },
         ];
         for what in OVERLOADED_WHATS.iter().chain([&OVERLOADED_UNKNOWN]) {
             errors.push(SubmitError::Overloaded { what });
@@ -971,9 +1079,36 @@ mod tests {
         errors
     }
 
+    fn sample_receipt(
+        tx: u8,
+        index: u64,
+        offset: u32,
+        level: AckLevel,
+        duplicate: bool,
+    ) -> Receipt {
+        let signer = baton_core::Signer::from_secret(&[7; 32]).unwrap();
+        let header = baton_core::BatchHeader {
+            term: 3,
+            index,
+            prev_batch_hash: [1; 32],
+            tx_merkle_root: [2; 32],
+            tx_count: offset.saturating_add(1),
+            timestamp_us: 99,
+        };
+        Receipt {
+            tx_hash: TxHash([tx; 32]),
+            level,
+            batch: SignedHeader::sign(header, &signer),
+            offset,
+            path: vec![[tx; 32]; (offset % 16) as usize],
+            duplicate,
+        }
+    }
+
     fn sample_submit() -> SubmitRequest {
         SubmitRequest {
             request_id: 42,
+            ack: AckLevel::Preconfirmed,
             txs: vec![
                 Transaction {
                     rollup_id: 7,
@@ -1010,6 +1145,7 @@ mod tests {
                 applied_index: Some(98),
                 snapshot_index: None,
                 purged_index: Some(0),
+                signer: Address([0x5a; 20]),
                 members: vec![
                     Member {
                         id: 1,
@@ -1094,6 +1230,7 @@ mod tests {
                         result: Ok(Committed {
                             index: 50,
                             duplicates: vec![(1, (40, 2)), (3, (41, 0))],
+                            seal: Some(sample_receipt(1, 50, 0, AckLevel::Committed, false).batch),
                         }),
                     }
                     .encode(o)
@@ -1104,12 +1241,7 @@ mod tests {
         let results = every_submit_error()
             .into_iter()
             .map(Err)
-            .chain([Ok(Receipt {
-                tx_hash: TxHash([4; 32]),
-                index: 10,
-                offset: 2,
-                duplicate: true,
-            })])
+            .chain([Ok(sample_receipt(4, 10, 2, AckLevel::Committed, true))])
             .collect();
         out.push((
             "submit response",
@@ -1146,17 +1278,18 @@ mod tests {
 
         let mut results: Vec<Result<Receipt, SubmitError>> =
             every_submit_error().into_iter().map(Err).collect();
+        results.push(Ok(sample_receipt(4, 10, 2, AckLevel::Preconfirmed, false)));
+        results.push(Ok(sample_receipt(
+            5,
+            u64::MAX,
+            u32::MAX,
+            AckLevel::Committed,
+            true,
+        )));
+        // Same batch as the first: its header is sent once.
         results.push(Ok(Receipt {
-            tx_hash: TxHash([4; 32]),
-            index: 10,
-            offset: 2,
-            duplicate: false,
-        }));
-        results.push(Ok(Receipt {
-            tx_hash: TxHash([5; 32]),
-            index: u64::MAX,
-            offset: u32::MAX,
-            duplicate: true,
+            offset: 1,
+            ..sample_receipt(4, 10, 2, AckLevel::Preconfirmed, false)
         }));
         let resp = SubmitResponse {
             request_id: u64::MAX,
@@ -1240,8 +1373,21 @@ mod tests {
             result: Ok(Committed {
                 index: 50,
                 duplicates: vec![(1, (40, 2)), (3, (41, 0))],
+                seal: Some(sample_receipt(2, 50, 3, AckLevel::Committed, false).batch),
             }),
         };
+        let body = encoded(|o| committed.encode(o));
+        assert_eq!(ForwardResponse::decode(&body).unwrap(), committed);
+        let unsigned = ForwardResponse {
+            request_id: 1,
+            result: Ok(Committed {
+                index: 50,
+                duplicates: vec![],
+                seal: None,
+            }),
+        };
+        let body = encoded(|o| unsigned.encode(o));
+        assert_eq!(ForwardResponse::decode(&body).unwrap(), unsigned);
         let body = encoded(|o| committed.encode(o));
         assert_eq!(ForwardResponse::decode(&body).unwrap(), committed);
         for e in every_submit_error() {
@@ -1292,6 +1438,7 @@ mod tests {
         // Over the core limit but inside the body: decodes (the node rejects it later).
         let req = SubmitRequest {
             request_id: 1,
+            ack: AckLevel::Committed,
             txs: vec![Transaction {
                 rollup_id: 1,
                 kind: TxKind::Raw,
@@ -1314,14 +1461,29 @@ mod tests {
     #[test]
     fn bad_bodies_get_typed_errors() {
         let mut body = encoded(|o| sample_submit().encode(o));
-        body[8] = 1;
+        body[8] = 2;
         assert_eq!(
             SubmitRequest::decode(&body),
             Err(MsgError::BadTag {
                 what: "submit ack",
-                value: 1
+                value: 2
             })
         );
+        // A receipt naming a header the response does not carry.
+        let resp = SubmitResponse {
+            request_id: 1,
+            results: vec![Ok(sample_receipt(3, 9, 1, AckLevel::Committed, false))],
+        };
+        let mut body = encoded(|o| resp.encode(o));
+        let number_at = 8 + 4 + SIGNED_HEADER_BYTES + 4 + 1 + 32 + 1;
+        body[number_at] = 1;
+        assert!(matches!(
+            SubmitResponse::decode(&body),
+            Err(MsgError::BadTag {
+                what: "receipt header number",
+                ..
+            })
+        ));
 
         // Counts are checked against the limit and the bytes left before allocating.
         let mut head = 1u64.to_le_bytes().to_vec();
@@ -1344,6 +1506,7 @@ mod tests {
         ));
 
         let too_many = SubmitRequest {
+            ack: AckLevel::Committed,
             request_id: 1,
             txs: vec![
                 Transaction {

@@ -250,7 +250,7 @@ async fn client_request(node: &NodeHandle, frame: Frame) -> (FrameKind, Vec<u8>)
     match frame.kind {
         FrameKind::SubmitRequest => match SubmitRequest::decode(&frame.body) {
             Ok(req) => {
-                let results = node.submit(req.txs).await;
+                let results = node.submit_with(req.txs, req.ack).await;
                 SubmitResponse {
                     request_id: req.request_id,
                     results,

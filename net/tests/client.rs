@@ -203,10 +203,21 @@ fn txs(n: u8) -> Vec<Transaction> {
 
 /// The receipt a fake node gives the transaction at `offset` of a request: batch index 7.
 fn receipt(tx: &Transaction, offset: usize) -> Receipt {
+    let header = baton_core::BatchHeader {
+        term: 3,
+        index: 7,
+        prev_batch_hash: [0; 32],
+        tx_merkle_root: [0; 32],
+        tx_count: 1 << 12,
+        timestamp_us: 1,
+    };
+    let key = baton_core::Signer::from_secret(&[1; 32]).unwrap();
     Receipt {
         tx_hash: tx.tx_hash(),
-        index: 7,
+        level: baton_core::AckLevel::Committed,
+        batch: baton_core::SignedHeader::sign(header, &key),
         offset: offset as u32,
+        path: Vec::new(),
         duplicate: false,
     }
 }
@@ -231,6 +242,7 @@ fn status(id: u64, leader: u64, members: &[(u64, SocketAddr)]) -> NodeStatus {
         applied_index: Some(10),
         snapshot_index: None,
         purged_index: None,
+        signer: baton_core::Address::default(),
         members: members
             .iter()
             .map(|&(id, addr)| Member {

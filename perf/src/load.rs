@@ -77,6 +77,7 @@ fn submit_error_type(e: &SubmitError) -> &'static str {
         SubmitError::Rejected { .. } => "rejected",
         SubmitError::CommitTimeout { .. } => "commit timeout",
         SubmitError::ShuttingDown => "shutting down",
+        SubmitError::ReceiptUnavailable { .. } => "receipt unavailable",
     }
 }
 
@@ -190,16 +191,18 @@ pub async fn run(
     );
     let recorder = Arc::new(Mutex::new(Recorder::new(window)));
     let batch = config.batch.max(1);
+    let ack = config.ack;
     let clients = Arc::new(clients);
     let submit = {
         let (clients, gen) = (clients.clone(), gen.clone());
         move |connection: usize, request: u64| {
             let client = clients[connection].clone();
+            let ack = ack.level();
             let txs = gen.txs(request * batch as u64, batch);
             let bytes: u64 = txs.iter().map(|t| t.bytes.len() as u64).sum();
             async move {
                 let n = txs.len() as u64;
-                match client.submit(txs).await {
+                match client.submit_with(txs, ack).await {
                     Ok(results) => {
                         let mut o = Outcome::default();
                         let mut failed: BTreeMap<&'static str, u64> = BTreeMap::new();

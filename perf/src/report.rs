@@ -14,13 +14,21 @@ use crate::recorder::LatencySummary;
 pub enum AckLevel {
     /// Durable on a majority of the cluster.
     Committed,
+    /// Ordered and signed by the leader (before replication).
+    Preconfirmed,
 }
 
 impl AckLevel {
     /// Its name in results.
     pub fn name(self) -> &'static str {
+        self.level().name()
+    }
+
+    /// The node's ack level.
+    pub fn level(self) -> baton_core::AckLevel {
         match self {
-            AckLevel::Committed => "committed",
+            AckLevel::Committed => baton_core::AckLevel::Committed,
+            AckLevel::Preconfirmed => baton_core::AckLevel::Preconfirmed,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use baton_core::node::NodeStatus;
-use baton_core::{Transaction, TxKind};
+use baton_core::{AckLevel, Transaction, TxKind};
 use baton_net::{Client, ClientOptions};
 use clap::Args;
 use serde_json::json;
@@ -77,9 +77,22 @@ pub struct SubmitArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Print JSON.
+    /// When to answer: `committed` (durable on a majority) or `preconfirmed` (ordered and
+    /// signed by the leader).
+    #[arg(long, default_value = "committed", value_parser = parse_ack)]
+    ack: AckLevel,
+    /// Print JSON (a single transaction's full receipt, as `baton verify` reads it).
     #[arg(long)]
     json: bool,
+}
+
+/// `committed` or `preconfirmed`.
+pub fn parse_ack(s: &str) -> Result<AckLevel, String> {
+    match s {
+        "committed" => Ok(AckLevel::Committed),
+        "preconfirmed" => Ok(AckLevel::Preconfirmed),
+        _ => Err(format!("{s:?}: expected committed or preconfirmed")),
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -140,7 +153,7 @@ pub fn run_submit(args: SubmitArgs) -> ExitCode {
             }
         };
         let code = match single {
-            Some(bytes) => submit_single(&client, args.rollup, bytes, args.json).await,
+            Some(bytes) => submit_single(&client, args.rollup, bytes, args.ack, args.json).await,
             None => submit_generated(&client, &args).await,
         };
         client.close().await;
@@ -148,31 +161,31 @@ pub fn run_submit(args: SubmitArgs) -> ExitCode {
     })
 }
 
-async fn submit_single(client: &Client, rollup: u64, bytes: Vec<u8>, json_out: bool) -> ExitCode {
+async fn submit_single(
+    client: &Client,
+    rollup: u64,
+    bytes: Vec<u8>,
+    ack: AckLevel,
+    json_out: bool,
+) -> ExitCode {
     let tx = Transaction {
         rollup_id: rollup,
         kind: TxKind::Raw,
         bytes,
     };
-    match client.submit(vec![tx]).await {
+    match client.submit_with(vec![tx], ack).await {
         Ok(mut r) => match r.pop().expect("one result") {
             Ok(receipt) => {
                 if json_out {
-                    println!(
-                        "{}",
-                        json!({
-                            "tx_hash": receipt.tx_hash.to_string(),
-                            "index": receipt.index,
-                            "offset": receipt.offset,
-                            "duplicate": receipt.duplicate,
-                        })
-                    );
+                    println!("{}", crate::keys_cmd::receipt_json(&receipt));
                 } else {
                     println!(
-                        "sequenced {} at index {} offset {}{}",
+                        "sequenced {} at index {} offset {}, term {}, {}{}",
                         receipt.tx_hash,
-                        receipt.index,
+                        receipt.index(),
                         receipt.offset,
+                        receipt.term(),
+                        receipt.level.name(),
                         if receipt.duplicate {
                             " (duplicate: original position)"
                         } else {
@@ -206,7 +219,7 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
     for _ in 0..args.concurrency.max(1) {
         let client = client.clone();
         let next = next.clone();
-        let (rollup, size) = (args.rollup, args.size);
+        let (rollup, size, ack) = (args.rollup, args.size, args.ack);
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, 0u64);
             let mut latencies_us = Vec::new();
@@ -220,7 +233,7 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
                     .collect::<Vec<_>>();
                 let n = txs.len() as u64;
                 let sent = Instant::now();
-                let answer = client.submit(txs).await;
+                let answer = client.submit_with(txs, ack).await;
                 latencies_us.push(sent.elapsed().as_micros() as u64);
                 match answer {
                     Ok(results) => {
@@ -305,6 +318,7 @@ pub fn status_json(s: &NodeStatus) -> serde_json::Value {
         "id": s.id,
         "role": s.role.name(),
         "term": s.term,
+        "signer": s.signer.to_string(),
         "leader": s.leader,
         "last_log_index": s.last_log_index,
         "committed_index": s.committed_index,
@@ -387,14 +401,15 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
 fn print_status(endpoint: SocketAddr, s: &NodeStatus) {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     println!(
-        "{endpoint}: node {} {} term {} leader {} last {} committed {} applied {}",
+        "{endpoint}: node {} {} term {} leader {} last {} committed {} applied {} signer {}",
         s.id,
         s.role.name(),
         s.term,
         opt(s.leader),
         opt(s.last_log_index),
         opt(s.committed_index),
-        opt(s.applied_index)
+        opt(s.applied_index),
+        s.signer
     );
     for p in &s.replication {
         let lag = s

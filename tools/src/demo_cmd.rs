@@ -145,12 +145,12 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     };
     let mut endpoints = Vec::new();
     let mut pids = Vec::new();
-    for (id, addr, config) in &prepared {
-        let log = dir.join(format!("node-{id}.log"));
-        let child = spawn_node(config, &log).map_err(|e| format!("start node {id}: {e}"))?;
+    for n in &prepared {
+        let log = dir.join(format!("node-{}.log", n.id));
+        let child = spawn_node(&n.config, &log).map_err(|e| format!("start node {}: {e}", n.id))?;
         pids.push(Some(child.id()));
         running.children.push(child);
-        endpoints.push(*addr);
+        endpoints.push(n.addr);
     }
     let ca = dir.join("certs").join("ca.pem");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -203,7 +203,7 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     // A clean stop: every node exits 0 on SIGTERM.
     let mut children = std::mem::take(&mut running.children);
     stop_children(&mut children, Duration::from_secs(10));
-    for (c, (id, ..)) in children.iter_mut().zip(&prepared) {
+    for (c, id) in children.iter_mut().zip(prepared.iter().map(|n| n.id)) {
         match c.try_wait() {
             Ok(Some(s)) if s.success() => {}
             other => problems.push(format!(
@@ -214,7 +214,7 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     }
     if !problems.is_empty() && args.keep_dir.is_none() {
         // The temporary directory goes away with the logs in it: show their ends first.
-        for (id, ..) in &prepared {
+        for id in prepared.iter().map(|n| n.id) {
             let log =
                 std::fs::read_to_string(dir.join(format!("node-{id}.log"))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();

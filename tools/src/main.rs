@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod certs_cmd;
 mod client_cmd;
 mod demo_cmd;
+mod keys_cmd;
 mod node_cmd;
 mod node_config;
 mod wal_cmd;
@@ -40,6 +41,10 @@ enum Command {
     Submit(client_cmd::SubmitArgs),
     /// Show the status of a cluster's nodes.
     Status(client_cmd::StatusArgs),
+    /// Make a node's secp256k1 signing key.
+    Keygen(keys_cmd::KeygenArgs),
+    /// Check a receipt offline: Merkle path and leader signature.
+    Verify(keys_cmd::VerifyArgs),
     /// Start a local 3-node cluster, put it under load for 10 s, print the results, clean up.
     Demo(demo_cmd::DemoArgs),
 }
@@ -60,5 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Submit(args) => client_cmd::run_submit(args),
         Command::Status(args) => client_cmd::run_status(args),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Keygen(args) => keys_cmd::run_keygen(args),
+        Command::Verify(args) => keys_cmd::run_verify(args),
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use baton_core::{Address, Signer};
 use baton_net::tls::{self, CertOptions};
 use baton_net::{Client, ClientOptions};
 use clap::Args;
@@ -36,7 +37,23 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let config = file.to_config(&base);
+    let mut config = file.to_config(&base);
+    match &file.signing_key_file {
+        Some(path) => match baton_core::Signer::load(&base.join(path)) {
+            Ok(signer) => config.node.signer = signer,
+            Err(e) => {
+                eprintln!("baton node: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => eprintln!(
+            "baton node {}: warning: no signing_key_file; signing with a fresh key {} that \
+             changes on every restart",
+            file.node_id,
+            config.node.signer.address()
+        ),
+    }
+    let signer = config.node.signer.address();
     let node = match baton_net::node::start(config) {
         Ok(n) => n,
         Err(e) => {
@@ -45,7 +62,7 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
         }
     };
     eprintln!(
-        "baton node {} listening on {} (cluster {:?})",
+        "baton node {} listening on {} (cluster {:?}, signer {signer})",
         file.node_id,
         node.local_addr(),
         file.cluster_id
@@ -142,6 +159,20 @@ pub struct NodeInfo {
     pub data_dir: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    /// Address of its signing key (receipts it signs as leader recover to it).
+    pub signer: String,
+}
+
+/// A node of a prepared local cluster: id, address, configuration file, signer address.
+pub struct PreparedNode {
+    /// Node id.
+    pub id: u64,
+    /// Client and peer address.
+    pub addr: SocketAddr,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Address of its signing key.
+    pub signer: Address,
 }
 
 /// Runs `cluster` subcommands.
@@ -151,14 +182,14 @@ pub fn run_cluster(command: ClusterCommand) -> ExitCode {
     }
 }
 
-/// Writes certificates (once: existing ones are kept) and node configuration files (on every
-/// call) for a local cluster in `dir`.
+/// Writes certificates and signing keys (once: existing ones are kept) and node configuration
+/// files (on every call) for a local cluster in `dir`.
 pub fn prepare_cluster(
     dir: &Path,
     nodes: u64,
     base_port: u16,
     shards: usize,
-) -> Result<Vec<(u64, SocketAddr, PathBuf)>, String> {
+) -> Result<Vec<PreparedNode>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir
         .canonicalize()
@@ -182,6 +213,14 @@ pub fn prepare_cluster(
             .expect("literal address");
         let config = dir.join(format!("node-{id}.toml"));
         let (cert, key) = tls::node_files(&certs, id);
+        let key_file = dir.join(format!("node-{id}.key"));
+        let signer = if key_file.exists() {
+            Signer::load(&key_file).map_err(|e| e.to_string())?
+        } else {
+            let s = Signer::random();
+            s.save(&key_file).map_err(|e| e.to_string())?;
+            s
+        };
         let file = NodeFile {
             node_id: id,
             cluster_id: "baton-local".into(),
@@ -191,6 +230,7 @@ pub fn prepare_cluster(
             pin_shards: false,
             net_threads: 1,
             bootstrap: true,
+            signing_key_file: Some(key_file),
             tls: TlsFile {
                 ca_cert: certs.join("ca.pem"),
                 cert,
@@ -203,7 +243,12 @@ pub fn prepare_cluster(
         };
         let text = toml::to_string(&file).map_err(|e| e.to_string())?;
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
-        out.push((id, addr, config));
+        out.push(PreparedNode {
+            id,
+            addr,
+            config,
+            signer: signer.address(),
+        });
     }
     Ok(out)
 }
@@ -312,7 +357,13 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     }
     let mut children = Vec::new();
     let mut infos = Vec::new();
-    for (id, addr, config) in &prepared {
+    for PreparedNode {
+        id,
+        addr,
+        config,
+        signer,
+    } in &prepared
+    {
         let log = dir.join(format!("node-{id}.log"));
         match spawn_node(config, &log) {
             Ok(child) => {
@@ -323,6 +374,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
                     config: config.clone(),
                     data_dir: dir.join(format!("node-{id}")),
                     log,
+                    signer: signer.to_string(),
                 });
                 children.push(child);
             }
@@ -373,10 +425,11 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         );
         for n in &info.nodes {
             println!(
-                "  node {}  {}  pid {}  log {}",
+                "  node {}  {}  pid {}  signer {}  log {}",
                 n.id,
                 n.addr,
                 n.pid,
+                n.signer,
                 n.log.display()
             );
         }

@@ -35,6 +35,12 @@ pub struct NodeFile {
     /// Default false.
     #[serde(default)]
     pub bootstrap: bool,
+    /// This node's secp256k1 signing key (`baton keygen`), which signs batch and block headers
+    /// while it leads. Default: none, and the node makes a fresh key each start (its address
+    /// then changes on every restart, so receipts cannot name a stable signer; set it for any
+    /// real deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
     /// TLS files. Required.
     pub tls: TlsFile,
     /// Every member of the cluster, this node included. Required.

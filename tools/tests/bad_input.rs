@@ -103,7 +103,7 @@ fn bad_input_gets_typed_errors_and_disturbs_nothing() {
         let first = good.submit(txs("good", 0, 10)).await.unwrap();
         assert!(first.iter().all(|r| r.is_ok()));
         let leader = cluster.client_of(cluster.leader);
-        let before = wait_applied(&leader, first[0].as_ref().unwrap().index, WAIT).await;
+        let before = wait_applied(&leader, first[0].as_ref().unwrap().index(), WAIT).await;
 
         let addr = cluster.node(1).addr;
         let conn = raw(addr, &cluster.ca, tls::ALPN_CLIENT, None)

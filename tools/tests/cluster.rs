@@ -79,7 +79,7 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         for t in tasks {
             receipts.extend(t.await.unwrap());
         }
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         for id in 1..=3 {
             wait_applied(&cluster.client_of(id), last, WAIT).await;
         }
@@ -98,7 +98,7 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
     }
     check_receipts(&logs, &receipts);
     let distinct: std::collections::HashSet<_> =
-        receipts.iter().map(|r| (r.index, r.offset)).collect();
+        receipts.iter().map(|r| (r.index(), r.offset)).collect();
     assert_eq!(
         distinct.len(),
         receipts.len(),
@@ -188,7 +188,7 @@ fn killing_the_leader_under_load_elects_another_and_loses_no_committed_receipt()
     // The killed node recovers from its WAL and catches up.
     cluster.restart(old);
     rt.block_on(async {
-        let last = receipts.iter().map(|r| r.index).max().unwrap();
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
         wait_applied(&cluster.client_of(old), last, WAIT).await;
     });
     let nodes = cluster.stop();
@@ -219,11 +219,11 @@ fn a_whole_cluster_restart_keeps_every_committed_transaction() {
         let again = load(&client, "r", 0, 5_000, 50, 4).await;
         let mut by_hash: HashMap<_, _> = receipts
             .iter()
-            .map(|r| (r.tx_hash, (r.index, r.offset)))
+            .map(|r| (r.tx_hash, (r.index(), r.offset)))
             .collect();
         for r in &again {
             assert!(r.duplicate, "{r:?} was sequenced again");
-            assert_eq!(by_hash.remove(&r.tx_hash), Some((r.index, r.offset)));
+            assert_eq!(by_hash.remove(&r.tx_hash), Some((r.index(), r.offset)));
         }
         assert!(by_hash.is_empty());
         client.close().await;

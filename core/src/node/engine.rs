@@ -1068,6 +1068,8 @@ fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
                 matched_index: matched.as_ref().map(|l| l.index),
             })
             .collect(),
+        // Filled in by `NodeHandle`, which knows the key's address.
+        signer: crate::sign::Address::default(),
     }
 }
 

@@ -66,6 +66,8 @@ pub struct NodeStatus {
     pub members: Vec<Member>,
     /// On the leader: how far each other member's log is known to match; empty elsewhere.
     pub replication: Vec<PeerProgress>,
+    /// Address of the node's signing key (its batch and block signatures recover to it).
+    pub signer: Address,
 }
 
 /// A member of the cluster configuration.
@@ -223,7 +225,9 @@ impl NodeHandle {
             .send(Control::Status(tx))
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
-        rx.await.map_err(|_| NodeError::ShuttingDown)
+        let mut status = rx.await.map_err(|_| NodeError::ShuttingDown)?;
+        status.signer = self.signer;
+        Ok(status)
     }
 
     /// The committed receipt of a sequenced transaction, from this node's state machine and log
@@ -264,9 +268,13 @@ impl NodeHandle {
         if self.control.clone().send(msg).await.is_err() {
             return Err(None);
         }
+        let signed = |mut s: NodeStatus| {
+            s.signer = self.signer;
+            s
+        };
         match rx.await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(s)) => Err(Some(s)),
+            Ok(Ok(s)) => Ok(signed(s)),
+            Ok(Err(s)) => Err(Some(signed(s))),
             Err(_) => Err(None),
         }
     }

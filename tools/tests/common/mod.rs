@@ -320,10 +320,10 @@ pub fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
             first.entry(*h).or_insert((index, offset as u32));
         }
     }
-    for r in receipts.iter().filter(|r| r.index >= first_held) {
+    for r in receipts.iter().filter(|r| r.index() >= first_held) {
         assert_eq!(
             first.get(&r.tx_hash),
-            Some(&(r.index, r.offset)),
+            Some(&(r.index(), r.offset)),
             "receipt {r:?} is not the first position of its transaction"
         );
     }
