@@ -282,13 +282,6 @@ struct ShardState {
     control: mpsc::Sender<Control>,
 }
 
-/// What a waiter gets from a committed batch: a receipt, or (when the state machine found the
-/// transaction was sequenced earlier, in a batch this shard does not remember) a lookup.
-enum Answer {
-    Ready(Result<Receipt, SubmitError>),
-    Lookup,
-}
-
 /// The receipt of the transaction at `offset` of the batch with `tree` and `seal`.
 fn receipt_at(
     tree: &MerkleTree,
@@ -314,11 +307,20 @@ fn receipt_at(
     })
 }
 
-fn answer(c: &Committed, tree: &MerkleTree, tx_hash: TxHash, offset: u32, dup: bool) -> Answer {
+/// What a waiter gets from a committed batch: its receipt, or `None` when the state machine
+/// found the transaction was sequenced earlier, in a batch this shard may not remember (then
+/// the original receipt is looked up).
+fn answer(
+    c: &Committed,
+    tree: &MerkleTree,
+    tx_hash: TxHash,
+    offset: u32,
+    dup: bool,
+) -> Option<Result<Receipt, SubmitError>> {
     if c.duplicates.iter().any(|(o, _)| *o == offset) {
-        return Answer::Lookup;
+        return None;
     }
-    Answer::Ready(receipt_at(
+    Some(receipt_at(
         tree,
         c.seal.as_ref(),
         c.index,
@@ -388,8 +390,8 @@ impl ShardState {
         for w in f.waiters {
             match &result {
                 Ok(c) => match answer(c, &tree, w.tx_hash, w.offset, w.duplicate) {
-                    Answer::Ready(r) => w.request.borrow_mut().fill(w.slot, r),
-                    Answer::Lookup => self.look_up(w.request, w.slot, w.tx_hash),
+                    Some(r) => w.request.borrow_mut().fill(w.slot, r),
+                    None => self.look_up(w.request, w.slot, w.tx_hash),
                 },
                 Err(e) => w.request.borrow_mut().fill(w.slot, Err(e.clone())),
             }
@@ -575,8 +577,8 @@ fn accept(
                     f.waiters.push(w);
                 } else if let Some(r) = st.recent.get(&seq) {
                     match answer(&r.committed, &r.tree, tx_hash, w.offset, true) {
-                        Answer::Ready(r) => request.borrow_mut().fill(slot, r),
-                        Answer::Lookup => st.look_up(request.clone(), slot, tx_hash),
+                        Some(r) => request.borrow_mut().fill(slot, r),
+                        None => st.look_up(request.clone(), slot, tx_hash),
                     }
                 } else {
                     // Committed long ago: the Raft shard knows.
