@@ -552,3 +552,45 @@ fn preconfirmed_receipts_are_signed_and_kept_by_the_commit() {
     });
     cluster.stop_and_check(&receipts);
 }
+
+/// A leader cut off from its followers still signs and preconfirms: each preconfirmed request
+/// is answered from the leader's signature while the earlier signed batches wait for commits
+/// that cannot come. The receipts carry the leader's term, which makes the broken promise
+/// attributable once a new leader overwrites those entries. (The shard seals a preconfirmed
+/// request's batch at once when no batch of its waits for a signature; the latency this saves is
+/// measured by `baton-perf --ack preconfirmed`, docs/performance.md, not asserted here.)
+#[test]
+fn an_isolated_leader_still_preconfirms_under_its_term() {
+    use baton_core::AckLevel;
+    let cluster = Cluster::start(3, |c| {
+        c.commit_wait_ms = 60_000;
+        c.batch.linger_us = 1_000_000;
+        c.batch.batch_txs_max = 1000;
+    });
+    run(async {
+        let old = cluster.wait_leader(WAIT).await;
+        let others: Vec<u64> = cluster
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&id| id != old)
+            .collect();
+        let node = cluster.nodes[&old].clone();
+        let signer = node.signer();
+        let term = node.status().await.unwrap().term;
+        cluster.router.isolate(old, &others);
+        for round in 0..3u64 {
+            let r = node
+                .submit_with(txs(8_000_000 + round * 10, 5), AckLevel::Preconfirmed)
+                .await;
+            for x in &r {
+                let x = x.as_ref().expect("preconfirmed while cut off");
+                assert_eq!(x.level, AckLevel::Preconfirmed);
+                assert_eq!(x.term(), term);
+                assert_eq!(x.verify(&[signer]).unwrap(), signer);
+            }
+        }
+        cluster.router.heal_all();
+    });
+    cluster.stop_and_check(&[]);
+}

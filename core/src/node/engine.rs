@@ -278,6 +278,8 @@ struct ShardState {
     forget: Vec<(TxHash, TxSlot)>,
     /// Batches handed to the Raft shard and not yet resolved.
     in_flight: usize,
+    /// Of those, batches the leader has not signed yet (no preconfirmation).
+    unsigned: usize,
     /// To ask the Raft shard for receipts of transactions committed in other batches.
     control: mpsc::Sender<Control>,
 }
@@ -339,6 +341,7 @@ impl ShardState {
             recent_order: VecDeque::new(),
             forget: Vec::new(),
             in_flight: 0,
+            unsigned: 0,
             control,
         }
     }
@@ -351,6 +354,9 @@ impl ShardState {
         let Some(tree) = f.tree.clone() else {
             return;
         };
+        if f.seal.is_none() {
+            self.unsigned -= 1;
+        }
         f.seal = Some(seal);
         for w in &f.waiters {
             let mut request = w.request.borrow_mut();
@@ -374,6 +380,9 @@ impl ShardState {
         let Some(f) = self.waiting.remove(&seq) else {
             return;
         };
+        if f.seal.is_none() {
+            self.unsigned -= 1;
+        }
         let tree = f.tree.unwrap_or_else(|| Rc::new(MerkleTree::new(&[])));
         if result.is_err() {
             let slots = f.waiters.iter().filter(|w| !w.duplicate);
@@ -466,12 +475,18 @@ async fn batching_shard(
         for (tx_hash, slot) in state.borrow_mut().forget.drain(..) {
             batcher.forget(&tx_hash, slot);
         }
+        let ack = msg.ack;
         accept(&mut batcher, &state, msg, origin);
         flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
-        // Nothing of this shard's is waiting for a commit: lingering for company would only add
-        // latency (a lone client). While batches are in flight, new transactions linger and
-        // gather (batching under load).
-        if config.seal_when_idle && state.borrow().in_flight == 0 {
+        // Nothing of this shard's is waiting for what this request waits for (a commit, or for
+        // preconfirmations the leader's signature): lingering for company would only add latency
+        // (a lone client). While batches are in flight, new transactions linger and gather
+        // (batching under load).
+        let idle = match ack {
+            AckLevel::Committed => state.borrow().in_flight == 0,
+            AckLevel::Preconfirmed => state.borrow().unsigned == 0,
+        };
+        if config.seal_when_idle && idle {
             while let Some(b) = batcher.seal_now() {
                 dispatch(b, &state, &mut propose).await;
             }
@@ -626,6 +641,7 @@ async fn dispatch(
     {
         let mut st = state.borrow_mut();
         st.in_flight += 1;
+        st.unsigned += 1;
         st.waiting.entry(seq).or_default().tree = Some(Rc::new(b.tree));
     }
     let (tx, rx) = oneshot::channel();
