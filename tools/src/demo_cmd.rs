@@ -23,6 +23,9 @@ pub struct DemoArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2.0)]
     warmup_s: f64,
+    /// Seconds of a second, preconfirmed-ack run after the committed one (0 skips it).
+    #[arg(long, default_value_t = 4.0)]
+    preconfirmed_s: f64,
     /// Client connections, spread over all nodes.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -177,13 +180,28 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         pids,
     };
     let result = rt.block_on(load::run(&config, &cluster, Progress::Line))?;
+    // The same load, answered at the leader's signature instead of the commit.
+    let preconfirmed = if args.preconfirmed_s > 0.0 {
+        let mut c = config.clone();
+        c.ack = AckLevel::Preconfirmed;
+        c.duration_s = args.preconfirmed_s;
+        c.warmup_s = c.warmup_s.min(0.5);
+        c.validate()?;
+        println!(
+            "demo: {:.0} s more with --ack preconfirmed (receipts at the leader's signature)",
+            c.duration_s
+        );
+        Some(rt.block_on(load::run(&c, &cluster, Progress::Line))?)
+    } else {
+        None
+    };
     let mut problems = Vec::new();
     // Every node must apply the same log to its end.
     let converged = rt.block_on(wait_converged(&cluster, Duration::from_secs(10)));
     if let Err(e) = &converged {
         problems.push(e.clone());
     }
-    print_table(&result, converged.as_ref().ok());
+    print_table(&result, preconfirmed.as_ref(), converged.as_ref().ok());
     if let Some(p) = &args.out {
         std::fs::write(
             p,
@@ -191,11 +209,15 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         )
         .map_err(|e| format!("{}: {e}", p.display()))?;
     }
-    if result.errors.tx > 0 {
-        problems.push(format!(
-            "{} transactions got no receipt: {:?}",
-            result.errors.tx, result.errors.by_type
-        ));
+    for r in std::iter::once(&result).chain(preconfirmed.as_ref()) {
+        if r.errors.tx > 0 {
+            problems.push(format!(
+                "{} transactions got no {} receipt: {:?}",
+                r.errors.tx,
+                r.config.ack.name(),
+                r.errors.by_type
+            ));
+        }
     }
     if result.throughput.tx == 0 {
         problems.push("no transaction was sequenced".into());
@@ -267,17 +289,27 @@ async fn wait_converged(cluster: &Cluster, timeout: Duration) -> Result<Vec<(u64
     }
 }
 
-fn print_table(r: &RunResult, applied: Option<&Vec<(u64, u64)>>) {
+fn print_table(r: &RunResult, pre: Option<&RunResult>, applied: Option<&Vec<(u64, u64)>>) {
     let t = &r.throughput;
     println!();
     println!(
         "  throughput   {:>10.0} tx/s   {:>7.1} MB/s   ({} tx in {:.1} s, {} failed)",
         t.tx_per_s, t.mb_per_s, t.tx, r.measured_s, r.errors.tx
     );
-    println!("  latency (ms)        p50      p90      p99    p99.9      max");
-    for (level, l) in &r.latency_ms {
+    println!("  latency (ms)           p50      p90      p99    p99.9      max");
+    let runs = std::iter::once(r).chain(pre);
+    for (level, l, run) in runs.flat_map(|run| run.latency_ms.iter().map(move |(k, l)| (k, l, run)))
+    {
+        let note = if std::ptr::eq(run, r) {
+            String::new()
+        } else {
+            format!(
+                "   (separate {:.0} s run: {:.0} tx/s, {} failed)",
+                run.measured_s, run.throughput.tx_per_s, run.errors.tx
+            )
+        };
         println!(
-            "  submit → {level:<9} {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}",
+            "  submit → {level:<12} {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}{note}",
             l.p50, l.p90, l.p99, l.p99_9, l.max
         );
     }

@@ -7,7 +7,16 @@ fn demo_runs_a_cluster_under_load_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("demo.json");
     let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["demo", "--duration-s", "2", "--warmup-s", "1", "--out"])
+        .args([
+            "demo",
+            "--duration-s",
+            "2",
+            "--warmup-s",
+            "1",
+            "--preconfirmed-s",
+            "1",
+            "--out",
+        ])
         .arg(&json)
         .output()
         .expect("run baton demo");
@@ -16,6 +25,7 @@ fn demo_runs_a_cluster_under_load_and_reports_it() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("demo: OK"), "{stdout}");
     assert!(stdout.contains("submit → committed"), "{stdout}");
+    assert!(stdout.contains("submit → preconfirmed"), "{stdout}");
     // One line per node with the same applied index.
     let applied: Vec<&str> = stdout
         .lines()
