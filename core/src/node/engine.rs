@@ -36,6 +36,10 @@ use crate::receipt::{AckLevel, Receipt, SignedHeader};
 /// Committed batches whose positions a shard remembers to answer duplicates without asking the
 /// state machine.
 const RECENT_BATCHES_MAX: usize = 4096;
+/// Transactions (Merkle leaves) in the batches a shard remembers: their trees, kept to prove
+/// duplicates, take about 64 bytes per leaf, so this bounds them to about 16 MiB per shard
+/// whatever the batch size. Older duplicates are proven by the Raft shard from the log.
+const RECENT_LEAVES_MAX: usize = 1 << 18;
 
 /// How nodes reach each other in one process.
 #[derive(Clone)]
@@ -274,6 +278,8 @@ struct ShardState {
     /// Recently committed batches, by sequence number.
     recent: HashMap<u64, Recent>,
     recent_order: VecDeque<u64>,
+    /// Merkle leaves of the trees in `recent`.
+    recent_leaves: usize,
     /// Transactions of failed batches, for the batcher to forget before it accepts more.
     forget: Vec<(TxHash, TxSlot)>,
     /// Batches handed to the Raft shard and not yet resolved.
@@ -339,6 +345,7 @@ impl ShardState {
             waiting: HashMap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            recent_leaves: 0,
             forget: Vec::new(),
             in_flight: 0,
             unsigned: 0,
@@ -406,11 +413,16 @@ impl ShardState {
             }
         }
         if let Ok(committed) = result {
+            self.recent_leaves += tree.count();
             self.recent.insert(seq, Recent { committed, tree });
             self.recent_order.push_back(seq);
-            if self.recent_order.len() > RECENT_BATCHES_MAX {
+            while self.recent_order.len() > RECENT_BATCHES_MAX
+                || (self.recent_leaves > RECENT_LEAVES_MAX && self.recent_order.len() > 1)
+            {
                 let old = self.recent_order.pop_front().expect("non-empty");
-                self.recent.remove(&old);
+                if let Some(r) = self.recent.remove(&old) {
+                    self.recent_leaves -= r.tree.count();
+                }
             }
         }
     }
