@@ -102,15 +102,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Bytes from hex (optional `0x`). Works on bytes, so non-ASCII input is an error, not a panic
+/// at a char boundary.
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     let s = s.strip_prefix("0x").unwrap_or(s);
     if s.len() % 2 != 0 {
         return Err("hex must have an even number of digits".into());
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("bad hex: {e}")))
-        .collect()
+    let mut out = vec![0u8; s.len() / 2];
+    baton_core::sign::decode_hex(s, &mut out).map_err(|e| format!("bad hex: {e}"))?;
+    Ok(out)
 }
 
 /// Distinct generated transactions: a run-unique prefix, the sequence number, padding.
@@ -421,5 +422,20 @@ fn print_status(endpoint: SocketAddr, s: &NodeStatus) {
             p.id,
             opt(p.matched_index)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hex;
+
+    #[test]
+    fn hex_arguments_parse_or_fail_cleanly() {
+        assert_eq!(parse_hex("0x00ff10").unwrap(), vec![0, 255, 16]);
+        assert_eq!(parse_hex("").unwrap(), Vec::<u8>::new());
+        assert!(parse_hex("abc").is_err());
+        assert!(parse_hex("zz").is_err());
+        // A multi-byte character straddling a digit pair: an error, not a panic.
+        assert!(parse_hex("a\u{e9}b").is_err());
     }
 }
