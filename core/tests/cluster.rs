@@ -566,8 +566,13 @@ fn an_isolated_leader_still_preconfirms_under_its_term() {
         c.commit_wait_ms = 60_000;
         c.batch.linger_us = 1_000_000;
         c.batch.batch_txs_max = 1000;
+        // A cut-off leader accepts writes while its lease (the longest election timeout since
+        // a quorum last answered) lasts: make it long enough for a loaded test machine.
+        c.raft.heartbeat_interval_ms = 100;
+        c.raft.election_timeout_min_ms = 1_500;
+        c.raft.election_timeout_max_ms = 3_000;
     });
-    run(async {
+    let kept = run(async {
         let old = cluster.wait_leader(WAIT).await;
         let others: Vec<u64> = cluster
             .nodes
@@ -577,7 +582,10 @@ fn an_isolated_leader_still_preconfirms_under_its_term() {
             .collect();
         let node = cluster.nodes[&old].clone();
         let signer = node.signer();
-        let term = node.status().await.unwrap().term;
+        // A commit just before the cut: the leader's lease is fresh.
+        let committed = node.submit(txs(7_900_000, 1)).await;
+        assert!(committed[0].is_ok(), "{committed:?}");
+        let term = committed[0].as_ref().unwrap().term();
         cluster.router.isolate(old, &others);
         for round in 0..3u64 {
             let r = node
@@ -591,6 +599,10 @@ fn an_isolated_leader_still_preconfirms_under_its_term() {
             }
         }
         cluster.router.heal_all();
+        committed
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>()
     });
-    cluster.stop_and_check(&[]);
+    cluster.stop_and_check(&kept);
 }
