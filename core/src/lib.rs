@@ -9,6 +9,9 @@
 //! - [`encrypted`]: the ciphertext format of encrypted transactions and their key commitment,
 //! - [`receipt`]: the leader's signed batch header, receipts at two ack levels and their offline
 //!   verification,
+//! - [`block`]: per-rollup block headers (signed) and block metadata, [`rollups`]: the
+//!   per-rollup state (registrations, pending transactions, blocks, reveals), [`command`]: the
+//!   control commands that drive it through the log,
 //! - [`sign`]: leader signatures (secp256k1, Ethereum-style recoverable) and addresses,
 //! - [`limits`]: every size limit, [`error`]: `ModelError`,
 //! - [`raft`]: openraft on glommio: the runtime adapter and baton's `TypeConfig`.
@@ -20,6 +23,8 @@
 
 pub mod batch;
 pub mod batcher;
+pub mod block;
+pub mod command;
 pub mod encrypted;
 pub mod error;
 pub mod hash;
@@ -28,6 +33,7 @@ pub mod merkle;
 pub mod node;
 pub mod raft;
 pub mod receipt;
+pub mod rollups;
 pub mod sequencer;
 pub mod sign;
 pub mod tx;

@@ -5,7 +5,10 @@
 //! a committed batch and its Raft log id and returns what it ordered; two sequencers fed the same
 //! batches end in the same state and write byte-identical snapshots.
 //!
-//! Snapshot format (version 2, all integers little-endian):
+//! It also holds the per-rollup state ([`Rollups`]: registrations, blocks, encrypted
+//! transactions) and applies the control commands ([`Sequencer::apply_command`]).
+//!
+//! Snapshot format (version 3, all integers little-endian):
 //!
 //! ```text
 //! header (56 bytes): magic "BATONSEQ" | version u32 | reserved u32 (0) | body_len u64 |
@@ -17,6 +20,20 @@
 //!                                    unsigned) }                  (216 bytes, index ascending)
 //!                    position_count × { tx_hash [32] | index u64 | offset u32 }
 //!                                                                   (44 bytes, hash ascending)
+//!                    rollup section:
+//!   rollup_count u64 | unblocked u64 | secret_count u64 |
+//!   rollup_count × { rollup_id u64 | block_time_ms u32 | max_block_txs u32 |
+//!                    reveal_window_blocks u32 | 0 u32 | registered_at u64 | pending_count u64 |
+//!                    block_count u64 |
+//!                    pending_count × { tx_hash [32] | index u64 | offset u32 | encrypted u32 } |
+//!                    block_count × { signed block header [176] | encrypted u32 | revealed u32 |
+//!                                    expired u32 | 0 u32 | sealed_at u64 | first index u64 |
+//!                                    first offset u32 | last index u64 | last offset u32 } }
+//!                                                                   (rollup id ascending)
+//!   secret_count × { tx_hash [32] | rollup_id u64 | key_commitment [32] | height u64 (0: none) |
+//!                    state u32 (0 sealed, 1 revealed, 2 expired) | len u32 | revealed_at u64 |
+//!                    key [32] (zero unless revealed) | len bytes (ciphertext if sealed,
+//!                    plaintext if revealed, none if expired) }       (hash ascending)
 //! ```
 //!
 //! Records are sorted, so the encoding depends only on the state, never on hash-map order.
@@ -24,10 +41,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::batch::access_batch;
+use crate::command::{Command, CommandRejection};
 use crate::error::ModelError;
 use crate::hash::{keccak256, TxHash};
 use crate::merkle::MerkleAccumulator;
 use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
+use crate::rollups::{Rollups, Sealed};
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -199,7 +218,7 @@ pub enum SnapshotError {
 
 const MAGIC: [u8; 8] = *b"BATONSEQ";
 /// Snapshot format version written by this build.
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 const HEADER_BYTES: usize = 56;
 const FIXED_BODY_BYTES: usize = 7 * 8;
 const BATCH_RECORD_BYTES: usize = 56 + SIGNED_HEADER_BYTES;
@@ -214,11 +233,30 @@ pub struct Sequencer {
     positions: HashMap<TxHash, Position>,
     tx_total: u64,
     duplicates_total: u64,
+    rollups: Rollups,
+}
+
+/// What an applied control command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandApplied {
+    /// A rollup was registered.
+    Registered {
+        /// Its id.
+        rollup_id: u64,
+    },
+    /// A block was sealed.
+    Sealed(Sealed),
+    /// An encrypted transaction's plaintext was recorded.
+    Revealed {
+        /// Its hash.
+        tx_hash: TxHash,
+    },
 }
 
 impl PartialEq for Sequencer {
     fn eq(&self, other: &Self) -> bool {
-        self.applied == other.applied
+        self.rollups == other.rollups
+            && self.applied == other.applied
             && self.batches == other.batches
             && self.positions == other.positions
             && self.tx_total == other.tx_total
@@ -297,7 +335,7 @@ impl Sequencer {
         }
         // Validation passed: from here on nothing can fail, so the update is all or nothing.
         let mut duplicates = Vec::new();
-        for (offset, hash) in hashes.into_iter().enumerate() {
+        for (offset, (hash, tx)) in hashes.into_iter().zip(batch.txs.iter()).enumerate() {
             let offset = offset as u32;
             match self.positions.entry(hash) {
                 std::collections::hash_map::Entry::Occupied(first) => duplicates.push(Duplicate {
@@ -305,7 +343,15 @@ impl Sequencer {
                     original: *first.get(),
                 }),
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(Position { index, offset });
+                    let position = Position { index, offset };
+                    slot.insert(position);
+                    self.rollups.order(
+                        tx.rollup_id(),
+                        position,
+                        hash,
+                        tx.kind.key_commitment(),
+                        tx.bytes.as_slice(),
+                    );
                 }
             }
         }
@@ -336,6 +382,49 @@ impl Sequencer {
             tx_count,
             duplicates,
         })
+    }
+
+    /// Applies the control command `bytes` at Raft index `index` (see [`crate::command`]). A
+    /// rejected command changes nothing; every node rejects it the same way.
+    pub fn apply_command(
+        &mut self,
+        index: u64,
+        bytes: &[u8],
+    ) -> Result<CommandApplied, CommandRejection> {
+        match Command::decode(bytes)? {
+            Command::RegisterRollup { rollup_id, policy } => {
+                self.rollups.register(index, rollup_id, policy)?;
+                Ok(CommandApplied::Registered { rollup_id })
+            }
+            Command::SealBlock(signed) => {
+                Ok(CommandApplied::Sealed(self.rollups.seal(index, &signed)?))
+            }
+            Command::Reveal { tx_hash, key } => {
+                let sequenced = self.positions.contains_key(&tx_hash);
+                self.rollups.reveal(index, &tx_hash, &key, sequenced)?;
+                Ok(CommandApplied::Revealed { tx_hash })
+            }
+        }
+    }
+
+    /// Whether `command` would be applied now: the check a node runs before proposing a
+    /// client's command. (A seal marker is the leader's own; it is checked on apply.)
+    pub fn check_command(&self, command: &Command) -> Result<(), CommandRejection> {
+        match command {
+            Command::RegisterRollup { rollup_id, policy } => {
+                self.rollups.check_register(*rollup_id, policy)
+            }
+            Command::SealBlock(_) => Ok(()),
+            Command::Reveal { tx_hash, key } => self
+                .rollups
+                .check_reveal(tx_hash, key, self.positions.contains_key(tx_hash))
+                .map(|_| ()),
+        }
+    }
+
+    /// The per-rollup state.
+    pub fn rollups(&self) -> &Rollups {
+        &self.rollups
     }
 
     /// Position of the first transaction with this hash, if it was sequenced.
@@ -410,6 +499,9 @@ impl Sequencer {
             out.extend_from_slice(&pos.offset.to_le_bytes());
         }
         debug_assert_eq!(out.len(), HEADER_BYTES + body_len);
+        self.rollups.encode(&mut out);
+        let body_len = (out.len() - HEADER_BYTES) as u64;
+        out[16..24].copy_from_slice(&body_len.to_le_bytes());
         let digest = keccak256(&out[HEADER_BYTES..]);
         out[24..HEADER_BYTES].copy_from_slice(&digest);
         out
@@ -438,12 +530,11 @@ impl Sequencer {
                     .and_then(|p| b.checked_add(p))
             })
             .ok_or_else(|| inconsistent("record counts overflow", 5))?;
-        if expected != records.len() as u64 {
-            return Err(inconsistent(
-                "record counts disagree with the body length",
-                5,
-            ));
+        if expected > records.len() as u64 {
+            return Err(inconsistent("record counts exceed the body length", 5));
         }
+        let (records, rollup_section) = records.split_at(expected as usize);
+        let rollups = Rollups::decode(rollup_section)?;
         let (batch_bytes, position_bytes) =
             records.split_at(batch_count as usize * BATCH_RECORD_BYTES);
 
@@ -527,6 +618,7 @@ impl Sequencer {
             positions,
             tx_total,
             duplicates_total,
+            rollups,
         })
     }
 }
@@ -697,7 +789,11 @@ mod tests {
     fn empty_snapshot_round_trips() {
         let s = Sequencer::new();
         let bytes = s.snapshot_bytes();
-        assert_eq!(bytes.len(), HEADER_BYTES + FIXED_BODY_BYTES);
+        assert_eq!(
+            bytes.len(),
+            HEADER_BYTES + FIXED_BODY_BYTES + 24,
+            "plus the empty rollup section"
+        );
         assert_eq!(Sequencer::from_snapshot(&bytes).unwrap(), s);
     }
 
