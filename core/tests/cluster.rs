@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use baton_core::node::{NodeConfig, NodeHandle, Receipt, Role};
@@ -328,60 +327,6 @@ fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
     });
     let receipts: Vec<Receipt> = Vec::new();
     cluster.stop_and_check(&receipts);
-}
-
-/// Checks the receipts against the logs read back from the nodes' WAL directories.
-fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
-    let mut seen: HashMap<TxHash, (u64, u32)> = HashMap::new();
-    let first_held = logs
-        .values()
-        .filter_map(|l| l.entries.keys().next().copied())
-        .min()
-        .unwrap_or(u64::MAX);
-    for r in receipts {
-        // Entries purged everywhere live on in snapshots; `stop_and_check` verified those
-        // receipts against every node's state machine.
-        if r.index() < first_held {
-            continue;
-        }
-        let found = logs.values().find_map(|log| log.tx_at(r.index(), r.offset));
-        let hash = found.unwrap_or_else(|| panic!("receipt {r:?} points at nothing"));
-        assert_eq!(
-            hash, r.tx_hash,
-            "receipt {r:?} points at another transaction"
-        );
-        if let Some(prev) = seen.insert(r.tx_hash, (r.index(), r.offset)) {
-            assert_eq!(
-                prev,
-                (r.index(), r.offset),
-                "one transaction, two positions"
-            );
-        }
-    }
-    // Exactly once: a receipt names the first position of its transaction in the log. A later
-    // copy (a retry or a resubmission through another node that reached the log) is a duplicate
-    // the state machine does not order again.
-    // The union of the logs (they agree where they overlap; each may have purged a different
-    // prefix), in index order.
-    let mut union = std::collections::BTreeMap::new();
-    for log in logs.values() {
-        for (index, hashes) in log.batches() {
-            union.entry(index).or_insert(hashes);
-        }
-    }
-    let mut first: HashMap<TxHash, (u64, u32)> = HashMap::new();
-    for (index, hashes) in union {
-        for (offset, h) in hashes.iter().enumerate() {
-            first.entry(*h).or_insert((index, offset as u32));
-        }
-    }
-    for r in receipts.iter().filter(|r| r.index() >= first_held) {
-        assert_eq!(
-            first.get(&r.tx_hash),
-            Some(&(r.index(), r.offset)),
-            "receipt {r:?} is not the first position of its transaction"
-        );
-    }
 }
 
 /// Keeps the helper referenced from this file (see common/mod.rs).

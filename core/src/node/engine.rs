@@ -122,12 +122,14 @@ where
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
     // Shard 0 also runs Raft: it takes these.
+    let registry = crate::raft::state_machine::RollupRegistry::default();
     let mut raft_part = Some((
         raft_config,
         peers,
         propose_tx.clone(),
         propose_rx,
         control_rx,
+        registry.clone(),
     ));
     for k in 0..config.shards {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
@@ -140,11 +142,12 @@ where
             let config = shard_config;
             let batching = batching_shard(config.clone(), k, rx, propose, control);
             match raft {
-                Some((raft_config, peers, propose_tx, propose_rx, control_rx)) => {
+                Some((raft_config, peers, propose_tx, propose_rx, control_rx, registry)) => {
                     let queues = RaftQueues {
                         propose_tx,
                         propose_rx,
                         control_rx,
+                        registry,
                     };
                     let raft = raft_shard(config, raft_config, peers, queues, ready);
                     futures_util::future::join(raft, batching).await;
@@ -169,6 +172,7 @@ where
         control: control_tx,
         threads: Arc::new(Mutex::new(threads)),
         signer: config.signer.address(),
+        registry,
     })
 }
 
@@ -697,6 +701,8 @@ struct RaftQueues {
     propose_tx: mpsc::Sender<Proposal>,
     propose_rx: mpsc::Receiver<Proposal>,
     control_rx: mpsc::Receiver<Control>,
+    /// Where the state machine publishes the registered rollups.
+    registry: crate::raft::state_machine::RollupRegistry,
 }
 
 /// Shard 0's Raft side: opens storage, runs Raft, serves peer RPCs, proposes sealed batches and
@@ -715,6 +721,7 @@ async fn raft_shard<F>(
         propose_tx,
         mut propose_rx,
         mut control_rx,
+        registry,
     } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
@@ -732,7 +739,7 @@ async fn raft_shard<F>(
     let log_reader = log_store.reader();
     let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = match Sm::open(&config.data_dir) {
-        Ok(sm) => sm,
+        Ok(sm) => sm.with_registry(registry),
         Err(e) => {
             let _ = ready.send(Err(fail(e.to_string())));
             return;
@@ -745,6 +752,7 @@ async fn raft_shard<F>(
         on_stop,
     } = peers;
     let forwarder: Option<Rc<dyn Forwarder>> = forwarder.map(Rc::from);
+    let view = sm.view();
     let raft = match openraft::Raft::new(id, raft_config, factory, log_store, sm).await {
         Ok(r) => r,
         Err(e) => {
@@ -763,7 +771,14 @@ async fn raft_shard<F>(
     let in_flight = Rc::new(glommio::sync::Semaphore::new(
         config.proposals_in_flight_max as u64,
     ));
+    let sealer = glommio::spawn_local(super::blocks::seal_blocks(
+        raft.clone(),
+        view.clone(),
+        config.signer.clone(),
+        (lease_wait, commit_wait),
+    ));
     let proposer = {
+        let forwarder = forwarder.clone();
         let raft = raft.clone();
         glommio::spawn_local(async move {
             while let Some(p) = propose_rx.next().await {
@@ -829,6 +844,53 @@ async fn raft_shard<F>(
                 })
                 .detach();
             }
+            Control::Command(command, reply) => {
+                let (raft, view) = (raft.clone(), view.clone());
+                glommio::spawn_local(async move {
+                    let waits = (lease_wait, commit_wait);
+                    let r = super::blocks::run_command(&raft, &view, command, waits).await;
+                    let _ = reply.send(r);
+                })
+                .detach();
+            }
+            Control::Read(consistency, timeout, read) => {
+                let (raft, view, forwarder) = (raft.clone(), view.clone(), forwarder.clone());
+                glommio::spawn_local(async move {
+                    let barrier =
+                        super::blocks::barrier(&raft, forwarder.as_ref(), consistency, timeout);
+                    match barrier.await {
+                        Ok(()) => {
+                            let applied = super::blocks::applied_index(&view);
+                            view.with(|s| read(Ok((applied, s))));
+                        }
+                        Err(e) => read(Err(e)),
+                    }
+                })
+                .detach();
+            }
+            Control::BlockTxs(rollup_id, height, consistency, timeout, reply) => {
+                let (raft, view, forwarder) = (raft.clone(), view.clone(), forwarder.clone());
+                let reader = log_reader.clone();
+                glommio::spawn_local(async move {
+                    let barrier =
+                        super::blocks::barrier(&raft, forwarder.as_ref(), consistency, timeout);
+                    let r = match barrier.await {
+                        Ok(()) => {
+                            Ok(super::blocks::block_txs(&view, reader, rollup_id, height).await)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                })
+                .detach();
+            }
+            Control::ReadIndex(reply) => {
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(super::peer::leader_read_index(&raft).await);
+                })
+                .detach();
+            }
             Control::Shutdown(reply) => {
                 shutdown_reply = Some(reply);
                 break;
@@ -840,6 +902,7 @@ async fn raft_shard<F>(
         on_stop();
     }
     server.cancel().await;
+    sealer.cancel().await;
     let _ = raft.shutdown().await;
     // Tasks of the stopped Raft may still hold the log store: close the WAL so none of them can
     // write again and the directory can be reopened.
@@ -960,29 +1023,54 @@ async fn receipt_of(
     ))
 }
 
+/// The Raft of a node.
+pub(crate) type Raft = openraft::Raft<TypeConfig, Sm>;
+
 fn raft_id(raft: &openraft::Raft<TypeConfig, Sm>) -> u64 {
     use openraft::async_runtime::WatchReceiver;
     raft.metrics().borrow_watched().id
 }
 
 /// The membership address of node `id`.
-fn member_addr(raft: &openraft::Raft<TypeConfig, Sm>, id: u64) -> Option<String> {
+pub(crate) fn member_addr(raft: &openraft::Raft<TypeConfig, Sm>, id: u64) -> Option<String> {
     use openraft::async_runtime::WatchReceiver;
     let m = raft.metrics().borrow_watched().clone();
     let node = m.membership_config.membership().get_node(&id)?;
     Some(node.addr.clone())
 }
 
-/// Proposes one batch. A leader refuses writes until a quorum has acknowledged it in its term
-/// (its lease); right after an election, or after a stall that let the lease lapse, that is a
-/// matter of a round trip, so while it is still leader it waits for its log to commit and tries
-/// again, until `lease_wait` (twice the longest election timeout) has passed.
+/// Proposes one batch and maps what applying it returned to its receipt data.
 async fn propose_one(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
     lease_wait: Duration,
     commit_wait: Duration,
 ) -> Result<Committed, SubmitError> {
+    let (index, data) = propose_entry(raft, bytes, (lease_wait, commit_wait)).await?;
+    if data.rejected {
+        return Err(SubmitError::Rejected { index });
+    }
+    Ok(Committed {
+        index,
+        seal: data.seal,
+        duplicates: data
+            .duplicates
+            .iter()
+            .map(|d| (d.offset, (d.original.index, d.original.offset)))
+            .collect(),
+    })
+}
+
+/// Proposes one entry (a batch or a command); returns its index and what applying it returned.
+/// A leader refuses writes until a quorum has acknowledged it in its term (its lease); right
+/// after an election, or after a stall that let the lease lapse, that is a matter of a round
+/// trip, so while it is still leader it waits for its log to commit and tries again, until
+/// `lease_wait` (twice the longest election timeout) has passed.
+pub(crate) async fn propose_entry(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    bytes: BatchBytes,
+    (lease_wait, commit_wait): (Duration, Duration),
+) -> Result<(u64, crate::raft::ApplyResult), SubmitError> {
     let deadline = Instant::now() + lease_wait;
     loop {
         match write_once(raft, bytes.clone(), commit_wait).await {
@@ -1010,7 +1098,7 @@ async fn write_once(
     raft: &openraft::Raft<TypeConfig, Sm>,
     bytes: BatchBytes,
     commit_wait: Duration,
-) -> Result<Committed, SubmitError> {
+) -> Result<(u64, crate::raft::ApplyResult), SubmitError> {
     use openraft::error::{ClientWriteError, RaftError};
     let write = raft.client_write(bytes);
     let timer = glommio::timer::sleep(commit_wait);
@@ -1024,19 +1112,7 @@ async fn write_once(
         }
     };
     match result {
-        Ok(resp) if resp.data.rejected => Err(SubmitError::Rejected {
-            index: resp.log_id.index,
-        }),
-        Ok(resp) => Ok(Committed {
-            index: resp.log_id.index,
-            seal: resp.data.seal,
-            duplicates: resp
-                .data
-                .duplicates
-                .iter()
-                .map(|d| (d.offset, (d.original.index, d.original.offset)))
-                .collect(),
-        }),
+        Ok(resp) => Ok((resp.log_id.index, resp.data)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(SubmitError::NotLeader {
                 leader_hint: f.leader_id,
@@ -1058,7 +1134,7 @@ async fn write_once(
     }
 }
 
-fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
+pub(crate) fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
     use openraft::async_runtime::WatchReceiver;
     let m = raft.metrics().borrow_watched().clone();
     let role = match m.state {
@@ -1103,7 +1179,7 @@ fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
     }
 }
 
-async fn wait_for(
+pub(crate) async fn wait_for(
     raft: &openraft::Raft<TypeConfig, Sm>,
     condition: crate::node::handle::StatusCondition,
     timeout: Duration,

@@ -2,6 +2,7 @@
 #![allow(missing_docs)] // variant docs name their fields
 
 use crate::batcher::SubmitRejection;
+use crate::command::CommandRejection;
 
 /// Why a submission got no receipt.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +31,23 @@ pub enum SubmitError {
     /// snapshot. Another node (or a later read) may have it.
     #[error("sequenced at index {index}, but no receipt can be built here")]
     ReceiptUnavailable { index: u64 },
+    /// The transaction at `position` names a rollup nobody registered (as of this node's
+    /// applied state).
+    #[error("transaction {position} of the request is for unknown rollup {rollup_id}")]
+    UnknownRollup { position: usize, rollup_id: u64 },
+    /// The encrypted transaction at `position` is too short to be a ciphertext (nonce and tag).
+    #[error("transaction {position} of the request: encrypted payload of {len} bytes is shorter than a nonce and a tag")]
+    MalformedCiphertext { position: usize, len: usize },
+    /// A control command (rollup registration, reveal) was refused; nothing changed.
+    #[error("command refused: {0}")]
+    Command(CommandRejection),
+    /// A read asked for `min_index` but this node had applied only `applied` when the wait
+    /// ran out.
+    #[error("read needs index {min_index} applied; this node is at {applied:?}")]
+    ReadTimeout {
+        min_index: u64,
+        applied: Option<u64>,
+    },
     /// The node is stopping or stopped.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -7,11 +7,16 @@ use std::sync::{Arc, Mutex};
 use futures_channel::{mpsc, oneshot};
 use futures_util::SinkExt;
 
+use crate::command::{Command, RollupPolicy};
+use crate::encrypted::{KEY_BYTES, OVERHEAD_BYTES};
 use crate::hash::TxHash;
 use crate::node::error::{NodeError, SubmitError};
+use crate::raft::state_machine::RollupRegistry;
 pub use crate::receipt::{AckLevel, Receipt, SignedHeader};
+use crate::sequencer::{CommandApplied, Sequencer};
 use crate::sign::Address;
 use crate::tx::Transaction;
+use crate::tx_kind::TxKind;
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +136,86 @@ pub(crate) enum Control {
         std::time::Duration,
         oneshot::Sender<Result<NodeStatus, NodeStatus>>,
     ),
+    /// A control command from a client: checked against the applied state, then proposed
+    /// (leader only).
+    Command(
+        Command,
+        oneshot::Sender<Result<CommandReceipt, SubmitError>>,
+    ),
+    /// A read of the applied state after the consistency barrier; the closure answers.
+    Read(Consistency, std::time::Duration, ReadFn),
+    /// A block's transactions, read from the log.
+    BlockTxs(
+        u64,
+        u64,
+        Consistency,
+        std::time::Duration,
+        oneshot::Sender<Result<Read<Option<BlockTxs>>, SubmitError>>,
+    ),
+    /// The leader's read index (for a follower's linearizable read).
+    ReadIndex(oneshot::Sender<Result<u64, SubmitError>>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A read closure: runs on the Raft shard with the applied state and its applied index, or
+/// with the error of the consistency barrier.
+pub(crate) type ReadFn = Box<dyn FnOnce(Result<(u64, &Sequencer), SubmitError>) + Send>;
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Whatever this node has applied.
+    #[default]
+    Local,
+    /// Wait (bounded by the read's timeout) until this node has applied this index: read your
+    /// own writes by passing the index a receipt or command reported.
+    MinIndex(u64),
+    /// Confirm with the leader (a read index through a quorum round) and wait until this node
+    /// has applied that far: the read sees every write acknowledged before it started.
+    Linearizable,
+}
+
+/// A value read from a node's applied state, and the index it had applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Read<T> {
+    /// The node's last applied log index when it read.
+    pub applied_index: u64,
+    /// The value.
+    pub value: T,
+}
+
+/// Where a control command was applied and what it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandReceipt {
+    /// Raft index of the command entry.
+    pub index: u64,
+    /// Its effect.
+    pub applied: CommandApplied,
+}
+
+/// One transaction of a block, as a rollup consumes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockTx {
+    /// Its hash.
+    pub tx_hash: TxHash,
+    /// Where it was sequenced.
+    pub index: u64,
+    /// Its offset in that batch.
+    pub offset: u32,
+    /// The transaction as submitted (ciphertext for an encrypted one).
+    pub tx: Transaction,
+    /// The plaintext of a revealed encrypted transaction.
+    pub plaintext: Option<Vec<u8>>,
+}
+
+/// A sealed block with its transactions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockTxs {
+    /// The block.
+    pub block: crate::rollups::Block,
+    /// Its transactions in block order; `None` if this node purged some of its batches into a
+    /// snapshot (the header and metadata are still served).
+    pub txs: Option<Vec<BlockTx>>,
 }
 
 /// A condition on a node's status, evaluated on every Raft metrics change.
@@ -146,6 +230,8 @@ pub struct NodeHandle {
     pub(crate) threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
     /// Address of the node's signing key.
     pub(crate) signer: Address,
+    /// Rollups registered as of the applied state.
+    pub(crate) registry: RollupRegistry,
 }
 
 /// Which shard owns a transaction: a cheap hash of its bytes, so the same transaction always
@@ -181,11 +267,27 @@ impl NodeHandle {
         let n = txs.len();
         let mut groups: Vec<Vec<(usize, Transaction)>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
-        for (i, tx) in txs.into_iter().enumerate() {
-            groups[shard_of(&tx.bytes, self.shards.len())].push((i, tx));
-        }
-        let mut waits = Vec::new();
         let mut out: Vec<Result<Receipt, SubmitError>> = vec![Err(SubmitError::ShuttingDown); n];
+        self.registry.with(|registered| {
+            for (i, tx) in txs.into_iter().enumerate() {
+                if !registered.contains(&tx.rollup_id) {
+                    out[i] = Err(SubmitError::UnknownRollup {
+                        position: i,
+                        rollup_id: tx.rollup_id,
+                    });
+                } else if matches!(tx.kind, TxKind::Encrypted { .. })
+                    && tx.bytes.len() < OVERHEAD_BYTES
+                {
+                    out[i] = Err(SubmitError::MalformedCiphertext {
+                        position: i,
+                        len: tx.bytes.len(),
+                    });
+                } else {
+                    groups[shard_of(&tx.bytes, self.shards.len())].push((i, tx));
+                }
+            }
+        });
+        let mut waits = Vec::new();
         for (k, group) in groups.into_iter().enumerate() {
             if group.is_empty() {
                 continue;
@@ -215,6 +317,100 @@ impl NodeHandle {
             }
         }
         out
+    }
+
+    /// True if `rollup_id` is registered in this node's applied state.
+    pub fn is_registered(&self, rollup_id: u64) -> bool {
+        self.registry.contains(rollup_id)
+    }
+
+    /// Proposes a control command (leader only: a follower answers `NotLeader` with its hint).
+    /// It is checked against the applied state first, so a command that would be refused is
+    /// answered with its [`SubmitError::Command`] rejection without reaching the log.
+    pub async fn command(&self, command: Command) -> Result<CommandReceipt, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::Command(command, tx))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
+    /// Registers a rollup through the log.
+    pub async fn register_rollup(
+        &self,
+        rollup_id: u64,
+        policy: RollupPolicy,
+    ) -> Result<CommandReceipt, SubmitError> {
+        self.command(Command::RegisterRollup { rollup_id, policy })
+            .await
+    }
+
+    /// Reveals an encrypted transaction's key; its plaintext is recorded through the log.
+    pub async fn reveal(
+        &self,
+        tx_hash: TxHash,
+        key: [u8; KEY_BYTES],
+    ) -> Result<CommandReceipt, SubmitError> {
+        self.command(Command::Reveal { tx_hash, key }).await
+    }
+
+    /// Reads the applied state with `f` once `consistency` holds (waiting at most `timeout`).
+    pub async fn read<R: Send + 'static>(
+        &self,
+        consistency: Consistency,
+        timeout: std::time::Duration,
+        f: impl FnOnce(&Sequencer) -> R + Send + 'static,
+    ) -> Result<Read<R>, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadFn = Box::new(move |state| {
+            let _ = tx.send(state.map(|(applied_index, s)| Read {
+                applied_index,
+                value: f(s),
+            }));
+        });
+        self.control
+            .clone()
+            .send(Control::Read(consistency, timeout, read))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
+    /// A block and its transactions (read from this node's log).
+    pub async fn block(
+        &self,
+        rollup_id: u64,
+        height: u64,
+        consistency: Consistency,
+        timeout: std::time::Duration,
+    ) -> Result<Read<Option<BlockTxs>>, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::BlockTxs(
+                rollup_id,
+                height,
+                consistency,
+                timeout,
+                tx,
+            ))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the index a linearizable
+    /// read must have applied (`NotLeader` elsewhere).
+    pub async fn read_index(&self) -> Result<u64, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::ReadIndex(tx))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
     }
 
     /// The node's Raft state.

@@ -259,4 +259,23 @@ impl Forwarder for LocalForwarder {
             rx.await.unwrap_or(Err(unavailable))
         })
     }
+
+    fn read_index(
+        &self,
+        leader: u64,
+        _addr: String,
+    ) -> LocalBoxFuture<'static, Result<u64, SubmitError>> {
+        let sender = self.router.sender(self.from, leader);
+        Box::pin(async move {
+            let unavailable = SubmitError::NotLeader { leader_hint: None };
+            let Ok(mut tx) = sender else {
+                return Err(unavailable);
+            };
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Rpc::ReadIndex(reply)).await.is_err() {
+                return Err(unavailable);
+            }
+            rx.await.unwrap_or(Err(unavailable))
+        })
+    }
 }

@@ -1,5 +1,6 @@
 //! The node engine: shards, the Raft shard, and the `NodeHandle` other threads use.
 
+mod blocks;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -10,6 +11,9 @@ pub mod peer;
 pub use config::{NodeConfig, RaftTimings};
 pub use engine::{start, start_with, Network, Peers};
 pub use error::{NodeError, SubmitError};
-pub use handle::{Committed, Member, NodeHandle, NodeStatus, PeerProgress, Receipt, Role};
+pub use handle::{
+    BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, NodeHandle, NodeStatus,
+    PeerProgress, Read, Receipt, Role,
+};
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};

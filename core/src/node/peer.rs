@@ -60,6 +60,8 @@ pub enum Rpc {
     /// A batch sealed by a follower, to be proposed by this node (the leader). The bytes were
     /// validated where they entered the process. Never forwarded again.
     Forward(BatchBytes, Reply<Committed, SubmitError>),
+    /// A follower asks the leader for a read index (a linearizable read on the follower).
+    ReadIndex(Reply<u64, SubmitError>),
 }
 
 /// Sends a follower's sealed batch to the leader and returns where it committed. Implemented
@@ -72,6 +74,14 @@ pub trait Forwarder: Send + 'static {
         addr: String,
         batch: BatchBytes,
     ) -> LocalBoxFuture<'static, Result<Committed, SubmitError>>;
+
+    /// Asks `leader` to confirm its leadership with a quorum and return its read index: the
+    /// log index a linearizable read must have applied.
+    fn read_index(
+        &self,
+        leader: u64,
+        addr: String,
+    ) -> LocalBoxFuture<'static, Result<u64, SubmitError>>;
 }
 
 /// A sealed batch on its way to the proposer on the Raft shard.
@@ -99,7 +109,7 @@ pub(crate) async fn serve<SM>(
         // must not queue behind bulk work, sessions live long (one per follower), and forwards
         // are bounded by each follower's proposals in flight. The rest share the permits.
         let permit = match rpc {
-            Rpc::Vote(..) | Rpc::StreamAppend(..) | Rpc::Forward(..) => None,
+            Rpc::Vote(..) | Rpc::StreamAppend(..) | Rpc::Forward(..) | Rpc::ReadIndex(..) => None,
             Rpc::Append(..) | Rpc::Snapshot(..) => match handlers.acquire_static_permit(1).await {
                 Ok(p) => Some(p),
                 Err(_) => break,
@@ -143,8 +153,33 @@ pub(crate) async fn serve<SM>(
                     };
                     let _ = reply.send(r);
                 }
+                Rpc::ReadIndex(reply) => {
+                    let _ = reply.send(leader_read_index(&raft).await);
+                }
             }
         })
         .detach();
+    }
+}
+
+/// On the leader: confirms leadership through a quorum round (Raft's ReadIndex) and returns the
+/// index a linearizable read must have applied; `NotLeader` elsewhere.
+pub(crate) async fn leader_read_index<SM>(raft: &Raft<TypeConfig, SM>) -> Result<u64, SubmitError>
+where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
+{
+    use openraft::error::{LinearizableReadError, RaftError};
+    match raft
+        .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+        .await
+    {
+        Ok(read) => Ok(read.log_id().index),
+        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+            Err(SubmitError::NotLeader {
+                leader_hint: f.leader_id,
+            })
+        }
+        Err(RaftError::APIError(_)) => Err(SubmitError::NotLeader { leader_hint: None }),
+        Err(RaftError::Fatal(_)) => Err(SubmitError::ShuttingDown),
     }
 }

@@ -7,7 +7,8 @@
 //!   index `i` ([`wal_index`]). The record header's term is the entry's term (standard Raft
 //!   leader ids: a log id is exactly `(term, index)`).
 //! - **Payload.** A 16-byte prefix `[u8 kind][15 zero bytes]` (kinds: 1 blank, 2 unsigned
-//!   batch, 3 membership, 4 signed batch), then: nothing for blank; for a signed batch the
+//!   batch, 3 membership, 4 signed batch, 5 control command), then: nothing for blank; the
+//!   command's bytes ([`crate::command`]) for a command; for a signed batch the
 //!   160-byte [`SignedHeader`] encoding; for either batch kind the batch bytes as they are (WAL
 //!   payloads start 16-byte aligned, so the batch does too and is read in place); for
 //!   membership, the hand-written encoding of [`encode_membership`]. The batch bytes are not
@@ -80,6 +81,7 @@ const KIND_BLANK: u8 = 1;
 const KIND_NORMAL: u8 = 2;
 const KIND_MEMBERSHIP: u8 = 3;
 const KIND_SIGNED: u8 = 4;
+const KIND_COMMAND: u8 = 5;
 
 const META_VERSION: u8 = 1;
 
@@ -444,6 +446,7 @@ pub(crate) fn encode_entry_prefix(
 ) {
     let kind = match payload {
         EntryPayload::Blank => KIND_BLANK,
+        EntryPayload::Normal(b) if b.is_command() => KIND_COMMAND,
         EntryPayload::Normal(b) if b.seal().is_some() => KIND_SIGNED,
         EntryPayload::Normal(_) => KIND_NORMAL,
         EntryPayload::Membership(_) => KIND_MEMBERSHIP,
@@ -481,6 +484,7 @@ enum Kind {
     Normal,
     Membership,
     Signed,
+    Command,
 }
 
 /// Checks the entry prefix; returns the kind and a reader positioned after the prefix.
@@ -495,6 +499,7 @@ fn read_prefix(payload: &[u8]) -> Result<(Kind, Reader<'_>), CodecError> {
         KIND_NORMAL => Ok((Kind::Normal, r)),
         KIND_MEMBERSHIP => Ok((Kind::Membership, r)),
         KIND_SIGNED => Ok((Kind::Signed, r)),
+        KIND_COMMAND => Ok((Kind::Command, r)),
         kind => Err(CodecError::UnknownKind { kind }),
     }
 }
@@ -514,7 +519,7 @@ fn read_seal(r: &mut Reader<'_>, log_id: Option<(u64, u64)>) -> Result<SignedHea
 }
 
 /// The batch bytes inside a WAL payload written by this store, in place (16-byte aligned when
-/// the payload is); `None` for blank and membership entries. For tools and tests that read the
+/// the payload is); `None` for blank, membership and command entries. For tools and tests that read the
 /// WAL directly; the batch itself is not validated (use `access_batch`).
 pub fn entry_batch(payload: &[u8]) -> Result<Option<&[u8]>, CodecError> {
     let (kind, mut r) = read_prefix(payload)?;
@@ -524,7 +529,16 @@ pub fn entry_batch(payload: &[u8]) -> Result<Option<&[u8]>, CodecError> {
             read_seal(&mut r, None)?;
             Ok(Some(r.rest()))
         }
-        Kind::Blank | Kind::Membership => Ok(None),
+        Kind::Blank | Kind::Membership | Kind::Command => Ok(None),
+    }
+}
+
+/// The control command bytes inside a WAL payload of a command entry; `None` for other kinds.
+pub fn entry_command(payload: &[u8]) -> Result<Option<&[u8]>, CodecError> {
+    let (kind, mut r) = read_prefix(payload)?;
+    match kind {
+        Kind::Command => Ok(Some(r.rest())),
+        _ => Ok(None),
     }
 }
 
@@ -564,6 +578,7 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Code
             })
         }
         Kind::Membership => EntryPayload::Membership(decode_membership(&mut r)?),
+        Kind::Command => EntryPayload::Normal(BatchBytes::command(r.rest().to_vec())),
     };
     r.finish()?;
     Ok(Entry {
@@ -756,6 +771,9 @@ impl Shared {
         let EntryPayload::Normal(batch) = &entry.payload else {
             return Ok((entry, None));
         };
+        if batch.is_command() {
+            return Ok((entry, None));
+        }
         let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
         let mut state = self.state.borrow_mut();
         if let Some(seal) = batch.seal() {

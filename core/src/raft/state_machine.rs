@@ -4,6 +4,9 @@
 //!   validation or its Merkle root) was still committed: every node rejects the same bytes the
 //!   same way, records the entry as applied and answers `rejected`; the state does not change. A
 //!   batch applied out of order is a bug and stops Raft (an I/O error to openraft).
+//! - Command entries go to [`Sequencer::apply_command`]; a rejected command is answered with its
+//!   typed rejection and changes nothing. Registered rollups are published to a
+//!   [`RollupRegistry`] that submission paths on other threads read.
 //! - Blank and membership entries only move the last applied log id (and the membership).
 //! - A snapshot is one blob (format below) built from the state when the builder is made, so
 //!   later applies do not change it. Installing one replaces the whole state.
@@ -19,9 +22,11 @@
 //! ([`encode_membership`](super::log_store)).
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -175,10 +180,42 @@ fn decode_blob(blob: &[u8]) -> Result<Decoded, StateMachineError> {
     })
 }
 
+/// The ids of the registered rollups as of the last applied entry, shared with the threads that
+/// accept submissions (they refuse transactions of other rollups).
+#[derive(Clone, Debug, Default)]
+pub struct RollupRegistry(Arc<RwLock<BTreeSet<u64>>>);
+
+impl RollupRegistry {
+    /// True if `rollup_id` is registered.
+    pub fn contains(&self, rollup_id: u64) -> bool {
+        self.0
+            .read()
+            .map(|s| s.contains(&rollup_id))
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on the registered ids.
+    pub fn with<R>(&self, f: impl FnOnce(&BTreeSet<u64>) -> R) -> R {
+        match self.0.read() {
+            Ok(s) => f(&s),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    fn publish(&self, sequencer: &Sequencer) {
+        let ids: BTreeSet<u64> = sequencer.rollups().iter().map(|(id, _)| id).collect();
+        match self.0.write() {
+            Ok(mut s) => *s = ids,
+            Err(poisoned) => *poisoned.into_inner() = ids,
+        }
+    }
+}
+
 /// The applied state.
 #[derive(Debug, Default)]
 struct State {
     sequencer: Sequencer,
+    registry: RollupRegistry,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     /// Batches committed but rejected for their content.
@@ -196,6 +233,15 @@ impl State {
             EntryPayload::Blank => {}
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(log_id), m.clone());
+            }
+            EntryPayload::Normal(command) if command.is_command() => {
+                let r = self
+                    .sequencer
+                    .apply_command(log_id.index, command.as_bytes());
+                if let Ok(crate::sequencer::CommandApplied::Registered { .. }) = r {
+                    self.registry.publish(&self.sequencer);
+                }
+                result.command = Some(r);
             }
             EntryPayload::Normal(batch) => {
                 match self.sequencer.apply_signed_batch(
@@ -327,6 +373,7 @@ impl StateMachine {
         };
         *sm.state.borrow_mut() = State {
             sequencer: decoded.sequencer,
+            registry: RollupRegistry::default(),
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
@@ -336,6 +383,16 @@ impl StateMachine {
             snapshot: blob,
         });
         Ok(sm)
+    }
+
+    /// Publishes the registered rollups to `registry` from now on (and at once).
+    pub fn with_registry(self, registry: RollupRegistry) -> Self {
+        {
+            let mut state = self.state.borrow_mut();
+            registry.publish(&state.sequencer);
+            state.registry = registry;
+        }
+        self
     }
 
     /// Position of the first transaction with this hash, if it was sequenced.
@@ -456,12 +513,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store
             .persist(meta.last_log_id, snapshot.clone())
             .await?;
-        *self.state.borrow_mut() = State {
+        let mut state = self.state.borrow_mut();
+        let registry = state.registry.clone();
+        registry.publish(&decoded.sequencer);
+        *state = State {
             sequencer: decoded.sequencer,
+            registry,
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
         };
+        drop(state);
         *self.current.borrow_mut() = Some(Snapshot {
             meta: meta.clone(),
             snapshot,

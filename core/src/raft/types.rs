@@ -55,11 +55,16 @@ pub type SnapshotBlob = Bytes;
 /// and replicates the batch with that [`SignedHeader`] (see `raft::log_store`). The optional
 /// [`SealTicket`] tells the proposer at that moment (the preconfirmation); it never leaves the
 /// process.
+///
+/// The same type carries the log's control commands ([`crate::command`]): a `BatchBytes` made
+/// with [`BatchBytes::command`] holds a command's bytes instead of a batch, is never signed, and
+/// is stored and replicated as its own entry kind.
 #[derive(Clone)]
 pub struct BatchBytes {
     bytes: Bytes,
     seal: Option<SignedHeader>,
     ticket: Option<SealTicket>,
+    command: bool,
 }
 
 /// One-shot notice of a batch's signed header, fired by the leader's log store when it appends
@@ -88,6 +93,19 @@ impl BatchBytes {
     /// [`BatchBytes::batch`] can read it in place.
     pub fn from_aligned<const ALIGNMENT: usize>(buf: AlignedVec<ALIGNMENT>) -> Self {
         Self::from(Bytes::from_owner(buf))
+    }
+
+    /// A control command's encoding ([`crate::command::Command::encode`]) as a log entry.
+    pub fn command(bytes: Vec<u8>) -> Self {
+        Self {
+            command: true,
+            ..Self::from(Bytes::from(bytes))
+        }
+    }
+
+    /// True for a control command, false for a transaction batch.
+    pub fn is_command(&self) -> bool {
+        self.command
     }
 
     /// The same batch carrying `seal`.
@@ -144,6 +162,7 @@ impl From<Bytes> for BatchBytes {
             bytes,
             seal: None,
             ticket: None,
+            command: false,
         }
     }
 }
@@ -151,7 +170,7 @@ impl From<Bytes> for BatchBytes {
 /// Equal bytes and seal (the ticket is a process-local notice, not part of the value).
 impl PartialEq for BatchBytes {
     fn eq(&self, other: &Self) -> bool {
-        self.bytes == other.bytes && self.seal == other.seal
+        self.bytes == other.bytes && self.seal == other.seal && self.command == other.command
     }
 }
 
@@ -159,6 +178,9 @@ impl Eq for BatchBytes {}
 
 impl fmt::Debug for BatchBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.command {
+            return write!(f, "Command({} bytes)", self.bytes.len());
+        }
         match &self.seal {
             Some(s) => write!(
                 f,
@@ -175,7 +197,10 @@ impl fmt::Debug for BatchBytes {
 /// openraft logs requests with `Display`; a batch shows as its size only.
 impl fmt::Display for BatchBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "batch of {} bytes", self.bytes.len())
+        match self.command {
+            true => write!(f, "command of {} bytes", self.bytes.len()),
+            false => write!(f, "batch of {} bytes", self.bytes.len()),
+        }
     }
 }
 
@@ -194,6 +219,8 @@ pub struct ApplyResult {
     pub rejected: bool,
     /// The leader's signed header of the batch (`None` if its leader had no key).
     pub seal: Option<SignedHeader>,
+    /// For a control command: what it did, or why every node rejected it.
+    pub command: Option<Result<crate::sequencer::CommandApplied, crate::command::CommandRejection>>,
 }
 
 #[cfg(test)]

@@ -6,10 +6,20 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use baton_core::command::{CommandRejection, RollupPolicy};
 use baton_core::node::{self, LocalRouter, NodeConfig, NodeHandle, Receipt, Role, SubmitError};
 use baton_core::TxHash;
 
 /// Runs `f` to completion on a glommio executor in this thread.
+/// The rollup the tests' transactions belong to.
+pub const TEST_ROLLUP: u64 = 1;
+/// Its policy: blocks every 50 ms.
+pub const TEST_POLICY: RollupPolicy = RollupPolicy {
+    block_time_ms: 50,
+    max_block_txs: 10_000,
+    reveal_window_blocks: 8,
+};
+
 pub fn run<T>(f: impl Future<Output = T>) -> T {
     glommio::LocalExecutorBuilder::default()
         .make()
@@ -100,8 +110,32 @@ impl Cluster {
         self.stopped.retain(|&s| s != id);
     }
 
-    /// Waits until some running node sees itself as leader; returns its id.
+    /// Waits until some running node sees itself as leader, and the test rollup (id 1) is
+    /// registered through the log and applied on every running node; returns the leader's id.
     pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let leader = self.wait_raft_leader(timeout).await;
+            let node = &self.nodes[&leader];
+            if node.is_registered(TEST_ROLLUP) {
+                return leader;
+            }
+            match node.register_rollup(TEST_ROLLUP, TEST_POLICY).await {
+                Ok(receipt) => {
+                    self.wait_all_applied(receipt.index, timeout).await;
+                    return leader;
+                }
+                Err(SubmitError::Command(CommandRejection::RollupExists { .. })) => return leader,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("registering the test rollup on {leader}: {e}; again");
+                }
+                Err(e) => panic!("cannot register the test rollup: {e}"),
+            }
+        }
+    }
+
+    /// Waits until some running node sees itself as leader; returns its id.
+    pub async fn wait_raft_leader(&self, timeout: Duration) -> u64 {
         let (&any, node) = self
             .nodes
             .iter()
@@ -192,7 +226,7 @@ impl Cluster {
             .map(|&id| (id, Log::read(&self.configs[&id].data_dir)))
             .collect();
         check_prefixes(&logs);
-        crate::check_receipts(&logs, receipts);
+        check_receipts(&logs, receipts);
     }
 }
 
@@ -277,4 +311,58 @@ pub fn check_prefixes(logs: &HashMap<u64, Log>) {
 pub fn wal_first_index(dir: &Path) -> u64 {
     let ins = baton_wal::inspect(dir).expect("inspect");
     ins.segments.first().map_or(0, |s| s.name_index)
+}
+
+/// Checks the receipts against the logs read back from the nodes' WAL directories.
+pub fn check_receipts(logs: &HashMap<u64, Log>, receipts: &[Receipt]) {
+    let mut seen: HashMap<TxHash, (u64, u32)> = HashMap::new();
+    let first_held = logs
+        .values()
+        .filter_map(|l| l.entries.keys().next().copied())
+        .min()
+        .unwrap_or(u64::MAX);
+    for r in receipts {
+        // Entries purged everywhere live on in snapshots; `stop_and_check` verified those
+        // receipts against every node's state machine.
+        if r.index() < first_held {
+            continue;
+        }
+        let found = logs.values().find_map(|log| log.tx_at(r.index(), r.offset));
+        let hash = found.unwrap_or_else(|| panic!("receipt {r:?} points at nothing"));
+        assert_eq!(
+            hash, r.tx_hash,
+            "receipt {r:?} points at another transaction"
+        );
+        if let Some(prev) = seen.insert(r.tx_hash, (r.index(), r.offset)) {
+            assert_eq!(
+                prev,
+                (r.index(), r.offset),
+                "one transaction, two positions"
+            );
+        }
+    }
+    // Exactly once: a receipt names the first position of its transaction in the log. A later
+    // copy (a retry or a resubmission through another node that reached the log) is a duplicate
+    // the state machine does not order again.
+    // The union of the logs (they agree where they overlap; each may have purged a different
+    // prefix), in index order.
+    let mut union = std::collections::BTreeMap::new();
+    for log in logs.values() {
+        for (index, hashes) in log.batches() {
+            union.entry(index).or_insert(hashes);
+        }
+    }
+    let mut first: HashMap<TxHash, (u64, u32)> = HashMap::new();
+    for (index, hashes) in union {
+        for (offset, h) in hashes.iter().enumerate() {
+            first.entry(*h).or_insert((index, offset as u32));
+        }
+    }
+    for r in receipts.iter().filter(|r| r.index() >= first_held) {
+        assert_eq!(
+            first.get(&r.tx_hash),
+            Some(&(r.index(), r.offset)),
+            "receipt {r:?} is not the first position of its transaction"
+        );
+    }
 }

@@ -1,0 +1,270 @@
+//! The Raft shard's side of rollups and reads: clients' control commands, the leader's block
+//! sealing loop, read barriers (`min_index`, linearizable) and reading a block's transactions
+//! back from the log.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use openraft::storage::RaftLogReader;
+
+use super::engine::{propose_entry, wait_for, Raft};
+use super::handle::{BlockTx, BlockTxs, CommandReceipt, Consistency, NodeStatus, Read, Role};
+use super::peer::{leader_read_index, Forwarder};
+use crate::block::SignedBlockHeader;
+use crate::command::{Command, CommandRejection};
+use crate::node::error::SubmitError;
+use crate::raft::state_machine::SequencerView;
+use crate::raft::{BatchBytes, LogReader};
+use crate::rollups::Block;
+use crate::sign::Signer;
+use crate::tx::Transaction;
+use crate::tx_kind::TxKind;
+
+/// How often the leader looks for blocks that are due.
+pub(crate) const SEAL_TICK: Duration = Duration::from_millis(5);
+
+/// Timings a proposal waits under: (lease wait, commit wait).
+pub(crate) type Waits = (Duration, Duration);
+
+/// A client's control command: checked against the applied state, then proposed here (leader
+/// only) and answered with what applying it did.
+pub(crate) async fn run_command(
+    raft: &Raft,
+    view: &SequencerView,
+    command: Command,
+    waits: Waits,
+) -> Result<CommandReceipt, SubmitError> {
+    if let Command::SealBlock(_) = command {
+        // Seal markers are the leader's own; a client cannot propose one.
+        return Err(SubmitError::Command(CommandRejection::StaleSeal {
+            rollup_id: 0,
+            height: 0,
+            reason: "seal markers are proposed by the leader only",
+        }));
+    }
+    view.with(|s| s.check_command(&command))
+        .map_err(SubmitError::Command)?;
+    if !raft.is_leader() {
+        let leader = super::engine::status_of(raft).leader;
+        return Err(SubmitError::NotLeader {
+            leader_hint: leader,
+        });
+    }
+    let (index, applied) =
+        propose_entry(raft, BatchBytes::command(command.encode()), waits).await?;
+    match applied.command {
+        Some(Ok(applied)) => Ok(CommandReceipt { index, applied }),
+        Some(Err(rejection)) => Err(SubmitError::Command(rejection)),
+        None => Err(SubmitError::Rejected { index }),
+    }
+}
+
+/// Waits until a read at `consistency` may be served here; returns the applied index then.
+pub(crate) async fn barrier(
+    raft: &Raft,
+    forwarder: Option<&Rc<dyn Forwarder>>,
+    consistency: Consistency,
+    timeout: Duration,
+) -> Result<(), SubmitError> {
+    let min_index = match consistency {
+        Consistency::Local => return Ok(()),
+        Consistency::MinIndex(i) => i,
+        Consistency::Linearizable => {
+            let status = super::engine::status_of(raft);
+            if status.role == Role::Leader {
+                leader_read_index(raft).await?
+            } else {
+                let Some(leader) = status.leader else {
+                    return Err(SubmitError::NotLeader { leader_hint: None });
+                };
+                let Some(forwarder) = forwarder else {
+                    return Err(SubmitError::NotLeader {
+                        leader_hint: Some(leader),
+                    });
+                };
+                let addr = super::engine::member_addr(raft, leader).unwrap_or_default();
+                let deadline = tokio_free_timeout(forwarder.read_index(leader, addr), timeout);
+                deadline.await.unwrap_or(Err(SubmitError::ReadTimeout {
+                    min_index: 0,
+                    applied: status.applied_index,
+                }))?
+            }
+        }
+    };
+    let applied = move |s: &NodeStatus| s.applied_index.is_some_and(|a| a >= min_index);
+    match wait_for(raft, Box::new(applied), timeout).await {
+        Ok(_) => Ok(()),
+        Err(s) => Err(SubmitError::ReadTimeout {
+            min_index,
+            applied: s.applied_index,
+        }),
+    }
+}
+
+/// `f`, or `None` once `timeout` passes (on the glommio timer).
+async fn tokio_free_timeout<T>(
+    f: impl std::future::Future<Output = T>,
+    timeout: Duration,
+) -> Option<T> {
+    let timer = glommio::timer::sleep(timeout);
+    futures_util::pin_mut!(f, timer);
+    match futures_util::future::select(f, timer).await {
+        futures_util::future::Either::Left((v, _)) => Some(v),
+        futures_util::future::Either::Right(_) => None,
+    }
+}
+
+/// The applied index as the view sees it (0 before anything was applied).
+pub(crate) fn applied_index(view: &SequencerView) -> u64 {
+    view.last_applied().map_or(0, |l| l.index)
+}
+
+/// Block `height` of `rollup_id` with its transactions, read from this node's log.
+pub(crate) async fn block_txs(
+    view: &SequencerView,
+    mut reader: LogReader,
+    rollup_id: u64,
+    height: u64,
+) -> Read<Option<BlockTxs>> {
+    let applied_index = applied_index(view);
+    let Some(block) = view.with(|s| s.rollups().rollup(rollup_id)?.block(height).copied()) else {
+        return Read {
+            applied_index,
+            value: None,
+        };
+    };
+    let txs = read_block_txs(view, &mut reader, &block).await;
+    Read {
+        applied_index,
+        value: Some(BlockTxs { block, txs }),
+    }
+}
+
+/// The block's transactions: those of its rollup from its first to its last position that were
+/// sequenced there (not duplicates). `None` if a batch in the range is gone from the log.
+async fn read_block_txs(
+    view: &SequencerView,
+    reader: &mut LogReader,
+    block: &Block,
+) -> Option<Vec<BlockTx>> {
+    let rollup_id = block.signed.header.rollup_id;
+    let want = block.signed.header.tx_count as usize;
+    let mut out = Vec::with_capacity(want);
+    for index in block.first.index..=block.last.index {
+        let entries = reader.try_get_log_entries(index..index + 1).await.ok()?;
+        let entry = entries.first()?;
+        let openraft::EntryPayload::Normal(batch) = &entry.payload else {
+            continue;
+        };
+        if batch.is_command() {
+            continue;
+        }
+        let archived = batch.batch().ok()?;
+        for (offset, tx) in archived.txs.iter().enumerate() {
+            let offset = offset as u32;
+            if tx.rollup_id() != rollup_id
+                || (index == block.first.index && offset < block.first.offset)
+                || (index == block.last.index && offset > block.last.offset)
+            {
+                continue;
+            }
+            let tx_hash = tx.tx_hash();
+            let first = view.with(|s| s.lookup(&tx_hash));
+            if first.map(|p| (p.index, p.offset)) != Some((index, offset)) {
+                continue; // a duplicate: its first occurrence is elsewhere
+            }
+            let kind = match tx.kind.key_commitment() {
+                Some(c) => TxKind::Encrypted { key_commitment: *c },
+                None => TxKind::Raw,
+            };
+            let plaintext = view.with(|s| match s.rollups().secret(&tx_hash).map(|s| &s.state) {
+                Some(crate::rollups::SecretState::Revealed { plaintext, .. }) => {
+                    Some(plaintext.clone())
+                }
+                _ => None,
+            });
+            out.push(BlockTx {
+                tx_hash,
+                index,
+                offset,
+                tx: Transaction {
+                    rollup_id,
+                    kind,
+                    bytes: tx.bytes.to_vec(),
+                },
+                plaintext,
+            });
+        }
+    }
+    (out.len() == want).then_some(out)
+}
+
+/// Microseconds since the Unix epoch.
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The leader's block sealer: every [`SEAL_TICK`], for each rollup with transactions waiting,
+/// seals a block when its policy says so (`max_block_txs` waiting, or `block_time_ms` since the
+/// previous block, or since this leader first saw the rollup's first waiting transaction),
+/// by proposing a seal marker with the header built from the applied state and signed.
+pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer, waits: Waits) {
+    // When this node, as leader, first saw transactions waiting in a rollup with no block yet.
+    let mut first_seen: HashMap<u64, Instant> = HashMap::new();
+    loop {
+        glommio::timer::sleep(SEAL_TICK).await;
+        if !raft.is_leader() {
+            first_seen.clear();
+            continue;
+        }
+        let now_us = wall_clock_us();
+        let now = Instant::now();
+        let due: Vec<_> = view.with(|s| {
+            s.rollups()
+                .iter()
+                .filter(|(_, r)| !r.pending().is_empty())
+                .filter_map(|(id, r)| {
+                    let p = r.policy;
+                    let full = r.pending().len() >= p.max_block_txs as usize;
+                    let period_us = u64::from(p.block_time_ms) * 1000;
+                    let timed = match r.blocks().last() {
+                        Some(b) => now_us >= b.signed.header.timestamp_us + period_us,
+                        None => {
+                            let seen = *first_seen.entry(id).or_insert(now);
+                            now.duration_since(seen)
+                                >= Duration::from_millis(p.block_time_ms.into())
+                        }
+                    };
+                    (full || timed).then(|| s.rollups().next_block(id, now_us))?
+                })
+                .collect()
+        });
+        for header in due {
+            let signed = SignedBlockHeader::sign(header, &signer);
+            let bytes = BatchBytes::command(Command::SealBlock(signed).encode());
+            match propose_entry(&raft, bytes, waits).await {
+                Ok((_, r)) => match r.command {
+                    Some(Ok(_)) => {
+                        first_seen.remove(&header.rollup_id);
+                    }
+                    Some(Err(e)) => tracing::debug!(
+                        rollup = header.rollup_id,
+                        height = header.height,
+                        error = %e,
+                        "seal marker refused"
+                    ),
+                    None => {}
+                },
+                Err(e) => tracing::debug!(
+                    rollup = header.rollup_id,
+                    height = header.height,
+                    error = %e,
+                    "seal marker not committed"
+                ),
+            }
+        }
+    }
+}
