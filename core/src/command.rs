@@ -127,6 +127,9 @@ pub enum CommandDecodeError {
     /// A malformed signed block header.
     #[error("seal marker: {0}")]
     BlockHeader(#[from] BlockHeaderError),
+    /// A remote node's description of a decode error (the wire carries the message only).
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl Command {

@@ -90,6 +90,26 @@ impl RollupState {
         self.blocks.get(i)
     }
 
+    /// Height of the block holding the transaction at `position` (which must be one of this
+    /// rollup's), `None` while it waits for a block.
+    pub fn height_of(&self, position: Position) -> Option<u64> {
+        let i = self.blocks.partition_point(|b| b.last < position);
+        let b = self.blocks.get(i)?;
+        (b.first <= position).then_some(i as u64 + 1)
+    }
+
+    /// What reads report about the rollup.
+    pub fn info(&self, rollup_id: u64) -> RollupInfo {
+        RollupInfo {
+            rollup_id,
+            policy: self.policy,
+            registered_at: self.registered_at,
+            height: self.height(),
+            pending_txs: self.pending.len() as u64,
+            sealed_txs: self.sealed_txs(),
+        }
+    }
+
     /// Transactions sealed in blocks.
     pub fn sealed_txs(&self) -> u64 {
         self.blocks
@@ -97,6 +117,23 @@ impl RollupState {
             .map(|b| u64::from(b.signed.header.tx_count))
             .sum()
     }
+}
+
+/// A rollup's registration and progress, as reads report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollupInfo {
+    /// Its id.
+    pub rollup_id: u64,
+    /// Its policy.
+    pub policy: RollupPolicy,
+    /// Raft index of its registration.
+    pub registered_at: u64,
+    /// Height of its last block (0: none yet).
+    pub height: u64,
+    /// Transactions waiting for a block.
+    pub pending_txs: u64,
+    /// Transactions in its blocks.
+    pub sealed_txs: u64,
 }
 
 /// What became of an encrypted transaction.

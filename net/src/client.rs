@@ -15,14 +15,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_core::node::{NodeStatus, Receipt, SubmitError};
+use baton_core::command::{Command, RollupPolicy};
+use baton_core::encrypted::KEY_BYTES;
+use baton_core::node::{CommandReceipt, Consistency, NodeStatus, Read, Receipt, SubmitError};
 use baton_core::AckLevel;
-use baton_core::Transaction;
+use baton_core::{Transaction, TxHash};
 use tokio::sync::oneshot;
 
 use crate::frame::FrameKind;
 use crate::msg::{
     ErrorCode, ErrorMsg, MsgError, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
+};
+use crate::rollup_msg::{
+    Answer, BlockEvent, CommandRequest, CommandResponse, Query, ReadRequest, ReadResponse,
+    SubscribeRequest,
 };
 use crate::stream::{write_frame, FrameReader, StreamError};
 use crate::tls::{self, TlsError};
@@ -89,6 +95,9 @@ pub enum ClientError {
     /// The request does not fit in one frame.
     #[error("request too large: {0}")]
     TooLarge(#[from] crate::frame::ProtocolError),
+    /// The node's answer could not be decoded.
+    #[error("undecodable answer: {0}")]
+    Undecodable(#[from] MsgError),
 }
 
 /// What went wrong on one attempt.
@@ -631,12 +640,272 @@ impl Client {
         })
     }
 
+    /// One request answered by one frame of kind `want`, retried (with backoff, within the
+    /// call budget) while the node cannot be reached or answers with a retryable `SubmitError`
+    /// (`retry` says which answers those are; a `NotLeader` hint moves the client first).
+    async fn call<T>(
+        &self,
+        kind: FrameKind,
+        want: FrameKind,
+        body: impl Fn(u64) -> Vec<u8>,
+        decode: impl Fn(&[u8]) -> Result<T, MsgError>,
+        retry: impl Fn(&T) -> Option<&SubmitError>,
+    ) -> Result<T, ClientError> {
+        let started = Instant::now();
+        let budget = Duration::from_millis(self.inner.options.call_budget_ms);
+        let mut last = String::new();
+        let mut attempts = 0;
+        while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
+            if attempts > 0 {
+                backoff(attempts).await;
+            }
+            attempts += 1;
+            let request_id = self.next_id();
+            let request = body(request_id);
+            crate::frame::frame_header(kind, request.len())?;
+            match self
+                .attempt(kind, &request, request_id, started + budget)
+                .await
+            {
+                Ok((k, answer)) if k == want => match decode(&answer) {
+                    Ok(v) => match retry(&v) {
+                        Some(e) if retryable(e) && attempts < self.inner.options.attempts_max => {
+                            last = e.to_string();
+                            if let SubmitError::NotLeader {
+                                leader_hint: Some(l),
+                            } = e
+                            {
+                                self.prefer_leader(*l).await;
+                            }
+                        }
+                        _ => return Ok(v),
+                    },
+                    Err(e) => last = e.to_string(),
+                },
+                Ok((k, _)) => last = format!("unexpected answer {k:?}"),
+                Err(AttemptError::Remote { code, message })
+                    if (AttemptError::Remote {
+                        code,
+                        message: String::new(),
+                    })
+                    .is_final() =>
+                {
+                    return Err(ClientError::Refused { code, message });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(ClientError::Exhausted {
+            attempts,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            last,
+        })
+    }
+
+    /// Proposes a control command through the leader (followed through `NotLeader` hints):
+    /// where it was applied and what it did, or [`ClientError::NotSequenced`] with the typed
+    /// reason it was refused (e.g. [`SubmitError::Command`]).
+    pub async fn command(&self, command: Command) -> Result<CommandReceipt, ClientError> {
+        let response = self
+            .call(
+                FrameKind::CommandRequest,
+                FrameKind::CommandResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    CommandRequest {
+                        request_id,
+                        command: command.clone(),
+                    }
+                    .encode(&mut body);
+                    body
+                },
+                CommandResponse::decode,
+                |r: &CommandResponse| r.result.as_ref().err(),
+            )
+            .await?;
+        response.result.map_err(ClientError::NotSequenced)
+    }
+
+    /// Registers a rollup (`baton admin rollup add`).
+    pub async fn register_rollup(
+        &self,
+        rollup_id: u64,
+        policy: RollupPolicy,
+    ) -> Result<CommandReceipt, ClientError> {
+        self.command(Command::RegisterRollup { rollup_id, policy })
+            .await
+    }
+
+    /// Reveals the key of an encrypted transaction; every node records its plaintext.
+    pub async fn reveal(
+        &self,
+        tx_hash: TxHash,
+        key: [u8; KEY_BYTES],
+    ) -> Result<CommandReceipt, ClientError> {
+        self.command(Command::Reveal { tx_hash, key }).await
+    }
+
+    /// A read on the connected node at `consistency` (the node waits at most `timeout` for it
+    /// to hold): the node's applied index and what it found.
+    pub async fn read(
+        &self,
+        query: Query,
+        consistency: Consistency,
+        timeout: Duration,
+    ) -> Result<Read<Answer>, ClientError> {
+        let response = self
+            .call(
+                FrameKind::ReadRequest,
+                FrameKind::ReadResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    ReadRequest {
+                        request_id,
+                        consistency,
+                        timeout,
+                        query,
+                    }
+                    .encode(&mut body);
+                    body
+                },
+                ReadResponse::decode,
+                |r: &ReadResponse| r.result.as_ref().err(),
+            )
+            .await?;
+        response.result.map_err(ClientError::NotSequenced)
+    }
+
+    /// Streams `rollup_id`'s blocks from `from_height` (1: the first), then each new block as
+    /// the connected node applies it. The stream resumes on another node after a lost
+    /// connection, from the next height it has not delivered.
+    pub fn subscribe_blocks(&self, rollup_id: u64, from_height: u64) -> BlockStream {
+        BlockStream {
+            client: self.clone(),
+            rollup_id,
+            next_height: from_height.max(1),
+            reader: None,
+        }
+    }
+
+    /// Opens a subscription stream on the current session.
+    async fn open_subscription(
+        &self,
+        rollup_id: u64,
+        from_height: u64,
+    ) -> Result<FrameReader, AttemptError> {
+        let session = self.session().await?;
+        let (mut send, recv) = session.conn.open_bi().await?;
+        let mut body = Vec::new();
+        SubscribeRequest {
+            request_id: self.next_id(),
+            rollup_id,
+            from_height,
+        }
+        .encode(&mut body);
+        write_frame(&mut send, FrameKind::SubscribeRequest, &body).await?;
+        Ok(FrameReader::new(recv))
+    }
+
     /// Closes the connection.
     pub async fn close(&self) {
         if let Some(s) = self.inner.session.lock().await.take() {
             s.conn.close(0u32.into(), b"bye");
         }
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// A block subscription (see [`Client::subscribe_blocks`]).
+pub struct BlockStream {
+    client: Client,
+    rollup_id: u64,
+    next_height: u64,
+    reader: Option<FrameReader>,
+}
+
+impl BlockStream {
+    /// The next block in height order, waiting for it to be sealed. Connection failures are
+    /// retried within the client's budget; a refusal (unknown rollup) is final.
+    pub async fn next(&mut self) -> Result<BlockEvent, ClientError> {
+        let started = Instant::now();
+        let budget = Duration::from_millis(self.client.inner.options.call_budget_ms);
+        let mut attempts = 0;
+        let mut last = String::new();
+        loop {
+            let reader = match self.reader.as_mut() {
+                Some(r) => r,
+                None => {
+                    if attempts > 0 && started.elapsed() >= budget {
+                        return Err(ClientError::Exhausted {
+                            attempts,
+                            elapsed_ms: started.elapsed().as_millis() as u64,
+                            last,
+                        });
+                    }
+                    if attempts > 0 {
+                        backoff(attempts).await;
+                    }
+                    attempts += 1;
+                    match self
+                        .client
+                        .open_subscription(self.rollup_id, self.next_height)
+                        .await
+                    {
+                        Ok(r) => self.reader.insert(r),
+                        Err(e) => {
+                            last = e.to_string();
+                            let eps = &self.client.inner.options.endpoints;
+                            let at =
+                                self.client.inner.next_endpoint.load(Ordering::Relaxed) % eps.len();
+                            self.client.fail_over(eps[at]).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match reader.next().await {
+                Ok(Some(f)) if f.kind == FrameKind::BlockEvent => {
+                    let event = BlockEvent::decode(&f.body)?;
+                    if event.block.block.signed.header.height != self.next_height {
+                        self.reader = None;
+                        last = "block out of order".into();
+                        continue;
+                    }
+                    self.next_height += 1;
+                    return Ok(event);
+                }
+                Ok(Some(f)) if f.kind == FrameKind::ReadResponse => {
+                    let r = ReadResponse::decode(&f.body)?;
+                    return Err(match r.result {
+                        Err(e) => ClientError::NotSequenced(e),
+                        Ok(_) => ClientError::Refused {
+                            code: ErrorCode::UnexpectedKind,
+                            message: "a read answer on a block stream".into(),
+                        },
+                    });
+                }
+                Ok(Some(f)) if f.kind == FrameKind::Error => {
+                    let e = ErrorMsg::decode(&f.body)?;
+                    return Err(ClientError::Refused {
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                Ok(other) => {
+                    last = format!("block stream ended: {:?}", other.map(|f| f.kind));
+                    self.reader = None;
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    self.reader = None;
+                }
+            }
+        }
+    }
+
+    /// Height of the next block this stream will deliver.
+    pub fn next_height(&self) -> u64 {
+        self.next_height
     }
 }
 

@@ -34,6 +34,18 @@ pub enum FrameKind {
     StatusResponse = 4,
     /// Either way: a typed error that ends the request.
     Error = 5,
+    /// Client → node: a control command (register a rollup, reveal a key).
+    CommandRequest = 6,
+    /// Node → client: the command's outcome.
+    CommandResponse = 7,
+    /// Client → node: a read (transaction, block, rollup) at a consistency level.
+    ReadRequest = 8,
+    /// Node → client: what the read found.
+    ReadResponse = 9,
+    /// Client → node, opening a stream of its own: a block subscription.
+    SubscribeRequest = 10,
+    /// Node → client: one block of a subscription.
+    BlockEvent = 11,
     /// Peer → peer: Raft AppendEntries.
     RaftAppend = 64,
     /// Peer → peer: Raft vote.
@@ -50,6 +62,10 @@ pub enum FrameKind {
     ForwardResponse = 70,
     /// Peer → peer: raw snapshot data following a `RaftSnapshot` header.
     RaftSnapshotChunk = 71,
+    /// Follower → leader: confirm leadership and send the read index.
+    ReadIndex = 72,
+    /// Leader → follower: the read index, or why there is none.
+    ReadIndexResponse = 73,
 }
 
 impl FrameKind {
@@ -62,6 +78,12 @@ impl FrameKind {
             3 => StatusRequest,
             4 => StatusResponse,
             5 => Error,
+            6 => CommandRequest,
+            7 => CommandResponse,
+            8 => ReadRequest,
+            9 => ReadResponse,
+            10 => SubscribeRequest,
+            11 => BlockEvent,
             64 => RaftAppend,
             65 => RaftVote,
             66 => RaftSnapshot,
@@ -70,6 +92,8 @@ impl FrameKind {
             69 => PeerHello,
             70 => ForwardResponse,
             71 => RaftSnapshotChunk,
+            72 => ReadIndex,
+            73 => ReadIndexResponse,
             _ => return None,
         })
     }

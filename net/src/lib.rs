@@ -12,11 +12,12 @@ pub mod frame;
 pub mod msg;
 pub mod node;
 pub mod peer;
+pub mod rollup_msg;
 pub mod server;
 pub mod stream;
 pub mod tls;
 
-pub use client::{Client, ClientError, ClientOptions};
+pub use client::{BlockStream, Client, ClientError, ClientOptions};
 pub use frame::{
     encode_frame, Frame, FrameDecoder, FrameKind, ProtocolError, FRAME_BYTES_MAX, WIRE_VERSION,
 };

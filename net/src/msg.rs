@@ -112,6 +112,9 @@ pub enum MsgError {
         /// The limit.
         max: usize,
     },
+    /// A control command that does not decode.
+    #[error("command: {0}")]
+    Command(baton_core::command::CommandDecodeError),
     /// A string field that is not UTF-8.
     #[error("{what} is not UTF-8")]
     BadUtf8 {
@@ -265,15 +268,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
+pub(crate) fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_option_u64(out: &mut Vec<u8>, v: Option<u64>) {
+pub(crate) fn put_option_u64(out: &mut Vec<u8>, v: Option<u64>) {
     match v {
         None => out.push(0),
         Some(v) => {
@@ -285,18 +288,18 @@ fn put_option_u64(out: &mut Vec<u8>, v: Option<u64>) {
 
 /// A length or count as a `u32` field; one past `u32::MAX` is written as `u32::MAX`, which every
 /// decoder refuses (its limits are far lower), so nothing over a limit is ever misread.
-fn len_u32(len: usize) -> u32 {
+pub(crate) fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// `[u32 len][utf-8]`, as it is: a decoder refuses a string over its field's limit.
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u32(out, len_u32(s.len()));
     out.extend_from_slice(s.as_bytes());
 }
 
 /// `[u32 len][utf-8]`, cut to at most `max` bytes at a char boundary.
-fn put_str_cut(out: &mut Vec<u8>, s: &str, max: usize) {
+pub(crate) fn put_str_cut(out: &mut Vec<u8>, s: &str, max: usize) {
     let mut len = s.len().min(max);
     while !s.is_char_boundary(len) {
         len -= 1;
@@ -315,6 +318,10 @@ const REJECTED: u8 = 4;
 const COMMIT_TIMEOUT: u8 = 5;
 const SHUTTING_DOWN: u8 = 6;
 const RECEIPT_UNAVAILABLE: u8 = 7;
+const UNKNOWN_ROLLUP: u8 = 8;
+const MALFORMED_CIPHERTEXT: u8 = 9;
+const COMMAND_REFUSED: u8 = 10;
+const READ_TIMEOUT: u8 = 11;
 
 const EMPTY_TX: u8 = 1;
 const TX_TOO_LARGE: u8 = 2;
@@ -349,6 +356,28 @@ pub fn encode_submit_error(e: &SubmitError, out: &mut Vec<u8>) {
         SubmitError::ReceiptUnavailable { index } => {
             out.push(RECEIPT_UNAVAILABLE);
             put_u64(out, *index);
+        }
+        SubmitError::UnknownRollup {
+            position,
+            rollup_id,
+        } => {
+            out.push(UNKNOWN_ROLLUP);
+            put_u64(out, *position as u64);
+            put_u64(out, *rollup_id);
+        }
+        SubmitError::MalformedCiphertext { position, len } => {
+            out.push(MALFORMED_CIPHERTEXT);
+            put_u64(out, *position as u64);
+            put_u64(out, *len as u64);
+        }
+        SubmitError::Command(rejection) => {
+            out.push(COMMAND_REFUSED);
+            crate::rollup_msg::encode_rejection(rejection, out);
+        }
+        SubmitError::ReadTimeout { min_index, applied } => {
+            out.push(READ_TIMEOUT);
+            put_u64(out, *min_index);
+            put_option_u64(out, *applied);
         }
     }
 }
@@ -399,6 +428,19 @@ pub fn decode_submit_error(r: &mut Reader<'_>) -> Result<SubmitError, MsgError> 
         },
         SHUTTING_DOWN => SubmitError::ShuttingDown,
         RECEIPT_UNAVAILABLE => SubmitError::ReceiptUnavailable { index: r.u64()? },
+        UNKNOWN_ROLLUP => SubmitError::UnknownRollup {
+            position: r.usize("unknown rollup position")?,
+            rollup_id: r.u64()?,
+        },
+        MALFORMED_CIPHERTEXT => SubmitError::MalformedCiphertext {
+            position: r.usize("ciphertext position")?,
+            len: r.usize("ciphertext length")?,
+        },
+        COMMAND_REFUSED => SubmitError::Command(crate::rollup_msg::decode_rejection(r)?),
+        READ_TIMEOUT => SubmitError::ReadTimeout {
+            min_index: r.u64()?,
+            applied: r.option_u64("read applied index")?,
+        },
         value => {
             return Err(MsgError::BadTag {
                 what: "submit error",
@@ -477,6 +519,44 @@ pub struct SubmitRequest {
     pub txs: Vec<Transaction>,
 }
 
+/// Appends `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
+pub(crate) fn put_tx(out: &mut Vec<u8>, tx: &Transaction) {
+    put_u64(out, tx.rollup_id);
+    match &tx.kind {
+        TxKind::Raw => out.push(TX_RAW),
+        TxKind::Encrypted { key_commitment } => {
+            out.push(TX_ENCRYPTED);
+            out.extend_from_slice(key_commitment);
+        }
+    }
+    put_u32(out, len_u32(tx.bytes.len()));
+    out.extend_from_slice(&tx.bytes);
+}
+
+/// Reads what [`put_tx`] wrote.
+pub(crate) fn read_tx(r: &mut Reader<'_>) -> Result<Transaction, MsgError> {
+    let rollup_id = r.u64()?;
+    let kind = match r.u8()? {
+        TX_RAW => TxKind::Raw,
+        TX_ENCRYPTED => TxKind::Encrypted {
+            key_commitment: r.array()?,
+        },
+        value => {
+            return Err(MsgError::BadTag {
+                what: "transaction kind",
+                value,
+            })
+        }
+    };
+    let len = r.u32()? as usize;
+    let bytes = r.take(len)?.to_vec();
+    Ok(Transaction {
+        rollup_id,
+        kind,
+        bytes,
+    })
+}
+
 impl SubmitRequest {
     /// Appends `[u64 request_id][u8 ack (0 committed, 1 preconfirmed)][u32 count]`, then per
     /// transaction `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
@@ -485,16 +565,7 @@ impl SubmitRequest {
         out.push(ack_byte(self.ack));
         put_u32(out, len_u32(self.txs.len()));
         for tx in &self.txs {
-            put_u64(out, tx.rollup_id);
-            match &tx.kind {
-                TxKind::Raw => out.push(TX_RAW),
-                TxKind::Encrypted { key_commitment } => {
-                    out.push(TX_ENCRYPTED);
-                    out.extend_from_slice(key_commitment);
-                }
-            }
-            put_u32(out, len_u32(tx.bytes.len()));
-            out.extend_from_slice(&tx.bytes);
+            put_tx(out, tx);
         }
     }
 
@@ -507,26 +578,7 @@ impl SubmitRequest {
         let count = r.count("submit transactions", SUBMIT_TXS_MAX, TX_MIN_BYTES)?;
         let mut txs = Vec::with_capacity(count);
         for _ in 0..count {
-            let rollup_id = r.u64()?;
-            let kind = match r.u8()? {
-                TX_RAW => TxKind::Raw,
-                TX_ENCRYPTED => TxKind::Encrypted {
-                    key_commitment: r.array()?,
-                },
-                value => {
-                    return Err(MsgError::BadTag {
-                        what: "transaction kind",
-                        value,
-                    })
-                }
-            };
-            let len = r.u32()? as usize;
-            let bytes = r.take(len)?.to_vec();
-            txs.push(Transaction {
-                rollup_id,
-                kind,
-                bytes,
-            });
+            txs.push(read_tx(&mut r)?);
         }
         r.finish()?;
         Ok(Self {

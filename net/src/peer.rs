@@ -278,7 +278,9 @@ async fn unary(
     let mut reader = FrameReader::peer(recv);
     let frame = reader.expect("response").await?;
     match frame.kind {
-        FrameKind::RaftResponse | FrameKind::ForwardResponse => Ok(frame.body),
+        FrameKind::RaftResponse | FrameKind::ForwardResponse | FrameKind::ReadIndexResponse => {
+            Ok(frame.body)
+        }
         FrameKind::Error => {
             let e = ErrorMsg::decode(&frame.body)?;
             Err(PeerError::Remote(format!("{:?}: {}", e.code, e.message)))
@@ -662,6 +664,31 @@ impl Forwarder for QuicForwarder {
                 Err(PeerError::Timeout { ms }) => Err(SubmitError::CommitTimeout { waited_ms: ms }),
                 Err(e) => {
                     tracing::debug!(leader, error = %e, "forwarding failed");
+                    Err(SubmitError::NotLeader { leader_hint: None })
+                }
+            }
+        })
+    }
+
+    fn read_index(
+        &self,
+        leader: u64,
+        addr: String,
+    ) -> LocalBoxFuture<'static, Result<u64, SubmitError>> {
+        let links = self.links.clone();
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let chunks = vec![Bytes::copy_from_slice(&request_id.to_le_bytes())];
+            let l = links.clone();
+            let call = async move {
+                let body = unary(l, leader, addr, FrameKind::ReadIndex, chunks).await?;
+                Ok(crate::rollup_msg::ReadIndexResponse::decode(&body)?)
+            };
+            match links.call(leader, FORWARD_TIMEOUT, call).await {
+                Ok(r) if r.request_id == request_id => r.result,
+                Ok(_) => Err(SubmitError::NotLeader { leader_hint: None }),
+                Err(e) => {
+                    tracing::debug!(leader, error = %e, "read index failed");
                     Err(SubmitError::NotLeader { leader_hint: None })
                 }
             }

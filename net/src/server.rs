@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_core::command::Command;
+use baton_core::node::{Consistency, Read, SubmitError};
 use baton_core::node::{NodeHandle, Rpc};
 use baton_core::raft::wire;
 use baton_core::raft::BatchBytes;
@@ -21,6 +23,10 @@ use crate::frame::{Frame, FrameKind, ProtocolError};
 use crate::msg::{
     ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, Hello, StatusRequest, StatusResponse,
     SubmitRequest, SubmitResponse,
+};
+use crate::rollup_msg::{
+    Answer, BlockEvent, CommandRequest, CommandResponse, Query, ReadRequest, ReadResponse,
+    SubscribeRequest,
 };
 use crate::stream::{write_frame, FrameReader, StreamError};
 use crate::tls::{ALPN_CLIENT, ALPN_PEER};
@@ -190,12 +196,16 @@ async fn client_stream(
     let (out_tx, mut out_rx) =
         tokio::sync::mpsc::channel::<(FrameKind, Vec<u8>)>(RESPONSES_QUEUED_MAX);
     let writer_ctx = ctx.clone();
+    // Set when the stream can no longer be written: block subscriptions stop.
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer_closed = closed.clone();
     let writer = tokio::spawn(async move {
         let mut broken = false;
         // Every answer leaves the in-flight count once written (or dropped: the stream broke).
         while let Some((kind, body)) = out_rx.recv().await {
             if !broken && write_frame(&mut send, kind, &body).await.is_err() {
                 broken = true;
+                writer_closed.store(true, std::sync::atomic::Ordering::Release);
             }
             writer_ctx.in_flight.leave();
         }
@@ -231,6 +241,15 @@ async fn client_stream(
         };
         let ctx = ctx.clone();
         let out = out_tx.clone();
+        if frame.kind == FrameKind::SubscribeRequest {
+            // Lives as long as the subscriber reads; holds its permit meanwhile.
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                subscription(&ctx, frame, out, closed).await;
+                drop(permit);
+            });
+            continue;
+        }
         ctx.in_flight.enter();
         tokio::spawn(async move {
             let response = client_request(&ctx.node, frame).await;
@@ -274,12 +293,173 @@ async fn client_request(node: &NodeHandle, frame: Frame) -> (FrameKind, Vec<u8>)
             },
             Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
         },
+        FrameKind::CommandRequest => match CommandRequest::decode(&frame.body) {
+            Ok(req) => {
+                let result = match req.command {
+                    Command::SealBlock(_) => Err(SubmitError::Command(
+                        baton_core::command::CommandRejection::StaleSeal {
+                            rollup_id: 0,
+                            height: 0,
+                            reason: "seal markers are proposed by the leader only",
+                        },
+                    )),
+                    command => node.command(command).await,
+                };
+                CommandResponse {
+                    request_id: req.request_id,
+                    result,
+                }
+                .encode(&mut body);
+                (FrameKind::CommandResponse, body)
+            }
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        FrameKind::ReadRequest => match ReadRequest::decode(&frame.body) {
+            Ok(req) => {
+                ReadResponse {
+                    request_id: req.request_id,
+                    result: read(node, &req).await,
+                }
+                .encode(&mut body);
+                (FrameKind::ReadResponse, body)
+            }
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
         kind => error_frame(
             request_id,
             ErrorCode::UnexpectedKind,
             format!("{kind:?} is not a client request"),
         ),
     }
+}
+
+/// Serves one read.
+async fn read(node: &NodeHandle, req: &ReadRequest) -> Result<Read<Answer>, SubmitError> {
+    let (c, t) = (req.consistency, req.timeout);
+    let answer = |r: Read<Answer>| r;
+    match req.query {
+        Query::Tx(h) => node.tx(h, c, t).await.map(|r| Read {
+            applied_index: r.applied_index,
+            value: Answer::Tx(r.value),
+        }),
+        Query::Block { rollup_id, height } => {
+            node.block(rollup_id, height, c, t).await.map(|r| Read {
+                applied_index: r.applied_index,
+                value: Answer::Block(r.value),
+            })
+        }
+        Query::Rollup(id) => node
+            .read(c, t, move |s| s.rollups().rollup(id).map(|r| r.info(id)))
+            .await
+            .map(|r| Read {
+                applied_index: r.applied_index,
+                value: Answer::Rollup(r.value),
+            }),
+        Query::Rollups => node
+            .read(c, t, |s| {
+                s.rollups()
+                    .iter()
+                    .take(crate::rollup_msg::ROLLUPS_MAX)
+                    .map(|(id, r)| r.info(id))
+                    .collect()
+            })
+            .await
+            .map(|r| Read {
+                applied_index: r.applied_index,
+                value: Answer::Rollups(r.value),
+            }),
+    }
+    .map(answer)
+}
+
+/// How long a subscription waits for the next applied entry before it looks again (and checks
+/// that its stream is still open).
+const SUBSCRIPTION_POLL: Duration = Duration::from_secs(1);
+
+/// A block subscription: the rollup's blocks from the requested height, then each new one as
+/// this node applies it, until the subscriber stops reading.
+async fn subscription(
+    ctx: &ServerContext,
+    frame: Frame,
+    out: tokio::sync::mpsc::Sender<(FrameKind, Vec<u8>)>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let send = |frame: (FrameKind, Vec<u8>)| {
+        ctx.in_flight.enter();
+        let out = out.clone();
+        async move {
+            let sent = out.send(frame).await.is_ok();
+            if !sent {
+                ctx.in_flight.leave();
+            }
+            sent
+        }
+    };
+    let req = match SubscribeRequest::decode(&frame.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = request_id_of(&frame.body);
+            send(error_frame(id, ErrorCode::Malformed, e.to_string())).await;
+            return;
+        }
+    };
+    let node = &ctx.node;
+    let mut next = req.from_height.max(1);
+    while !closed.load(std::sync::atomic::Ordering::Acquire) {
+        let read = match node
+            .block(req.rollup_id, next, Consistency::Local, SUBSCRIPTION_POLL)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let (kind, body) = submit_error_frame(req.request_id, &e);
+                send((kind, body)).await;
+                return;
+            }
+        };
+        match read.value {
+            Some(block) => {
+                let mut body = Vec::new();
+                BlockEvent {
+                    request_id: req.request_id,
+                    applied_index: read.applied_index,
+                    block,
+                }
+                .encode(&mut body);
+                if !send((FrameKind::BlockEvent, body)).await {
+                    return;
+                }
+                next += 1;
+            }
+            None if !node.is_registered(req.rollup_id) => {
+                let e =
+                    SubmitError::Command(baton_core::command::CommandRejection::UnknownRollup {
+                        rollup_id: req.rollup_id,
+                    });
+                send(submit_error_frame(req.request_id, &e)).await;
+                return;
+            }
+            None => {
+                let seen = read.applied_index;
+                let _ = node
+                    .wait_for(SUBSCRIPTION_POLL, move |s| {
+                        s.applied_index.is_some_and(|a| a > seen)
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// A typed submit error as an answer to `request_id`: a read response carrying it.
+fn submit_error_frame(request_id: u64, e: &SubmitError) -> (FrameKind, Vec<u8>) {
+    let mut body = Vec::new();
+    ReadResponse {
+        request_id,
+        result: Err(e.clone()),
+    }
+    .encode(&mut body);
+    (FrameKind::ReadResponse, body)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,6 +576,7 @@ async fn peer_stream(
         FrameKind::RaftVote => serve_vote(first, &mut send, inbound).await,
         FrameKind::RaftSnapshot => serve_snapshot(first, reader, &mut send, inbound).await,
         FrameKind::Forward => serve_forward(first, &mut send, inbound).await,
+        FrameKind::ReadIndex => serve_read_index(first, &mut send, inbound).await,
         kind => {
             let (k, body) = error_frame(
                 request_id_of(&first.body),
@@ -410,6 +591,24 @@ async fn peer_stream(
     if let Err(e) = result {
         tracing::debug!(error = %e, "peer stream failed");
     }
+}
+
+/// A follower's read index request: the leader confirms its leadership and answers the index.
+async fn serve_read_index(
+    first: Frame,
+    send: &mut quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let request_id = request_id_of(&first.body);
+    let (tx, rx) = futures_channel::oneshot::channel();
+    inbound
+        .send(Rpc::ReadIndex(tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let result = rx.await.unwrap_or(Err(SubmitError::ShuttingDown));
+    let mut body = Vec::new();
+    crate::rollup_msg::ReadIndexResponse { request_id, result }.encode(&mut body);
+    respond(send, FrameKind::ReadIndexResponse, &body).await
 }
 
 /// Why serving a peer stream stopped early.

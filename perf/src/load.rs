@@ -78,6 +78,10 @@ fn submit_error_type(e: &SubmitError) -> &'static str {
         SubmitError::CommitTimeout { .. } => "commit timeout",
         SubmitError::ShuttingDown => "shutting down",
         SubmitError::ReceiptUnavailable { .. } => "receipt unavailable",
+        SubmitError::UnknownRollup { .. } => "unknown rollup",
+        SubmitError::MalformedCiphertext { .. } => "malformed ciphertext",
+        SubmitError::Command(_) => "command refused",
+        SubmitError::ReadTimeout { .. } => "read timeout",
     }
 }
 
@@ -88,6 +92,7 @@ fn client_error_type(e: &ClientError) -> String {
         ClientError::Refused { code, .. } => format!("refused ({code:?})"),
         ClientError::NotSequenced(e) => submit_error_type(e).into(),
         ClientError::TooLarge(_) => "request too large".into(),
+        ClientError::Undecodable(_) => "undecodable answer".into(),
         ClientError::Tls(_) | ClientError::Io(_) | ClientError::NoEndpoints => {
             "client setup".into()
         }

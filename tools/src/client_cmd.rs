@@ -29,7 +29,8 @@ pub struct Target {
 }
 
 impl Target {
-    fn options(&self) -> Result<ClientOptions, String> {
+    /// Client options for the target.
+    pub fn options(&self) -> Result<ClientOptions, String> {
         match &self.cluster {
             Some(dir) => {
                 let path = dir.join("cluster.json");
@@ -95,7 +96,8 @@ pub fn parse_ack(s: &str) -> Result<AckLevel, String> {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// A current-thread tokio runtime for one command.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

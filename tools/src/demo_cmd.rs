@@ -163,6 +163,12 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     let leader = rt
         .block_on(wait_for_leader(&endpoints, &ca, Duration::from_secs(20)))
         .map_err(|e| format!("{e}; node logs are in {}", dir.display()))?;
+    rt.block_on(crate::rollup_cmd::register_rollups(
+        &endpoints,
+        &ca,
+        &[1],
+        crate::rollup_cmd::DEFAULT_POLICY,
+    ))?;
     println!(
         "demo: leader is node {leader} ({:.1} s); {:.0} s of closed-loop load through all nodes \
          ({} connections × {} requests × {} tx of {} B), {:.0} s warm-up first",

@@ -9,6 +9,7 @@ mod demo_cmd;
 mod keys_cmd;
 mod node_cmd;
 mod node_config;
+mod rollup_cmd;
 mod wal_cmd;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,19 @@ enum Command {
     Verify(keys_cmd::VerifyArgs),
     /// Start a local 3-node cluster, put it under load for 10 s, print the results, clean up.
     Demo(demo_cmd::DemoArgs),
+    /// Cluster administration (rollup registration).
+    Admin {
+        #[command(subcommand)]
+        command: rollup_cmd::AdminCommand,
+    },
+    /// Reveal an encrypted transaction's key; every node records its plaintext.
+    Reveal(rollup_cmd::RevealArgs),
+    /// Read a transaction's status: position, block, receipt, reveal.
+    Tx(rollup_cmd::TxArgs),
+    /// Read a rollup's block: signed header, metadata, transactions.
+    Block(rollup_cmd::BlockArgs),
+    /// Stream a rollup's blocks (history, then live), one JSON line each.
+    Blocks(rollup_cmd::BlocksArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,5 +81,10 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Keygen(args) => keys_cmd::run_keygen(args),
         Command::Verify(args) => keys_cmd::run_verify(args),
+        Command::Admin { command } => rollup_cmd::run_admin(command),
+        Command::Reveal(args) => rollup_cmd::run_reveal(args),
+        Command::Tx(args) => rollup_cmd::run_tx(args),
+        Command::Block(args) => rollup_cmd::run_block(args),
+        Command::Blocks(args) => rollup_cmd::run_blocks(args),
     }
 }

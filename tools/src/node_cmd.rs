@@ -117,6 +117,10 @@ pub struct ClusterUpArgs {
     /// Give up waiting for a leader after this long.
     #[arg(long, default_value_t = 30_000)]
     leader_timeout_ms: u64,
+    /// Rollups to register once a leader is elected (comma-separated ids; empty for none),
+    /// with the default policy of `baton admin rollup add`.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    rollups: Vec<u64>,
 }
 
 /// `baton cluster`
@@ -142,6 +146,9 @@ pub struct ClusterInfo {
     pub nodes: Vec<NodeInfo>,
     /// The leader when the cluster came up.
     pub leader: u64,
+    /// Rollups registered when the cluster came up.
+    #[serde(default)]
+    pub rollups: Vec<u64>,
 }
 
 /// One node of a local cluster.
@@ -406,6 +413,17 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let registered = rt.block_on(crate::rollup_cmd::register_rollups(
+        &endpoints,
+        &ca,
+        &args.rollups,
+        crate::rollup_cmd::DEFAULT_POLICY,
+    ));
+    if let Err(e) = registered {
+        eprintln!("baton cluster up: {e}; node logs are in {}", dir.display());
+        stop_children(&mut children, Duration::from_secs(5));
+        return ExitCode::from(1);
+    }
     let info = ClusterInfo {
         cluster_id: "baton-local".into(),
         ca_cert: ca,
@@ -413,6 +431,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         client_key,
         nodes: infos,
         leader,
+        rollups: args.rollups.clone(),
     };
     let json = serde_json::to_string(&info).expect("serializable");
     let _ = std::fs::write(dir.join("cluster.json"), &json);
@@ -420,8 +439,9 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         println!("{json}");
     } else {
         println!(
-            "baton cluster up: {} nodes, leader {leader}",
-            info.nodes.len()
+            "baton cluster up: {} nodes, leader {leader}, rollups {:?}",
+            info.nodes.len(),
+            info.rollups
         );
         for n in &info.nodes {
             println!(

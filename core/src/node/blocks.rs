@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use openraft::storage::RaftLogReader;
 
 use super::engine::{propose_entry, wait_for, Raft};
-use super::handle::{BlockTx, BlockTxs, CommandReceipt, Consistency, NodeStatus, Read, Role};
+use super::handle::{
+    BlockTx, BlockTxs, CommandReceipt, Consistency, NodeStatus, Read, Reveal, Role, TxInfo,
+};
 use super::peer::{leader_read_index, Forwarder};
 use crate::block::SignedBlockHeader;
 use crate::command::{Command, CommandRejection};
+use crate::hash::TxHash;
 use crate::node::error::SubmitError;
 use crate::raft::state_machine::SequencerView;
 use crate::raft::{BatchBytes, LogReader};
@@ -198,6 +201,79 @@ async fn read_block_txs(
         }
     }
     (out.len() == want).then_some(out)
+}
+
+/// A transaction's status: its position from the state machine, its rollup and receipt from
+/// its batch in the log, its block and reveal status from the rollup state.
+pub(crate) async fn tx_info(
+    raft: &Raft,
+    view: &SequencerView,
+    mut reader: LogReader,
+    tx_hash: TxHash,
+) -> Read<Option<TxInfo>> {
+    let applied_index = applied_index(view);
+    let Some(position) = view.with(|s| s.lookup(&tx_hash)) else {
+        return Read {
+            applied_index,
+            value: None,
+        };
+    };
+    let (secret_rollup, reveal) = view.with(|s| match s.rollups().secret(&tx_hash) {
+        Some(secret) => (
+            Some(secret.rollup_id),
+            Some(match &secret.state {
+                crate::rollups::SecretState::Sealed { .. } => Reveal::Pending,
+                crate::rollups::SecretState::Revealed {
+                    plaintext,
+                    revealed_at,
+                    ..
+                } => Reveal::Revealed {
+                    plaintext: plaintext.clone(),
+                    revealed_at: *revealed_at,
+                },
+                crate::rollups::SecretState::Expired => Reveal::Expired,
+            }),
+        ),
+        None => (None, None),
+    });
+    let rollup_id = match secret_rollup {
+        Some(r) => Some(r),
+        None => rollup_in_log(&mut reader, position).await,
+    };
+    let block_height = rollup_id
+        .and_then(|r| view.with(|s| s.rollups().rollup(r).and_then(|r| r.height_of(position))));
+    let receipt = super::engine::receipt_of(raft, reader, tx_hash)
+        .await
+        .unwrap_or(Err(SubmitError::ReceiptUnavailable {
+            index: position.index,
+        }));
+    Read {
+        applied_index,
+        value: Some(TxInfo {
+            index: position.index,
+            offset: position.offset,
+            rollup_id,
+            block_height,
+            receipt,
+            reveal,
+        }),
+    }
+}
+
+/// The rollup of the transaction at `position`, from its batch in the log.
+async fn rollup_in_log(
+    reader: &mut LogReader,
+    position: crate::sequencer::Position,
+) -> Option<u64> {
+    let entries = reader
+        .try_get_log_entries(position.index..position.index + 1)
+        .await
+        .ok()?;
+    let openraft::EntryPayload::Normal(batch) = &entries.first()?.payload else {
+        return None;
+    };
+    let archived = batch.batch().ok()?;
+    Some(archived.txs.get(position.offset as usize)?.rollup_id())
 }
 
 /// Microseconds since the Unix epoch.

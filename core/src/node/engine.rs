@@ -884,6 +884,20 @@ async fn raft_shard<F>(
                 })
                 .detach();
             }
+            Control::Tx(tx_hash, consistency, timeout, reply) => {
+                let (raft, view, forwarder) = (raft.clone(), view.clone(), forwarder.clone());
+                let reader = log_reader.clone();
+                glommio::spawn_local(async move {
+                    let barrier =
+                        super::blocks::barrier(&raft, forwarder.as_ref(), consistency, timeout);
+                    let r = match barrier.await {
+                        Ok(()) => Ok(super::blocks::tx_info(&raft, &view, reader, tx_hash).await),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                })
+                .detach();
+            }
             Control::ReadIndex(reply) => {
                 let raft = raft.clone();
                 glommio::spawn_local(async move {
@@ -976,7 +990,7 @@ async fn sequence(
 
 /// The committed receipt of `tx_hash`: its position and signed header from the state machine,
 /// its Merkle path from the batch in the log. `None` if this node has not applied it.
-async fn receipt_of(
+pub(crate) async fn receipt_of(
     raft: &openraft::Raft<TypeConfig, Sm>,
     mut reader: crate::raft::LogReader,
     tx_hash: TxHash,

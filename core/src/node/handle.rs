@@ -152,6 +152,13 @@ pub(crate) enum Control {
         std::time::Duration,
         oneshot::Sender<Result<Read<Option<BlockTxs>>, SubmitError>>,
     ),
+    /// A transaction's status.
+    Tx(
+        TxHash,
+        Consistency,
+        std::time::Duration,
+        oneshot::Sender<Result<Read<Option<TxInfo>>, SubmitError>>,
+    ),
     /// The leader's read index (for a follower's linearizable read).
     ReadIndex(oneshot::Sender<Result<u64, SubmitError>>),
     Shutdown(oneshot::Sender<()>),
@@ -206,6 +213,39 @@ pub struct BlockTx {
     pub tx: Transaction,
     /// The plaintext of a revealed encrypted transaction.
     pub plaintext: Option<Vec<u8>>,
+}
+
+/// What became of an encrypted transaction, as reads report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reveal {
+    /// Waiting for its key.
+    Pending,
+    /// Revealed: the plaintext recorded through the log.
+    Revealed {
+        /// The decrypted transaction.
+        plaintext: Vec<u8>,
+        /// Raft index of the reveal.
+        revealed_at: u64,
+    },
+    /// Not revealed within the reveal window.
+    Expired,
+}
+
+/// A sequenced transaction's status on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxInfo {
+    /// Raft index of its batch.
+    pub index: u64,
+    /// Its offset in that batch.
+    pub offset: u32,
+    /// Its rollup (`None` if this node purged its batch and it is not encrypted).
+    pub rollup_id: Option<u64>,
+    /// Height of the block holding it, once sealed.
+    pub block_height: Option<u64>,
+    /// Its committed receipt, or why this node cannot build one.
+    pub receipt: Result<Receipt, SubmitError>,
+    /// For an encrypted transaction: its reveal status.
+    pub reveal: Option<Reveal>,
 }
 
 /// A sealed block with its transactions.
@@ -396,6 +436,23 @@ impl NodeHandle {
                 timeout,
                 tx,
             ))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
+    /// A sequenced transaction's status: position, block, receipt, reveal (`None` if this node
+    /// has not sequenced it).
+    pub async fn tx(
+        &self,
+        tx_hash: TxHash,
+        consistency: Consistency,
+        timeout: std::time::Duration,
+    ) -> Result<Read<Option<TxInfo>>, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::Tx(tx_hash, consistency, timeout, tx))
             .await
             .map_err(|_| SubmitError::ShuttingDown)?;
         rx.await.map_err(|_| SubmitError::ShuttingDown)?

@@ -13,7 +13,7 @@ pub use engine::{start, start_with, Network, Peers};
 pub use error::{NodeError, SubmitError};
 pub use handle::{
     BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, NodeHandle, NodeStatus,
-    PeerProgress, Read, Receipt, Role,
+    PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
