@@ -129,7 +129,13 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         }
     };
     let base_port = free_base_port(args.nodes as u16).ok_or("no free UDP port range")?;
-    let prepared = prepare_cluster(&dir, args.nodes, base_port, args.shards)?;
+    let prepared = prepare_cluster(
+        &dir,
+        args.nodes,
+        base_port,
+        args.shards,
+        &Default::default(),
+    )?;
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
     println!(
         "demo: starting {} nodes on 127.0.0.1:{base_port}.. in {}",

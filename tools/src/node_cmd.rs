@@ -121,6 +121,9 @@ pub struct ClusterUpArgs {
     /// with the default policy of `baton admin rollup add`.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     rollups: Vec<u64>,
+    /// Lower bound of the nodes' randomized election timeout (the upper bound is twice it).
+    #[arg(long, default_value_t = crate::node_config::RaftFile::default().election_timeout_min_ms)]
+    election_timeout_min_ms: u64,
 }
 
 /// `baton cluster`
@@ -196,6 +199,7 @@ pub fn prepare_cluster(
     nodes: u64,
     base_port: u16,
     shards: usize,
+    raft: &crate::node_config::RaftFile,
 ) -> Result<Vec<PreparedNode>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir
@@ -244,7 +248,7 @@ pub fn prepare_cluster(
                 key,
             },
             peers: peers.clone(),
-            raft: Default::default(),
+            raft: raft.clone(),
             batch: Default::default(),
             limits: Default::default(),
         };
@@ -347,7 +351,13 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         eprintln!("baton cluster up: --nodes must be 1 to 7");
         return ExitCode::from(2);
     }
-    let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards) {
+    let raft = crate::node_config::RaftFile {
+        election_timeout_min_ms: args.election_timeout_min_ms,
+        election_timeout_max_ms: 2 * args.election_timeout_min_ms,
+        ..Default::default()
+    };
+    let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards, &raft)
+    {
         Ok(p) => p,
         Err(e) => {
             eprintln!("baton cluster up: {e}");

@@ -108,9 +108,13 @@ impl ReadOpts {
     }
 
     fn read(&self, query: Query) -> Result<(u64, Answer), String> {
-        let client = self.client()?;
+        let rt = runtime();
+        let client = {
+            let _in_runtime = rt.enter();
+            self.client()?
+        };
         let wait = Duration::from_millis(self.wait_ms);
-        let read = runtime().block_on(client.read(query, self.consistency(), wait));
+        let read = rt.block_on(client.read(query, self.consistency(), wait));
         let read = read.map_err(|e| e.to_string())?;
         Ok((read.applied_index, read.value))
     }
@@ -175,6 +179,12 @@ pub struct BlocksArgs {
     /// Stop after this many blocks (default: follow until interrupted).
     #[arg(long)]
     count: Option<u64>,
+}
+
+/// A client of `target`, made inside `rt` (the QUIC endpoint needs a runtime).
+fn connect(rt: &tokio::runtime::Runtime, target: &Target) -> Result<Client, String> {
+    let _in_runtime = rt.enter();
+    Client::new(target.options()?).map_err(|e| e.to_string())
 }
 
 fn parse_hash(s: &str) -> Result<TxHash, String> {
@@ -295,15 +305,12 @@ fn add(a: AddArgs) -> ExitCode {
         eprintln!("baton admin rollup add: {e}");
         return ExitCode::from(2);
     }
-    let client = match a
-        .target
-        .options()
-        .and_then(|o| Client::new(o).map_err(|e| e.to_string()))
-    {
+    let rt = runtime();
+    let client = match connect(&rt, &a.target) {
         Ok(c) => c,
         Err(e) => return fail("admin rollup add", e),
     };
-    match runtime().block_on(client.register_rollup(a.id, policy)) {
+    match rt.block_on(client.register_rollup(a.id, policy)) {
         Ok(r) => {
             if a.json {
                 println!(
@@ -367,15 +374,12 @@ pub fn run_reveal(a: RevealArgs) -> ExitCode {
         eprintln!("baton reveal: --key: bad hex: {e}");
         return ExitCode::from(2);
     }
-    let client = match a
-        .target
-        .options()
-        .and_then(|o| Client::new(o).map_err(|e| e.to_string()))
-    {
+    let rt = runtime();
+    let client = match connect(&rt, &a.target) {
         Ok(c) => c,
         Err(e) => return fail("reveal", e),
     };
-    match runtime().block_on(client.reveal(tx, key)) {
+    match rt.block_on(client.reveal(tx, key)) {
         Ok(r) => {
             debug_assert!(matches!(r.applied, CommandApplied::Revealed { .. }));
             if a.json {
@@ -462,15 +466,11 @@ pub fn run_block(a: BlockArgs) -> ExitCode {
 
 /// Runs `baton blocks`: one JSON line per block, replaying from `--from` and following.
 pub fn run_blocks(a: BlocksArgs) -> ExitCode {
-    let client = match a
-        .target
-        .options()
-        .and_then(|o| Client::new(o).map_err(|e| e.to_string()))
-    {
+    let rt = runtime();
+    let client = match connect(&rt, &a.target) {
         Ok(c) => c,
         Err(e) => return fail("blocks", e),
     };
-    let rt = runtime();
     let mut stream = client.subscribe_blocks(a.rollup, a.from);
     let mut n = 0;
     while a.count.is_none_or(|c| n < c) {

@@ -258,6 +258,10 @@ pub struct BlockTxs {
     pub txs: Option<Vec<BlockTx>>,
 }
 
+/// How long a submission waits to confirm through the leader that a rollup it does not know is
+/// unknown cluster-wide.
+const UNKNOWN_ROLLUP_CONFIRM: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A condition on a node's status, evaluated on every Raft metrics change.
 pub type StatusCondition = Box<dyn Fn(&NodeStatus) -> bool + Send>;
 
@@ -308,12 +312,26 @@ impl NodeHandle {
         let mut groups: Vec<Vec<(usize, Transaction)>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
         let mut out: Vec<Result<Receipt, SubmitError>> = vec![Err(SubmitError::ShuttingDown); n];
+        // A rollup this node does not know may be one it has not applied yet (it just
+        // restarted, or lags): before refusing, confirm through the leader (a linearizable read
+        // barrier) that it is unknown as of now.
+        let confirmed = if txs.iter().any(|t| !self.registry.contains(t.rollup_id)) {
+            self.read(Consistency::Linearizable, UNKNOWN_ROLLUP_CONFIRM, |_| ())
+                .await
+                .err()
+        } else {
+            None
+        };
         self.registry.with(|registered| {
             for (i, tx) in txs.into_iter().enumerate() {
                 if !registered.contains(&tx.rollup_id) {
-                    out[i] = Err(SubmitError::UnknownRollup {
-                        position: i,
-                        rollup_id: tx.rollup_id,
+                    out[i] = Err(match &confirmed {
+                        // Could not confirm: the outcome is open, the client may retry.
+                        Some(_) => SubmitError::NotLeader { leader_hint: None },
+                        None => SubmitError::UnknownRollup {
+                            position: i,
+                            rollup_id: tx.rollup_id,
+                        },
                     });
                 } else if matches!(tx.kind, TxKind::Encrypted { .. })
                     && tx.bytes.len() < OVERHEAD_BYTES

@@ -76,8 +76,14 @@ impl Drop for ClusterUp {
 impl ClusterUp {
     /// Runs `baton cluster up --json` and waits (bounded) for its endpoints line.
     pub fn start(dir: &Path, nodes: u64, base_port: u16) -> ClusterUp {
+        Self::start_with(dir, nodes, base_port, &[])
+    }
+
+    /// [`ClusterUp::start`] with more `cluster up` arguments.
+    pub fn start_with(dir: &Path, nodes: u64, base_port: u16, extra: &[&str]) -> ClusterUp {
         let mut process = Command::new(BATON)
             .args(["cluster", "up", "--json", "--nodes", &nodes.to_string()])
+            .args(extra)
             .arg("--dir")
             .arg(dir)
             .args(["--base-port", &base_port.to_string()])
@@ -147,6 +153,14 @@ impl ClusterUp {
         o.attempts_max = 3;
         o.call_budget_ms = 3_000;
         Client::new(o).expect("client")
+    }
+
+    /// Sends `signal` to node `id`'s process.
+    pub fn signal(&self, id: u64, signal: libc::c_int) {
+        let pid = self.node(id).pid;
+        // SAFETY: kill(2) on a pid of a node process this test started (through cluster up).
+        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "signal {signal} to node {id} (pid {pid})");
     }
 
     /// SIGKILLs node `id`'s process.
