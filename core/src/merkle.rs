@@ -55,7 +55,7 @@ pub fn empty_root() -> [u8; 32] {
 ///
 /// Keeps the roots of the perfect subtrees seen so far (sizes are the set bits of the leaf
 /// count, largest first); folding them right to left gives exactly the RFC 6962 root.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MerkleAccumulator {
     /// Roots of complete subtrees, largest (leftmost) first; `count.count_ones()` are in use.
     stack: [[u8; 32]; ACCUMULATOR_DEPTH_MAX],

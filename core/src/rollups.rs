@@ -25,7 +25,7 @@ use crate::block::{BlockHeader, BlockMeta, SignedBlockHeader, SIGNED_BLOCK_HEADE
 use crate::command::{CommandRejection, RollupPolicy};
 use crate::encrypted::{self, KEY_BYTES};
 use crate::hash::TxHash;
-use crate::merkle::merkle_root;
+use crate::merkle::MerkleAccumulator;
 use crate::sequencer::{Position, SnapshotError};
 
 /// A transaction waiting for its rollup's next block.
@@ -66,9 +66,26 @@ pub struct RollupState {
     /// Encrypted transactions in a sealed block still waiting for their key, by block height.
     /// Derived from `Rollups::secrets`; rebuilt when a snapshot is read.
     unrevealed: BTreeMap<u64, BTreeSet<TxHash>>,
+    /// The pending transactions cut into runs of `max_block_txs` (the last one shorter), each
+    /// with the Merkle accumulator of its leaves: the next block is always exactly the first
+    /// run, so its root costs nothing at seal time. Derived from `pending`.
+    runs: VecDeque<MerkleAccumulator>,
 }
 
 impl RollupState {
+    /// Adds the leaf of the newest pending transaction to the last run (or a new one).
+    fn push_leaf(&mut self, leaf: [u8; 32]) {
+        let max = u64::from(self.policy.max_block_txs);
+        match self.runs.back_mut() {
+            Some(run) if run.count() < max => run.push_leaf_hash(leaf),
+            _ => {
+                let mut run = MerkleAccumulator::new();
+                run.push_leaf_hash(leaf);
+                self.runs.push_back(run);
+            }
+        }
+    }
+
     /// Transactions waiting for a block, oldest first.
     pub fn pending(&self) -> &VecDeque<PendingTx> {
         &self.pending
@@ -249,18 +266,21 @@ impl Rollups {
                 pending: VecDeque::new(),
                 blocks: Vec::new(),
                 unrevealed: BTreeMap::new(),
+                runs: VecDeque::new(),
             },
         );
         Ok(())
     }
 
-    /// A transaction sequenced at `position` for the first time. `commitment` is its key
-    /// commitment if it is encrypted, and `bytes` its ciphertext.
+    /// A transaction sequenced at `position` for the first time. `leaf` is its Merkle leaf
+    /// hash (`merkle::leaf_hash(tx_hash)`, which the caller computed for the batch root),
+    /// `commitment` its key commitment if it is encrypted, and `bytes` its ciphertext.
     pub fn order(
         &mut self,
         rollup_id: u64,
         position: Position,
         tx_hash: TxHash,
+        leaf: [u8; 32],
         commitment: Option<&[u8; 32]>,
         bytes: &[u8],
     ) {
@@ -273,6 +293,7 @@ impl Rollups {
             position,
             encrypted: commitment.is_some(),
         });
+        rollup.push_leaf(leaf);
         if let Some(commitment) = commitment {
             self.secrets.insert(
                 tx_hash,
@@ -293,22 +314,24 @@ impl Rollups {
     /// `max_block_txs` pending transactions. `None` if nothing is pending.
     pub fn next_block(&self, rollup_id: u64, now_us: u64) -> Option<BlockHeader> {
         let rollup = self.rollups.get(&rollup_id)?;
-        let n = rollup
-            .pending
-            .len()
-            .min(rollup.policy.max_block_txs as usize);
-        if n == 0 {
-            return None;
-        }
-        let txs: Vec<PendingTx> = rollup.pending.iter().take(n).copied().collect();
+        // The first run holds exactly min(pending, max_block_txs) transactions.
+        let run = rollup.runs.front()?;
+        let n = run.count() as usize;
+        debug_assert_eq!(
+            n,
+            rollup
+                .pending
+                .len()
+                .min(rollup.policy.max_block_txs as usize)
+        );
         let parent = rollup.blocks.last().map(|b| b.signed.header);
         Some(BlockHeader {
             rollup_id,
             height: rollup.height() + 1,
             parent_hash: parent.map_or([0; 32], |p| p.digest()),
-            first_batch: txs[0].position.index,
-            last_batch: txs[n - 1].position.index,
-            tx_merkle_root: merkle_root(&txs.iter().map(|t| t.tx_hash).collect::<Vec<_>>()),
+            first_batch: rollup.pending[0].position.index,
+            last_batch: rollup.pending[n - 1].position.index,
+            tx_merkle_root: run.root(),
             tx_count: n as u32,
             timestamp_us: now_us.max(parent.map_or(0, |p| p.timestamp_us)),
         })
@@ -342,16 +365,16 @@ impl Rollups {
         if h.timestamp_us < parent.map_or(0, |p| p.timestamp_us) {
             return Err(stale("time is before the parent's"));
         }
+        // A block is always the first run: min(pending, max_block_txs) transactions.
         let n = h.tx_count as usize;
-        if n == 0 || n > rollup.pending.len() || h.tx_count > rollup.policy.max_block_txs {
+        let Some(run) = rollup.runs.front().filter(|r| r.count() == n as u64) else {
             return Err(stale("transaction count is not what is pending"));
-        }
+        };
         let (first, last) = (rollup.pending[0].position, rollup.pending[n - 1].position);
         if (h.first_batch, h.last_batch) != (first.index, last.index) {
             return Err(stale("batch range is not that of the pending transactions"));
         }
-        let hashes: Vec<TxHash> = rollup.pending.iter().take(n).map(|t| t.tx_hash).collect();
-        if merkle_root(&hashes) != h.tx_merkle_root {
+        if run.root() != h.tx_merkle_root {
             return Err(stale("Merkle root is not that of the pending transactions"));
         }
         signed
@@ -361,6 +384,7 @@ impl Rollups {
         // Valid: from here on nothing fails.
         let height = h.height;
         let mut meta = BlockMeta::default();
+        rollup.runs.pop_front();
         for tx in rollup.pending.drain(..n).filter(|t| t.encrypted) {
             meta.encrypted += 1;
             let secret = self
@@ -604,16 +628,23 @@ impl Rollups {
                 }
                 blocks.push(block);
             }
-            rollups.insert(
-                id,
-                RollupState {
-                    policy,
-                    registered_at,
-                    pending,
-                    blocks,
-                    unrevealed: BTreeMap::new(),
-                },
-            );
+            let mut state = RollupState {
+                policy,
+                registered_at,
+                pending,
+                blocks,
+                unrevealed: BTreeMap::new(),
+                runs: VecDeque::new(),
+            };
+            let leaves: Vec<[u8; 32]> = state
+                .pending
+                .iter()
+                .map(|p| crate::merkle::leaf_hash(&p.tx_hash))
+                .collect();
+            for leaf in leaves {
+                state.push_leaf(leaf);
+            }
+            rollups.insert(id, state);
         }
         let mut secrets = HashMap::new();
         let mut prev: Option<TxHash> = None;
@@ -857,7 +888,7 @@ mod tests {
         assert_eq!((h.first_batch, h.last_batch), (b1, b2));
         assert_eq!(
             h.tx_merkle_root,
-            merkle_root(&[TxHash::of(b"a"), TxHash::of(b"b"), TxHash::of(b"c")])
+            crate::merkle::merkle_root(&[TxHash::of(b"a"), TxHash::of(b"b"), TxHash::of(b"c")])
         );
         assert_eq!(block.signed.signer().unwrap(), l.signer.address());
         assert_eq!(rollup(&l, 1).pending().len(), 1);

@@ -311,11 +311,14 @@ impl Sequencer {
         let batch = access_batch(batch_bytes)
             .map_err(|source| SequencerError::InvalidBatch { index, source })?;
         let mut hashes = Vec::with_capacity(batch.txs.len());
+        let mut leaves = Vec::with_capacity(batch.txs.len());
         let mut merkle = MerkleAccumulator::new();
         for tx in batch.txs.iter() {
             let hash = tx.tx_hash();
-            merkle.push(&hash);
+            let leaf = crate::merkle::leaf_hash(&hash);
+            merkle.push_leaf_hash(leaf);
             hashes.push(hash);
+            leaves.push(leaf);
         }
         let computed = merkle.root();
         if computed != batch.header.tx_merkle_root {
@@ -335,7 +338,8 @@ impl Sequencer {
         }
         // Validation passed: from here on nothing can fail, so the update is all or nothing.
         let mut duplicates = Vec::new();
-        for (offset, (hash, tx)) in hashes.into_iter().zip(batch.txs.iter()).enumerate() {
+        let txs = hashes.into_iter().zip(leaves).zip(batch.txs.iter());
+        for (offset, ((hash, leaf), tx)) in txs.enumerate() {
             let offset = offset as u32;
             match self.positions.entry(hash) {
                 std::collections::hash_map::Entry::Occupied(first) => duplicates.push(Duplicate {
@@ -349,6 +353,7 @@ impl Sequencer {
                         tx.rollup_id(),
                         position,
                         hash,
+                        leaf,
                         tx.kind.key_commitment(),
                         tx.bytes.as_slice(),
                     );

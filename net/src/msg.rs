@@ -1107,6 +1107,21 @@ mod tests {
             SubmitError::CommitTimeout { waited_ms: 5000 },
             SubmitError::ShuttingDown,
             SubmitError::ReceiptUnavailable { index: 12 },
+            SubmitError::UnknownRollup {
+                position: 3,
+                rollup_id: 99,
+            },
+            SubmitError::MalformedCiphertext {
+                position: 1,
+                len: 20,
+            },
+            SubmitError::ReadTimeout {
+                min_index: 50,
+                applied: None,
+            },
+            SubmitError::Command(baton_core::command::CommandRejection::WrongKey {
+                tx_hash: TxHash([4; 32]),
+            }),
         ];
         for what in OVERLOADED_WHATS.iter().chain([&OVERLOADED_UNKNOWN]) {
             errors.push(SubmitError::Overloaded { what });
