@@ -214,6 +214,18 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         problems.push(e.clone());
     }
     print_table(&result, preconfirmed.as_ref(), converged.as_ref().ok());
+    // Rollup 1's blocks: everything sealed, the same latest block on every node, signed by a
+    // node of the cluster.
+    let signers: Vec<baton_core::Address> = prepared.iter().map(|n| n.signer).collect();
+    match rt.block_on(check_blocks(
+        &endpoints,
+        &ca,
+        &signers,
+        Duration::from_secs(10),
+    )) {
+        Ok(line) => println!("{line}"),
+        Err(e) => problems.push(e),
+    }
     if let Some(p) = &args.out {
         std::fs::write(
             p,
@@ -267,6 +279,82 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         }
     );
     Ok(problems)
+}
+
+/// Waits until rollup 1 has nothing waiting for a block and every node reports the same
+/// latest block, checks its signature; returns the line to print.
+async fn check_blocks(
+    endpoints: &[std::net::SocketAddr],
+    ca: &std::path::Path,
+    signers: &[baton_core::Address],
+    timeout: Duration,
+) -> Result<String, String> {
+    use baton_core::node::Consistency;
+    use baton_net::rollup_msg::{Answer, Query};
+    let deadline = Instant::now() + timeout;
+    let clients: Vec<baton_net::Client> = endpoints
+        .iter()
+        .map(|e| baton_net::Client::new(baton_net::ClientOptions::new(vec![*e], ca)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let wait = Duration::from_secs(2);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let mut seen = Vec::new();
+        let mut errors = Vec::new();
+        for c in &clients {
+            match c.read(Query::Rollup(1), Consistency::Local, wait).await {
+                Ok(r) => match r.value {
+                    Answer::Rollup(Some(info)) => seen.push(info),
+                    other => return Err(format!("rollup 1 read: {other:?}")),
+                },
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let settled = seen.len() == clients.len()
+            && seen
+                .iter()
+                .all(|i| i.pending_txs == 0 && i.height == seen[0].height);
+        if !settled {
+            last = format!("{seen:?} {errors:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let height = seen[0].height;
+        let mut digests = Vec::new();
+        for c in &clients {
+            let query = Query::Block {
+                rollup_id: 1,
+                height,
+            };
+            match c
+                .read(query, Consistency::Local, wait)
+                .await
+                .map(|r| r.value)
+            {
+                Ok(Answer::Block(Some(b))) => {
+                    b.block
+                        .signed
+                        .verify(signers)
+                        .map_err(|e| format!("block {height} of rollup 1: {e}"))?;
+                    digests.push(b.block.signed.header.digest());
+                }
+                other => return Err(format!("block {height} of rollup 1: {other:?}")),
+            }
+        }
+        if digests.iter().any(|d| *d != digests[0]) {
+            return Err(format!("nodes disagree on block {height} of rollup 1"));
+        }
+        return Ok(format!(
+            "  blocks       rollup 1: {height} blocks, {} tx in blocks, block {height} the same on every node (0x{}…), signed by a cluster key",
+            seen[0].sealed_txs,
+            &baton_core::sign::hex(&digests[0])[..16]
+        ));
+    }
+    Err(format!(
+        "rollup 1's blocks did not settle within {} s: {last}",
+        timeout.as_secs()
+    ))
 }
 
 /// Waits until every node has applied the same, final index; returns it per node.

@@ -26,6 +26,13 @@ fn demo_runs_a_cluster_under_load_and_reports_it() {
     assert!(stdout.contains("demo: OK"), "{stdout}");
     assert!(stdout.contains("submit → committed"), "{stdout}");
     assert!(stdout.contains("submit → preconfirmed"), "{stdout}");
+    // Rollup 1's blocks were sealed and every node has the same latest block.
+    let blocks = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("blocks"))
+        .unwrap_or_else(|| panic!("no blocks line: {stdout}"));
+    assert!(blocks.contains("the same on every node"), "{blocks}");
+    assert!(!blocks.contains("rollup 1: 0 blocks"), "{blocks}");
     // One line per node with the same applied index.
     let applied: Vec<&str> = stdout
         .lines()

@@ -265,6 +265,31 @@ fn blocks_reveals_and_reads_on_a_real_cluster() {
         );
         client.close().await;
     });
+    // A subscription whose node dies resumes on another node from the next height.
+    rt.block_on(async {
+        let client = cluster.client_from(follower);
+        let mut stream = client.subscribe_blocks(9, 1);
+        let first = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.block, blocks[0]);
+        cluster.kill(follower);
+        for b in &blocks[1..] {
+            let e = tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("the stream resumes within the budget")
+                .expect("block after failover");
+            assert_eq!(
+                &e.block, b,
+                "same blocks, in order, none skipped or repeated"
+            );
+        }
+        assert_ne!(
+            client.connected_to().await,
+            Some(cluster.node(follower).addr)
+        );
+    });
     cluster.stop();
 }
 
