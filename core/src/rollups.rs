@@ -37,6 +37,8 @@ pub struct PendingTx {
     pub position: Position,
     /// Whether it is encrypted.
     pub encrypted: bool,
+    /// Its Merkle leaf hash (`merkle::leaf_hash(tx_hash)`).
+    pub leaf: [u8; 32],
 }
 
 /// A sealed block as every node keeps it.
@@ -292,6 +294,7 @@ impl Rollups {
             tx_hash,
             position,
             encrypted: commitment.is_some(),
+            leaf,
         });
         rollup.push_leaf(leaf);
         if let Some(commitment) = commitment {
@@ -365,16 +368,32 @@ impl Rollups {
         if h.timestamp_us < parent.map_or(0, |p| p.timestamp_us) {
             return Err(stale("time is before the parent's"));
         }
-        // A block is always the first run: min(pending, max_block_txs) transactions.
+        // A block takes the first `n` waiting transactions: all of the first run, the common
+        // case (its root is ready), or a prefix of it when transactions arrived between the
+        // leader's preview and this marker (its root costs n node hashes; the leaves are kept).
         let n = h.tx_count as usize;
-        let Some(run) = rollup.runs.front().filter(|r| r.count() == n as u64) else {
+        let Some(run) = rollup
+            .runs
+            .front()
+            .filter(|r| n >= 1 && n as u64 <= r.count())
+        else {
             return Err(stale("transaction count is not what is pending"));
         };
+        let whole_run = n as u64 == run.count();
         let (first, last) = (rollup.pending[0].position, rollup.pending[n - 1].position);
         if (h.first_batch, h.last_batch) != (first.index, last.index) {
             return Err(stale("batch range is not that of the pending transactions"));
         }
-        if run.root() != h.tx_merkle_root {
+        let root = if whole_run {
+            run.root()
+        } else {
+            let mut prefix = MerkleAccumulator::new();
+            for t in rollup.pending.iter().take(n) {
+                prefix.push_leaf_hash(t.leaf);
+            }
+            prefix.root()
+        };
+        if root != h.tx_merkle_root {
             return Err(stale("Merkle root is not that of the pending transactions"));
         }
         signed
@@ -384,7 +403,10 @@ impl Rollups {
         // Valid: from here on nothing fails.
         let height = h.height;
         let mut meta = BlockMeta::default();
-        rollup.runs.pop_front();
+        let drained_run = rollup
+            .runs
+            .pop_front()
+            .is_some_and(|r| r.count() == n as u64);
         for tx in rollup.pending.drain(..n).filter(|t| t.encrypted) {
             meta.encrypted += 1;
             let secret = self
@@ -410,6 +432,15 @@ impl Rollups {
             first,
             last,
         });
+        if !drained_run {
+            // A prefix of the first run was sealed: cut what waits into runs again (what is
+            // left arrived during one commit round, so this is short).
+            rollup.runs.clear();
+            let leaves: Vec<[u8; 32]> = rollup.pending.iter().map(|t| t.leaf).collect();
+            for leaf in leaves {
+                rollup.push_leaf(leaf);
+            }
+        }
         let window = u64::from(rollup.policy.reveal_window_blocks);
         let mut expired = 0;
         while let Some(entry) = rollup.unrevealed.first_entry() {
@@ -589,6 +620,7 @@ impl Rollups {
                     tx_hash,
                     position,
                     encrypted,
+                    leaf: crate::merkle::leaf_hash(&tx_hash),
                 });
             }
             let mut blocks: Vec<Block> = Vec::new();
@@ -636,11 +668,7 @@ impl Rollups {
                 unrevealed: BTreeMap::new(),
                 runs: VecDeque::new(),
             };
-            let leaves: Vec<[u8; 32]> = state
-                .pending
-                .iter()
-                .map(|p| crate::merkle::leaf_hash(&p.tx_hash))
-                .collect();
+            let leaves: Vec<[u8; 32]> = state.pending.iter().map(|p| p.leaf).collect();
             for leaf in leaves {
                 state.push_leaf(leaf);
             }
@@ -1097,6 +1125,34 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_previewed_before_more_transactions_arrived_seals_what_it_saw() {
+        let mut l = Log::new();
+        l.register(1);
+        l.batch(vec![raw(1, b"a"), raw(1, b"b")]);
+        // The leader previews two transactions; two more are applied before its marker.
+        let header = l.seq.rollups().next_block(1, 50).unwrap();
+        assert_eq!(header.tx_count, 2);
+        let marker = Command::SealBlock(SignedBlockHeader::sign(header, &l.signer));
+        l.batch(vec![raw(1, b"c"), raw(1, b"d")]);
+        let Ok(CommandApplied::Sealed(s)) = l.command(&marker) else {
+            panic!("the previewed block is still the rollup's next block")
+        };
+        assert_eq!(s.height, 1);
+        let r = rollup(&l, 1);
+        assert_eq!(r.block(1).unwrap().signed.header.tx_count, 2);
+        assert_eq!(r.pending().len(), 2);
+        // The rest waits for the next block, whose root is that of c, d (max 3: one run).
+        let next = l.seq.rollups().next_block(1, 60).unwrap();
+        assert_eq!(next.tx_count, 2);
+        assert_eq!(
+            next.tx_merkle_root,
+            crate::merkle::merkle_root(&[TxHash::of(b"c"), TxHash::of(b"d")])
+        );
+        assert!(matches!(l.seal(1), Some(Ok(_))));
+        assert_eq!(l.replay(), l.seq);
+    }
+
+    #[test]
     fn transactions_of_unregistered_rollups_join_no_block() {
         let mut l = Log::new();
         l.register(1);
@@ -1110,6 +1166,9 @@ mod tests {
     enum Step {
         Batch(Vec<(u64, u8, bool)>),
         Seal(u64),
+        /// Preview a block now, propose it after the next step (as a leader whose marker
+        /// commits after more batches).
+        SealLater(u64),
         Reveal(u8, u8),
     }
 
@@ -1118,6 +1177,7 @@ mod tests {
             proptest::collection::vec((1u64..4, any::<u8>(), any::<bool>()), 1..6)
                 .prop_map(Step::Batch),
             (1u64..4).prop_map(Step::Seal),
+            (1u64..4).prop_map(Step::SealLater),
             (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Reveal(a, b)),
         ]
     }
@@ -1131,7 +1191,9 @@ mod tests {
             let mut l = Log::new();
             l.register(1);
             l.register(2);
+            let mut later: Option<Command> = None;
             for s in steps {
+                let delayed = later.take();
                 match s {
                     Step::Batch(txs) => {
                         let txs = txs
@@ -1143,10 +1205,21 @@ mod tests {
                     Step::Seal(r) => {
                         let _ = l.seal(r);
                     }
+                    Step::SealLater(r) => {
+                        l.clock += 10;
+                        later = l
+                            .seq
+                            .rollups()
+                            .next_block(r, l.clock)
+                            .map(|h| Command::SealBlock(SignedBlockHeader::sign(h, &l.signer)));
+                    }
                     Step::Reveal(n, k) => {
                         let tx_hash = secret_tx(1, n).tx_hash();
                         let _ = l.command(&Command::Reveal { tx_hash, key: key(k) });
                     }
+                }
+                if let Some(c) = delayed {
+                    let _ = l.command(&c);
                 }
             }
             let replayed = l.replay();

@@ -59,6 +59,17 @@ impl Drop for ClusterUp {
         if self.stopped {
             return;
         }
+        if std::thread::panicking() {
+            // The directory goes away with the test: show the ends of the node logs first.
+            for n in &self.nodes {
+                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- node {} log (last lines) ---", n.id);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
         for n in &self.nodes {
             // SAFETY: kill(2) on node processes this test started (an exited pid is harmless
             // within the test's short life).
@@ -163,12 +174,30 @@ impl ClusterUp {
         assert_eq!(rc, 0, "signal {signal} to node {id} (pid {pid})");
     }
 
-    /// SIGKILLs node `id`'s process.
+    /// SIGKILLs node `id`'s process and waits (bounded) until it has exited, so its port and
+    /// WAL directory are free for a restart.
     pub fn kill(&self, id: u64) {
         let pid = self.node(id).pid;
-        // SAFETY: kill(2) on a pid of a node process this test started (through cluster up).
-        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill node {id} (pid {pid})");
+        // SAFETY: pidfd_open(2) and kill(2) on a pid of a node process this test started; the
+        // pidfd is polled (it becomes readable when the process exits) and closed here.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as libc::c_int;
+            let rc = libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            assert_eq!(rc, 0, "kill node {id} (pid {pid})");
+            if fd >= 0 {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ready = libc::poll(&mut p, 1, 10_000);
+                libc::close(fd);
+                assert_eq!(
+                    ready, 1,
+                    "node {id} (pid {pid}) did not exit within 10 s of SIGKILL"
+                );
+            }
+        }
     }
 
     /// Starts node `id` again as a process of this test (same config, data, port).
