@@ -164,6 +164,13 @@ pub(crate) async fn serve<SM>(
 
 /// On the leader: confirms leadership through a quorum round (Raft's ReadIndex) and returns the
 /// index a linearizable read must have applied; `NotLeader` elsewhere.
+///
+/// The index is the larger of openraft's read log id and the leader's last log index. A leader
+/// that restarted restores its leadership from its committed vote, but its commit index only
+/// from the META hint (persisted every `COMMITTED_PERSIST_EVERY_ENTRIES`), so openraft's read
+/// log id can be far behind what was acknowledged before the restart. Every entry in a leader's
+/// log commits while it leads (and a committed entry is in its log), so waiting for the last log
+/// index is safe; it costs a read the wait for the writes in flight when it started.
 pub(crate) async fn leader_read_index<SM>(raft: &Raft<TypeConfig, SM>) -> Result<u64, SubmitError>
 where
     SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
@@ -173,7 +180,11 @@ where
         .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
         .await
     {
-        Ok(read) => Ok(read.log_id().index),
+        Ok(read) => {
+            use openraft::async_runtime::WatchReceiver;
+            let last = raft.metrics().borrow_watched().last_log_index;
+            Ok(read.log_id().index.max(last.unwrap_or(0)))
+        }
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             Err(SubmitError::NotLeader {
                 leader_hint: f.leader_id,
