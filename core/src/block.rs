@@ -194,7 +194,9 @@ pub struct BlockMeta {
 impl BlockMeta {
     /// Encrypted transactions still waiting for their key.
     pub fn pending(&self) -> u32 {
-        self.encrypted - self.revealed - self.expired
+        self.encrypted
+            .saturating_sub(self.revealed)
+            .saturating_sub(self.expired)
     }
 }
 

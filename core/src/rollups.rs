@@ -68,23 +68,26 @@ pub struct RollupState {
     /// Encrypted transactions in a sealed block still waiting for their key, by block height.
     /// Derived from `Rollups::secrets`; rebuilt when a snapshot is read.
     unrevealed: BTreeMap<u64, BTreeSet<TxHash>>,
-    /// The pending transactions cut into runs of `max_block_txs` (the last one shorter), each
-    /// with the Merkle accumulator of its leaves: the next block is always exactly the first
-    /// run, so its root costs nothing at seal time. Derived from `pending`.
-    runs: VecDeque<MerkleAccumulator>,
+    /// Merkle accumulator of the leaves of the first `min(pending, max_block_txs)` pending
+    /// transactions (the next block, as the leader previews it): fed as they are applied, so
+    /// its root costs nothing at seal time. Derived from `pending`.
+    head: MerkleAccumulator,
 }
 
 impl RollupState {
-    /// Adds the leaf of the newest pending transaction to the last run (or a new one).
+    /// Feeds the leaf of the newest pending transaction to `head` while it is not full.
     fn push_leaf(&mut self, leaf: [u8; 32]) {
-        let max = u64::from(self.policy.max_block_txs);
-        match self.runs.back_mut() {
-            Some(run) if run.count() < max => run.push_leaf_hash(leaf),
-            _ => {
-                let mut run = MerkleAccumulator::new();
-                run.push_leaf_hash(leaf);
-                self.runs.push_back(run);
-            }
+        if self.head.count() < u64::from(self.policy.max_block_txs) {
+            self.head.push_leaf_hash(leaf);
+        }
+    }
+
+    /// Rebuilds `head` from the pending transactions (after a block took some).
+    fn rebuild_head(&mut self) {
+        self.head = MerkleAccumulator::new();
+        let max = self.policy.max_block_txs as usize;
+        for t in self.pending.iter().take(max) {
+            self.head.push_leaf_hash(t.leaf);
         }
     }
 
@@ -268,7 +271,7 @@ impl Rollups {
                 pending: VecDeque::new(),
                 blocks: Vec::new(),
                 unrevealed: BTreeMap::new(),
-                runs: VecDeque::new(),
+                head: MerkleAccumulator::new(),
             },
         );
         Ok(())
@@ -317,9 +320,12 @@ impl Rollups {
     /// `max_block_txs` pending transactions. `None` if nothing is pending.
     pub fn next_block(&self, rollup_id: u64, now_us: u64) -> Option<BlockHeader> {
         let rollup = self.rollups.get(&rollup_id)?;
-        // The first run holds exactly min(pending, max_block_txs) transactions.
-        let run = rollup.runs.front()?;
+        // `head` holds exactly min(pending, max_block_txs) transactions.
+        let run = &rollup.head;
         let n = run.count() as usize;
+        if n == 0 {
+            return None;
+        }
         debug_assert_eq!(
             n,
             rollup
@@ -372,13 +378,10 @@ impl Rollups {
         // case (its root is ready), or a prefix of it when transactions arrived between the
         // leader's preview and this marker (its root costs n node hashes; the leaves are kept).
         let n = h.tx_count as usize;
-        let Some(run) = rollup
-            .runs
-            .front()
-            .filter(|r| n >= 1 && n as u64 <= r.count())
-        else {
+        let run = &rollup.head;
+        if n == 0 || n as u64 > run.count() {
             return Err(stale("transaction count is not what is pending"));
-        };
+        }
         let whole_run = n as u64 == run.count();
         let (first, last) = (rollup.pending[0].position, rollup.pending[n - 1].position);
         if (h.first_batch, h.last_batch) != (first.index, last.index) {
@@ -403,16 +406,13 @@ impl Rollups {
         // Valid: from here on nothing fails.
         let height = h.height;
         let mut meta = BlockMeta::default();
-        let drained_run = rollup
-            .runs
-            .pop_front()
-            .is_some_and(|r| r.count() == n as u64);
         for tx in rollup.pending.drain(..n).filter(|t| t.encrypted) {
             meta.encrypted += 1;
-            let secret = self
-                .secrets
-                .get_mut(&tx.tx_hash)
-                .expect("every pending encrypted transaction has a secret");
+            // Every pending encrypted transaction has a secret (`order`; checked when a
+            // snapshot is read).
+            let Some(secret) = self.secrets.get_mut(&tx.tx_hash) else {
+                continue;
+            };
             secret.height = Some(height);
             match secret.state {
                 SecretState::Revealed { .. } => meta.revealed += 1,
@@ -432,15 +432,9 @@ impl Rollups {
             first,
             last,
         });
-        if !drained_run {
-            // A prefix of the first run was sealed: cut what waits into runs again (what is
-            // left arrived during one commit round, so this is short).
-            rollup.runs.clear();
-            let leaves: Vec<[u8; 32]> = rollup.pending.iter().map(|t| t.leaf).collect();
-            for leaf in leaves {
-                rollup.push_leaf(leaf);
-            }
-        }
+        // The next block's leaves: each waiting transaction is fed once (or, after a prefix
+        // was sealed, again: those arrived during one commit round).
+        rollup.rebuild_head();
         let window = u64::from(rollup.policy.reveal_window_blocks);
         let mut expired = 0;
         while let Some(entry) = rollup.unrevealed.first_entry() {
@@ -454,7 +448,7 @@ impl Rollups {
                 if let Some(s) = self.secrets.get_mut(&hash) {
                     s.state = SecretState::Expired;
                 }
-                block.meta.expired += 1;
+                block.meta.expired = block.meta.expired.saturating_add(1);
                 expired += 1;
             }
         }
@@ -523,7 +517,9 @@ impl Rollups {
                     rollup.unrevealed.remove(&height);
                 }
             }
-            rollup.blocks[(height - 1) as usize].meta.revealed += 1;
+            if let Some(b) = rollup.blocks.get_mut((height - 1) as usize) {
+                b.meta.revealed = b.meta.revealed.saturating_add(1);
+            }
         }
         Ok(())
     }
@@ -666,12 +662,9 @@ impl Rollups {
                 pending,
                 blocks,
                 unrevealed: BTreeMap::new(),
-                runs: VecDeque::new(),
+                head: MerkleAccumulator::new(),
             };
-            let leaves: Vec<[u8; 32]> = state.pending.iter().map(|p| p.leaf).collect();
-            for leaf in leaves {
-                state.push_leaf(leaf);
-            }
+            state.rebuild_head();
             rollups.insert(id, state);
         }
         let mut secrets = HashMap::new();
@@ -730,6 +723,31 @@ impl Rollups {
         }
         if r.at != bytes.len() {
             return Err(bad("trailing bytes after the rollup section", 0));
+        }
+        // Cross-checks: every pending encrypted transaction has a secret in no block yet, and
+        // each block's counts are those of its secrets.
+        for (id, rollup) in &rollups {
+            for p in rollup.pending.iter().filter(|p| p.encrypted) {
+                match secrets.get(&p.tx_hash) {
+                    Some(s) if s.rollup_id == *id && s.height.is_none() => {}
+                    _ => return Err(bad("pending encrypted transaction without its secret", *id)),
+                }
+            }
+            let mut counts = vec![BlockMeta::default(); rollup.blocks.len()];
+            for s in secrets.values().filter(|s| s.rollup_id == *id) {
+                if let Some(h) = s.height {
+                    let m = &mut counts[(h - 1) as usize];
+                    m.encrypted += 1;
+                    match s.state {
+                        SecretState::Revealed { .. } => m.revealed += 1,
+                        SecretState::Expired => m.expired += 1,
+                        SecretState::Sealed { .. } => {}
+                    }
+                }
+            }
+            if rollup.blocks.iter().zip(&counts).any(|(b, c)| b.meta != *c) {
+                return Err(bad("block metadata disagrees with its secrets", *id));
+            }
         }
         Ok(Rollups {
             rollups,

@@ -876,6 +876,18 @@ impl BlockStream {
                 }
                 Ok(Some(f)) if f.kind == FrameKind::ReadResponse => {
                     let r = ReadResponse::decode(&f.body)?;
+                    // The node is stopping (or cannot tell): resume elsewhere.
+                    if let Err(e) = &r.result {
+                        if retryable(e) {
+                            last = e.to_string();
+                            self.reader = None;
+                            let addr = self.client.connected_to().await;
+                            if let Some(addr) = addr {
+                                self.client.fail_over(addr).await;
+                            }
+                            continue;
+                        }
+                    }
                     return Err(match r.result {
                         Err(e) => ClientError::NotSequenced(e),
                         Ok(_) => ClientError::Refused {

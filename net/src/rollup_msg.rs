@@ -356,7 +356,12 @@ impl ReadRequest {
         };
         out.push(c);
         put_u64(out, min);
-        put_u32(out, self.timeout.as_millis().min(u32::MAX as u128) as u32);
+        put_u32(
+            out,
+            self.timeout
+                .as_millis()
+                .min(u128::from(READ_TIMEOUT_MS_MAX)) as u32,
+        );
         match self.query {
             Query::Tx(h) => {
                 out.push(1);
@@ -452,6 +457,26 @@ fn read_rollup(r: &mut Reader<'_>) -> Result<RollupInfo, MsgError> {
 
 const ROLLUP_BYTES: usize = 52;
 
+/// Largest encoded block body that still fits a client frame with its message header (request
+/// id, applied index, answer tags); a block whose transactions do not fit is sent without them.
+pub const BLOCK_BODY_BYTES_MAX: usize =
+    crate::frame::FRAME_BYTES_MAX - crate::frame::FRAME_HEADER_BYTES - 64;
+
+/// `b` as it can be sent: with its transactions if its encoding fits [`BLOCK_BODY_BYTES_MAX`],
+/// else without them (`txs: None`, as for a block whose batches were purged).
+pub fn fit_block(b: BlockTxs) -> BlockTxs {
+    let mut body = Vec::new();
+    put_block(&mut body, &b);
+    if body.len() <= BLOCK_BODY_BYTES_MAX {
+        b
+    } else {
+        BlockTxs {
+            block: b.block,
+            txs: None,
+        }
+    }
+}
+
 /// Appends a block: `[176 signed header][u32 encrypted][u32 revealed][u32 expired]
 /// [u64 sealed_at][u64 first index][u32 first offset][u64 last index][u32 last offset]
 /// [u8 has_txs][u32 n]{[32 hash][u64 index][u32 offset][tx][u8 has_plaintext]
@@ -496,6 +521,13 @@ pub fn read_block(r: &mut Reader<'_>) -> Result<BlockTxs, MsgError> {
         revealed: r.u32()?,
         expired: r.u32()?,
     };
+    if u64::from(meta.revealed) + u64::from(meta.expired) > u64::from(meta.encrypted) {
+        return Err(MsgError::TooMany {
+            what: "revealed and expired transactions of a block",
+            count: u64::from(meta.revealed) + u64::from(meta.expired),
+            max: meta.encrypted as usize,
+        });
+    }
     let block = Block {
         signed,
         meta,

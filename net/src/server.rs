@@ -201,8 +201,23 @@ async fn client_stream(
     let writer_closed = closed.clone();
     let writer = tokio::spawn(async move {
         let mut broken = false;
+        // One future for the stream's life (each `stopped()` call registers with the
+        // connection).
+        let stopped = send.stopped();
+        tokio::pin!(stopped);
         // Every answer leaves the in-flight count once written (or dropped: the stream broke).
-        while let Some((kind, body)) = out_rx.recv().await {
+        loop {
+            let next = tokio::select! {
+                next = out_rx.recv() => next,
+                // The client stopped reading, or the connection is gone: nothing more can be
+                // written (block subscriptions waiting for a block learn it from `closed`).
+                _ = &mut stopped, if !broken => {
+                    broken = true;
+                    writer_closed.store(true, std::sync::atomic::Ordering::Release);
+                    continue;
+                }
+            };
+            let Some((kind, body)) = next else { break };
             if !broken && write_frame(&mut send, kind, &body).await.is_err() {
                 broken = true;
                 writer_closed.store(true, std::sync::atomic::Ordering::Release);
@@ -345,7 +360,7 @@ async fn read(node: &NodeHandle, req: &ReadRequest) -> Result<Read<Answer>, Subm
         Query::Block { rollup_id, height } => {
             node.block(rollup_id, height, c, t).await.map(|r| Read {
                 applied_index: r.applied_index,
-                value: Answer::Block(r.value),
+                value: Answer::Block(r.value.map(crate::rollup_msg::fit_block)),
             })
         }
         Query::Rollup(id) => node
@@ -423,7 +438,7 @@ async fn subscription(
                 BlockEvent {
                     request_id: req.request_id,
                     applied_index: read.applied_index,
-                    block,
+                    block: crate::rollup_msg::fit_block(block),
                 }
                 .encode(&mut body);
                 if !send((FrameKind::BlockEvent, body)).await {
@@ -431,7 +446,9 @@ async fn subscription(
                 }
                 next += 1;
             }
-            None if !node.is_registered(req.rollup_id) => {
+            None if !node.is_registered(req.rollup_id)
+                && !confirmed_registered(node, req.rollup_id).await =>
+            {
                 let e =
                     SubmitError::Command(baton_core::command::CommandRejection::UnknownRollup {
                         rollup_id: req.rollup_id,
@@ -448,6 +465,18 @@ async fn subscription(
                     .await;
             }
         }
+    }
+}
+
+/// Whether `rollup_id` is registered as of a linearizable read (this node may lag, or have just
+/// restarted); true when that cannot be confirmed, so the subscription keeps waiting.
+async fn confirmed_registered(node: &NodeHandle, rollup_id: u64) -> bool {
+    match node
+        .read(Consistency::Linearizable, SUBSCRIPTION_POLL, |_| ())
+        .await
+    {
+        Ok(_) => node.is_registered(rollup_id),
+        Err(_) => true,
     }
 }
 

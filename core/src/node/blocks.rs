@@ -26,6 +26,9 @@ use crate::tx_kind::TxKind;
 
 /// How often the leader looks for blocks that are due.
 pub(crate) const SEAL_TICK: Duration = Duration::from_millis(5);
+/// Sealing rounds the leader runs back to back (blocks filling faster than one per tick)
+/// before it waits a tick.
+const SEAL_ROUNDS_MAX: u32 = 64;
 
 /// Timings a proposal waits under: (lease wait, commit wait).
 pub(crate) type Waits = (Duration, Duration);
@@ -46,14 +49,16 @@ pub(crate) async fn run_command(
             reason: "seal markers are proposed by the leader only",
         }));
     }
-    view.with(|s| s.check_command(&command))
-        .map_err(SubmitError::Command)?;
+    // Leadership first: a follower's applied state may lag (a reveal of a transaction it has
+    // not applied yet would look unknown there), and the leader is where the command goes.
     if !raft.is_leader() {
         let leader = super::engine::status_of(raft).leader;
         return Err(SubmitError::NotLeader {
             leader_hint: leader,
         });
     }
+    view.with(|s| s.check_command(&command))
+        .map_err(SubmitError::Command)?;
     let (index, applied) =
         propose_entry(raft, BatchBytes::command(command.encode()), waits).await?;
     match applied.command {
@@ -163,7 +168,10 @@ async fn read_block_txs(
         if batch.is_command() {
             continue;
         }
-        let archived = batch.batch().ok()?;
+        // A batch rejected for its content ordered nothing; its transactions are in no block.
+        let Ok(archived) = batch.batch() else {
+            continue;
+        };
         for (offset, tx) in archived.txs.iter().enumerate() {
             let offset = offset as u32;
             if tx.rollup_id() != rollup_id
@@ -290,10 +298,19 @@ fn wall_clock_us() -> u64 {
 pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer, waits: Waits) {
     // When this node, as leader, first saw transactions waiting in a rollup with no block yet.
     let mut first_seen: HashMap<u64, Instant> = HashMap::new();
+    // Rounds in a row that sealed something: while blocks fill faster than one per tick, the
+    // next round starts at once (up to SEAL_ROUNDS_MAX, then the tick lets other tasks run).
+    let mut busy_rounds = 0;
     loop {
-        glommio::timer::sleep(SEAL_TICK).await;
+        if busy_rounds == 0 || busy_rounds >= SEAL_ROUNDS_MAX {
+            glommio::timer::sleep(SEAL_TICK).await;
+            busy_rounds = 0;
+        } else {
+            glommio::yield_if_needed().await;
+        }
         if !raft.is_leader() {
             first_seen.clear();
+            busy_rounds = 0;
             continue;
         }
         let now_us = wall_clock_us();
@@ -307,7 +324,7 @@ pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer,
                     let full = r.pending().len() >= p.max_block_txs as usize;
                     let period_us = u64::from(p.block_time_ms) * 1000;
                     let timed = match r.blocks().last() {
-                        Some(b) => now_us >= b.signed.header.timestamp_us + period_us,
+                        Some(b) => now_us >= b.signed.header.timestamp_us.saturating_add(period_us),
                         None => {
                             let seen = *first_seen.entry(id).or_insert(now);
                             now.duration_since(seen)
@@ -318,6 +335,8 @@ pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer,
                 })
                 .collect()
         });
+        let sealing = !due.is_empty();
+        busy_rounds = if sealing { busy_rounds + 1 } else { 0 };
         for header in due {
             let signed = SignedBlockHeader::sign(header, &signer);
             let bytes = BatchBytes::command(Command::SealBlock(signed).encode());
