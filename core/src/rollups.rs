@@ -1171,6 +1171,36 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_with_inconsistent_rollup_state_are_refused() {
+        let mut l = Log::new();
+        l.register(1);
+        l.batch(vec![secret_tx(1, 1), raw(1, b"a")]);
+        l.seal(1).unwrap().unwrap();
+        l.batch(vec![secret_tx(1, 2)]);
+        let good = l.seq.rollups().clone();
+        let mut bytes = Vec::new();
+        good.encode(&mut bytes);
+        assert_eq!(Rollups::decode(&bytes).unwrap(), good);
+        // Drop the pending encrypted transaction's secret; then bump a block's count.
+        let mut missing = good.clone();
+        missing.secrets.remove(&secret_tx(1, 2).tx_hash());
+        let mut bytes = Vec::new();
+        missing.encode(&mut bytes);
+        assert!(Rollups::decode(&bytes).is_err());
+        let mut counts = good.clone();
+        counts.rollups.get_mut(&1).unwrap().blocks[0].meta.encrypted += 1;
+        let mut bytes = Vec::new();
+        counts.encode(&mut bytes);
+        assert!(Rollups::decode(&bytes).is_err());
+        // Every truncation is an error, never a panic.
+        let mut full = Vec::new();
+        good.encode(&mut full);
+        for cut in 0..full.len() {
+            assert!(Rollups::decode(&full[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn transactions_of_unregistered_rollups_join_no_block() {
         let mut l = Log::new();
         l.register(1);
@@ -1198,6 +1228,28 @@ mod tests {
             (1u64..4).prop_map(Step::SealLater),
             (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Reveal(a, b)),
         ]
+    }
+
+    proptest! {
+        /// Arbitrary bytes, and valid sections with a flipped byte, never make decode panic.
+        #[test]
+        fn decoding_arbitrary_rollup_sections_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            flip in any::<proptest::sample::Index>(),
+            value in any::<u8>(),
+        ) {
+            let _ = Rollups::decode(&bytes);
+            let mut l = Log::new();
+            l.register(1);
+            l.batch(vec![secret_tx(1, 1), raw(1, b"a"), secret_tx(1, 2)]);
+            let _ = l.seal(1);
+            l.batch(vec![raw(1, b"b")]);
+            let mut good = Vec::new();
+            l.seq.rollups().encode(&mut good);
+            let at = flip.index(good.len());
+            good[at] = value;
+            let _ = Rollups::decode(&good);
+        }
     }
 
     proptest! {

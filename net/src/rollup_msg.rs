@@ -1075,6 +1075,43 @@ mod tests {
     }
 
     #[test]
+    fn blocks_too_large_for_a_frame_are_sent_without_their_transactions() {
+        let small = block();
+        assert_eq!(fit_block(small.clone()), small);
+        let mut big = block();
+        let tx = big.txs.as_ref().unwrap()[0].clone();
+        let mut fat = tx.clone();
+        fat.tx.bytes = vec![7; 1 << 20];
+        big.txs = Some(vec![fat; 5]);
+        let fitted = fit_block(big.clone());
+        assert_eq!(fitted.block, big.block);
+        assert_eq!(fitted.txs, None);
+        let mut body = Vec::new();
+        BlockEvent {
+            request_id: 1,
+            applied_index: 2,
+            block: fitted,
+        }
+        .encode(&mut body);
+        assert!(
+            crate::frame::frame_header(crate::frame::FrameKind::BlockEvent, body.len()).is_ok()
+        );
+    }
+
+    #[test]
+    fn impossible_block_metadata_is_refused() {
+        let mut b = block();
+        b.block.meta = BlockMeta {
+            encrypted: 1,
+            revealed: 1,
+            expired: 1,
+        };
+        let mut body = Vec::new();
+        put_block(&mut body, &b);
+        assert!(read_block(&mut Reader::new(&body, "block")).is_err());
+    }
+
+    #[test]
     fn block_events_round_trip() {
         let e = BlockEvent {
             request_id: 5,
