@@ -200,7 +200,13 @@ where
         .name(name.clone())
         .spawn(
             move || match LocalExecutorBuilder::new(placement).name(&name).make() {
-                Ok(ex) => ex.run(f(ready)),
+                Ok(ex) => ex.run(async move {
+                    // Safety net for lost cross-thread wake-ups (see `WAKE_TICK`): the ticker
+                    // ends with the shard's work.
+                    let ticker = glommio::spawn_local(wake_ticker());
+                    f(ready).await;
+                    ticker.cancel().await;
+                }),
                 Err(e) => {
                     let source = std::io::Error::other(format!(
                         "glommio executor (locked memory? CPU {k} available?): {e}"
@@ -210,6 +216,24 @@ where
             },
         )
         .map_err(|source| NodeError::Spawn { shard: k, source })
+}
+
+/// How often every shard's executor wakes up even with nothing to do.
+///
+/// A wake-up from another thread (the tokio net thread completing a peer RPC or handing in a
+/// client request) reaches a sleeping glommio 0.9 executor through an eventfd on its latency
+/// ring; on this kernel that notification is sometimes lost for good (DataDog/glommio#494:
+/// events on the latency ring do not wake the main ring). The woken task then waits until a
+/// timer wakes the executor, and since every wake-up drains the queue of foreign wakes, a timer
+/// this frequent bounds the delay. Without it a node could end up in a state where every
+/// heartbeat response arrived "late" (after its 50 ms timeout), the leader never held a lease
+/// and the cluster sequenced nothing (docs/performance.md, the start-of-load wedge).
+pub const WAKE_TICK: Duration = Duration::from_millis(1);
+
+async fn wake_ticker() {
+    loop {
+        glommio::timer::sleep(WAKE_TICK).await;
+    }
 }
 
 fn now_us(origin: Instant) -> u64 {
