@@ -64,13 +64,21 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Like other command-line tools, a command that prints results ends quietly when the reader
+    // of its output goes away (`baton status | head`): Rust ignores SIGPIPE, so printing would
+    // panic instead. Long-running servers (`node`, `cluster up`) keep ignoring it: a log reader
+    // that goes away must not kill a node.
+    if !matches!(cli.command, Command::Node(_) | Command::Cluster { .. }) {
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Wal { command } => wal_cmd::run(command),
         Command::Certs(args) => certs_cmd::run(args),
