@@ -353,3 +353,49 @@ fn follower_keeps_the_leaders_signature() {
         assert!(refused.is_err());
     });
 }
+
+/// A read that is still awaiting the WAL when a truncation (a follower dropping a deposed
+/// leader's uncommitted tail) removes the entries it was about to read returns the entries
+/// before the cut: a short read at the end, as openraft's reader contract allows. It used to
+/// fail with "index … is not in the log", which openraft treats as a fatal storage error (a
+/// restarted node whose old-leadership replication task was still reading stopped its Raft).
+#[test]
+fn a_read_racing_a_truncation_returns_a_prefix_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    GlommioRuntime::new(1).block_on(async {
+        let mut store = open(dir.path()).await;
+        let mut entries = vec![Entry::new_membership(
+            LogId::new_term_index(0, 0),
+            membership(),
+        )];
+        for i in 1..200u64 {
+            let payload = format!("tx-{i}-{}", "p".repeat(300));
+            entries.push(Entry::new_normal(
+                LogId::new_term_index(1, i),
+                batch(i, &[payload.as_bytes()]),
+            ));
+        }
+        append(&mut store, entries.clone()).await;
+        drop(store);
+        // Reopened: entries are read back from disk, so every read awaits I/O.
+        let mut store = open(dir.path()).await;
+        let mut reader = store.get_log_reader().await;
+        let read = reader.try_get_log_entries(..);
+        let truncate = store.truncate_after(Some(LogId::new_term_index(1, 9)));
+        let (read, truncated) = futures_util::future::join(read, truncate).await;
+        truncated.unwrap();
+        let read = read.expect("a read racing a truncation is not an error");
+        assert!(
+            read.len() >= 10,
+            "at least what the truncation kept: {}",
+            read.len()
+        );
+        assert_eq!(
+            read[..],
+            entries[..read.len()],
+            "a prefix of the log as it was"
+        );
+        let after = reader.try_get_log_entries(..).await.unwrap();
+        assert_eq!(after[..], entries[..10]);
+    });
+}

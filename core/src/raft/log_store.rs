@@ -716,11 +716,15 @@ impl Shared {
         let mut entries = Vec::with_capacity(hi.saturating_sub(lo).min(1024) as usize);
         let mut bytes = 0usize;
         for index in lo..hi {
-            let record = self
-                .wal
-                .read(wal_index(index)?)
-                .await
-                .map_err(wal_err("read"))?;
+            let record = match self.wal.read(wal_index(index)?).await {
+                Ok(r) => r,
+                // A truncation (a follower dropping a deposed leader's uncommitted tail) ran
+                // while this read awaited the WAL: the entries from `index` on are no longer
+                // in the log. A short read at the end is what openraft's reader contract
+                // allows; the entries already read are the log as it was when the read began.
+                Err(_) if self.visible().is_none_or(|(_, last)| index > last) => break,
+                Err(e) => return Err(wal_err("read")(e)),
+            };
             let payload = record.payload();
             let entry = decode_entry(index, record.term, payload)
                 .map_err(|source| LogStoreError::Entry { index, source })?;
