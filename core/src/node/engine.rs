@@ -227,7 +227,8 @@ where
 /// timer wakes the executor, and since every wake-up drains the queue of foreign wakes, a timer
 /// this frequent bounds the delay. Without it a node could end up in a state where every
 /// heartbeat response arrived "late" (after its 50 ms timeout), the leader never held a lease
-/// and the cluster sequenced nothing (docs/performance.md, the start-of-load wedge).
+/// and the cluster sequenced nothing (docs/performance.md, the start-of-load wedge). This makes
+/// that wedge rarer but has not removed it: its cause is not fully understood yet.
 pub const WAKE_TICK: Duration = Duration::from_millis(1);
 
 async fn wake_ticker() {
