@@ -29,6 +29,8 @@ const TAG_REVEAL: u8 = 3;
 pub const BLOCK_TIME_MS_MAX: u32 = 3_600_000;
 /// Most transactions a rollup's block may hold.
 pub const BLOCK_TXS_MAX: u32 = 1 << 20;
+/// Most rollups a cluster registers (each costs state on every node, and reads list them all).
+pub const ROLLUPS_MAX: usize = 65_536;
 /// Longest reveal window, in blocks.
 pub const REVEAL_WINDOW_BLOCKS_MAX: u32 = 1 << 20;
 
@@ -231,6 +233,12 @@ pub enum CommandRejection {
     RollupExists {
         /// The rollup.
         rollup_id: u64,
+    },
+    /// `ROLLUPS_MAX` rollups are registered already.
+    #[error("{max} rollups are registered already, the most a cluster takes")]
+    TooManyRollups {
+        /// `ROLLUPS_MAX`.
+        max: u64,
     },
     /// No rollup has this id.
     #[error("rollup {rollup_id} is not registered")]

@@ -252,6 +252,11 @@ impl Rollups {
         if self.is_registered(rollup_id) {
             return Err(CommandRejection::RollupExists { rollup_id });
         }
+        if self.rollups.len() >= crate::command::ROLLUPS_MAX {
+            return Err(CommandRejection::TooManyRollups {
+                max: crate::command::ROLLUPS_MAX as u64,
+            });
+        }
         Ok(())
     }
 
@@ -586,6 +591,9 @@ impl Rollups {
         let rollup_count = r.u64().ok_or(truncated(0))?;
         let unblocked = r.u64().ok_or(truncated(0))?;
         let secret_count = r.u64().ok_or(truncated(0))?;
+        if rollup_count > crate::command::ROLLUPS_MAX as u64 {
+            return Err(bad("more rollups than ROLLUPS_MAX", 0));
+        }
         let mut rollups = BTreeMap::new();
         for at in 0..rollup_count {
             let id = r.u64().ok_or(truncated(at))?;
@@ -1198,6 +1206,22 @@ mod tests {
         for cut in 0..full.len() {
             assert!(Rollups::decode(&full[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_cluster_takes_at_most_rollups_max_rollups() {
+        let mut r = Rollups::new();
+        for id in 0..crate::command::ROLLUPS_MAX as u64 {
+            r.register(1, id, POLICY).unwrap();
+        }
+        let before = r.clone();
+        assert_eq!(
+            r.register(2, u64::MAX, POLICY),
+            Err(CommandRejection::TooManyRollups {
+                max: crate::command::ROLLUPS_MAX as u64
+            })
+        );
+        assert_eq!(r, before);
     }
 
     #[test]

@@ -604,40 +604,20 @@ impl Client {
 
     /// The status of the node the client is connected to.
     pub async fn status(&self) -> Result<NodeStatus, ClientError> {
-        let started = Instant::now();
-        let budget = Duration::from_millis(self.inner.options.call_budget_ms);
-        let mut last = String::new();
-        let mut attempts = 0;
-        while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
-            if attempts > 0 {
-                backoff(attempts).await;
-            }
-            attempts += 1;
-            let request_id = self.next_id();
-            let mut body = Vec::new();
-            StatusRequest { request_id }.encode(&mut body);
-            match self
-                .attempt(
-                    FrameKind::StatusRequest,
-                    &body,
-                    request_id,
-                    started + budget,
-                )
-                .await
-            {
-                Ok((FrameKind::StatusResponse, body)) => match StatusResponse::decode(&body) {
-                    Ok(r) => return Ok(r.status),
-                    Err(e) => last = e.to_string(),
+        let response = self
+            .call(
+                FrameKind::StatusRequest,
+                FrameKind::StatusResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    StatusRequest { request_id }.encode(&mut body);
+                    body
                 },
-                Ok((kind, _)) => last = format!("unexpected answer {kind:?}"),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(ClientError::Exhausted {
-            attempts,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            last,
-        })
+                StatusResponse::decode,
+                |_| None,
+            )
+            .await?;
+        Ok(response.status)
     }
 
     /// One request answered by one frame of kind `want`, retried (with backoff, within the

@@ -21,8 +21,8 @@ use crate::msg::{
     put_u32, put_u64, read_tx, MsgError, Reader, SubmitResponse,
 };
 
-/// Most rollups in one answer.
-pub const ROLLUPS_MAX: usize = 65_536;
+/// Most rollups in one answer: all a cluster registers.
+pub const ROLLUPS_MAX: usize = baton_core::command::ROLLUPS_MAX;
 /// Most transactions of a block in one block message (a block's `max_block_txs` bound).
 pub const BLOCK_TXS_MAX: usize = baton_core::command::BLOCK_TXS_MAX as usize;
 /// Longest read wait a client may ask for.
@@ -122,6 +122,10 @@ pub fn encode_rejection(e: &CommandRejection, out: &mut Vec<u8>) {
                 DecryptError::Unauthentic => out.push(3),
             }
         }
+        CommandRejection::TooManyRollups { max } => {
+            out.push(13);
+            put_u64(out, *max);
+        }
     }
 }
 
@@ -185,6 +189,7 @@ pub fn decode_rejection(r: &mut Reader<'_>) -> Result<CommandRejection, MsgError
             };
             CommandRejection::Undecryptable { tx_hash, reason }
         }
+        13 => CommandRejection::TooManyRollups { max: r.u64()? },
         v => return Err(bad("command rejection", v)),
     })
 }
@@ -465,9 +470,7 @@ pub const BLOCK_BODY_BYTES_MAX: usize =
 /// `b` as it can be sent: with its transactions if its encoding fits [`BLOCK_BODY_BYTES_MAX`],
 /// else without them (`txs: None`, as for a block whose batches were purged).
 pub fn fit_block(b: BlockTxs) -> BlockTxs {
-    let mut body = Vec::new();
-    put_block(&mut body, &b);
-    if body.len() <= BLOCK_BODY_BYTES_MAX {
+    if block_len(&b) <= BLOCK_BODY_BYTES_MAX {
         b
     } else {
         BlockTxs {
@@ -475,6 +478,27 @@ pub fn fit_block(b: BlockTxs) -> BlockTxs {
             txs: None,
         }
     }
+}
+
+/// Bytes [`put_block`] writes for `b` (computed, not encoded).
+fn block_len(b: &BlockTxs) -> usize {
+    const FIXED: usize = SIGNED_BLOCK_HEADER_BYTES + 3 * 4 + 8 + 2 * 12 + 1;
+    let txs = b.txs.as_ref().map_or(0, |txs| {
+        4 + txs
+            .iter()
+            .map(|t| {
+                let commitment = match t.tx.kind {
+                    baton_core::TxKind::Raw => 0,
+                    baton_core::TxKind::Encrypted { .. } => 32,
+                };
+                32 + 12
+                    + (8 + 1 + commitment + 4 + t.tx.bytes.len())
+                    + 1
+                    + t.plaintext.as_ref().map_or(0, |p| 4 + p.len())
+            })
+            .sum::<usize>()
+    });
+    FIXED + txs
 }
 
 /// Appends a block: `[176 signed header][u32 encrypted][u32 revealed][u32 expired]
@@ -1027,6 +1051,7 @@ mod tests {
                 height: 4,
             },
             CommandRejection::WrongKey { tx_hash: h },
+            CommandRejection::TooManyRollups { max: 65_536 },
             CommandRejection::Undecryptable {
                 tx_hash: h,
                 reason: DecryptError::TooShort { len: 3 },
@@ -1076,6 +1101,21 @@ mod tests {
 
     #[test]
     fn blocks_too_large_for_a_frame_are_sent_without_their_transactions() {
+        for b in [
+            block(),
+            BlockTxs {
+                txs: None,
+                ..block()
+            },
+        ] {
+            let mut body = Vec::new();
+            put_block(&mut body, &b);
+            assert_eq!(
+                block_len(&b),
+                body.len(),
+                "computed length is the encoded length"
+            );
+        }
         let small = block();
         assert_eq!(fit_block(small.clone()), small);
         let mut big = block();

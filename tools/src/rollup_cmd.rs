@@ -401,6 +401,21 @@ pub fn run_reveal(a: RevealArgs) -> ExitCode {
     }
 }
 
+/// Prints a read's answer (one line with `--json`, indented otherwise); exit status 0 if
+/// something was found, 3 if not.
+fn print_found(v: &Value, found: bool, one_line: bool) -> ExitCode {
+    if one_line {
+        println!("{v}");
+    } else {
+        println!("{v:#}");
+    }
+    if found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
 /// Runs `baton tx`.
 pub fn run_tx(a: TxArgs) -> ExitCode {
     let hash = match parse_hash(&a.hash) {
@@ -413,16 +428,7 @@ pub fn run_tx(a: TxArgs) -> ExitCode {
     match a.read.read(Query::Tx(hash)) {
         Ok((applied, Answer::Tx(found))) => {
             let v = json!({ "applied_index": applied, "tx": found.as_ref().map(tx_json) });
-            if a.read.json {
-                println!("{v}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-            }
-            if found.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            }
+            print_found(&v, found.is_some(), a.read.json)
         }
         Ok(_) => fail("tx", "unexpected answer"),
         Err(e) => fail("tx", e),
@@ -448,16 +454,7 @@ pub fn run_block(a: BlockArgs) -> ExitCode {
     }) {
         Ok((applied, Answer::Block(found))) => {
             let v = json!({ "applied_index": applied, "block": found.as_ref().map(block_json) });
-            if a.read.json {
-                println!("{v}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-            }
-            if found.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            }
+            print_found(&v, found.is_some(), a.read.json)
         }
         Ok(_) => fail("block", "unexpected answer"),
         Err(e) => fail("block", e),

@@ -13,22 +13,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn signers(dir: &std::path::Path) -> Vec<(u64, Address)> {
-    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_u64().unwrap(),
-                Address::parse(n["signer"].as_str().unwrap()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn receipts_from_leader_and_follower_verify_offline() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_core::command::CommandRejection;
 use baton_core::encrypted::{encrypted_transaction, NONCE_BYTES};
@@ -21,26 +21,10 @@ use baton_core::node::{Consistency, Receipt, SubmitError};
 use baton_core::sign::hex;
 use baton_core::{AckLevel, Address, Transaction, TxKind};
 use baton_net::rollup_msg::{Answer, Query};
-use baton_net::{Client, ClientError};
+use baton_net::ClientError;
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn signers(dir: &std::path::Path) -> Vec<(u64, Address)> {
-    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_u64().unwrap(),
-                Address::parse(n["signer"].as_str().unwrap()).unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn baton(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BATON).args(args).output().expect("run baton");
@@ -56,20 +40,6 @@ fn raw(rollup_id: u64, tag: &str, i: u64) -> Transaction {
         rollup_id,
         kind: TxKind::Raw,
         bytes: format!("{tag}-{i:06}").into_bytes(),
-    }
-}
-
-/// The current leader as node `via` sees it, waiting (bounded) for one.
-async fn leader_seen_by(client: &Client) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(s) = client.status().await {
-            if let Some(l) = s.leader {
-                return l;
-            }
-        }
-        assert!(Instant::now() < deadline, "no leader in time");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -106,7 +76,8 @@ fn blocks_reveals_and_reads_on_a_real_cluster() {
     assert!(err.contains("already registered"), "{err}");
 
     let rt = runtime();
-    let leader = rt.block_on(async { leader_seen_by(&cluster.client_of(cluster.leader)).await });
+    let leader =
+        rt.block_on(async { leader_seen_by(&cluster.client_of(cluster.leader), WAIT).await });
     let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
     let key = [7u8; 32];
     let secret = encrypted_transaction(9, &key, &[1; NONCE_BYTES], b"bid 42");
@@ -306,7 +277,7 @@ fn a_lost_preconfirmation_is_attributable_to_the_old_leaders_term() {
     let keys = signers(dir.path());
     let all: Vec<Address> = keys.iter().map(|(_, a)| *a).collect();
     let rt = runtime();
-    let old = rt.block_on(async { leader_seen_by(&cluster.client_of(cluster.leader)).await });
+    let old = rt.block_on(async { leader_seen_by(&cluster.client_of(cluster.leader), WAIT).await });
     let followers: Vec<u64> = cluster
         .nodes
         .iter()

@@ -315,7 +315,10 @@ impl NodeHandle {
         // A rollup this node does not know may be one it has not applied yet (it just
         // restarted, or lags): before refusing, confirm through the leader (a linearizable read
         // barrier) that it is unknown as of now.
-        let confirmed = if txs.iter().any(|t| !self.registry.contains(t.rollup_id)) {
+        let any_unknown = self
+            .registry
+            .with(|registered| txs.iter().any(|t| !registered.contains(&t.rollup_id)));
+        let confirmed = if any_unknown {
             self.read(Consistency::Linearizable, UNKNOWN_ROLLUP_CONFIRM, |_| ())
                 .await
                 .err()
@@ -382,17 +385,26 @@ impl NodeHandle {
         self.registry.contains(rollup_id)
     }
 
+    /// Sends the control request `make` builds and waits for its answer (`ShuttingDown` when
+    /// the Raft shard is gone).
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, SubmitError>>) -> Control,
+    ) -> Result<T, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(make(tx))
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
     /// Proposes a control command (leader only: a follower answers `NotLeader` with its hint).
     /// It is checked against the applied state first, so a command that would be refused is
     /// answered with its [`SubmitError::Command`] rejection without reaching the log.
     pub async fn command(&self, command: Command) -> Result<CommandReceipt, SubmitError> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .clone()
-            .send(Control::Command(command, tx))
-            .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
-        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+        self.ask(|reply| Control::Command(command, reply)).await
     }
 
     /// Registers a rollup through the log.
@@ -444,19 +456,8 @@ impl NodeHandle {
         consistency: Consistency,
         timeout: std::time::Duration,
     ) -> Result<Read<Option<BlockTxs>>, SubmitError> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .clone()
-            .send(Control::BlockTxs(
-                rollup_id,
-                height,
-                consistency,
-                timeout,
-                tx,
-            ))
+        self.ask(|reply| Control::BlockTxs(rollup_id, height, consistency, timeout, reply))
             .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
-        rx.await.map_err(|_| SubmitError::ShuttingDown)?
     }
 
     /// A sequenced transaction's status: position, block, receipt, reveal (`None` if this node
@@ -467,25 +468,14 @@ impl NodeHandle {
         consistency: Consistency,
         timeout: std::time::Duration,
     ) -> Result<Read<Option<TxInfo>>, SubmitError> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .clone()
-            .send(Control::Tx(tx_hash, consistency, timeout, tx))
+        self.ask(|reply| Control::Tx(tx_hash, consistency, timeout, reply))
             .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
-        rx.await.map_err(|_| SubmitError::ShuttingDown)?
     }
 
     /// On the leader: confirms leadership with a quorum and returns the index a linearizable
     /// read must have applied (`NotLeader` elsewhere).
     pub async fn read_index(&self) -> Result<u64, SubmitError> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .clone()
-            .send(Control::ReadIndex(tx))
-            .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
-        rx.await.map_err(|_| SubmitError::ShuttingDown)?
+        self.ask(Control::ReadIndex).await
     }
 
     /// The node's Raft state.

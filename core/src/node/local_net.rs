@@ -239,6 +239,29 @@ impl LocalRouter {
     }
 }
 
+impl LocalForwarder {
+    /// Sends the RPC `make` builds to `leader` and waits for its answer; an unreachable or
+    /// vanished leader is `NotLeader` without a hint.
+    fn ask<T: 'static>(
+        &self,
+        leader: u64,
+        make: impl FnOnce(Reply<T, SubmitError>) -> Rpc + 'static,
+    ) -> LocalBoxFuture<'static, Result<T, SubmitError>> {
+        let sender = self.router.sender(self.from, leader);
+        Box::pin(async move {
+            let unavailable = SubmitError::NotLeader { leader_hint: None };
+            let Ok(mut tx) = sender else {
+                return Err(unavailable);
+            };
+            let (reply, rx) = oneshot::channel();
+            if tx.send(make(reply)).await.is_err() {
+                return Err(unavailable);
+            }
+            rx.await.unwrap_or(Err(unavailable))
+        })
+    }
+}
+
 impl Forwarder for LocalForwarder {
     fn forward(
         &self,
@@ -246,18 +269,7 @@ impl Forwarder for LocalForwarder {
         _addr: String,
         batch: BatchBytes,
     ) -> LocalBoxFuture<'static, Result<Committed, SubmitError>> {
-        let sender = self.router.sender(self.from, leader);
-        Box::pin(async move {
-            let unavailable = SubmitError::NotLeader { leader_hint: None };
-            let Ok(mut tx) = sender else {
-                return Err(unavailable);
-            };
-            let (reply, rx) = oneshot::channel();
-            if tx.send(Rpc::Forward(batch, reply)).await.is_err() {
-                return Err(unavailable);
-            }
-            rx.await.unwrap_or(Err(unavailable))
-        })
+        self.ask(leader, move |reply| Rpc::Forward(batch, reply))
     }
 
     fn read_index(
@@ -265,17 +277,6 @@ impl Forwarder for LocalForwarder {
         leader: u64,
         _addr: String,
     ) -> LocalBoxFuture<'static, Result<u64, SubmitError>> {
-        let sender = self.router.sender(self.from, leader);
-        Box::pin(async move {
-            let unavailable = SubmitError::NotLeader { leader_hint: None };
-            let Ok(mut tx) = sender else {
-                return Err(unavailable);
-            };
-            let (reply, rx) = oneshot::channel();
-            if tx.send(Rpc::ReadIndex(reply)).await.is_err() {
-                return Err(unavailable);
-            }
-            rx.await.unwrap_or(Err(unavailable))
-        })
+        self.ask(leader, Rpc::ReadIndex)
     }
 }

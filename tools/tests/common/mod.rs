@@ -265,17 +265,50 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Every node's id and signer address, from a `cluster up` directory's cluster.json.
+pub fn signers(dir: &Path) -> Vec<(u64, baton_core::Address)> {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                baton_core::Address::parse(n["signer"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The leader `client`'s node knows of, waiting (bounded) until it knows one.
+pub async fn leader_seen_by(client: &Client, timeout: Duration) -> u64 {
+    let s = wait_status(client, timeout, |s| s.leader.is_some()).await;
+    s.leader.expect("checked")
+}
+
 /// Waits (bounded) until `client`'s node has applied `index`.
 pub async fn wait_applied(client: &Client, index: u64, timeout: Duration) -> NodeStatus {
+    wait_status(client, timeout, move |s| s.applied_index >= Some(index)).await
+}
+
+/// Asks `client`'s node for its status until `condition` holds (bounded by `timeout`; the
+/// status request has no push form, so this polls every 50 ms).
+pub async fn wait_status(
+    client: &Client,
+    timeout: Duration,
+    condition: impl Fn(&NodeStatus) -> bool,
+) -> NodeStatus {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(s) = client.status().await {
-            if s.applied_index >= Some(index) {
+            if condition(&s) {
                 return s;
             }
             assert!(
                 Instant::now() < deadline,
-                "not applied {index} in time: {s:?}"
+                "condition not met in time: {s:?}"
             );
         }
         assert!(Instant::now() < deadline, "no status in time");
