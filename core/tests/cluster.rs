@@ -551,3 +551,89 @@ fn an_isolated_leader_still_preconfirms_under_its_term() {
     });
     cluster.stop_and_check(&kept);
 }
+
+/// A stall of every node longer than the leader's lease (openraft: the longest election
+/// timeout), with writes in flight, the leader resuming first: the leader's lease has lapsed and
+/// its writes are refused until a quorum acknowledges it again. The cluster must get back to
+/// committing. It did not: proposals retried the refused write in a loop of tasks waking each
+/// other that never let the shard return to its reactor, so the heartbeat answers that renew the
+/// lease were handled 100 ms late (glommio's preemption period), after their 50 ms deadline, and
+/// the leader stayed leader without a lease for good (docs/performance.md, the wedge).
+#[test]
+fn writes_resume_after_a_stall_longer_than_the_leader_lease() {
+    let cluster = Cluster::start(3, |c| c.commit_wait_ms = 2_000);
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let mut receipts = load(&cluster.nodes[&leader], 0, 10, 10, 2).await;
+        let lease = Duration::from_millis(cluster.configs[&leader].raft.election_timeout_max_ms);
+        for round in 0..4u64 {
+            let leader = cluster.wait_raft_leader(WAIT).await;
+            // Writes in flight through the stall (their outcome does not matter: a refused or
+            // timed-out write is not sequenced, and whatever committed is checked below).
+            let writers: Vec<_> = (0..4u64)
+                .map(|w| {
+                    let node = cluster.nodes[&leader].clone();
+                    glommio::spawn_local(async move {
+                        let mut out = Vec::new();
+                        for i in 0..4u64 {
+                            let first = 1_000_000 * (round + 1) + w * 10_000 + i * 100;
+                            out.extend(node.submit(txs(first, 20)).await);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            // Every node stops; the leader resumes first (its followers 100 ms later, so that
+            // its heartbeats reach them before their own election timers fire).
+            let stalls: Vec<_> = cluster
+                .nodes
+                .iter()
+                .map(|(&id, n)| {
+                    let n = n.clone();
+                    let mut pause = lease * 3 / 2;
+                    if id != leader {
+                        pause += Duration::from_millis(100);
+                    }
+                    glommio::spawn_local(async move { n.stall_for_testing(pause).await })
+                })
+                .collect();
+            for s in stalls {
+                s.await.expect("stall");
+            }
+            for w in writers {
+                receipts.extend(w.await.into_iter().filter_map(Result::ok));
+            }
+            // Writes commit again within a few leases, through whichever node leads.
+            let first = 5_000_000 + round * 100;
+            receipts.extend(submit_until_committed(&cluster, txs(first, 10), WAIT).await);
+        }
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+/// Submits `batch` to the node that leads, again after a refusal (no leader yet, an election,
+/// a write that timed out), until every transaction has its receipt or `timeout` has passed.
+async fn submit_until_committed(
+    cluster: &Cluster,
+    batch: Vec<Transaction>,
+    timeout: Duration,
+) -> Vec<Receipt> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let leader = cluster.wait_raft_leader(timeout).await;
+        let r = cluster.nodes[&leader].submit(batch.clone()).await;
+        if r.iter().all(Result::is_ok) {
+            return r.into_iter().map(Result::unwrap).collect();
+        }
+        last = r;
+        // Back off a heartbeat before asking again.
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = Vec::new();
+    for n in cluster.nodes.values() {
+        statuses.push(n.status().await);
+    }
+    panic!("writes did not resume within {timeout:?}: {last:?}; nodes {statuses:?}");
+}

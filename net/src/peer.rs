@@ -163,6 +163,7 @@ impl PeerLinks {
             .lock()
             .expect("conns lock")
             .insert(target, conn.clone());
+        tokio::spawn(log_stats(conn.clone(), target, "dialed"));
         Ok(conn)
     }
 
@@ -249,6 +250,45 @@ impl PeerLinks {
         // timeout, and a restarted peer answers the old connection with a stateless reset.
         let _ = target;
         task.await.unwrap_or(Err(PeerError::RuntimeGone))
+    }
+}
+
+/// While `conn` is open, logs its QUIC statistics every second at debug level (target
+/// `baton_net::quic_stats`): round trip, congestion window, losses, and the flow-control frames
+/// that tell whether either side ran out of stream or data credit.
+pub(crate) async fn log_stats(conn: quinn::Connection, peer: u64, side: &'static str) {
+    if !tracing::enabled!(target: "baton_net::quic_stats", tracing::Level::DEBUG) {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = conn.closed() => return,
+        }
+        let s = conn.stats();
+        tracing::debug!(
+            target: "baton_net::quic_stats",
+            peer,
+            side,
+            rtt_us = s.path.rtt.as_micros() as u64,
+            cwnd = s.path.cwnd,
+            lost = s.path.lost_packets,
+            congestion = s.path.congestion_events,
+            tx_stream = s.frame_tx.stream,
+            rx_stream = s.frame_rx.stream,
+            tx_blocked_streams = s.frame_tx.streams_blocked_bidi,
+            rx_blocked_streams = s.frame_rx.streams_blocked_bidi,
+            tx_data_blocked = s.frame_tx.data_blocked,
+            rx_data_blocked = s.frame_rx.data_blocked,
+            tx_stream_data_blocked = s.frame_tx.stream_data_blocked,
+            rx_stream_data_blocked = s.frame_rx.stream_data_blocked,
+            tx_max_streams = s.frame_tx.max_streams_bidi,
+            rx_max_streams = s.frame_rx.max_streams_bidi,
+            tx_max_data = s.frame_tx.max_data,
+            rx_max_data = s.frame_rx.max_data,
+            "quic"
+        );
     }
 }
 
@@ -527,6 +567,7 @@ async fn replicate(
     mut requests: mpsc::Receiver<Vec<Bytes>>,
     mut results: mpsc::Sender<Result<StreamAppendResult<TypeConfig>, PeerError>>,
 ) {
+    let began = std::time::Instant::now();
     let (mut send, recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => {
@@ -534,7 +575,9 @@ async fn replicate(
             return;
         }
     };
+    let opened_us = began.elapsed().as_micros() as u64;
     let sent = Arc::new(AtomicU64::new(0));
+    let send_id = send.id();
     let writer = {
         let sent = sent.clone();
         tokio::spawn(async move {
@@ -575,6 +618,16 @@ async fn replicate(
             Err(e) => Err(e.into()),
         };
         received += 1;
+        if received == 1 {
+            tracing::trace!(
+                target: "baton_net::hops",
+                target_node = target,
+                stream = %send_id,
+                opened_us,
+                first_response_us = began.elapsed().as_micros() as u64,
+                "replication session answered"
+            );
+        }
         let stop = !matches!(result, Ok(Ok(_)));
         if results.send(result).await.is_err() || stop {
             break;

@@ -498,7 +498,10 @@ async fn serve_peer(ctx: Arc<ServerContext>, conn: quinn::Connection) {
     let remote = conn.remote_address();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, accept_hello(&ctx, &conn)).await;
     match hello {
-        Ok(Ok(from)) => tracing::debug!(%remote, from, "peer connected"),
+        Ok(Ok(from)) => {
+            tracing::debug!(%remote, from, "peer connected");
+            tokio::spawn(crate::peer::log_stats(conn.clone(), from, "accepted"));
+        }
         Ok(Err(reason)) => {
             tracing::warn!(%remote, %reason, "refused peer");
             return;
@@ -677,6 +680,7 @@ async fn serve_append(
     mut send: quinn::SendStream,
     mut inbound: mpsc::Sender<Rpc>,
 ) -> Result<(), ServeError> {
+    let began = std::time::Instant::now();
     let (mut req_tx, req_rx) = mpsc::channel(baton_core::node::peer::STREAM_APPEND_QUEUE_MAX);
     let (res_tx, mut res_rx) = mpsc::channel(baton_core::node::peer::STREAM_APPEND_QUEUE_MAX);
     inbound
@@ -715,12 +719,22 @@ async fn serve_append(
         }
     });
     let mut body = Vec::new();
+    let mut answered = 0u64;
     while let Some(r) = res_rx.next().await {
         body.clear();
         wire::encode_append_result(&r, &mut body);
         if let Err(e) = write_frame(&mut send, FrameKind::RaftResponse, &body).await {
             feed.abort();
             return Err(e.into());
+        }
+        answered += 1;
+        if answered == 1 {
+            tracing::trace!(
+                target: "baton_net::hops",
+                stream = %send.id(),
+                first_response_us = began.elapsed().as_micros() as u64,
+                "replication session: first answer written"
+            );
         }
     }
     feed.abort();

@@ -233,3 +233,91 @@ fn a_whole_cluster_restart_keeps_every_committed_transaction() {
     check_logs_agree(&logs);
     check_receipts(&logs, &receipts);
 }
+
+/// Every node process is paused (SIGSTOP) for longer than the leader's lease (its longest
+/// election timeout, 400 ms by default) while clients submit, and the leader resumes first, so
+/// it is still leader but its lease has lapsed: its writes are refused until a quorum
+/// acknowledges it again. Writes must commit again soon after. Before the fix they did not: a
+/// proposer retried the refused write in a loop that kept the leader's shard from ever handling
+/// the heartbeat answers that would renew the lease, and the cluster sequenced nothing for good
+/// (docs/performance.md, the wedge).
+#[test]
+fn a_cluster_paused_longer_than_the_leader_lease_commits_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ClusterUp::start(dir.path(), 3, free_base_port(3));
+    let rt = runtime();
+    let receipts = rt.block_on(async {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
+        let acked_tx = std::sync::Arc::new(acked_tx);
+        let mut tasks = Vec::new();
+        for id in 1..=3u64 {
+            for lane in 0..4u64 {
+                let client = cluster.client_from(id);
+                let (stop, acked_tx) = (stop.clone(), acked_tx.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut receipts = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(90);
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                        && i < 100_000
+                    {
+                        // Refusals and timeouts around a pause are expected; what committed
+                        // must be in the log, checked below.
+                        if let Ok(r) = client.submit(txs(&format!("p{id}-{lane}"), i, 20)).await {
+                            receipts.extend(r.into_iter().filter_map(Result::ok));
+                            acked_tx.send_modify(|n| *n += 1);
+                        }
+                        i += 20;
+                    }
+                    receipts
+                }));
+            }
+        }
+        let wait_acked = |n: u64, what: String| {
+            let mut acked = acked.clone();
+            async move {
+                tokio::time::timeout(WAIT, acked.wait_for(|a| *a >= n))
+                    .await
+                    .unwrap_or_else(|_| panic!("{what}: {n} commits within {WAIT:?}"))
+                    .expect("clients running");
+            }
+        };
+        wait_acked(100, "before the pauses".into()).await;
+        for round in 0..3 {
+            let leader = leader_seen_by(&cluster.client_of(1), WAIT).await;
+            let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+            for id in 1..=3 {
+                cluster.signal(id, libc::SIGSTOP);
+            }
+            // The fault: the whole cluster stands still for 1.5 leases.
+            std::thread::sleep(Duration::from_millis(600));
+            cluster.signal(leader, libc::SIGCONT);
+            std::thread::sleep(Duration::from_millis(100));
+            for &id in &followers {
+                cluster.signal(id, libc::SIGCONT);
+            }
+            let before = *acked.borrow();
+            wait_acked(
+                before + 100,
+                format!("after pause {round} (leader {leader})"),
+            )
+            .await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut receipts = Vec::new();
+        for t in tasks {
+            receipts.extend(t.await.unwrap());
+        }
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        for id in 1..=3 {
+            wait_applied(&cluster.client_of(id), last, WAIT).await;
+        }
+        receipts
+    });
+    let nodes = cluster.stop();
+    let logs = read_logs(&nodes);
+    check_logs_agree(&logs);
+    check_receipts(&logs, &receipts);
+}

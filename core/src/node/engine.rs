@@ -198,14 +198,16 @@ where
     let name = format!("baton-{}-s{k}", config.id);
     std::thread::Builder::new()
         .name(name.clone())
-        .spawn(
-            move || match LocalExecutorBuilder::new(placement).name(&name).make() {
+        .spawn(move || {
+            match LocalExecutorBuilder::new(placement)
+                .name(&name)
+                .preempt_timer(PREEMPT_EVERY)
+                .make()
+            {
                 Ok(ex) => ex.run(async move {
-                    // Safety net for lost cross-thread wake-ups (see `WAKE_TICK`): the ticker
-                    // ends with the shard's work.
-                    let ticker = glommio::spawn_local(wake_ticker());
+                    let probe = glommio::spawn_local(lag_probe(k));
                     f(ready).await;
-                    ticker.cancel().await;
+                    probe.cancel().await;
                 }),
                 Err(e) => {
                     let source = std::io::Error::other(format!(
@@ -213,27 +215,41 @@ where
                     ));
                     let _ = ready.send(Err(NodeError::Spawn { shard: k, source }));
                 }
-            },
-        )
+            }
+        })
         .map_err(|source| NodeError::Spawn { shard: k, source })
 }
 
-/// How often every shard's executor wakes up even with nothing to do.
-///
-/// A wake-up from another thread (the tokio net thread completing a peer RPC or handing in a
-/// client request) reaches a sleeping glommio 0.9 executor through an eventfd on its latency
-/// ring; on this kernel that notification is sometimes lost for good (DataDog/glommio#494:
-/// events on the latency ring do not wake the main ring). The woken task then waits until a
-/// timer wakes the executor, and since every wake-up drains the queue of foreign wakes, a timer
-/// this frequent bounds the delay. Without it a node could end up in a state where every
-/// heartbeat response arrived "late" (after its 50 ms timeout), the leader never held a lease
-/// and the cluster sequenced nothing (docs/performance.md, the start-of-load wedge). This makes
-/// that wedge rarer but has not removed it: its cause is not fully understood yet.
-pub const WAKE_TICK: Duration = Duration::from_millis(1);
+/// How long a shard's executor runs ready tasks before it must return to its reactor (I/O
+/// completions, timers, and wake-ups from other threads such as the network thread's answers to
+/// heartbeats). glommio's default is 100 ms: a shard kept busy by tasks that wake each other
+/// would then hear its peers' heartbeat answers up to 100 ms late, after their 50 ms deadline,
+/// and a leader could not renew its lease (docs/performance.md, the wedge). Preemption only
+/// happens between polls, never inside one.
+pub const PREEMPT_EVERY: Duration = Duration::from_millis(2);
 
-async fn wake_ticker() {
+/// The period of each shard's lag probe: a timer whose lateness is how long the shard did not
+/// get back to its reactor.
+const LAG_PROBE_EVERY: Duration = Duration::from_millis(10);
+/// A probe this late is logged (debug, target `baton_core::lag`).
+const LAG_LOG_AFTER: Duration = Duration::from_millis(50);
+
+/// Logs when shard `k`'s reactor was not reached for a long time (a task that does not yield,
+/// a blocking call, or the thread starved of CPU): cheap to keep on, and the first thing to
+/// look at when timers fire late.
+async fn lag_probe(k: usize) {
     loop {
-        glommio::timer::sleep(WAKE_TICK).await;
+        let before = Instant::now();
+        glommio::timer::sleep(LAG_PROBE_EVERY).await;
+        let late = before.elapsed().saturating_sub(LAG_PROBE_EVERY);
+        if late >= LAG_LOG_AFTER {
+            tracing::debug!(
+                target: "baton_core::lag",
+                shard = k,
+                late_ms = late.as_millis() as u64,
+                "shard reactor reached late"
+            );
+        }
     }
 }
 
@@ -930,6 +946,12 @@ async fn raft_shard<F>(
                 })
                 .detach();
             }
+            Control::Stall(pause, reply) => {
+                // Fault injection: the whole shard stops, as in a long GC-like pause or CPU
+                // starvation.
+                std::thread::sleep(pause);
+                let _ = reply.send(());
+            }
             Control::Shutdown(reply) => {
                 shutdown_reply = Some(reply);
                 break;
@@ -1118,16 +1140,63 @@ pub(crate) async fn propose_entry(
             Err(SubmitError::NotLeader { leader_hint: None })
                 if raft.is_leader() && Instant::now() < deadline =>
             {
-                let last = status_of(raft).last_log_index;
                 let left = deadline.saturating_duration_since(Instant::now());
-                let committed =
-                    move |s: &NodeStatus| s.role == Role::Leader && s.committed_index >= last;
-                if wait_for(raft, Box::new(committed), left).await.is_err() {
+                if !wait_quorum_ack(raft, quorum_acked(raft), left).await {
                     return Err(SubmitError::NotLeader { leader_hint: None });
                 }
             }
             other => return other,
         }
+    }
+}
+
+/// When a quorum last acknowledged this node as leader (openraft's metrics).
+fn quorum_acked(raft: &openraft::Raft<TypeConfig, Sm>) -> Option<Instant> {
+    use openraft::async_runtime::WatchReceiver;
+    raft.metrics()
+        .borrow_watched()
+        .last_quorum_acked
+        .as_ref()
+        .map(|t| **t)
+}
+
+/// Waits, at most `timeout`, until a quorum acknowledges this leader after `since` (which renews
+/// its lease); false if it stopped leading or the time ran out.
+///
+/// This waits for an event. Retrying the write until the lease is back would be a loop of
+/// tasks waking each other (proposer, Raft core) that never leaves the executor's run queue: the
+/// heartbeat answers that renew the lease arrive as wake-ups from the network thread, which the
+/// executor only handles when it returns to its reactor. That loop kept a leader whose lease had
+/// lapsed in a stall from ever renewing it (docs/performance.md, the wedge).
+async fn wait_quorum_ack(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    since: Option<Instant>,
+    timeout: Duration,
+) -> bool {
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = raft.metrics();
+    let acked = async {
+        loop {
+            {
+                let m = metrics.borrow_watched();
+                if m.state != openraft::ServerState::Leader {
+                    return false;
+                }
+                let now = m.last_quorum_acked.as_ref().map(|t| **t);
+                if now > since {
+                    return true;
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    let timer = glommio::timer::sleep(timeout);
+    futures_util::pin_mut!(acked, timer);
+    match futures_util::future::select(acked, timer).await {
+        futures_util::future::Either::Left((acked, _)) => acked,
+        futures_util::future::Either::Right(_) => false,
     }
 }
 

@@ -161,6 +161,8 @@ pub(crate) enum Control {
     ),
     /// The leader's read index (for a follower's linearizable read).
     ReadIndex(oneshot::Sender<Result<u64, SubmitError>>),
+    /// Fault injection: block the Raft shard's thread this long.
+    Stall(std::time::Duration, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -489,6 +491,20 @@ impl NodeHandle {
         let mut status = rx.await.map_err(|_| NodeError::ShuttingDown)?;
         status.signer = self.signer;
         Ok(status)
+    }
+
+    /// Fault injection for tests: blocks this node's Raft shard (its thread, every task on it)
+    /// for `pause`, like a long stop-the-world pause or CPU starvation; returns when the shard
+    /// runs again.
+    #[doc(hidden)]
+    pub async fn stall_for_testing(&self, pause: std::time::Duration) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .clone()
+            .send(Control::Stall(pause, tx))
+            .await
+            .map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)
     }
 
     /// The committed receipt of a sequenced transaction, from this node's state machine and log
