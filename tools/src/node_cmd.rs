@@ -96,6 +96,34 @@ async fn wait_for_stop_signal() -> &'static str {
     }
 }
 
+/// SIGTERM and SIGINT, caught from the moment this is made (inside a tokio runtime) so that a
+/// signal arriving while node processes start cannot kill this process and orphan them.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves with the name of the first signal (never without handlers).
+    async fn recv(&mut self) -> &'static str {
+        match (&mut self.term, &mut self.int) {
+            (Some(term), Some(int)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            _ => std::future::pending().await,
+        }
+    }
+}
+
 /// `baton cluster up`
 #[derive(Args)]
 pub struct ClusterUpArgs {
@@ -372,6 +400,14 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
              at least 512 KiB (raise `ulimit -l`)"
         );
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut signals = {
+        let _in_runtime = rt.enter();
+        StopSignals::new()
+    };
     let mut children = Vec::new();
     let mut infos = Vec::new();
     for PreparedNode {
@@ -404,18 +440,32 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     }
     let certs = dir.join("certs");
     let (client_cert, client_key) = tls::client_files(&certs);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let endpoints: Vec<SocketAddr> = infos.iter().map(|n| n.addr).collect();
     let ca = certs.join("ca.pem");
-    let leader = rt.block_on(wait_for_leader(
-        &endpoints,
-        &ca,
-        Duration::from_millis(args.leader_timeout_ms),
-    ));
-    let leader = match leader {
+    // Waiting for a leader and registering the rollups; a signal meanwhile stops the nodes.
+    let started = rt.block_on(async {
+        let startup = async {
+            let leader = wait_for_leader(
+                &endpoints,
+                &ca,
+                Duration::from_millis(args.leader_timeout_ms),
+            )
+            .await?;
+            crate::rollup_cmd::register_rollups(
+                &endpoints,
+                &ca,
+                &args.rollups,
+                crate::rollup_cmd::DEFAULT_POLICY,
+            )
+            .await?;
+            Ok::<u64, String>(leader)
+        };
+        tokio::select! {
+            r = startup => r,
+            s = signals.recv() => Err(format!("{s} while starting")),
+        }
+    });
+    let leader = match started {
         Ok(l) => l,
         Err(e) => {
             eprintln!("baton cluster up: {e}; node logs are in {}", dir.display());
@@ -423,17 +473,6 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let registered = rt.block_on(crate::rollup_cmd::register_rollups(
-        &endpoints,
-        &ca,
-        &args.rollups,
-        crate::rollup_cmd::DEFAULT_POLICY,
-    ));
-    if let Err(e) = registered {
-        eprintln!("baton cluster up: {e}; node logs are in {}", dir.display());
-        stop_children(&mut children, Duration::from_secs(5));
-        return ExitCode::from(1);
-    }
     let info = ClusterInfo {
         cluster_id: "baton-local".into(),
         ca_cert: ca,
@@ -469,7 +508,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let _ = std::io::stdout().flush();
     let signal = rt.block_on(async {
         tokio::select! {
-            s = wait_for_stop_signal() => s,
+            s = signals.recv() => s,
             _ = watch_children_exit(&info) => "every node exited",
         }
     });

@@ -321,3 +321,76 @@ fn a_cluster_paused_longer_than_the_leader_lease_commits_again() {
     check_logs_agree(&logs);
     check_receipts(&logs, &receipts);
 }
+
+/// The node processes of `baton cluster up` whose configs live in `dir`, from /proc.
+fn node_pids_in(dir: &std::path::Path) -> Vec<i32> {
+    let needle = format!("{}/node-", dir.display());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" node ") && cmdline.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGTERM to `baton cluster up` while it is still starting (its nodes spawned, no leader yet)
+/// stops its node processes too. It used to die by the signal's default action and leave them
+/// running.
+#[test]
+fn cluster_up_stopped_while_starting_leaves_no_node_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // Elections take seconds: the signal lands while cluster up waits for a leader.
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "cluster",
+            "up",
+            "--nodes",
+            "3",
+            "--election-timeout-min-ms",
+            "5000",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--base-port")
+        .arg(free_base_port(3).to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cluster up");
+    let deadline = Instant::now() + WAIT;
+    let pids = loop {
+        let pids = node_pids_in(dir.path());
+        if pids.len() == 3 {
+            break pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3 node processes within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !dir.path().join("cluster.json").exists(),
+        "still starting when signalled"
+    );
+    // SAFETY: kill(2) on the cluster up process this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(up.id() as i32, libc::SIGTERM) }, 0);
+    let status = up.wait().expect("cluster up exits");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut up.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "startup was interrupted: {stderr}");
+    assert!(stderr.contains("SIGTERM while starting"), "{stderr}");
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process still exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "node process {pid} outlived cluster up: {stderr}");
+    }
+}
