@@ -291,10 +291,11 @@ fn a_cluster_paused_longer_than_the_leader_lease_commits_again() {
             for id in 1..=3 {
                 cluster.signal(id, libc::SIGSTOP);
             }
-            // The fault: the whole cluster stands still for 1.5 leases.
-            std::thread::sleep(Duration::from_millis(600));
+            // The fault: the whole cluster stands still for 1.5 leases while the clients go on
+            // sending (their requests wait in the paused nodes' sockets).
+            tokio::time::sleep(Duration::from_millis(600)).await;
             cluster.signal(leader, libc::SIGCONT);
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
             for &id in &followers {
                 cluster.signal(id, libc::SIGCONT);
             }

@@ -111,7 +111,7 @@ pub(crate) async fn barrier(
 }
 
 /// `f`, or `None` once `timeout` passes (on the glommio timer).
-async fn tokio_free_timeout<T>(
+pub(crate) async fn tokio_free_timeout<T>(
     f: impl std::future::Future<Output = T>,
     timeout: Duration,
 ) -> Option<T> {

@@ -1192,12 +1192,9 @@ async fn wait_quorum_ack(
             }
         }
     };
-    let timer = glommio::timer::sleep(timeout);
-    futures_util::pin_mut!(acked, timer);
-    match futures_util::future::select(acked, timer).await {
-        futures_util::future::Either::Left((acked, _)) => acked,
-        futures_util::future::Either::Right(_) => false,
-    }
+    super::blocks::tokio_free_timeout(acked, timeout)
+        .await
+        .unwrap_or(false)
 }
 
 /// One `client_write`, bounded by `commit_wait`: a leader cut off from its quorum keeps writes
