@@ -5,7 +5,8 @@
 //!   in-place header patching, header digest,
 //! - [`batcher`]: the shard's deterministic batch builder (validate, hash, dedup, seal),
 //! - [`merkle`]: the RFC 6962-shaped keccak256 Merkle tree over transaction hashes,
-//! - [`hash`]: keccak256 and `TxHash`,
+//! - [`hash`]: keccak256 and `TxHash`, [`tx_index`]: tables keyed by it that grow without
+//!   stalling,
 //! - [`encrypted`]: the ciphertext format of encrypted transactions and their key commitment,
 //! - [`receipt`]: the leader's signed batch header, receipts at two ack levels and their offline
 //!   verification,
@@ -37,6 +38,7 @@ pub mod rollups;
 pub mod sequencer;
 pub mod sign;
 pub mod tx;
+pub mod tx_index;
 pub mod tx_kind;
 
 pub use batch::{

@@ -38,7 +38,7 @@
 //!
 //! Records are sorted, so the encoding depends only on the state, never on hash-map order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::batch::access_batch;
 use crate::command::{Command, CommandRejection};
@@ -47,6 +47,7 @@ use crate::hash::{keccak256, TxHash};
 use crate::merkle::MerkleAccumulator;
 use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
 use crate::rollups::{Rollups, Sealed};
+use crate::tx_index::TxIndex;
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -230,7 +231,9 @@ pub struct Sequencer {
     /// Last applied batch: (index, term).
     applied: Option<(u64, u64)>,
     batches: BTreeMap<u64, BatchRecord>,
-    positions: HashMap<TxHash, Position>,
+    /// Every sequenced transaction's position: split in parts so its growth never stalls
+    /// the shard (see `tx_index`).
+    positions: TxIndex<Position>,
     tx_total: u64,
     duplicates_total: u64,
     rollups: Rollups,
@@ -341,14 +344,10 @@ impl Sequencer {
         let txs = hashes.into_iter().zip(leaves).zip(batch.txs.iter());
         for (offset, ((hash, leaf), tx)) in txs.enumerate() {
             let offset = offset as u32;
-            match self.positions.entry(hash) {
-                std::collections::hash_map::Entry::Occupied(first) => duplicates.push(Duplicate {
-                    offset,
-                    original: *first.get(),
-                }),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let position = Position { index, offset };
-                    slot.insert(position);
+            let position = Position { index, offset };
+            match self.positions.insert_new(hash, position) {
+                Err(original) => duplicates.push(Duplicate { offset, original }),
+                Ok(()) => {
                     self.rollups.order(
                         tx.rollup_id(),
                         position,
@@ -434,7 +433,7 @@ impl Sequencer {
 
     /// Position of the first transaction with this hash, if it was sequenced.
     pub fn lookup(&self, tx_hash: &TxHash) -> Option<Position> {
-        self.positions.get(tx_hash).copied()
+        self.positions.get(tx_hash)
     }
 
     /// Raft index of the last applied batch, `None` before the first.
@@ -592,7 +591,7 @@ impl Sequencer {
             ));
         }
 
-        let mut positions = HashMap::with_capacity(position_count as usize);
+        let mut positions = TxIndex::with_capacity(position_count as usize);
         let mut prev_hash: Option<TxHash> = None;
         for (at, rec) in position_bytes
             .chunks_exact(POSITION_RECORD_BYTES)
@@ -615,7 +614,9 @@ impl Sequencer {
                 Some(b) if pos.offset < b.tx_count => {}
                 _ => return Err(inconsistent("position outside every batch", at)),
             }
-            positions.insert(hash, pos);
+            positions
+                .insert_new(hash, pos)
+                .expect("hashes checked strictly ascending");
         }
         Ok(Sequencer {
             applied,

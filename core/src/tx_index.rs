@@ -1,0 +1,221 @@
+//! Hash tables keyed by `TxHash` that never stall the shard that owns them.
+//!
+//! A std `HashMap` grows by doubling: the insert that crosses its load factor allocates a table
+//! twice the size and moves every entry there. For the state machine's index of every sequenced
+//! transaction that is one insert in millions, but it moves millions of entries and first-touches
+//! hundreds of MiB (each fresh 2 MiB page zeroed by the kernel), all on the Raft shard and on
+//! every node at the same log index: a 100-300 ms stall of the whole cluster at each doubling
+//! (`perf`: `reserve_rehash` → `do_huge_pmd_anonymous_page` → `clear_page_erms`).
+//!
+//! [`TxIndex`] splits the index into [`PARTS`] tables by hash. Each grows on its own, so one
+//! growth moves 1/`PARTS` of the entries, and since the parts fill at slightly different rates
+//! the growths are spread over many batches instead of landing in one.
+//!
+//! [`TxHasher`] is the hash both use: keccak output is already uniform, so a keyed folded
+//! multiply over its four words suffices (SipHash would cost more than the table). The key is
+//! random per table, so clients cannot grind transactions whose hashes collide in it.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use crate::hash::TxHash;
+
+/// Tables a [`TxIndex`] is split into (a power of two).
+pub const PARTS: usize = 1024;
+
+/// Keyed 64-bit hash of a `TxHash`; see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxHasher {
+    key: [u64; 2],
+}
+
+impl TxHasher {
+    /// A hasher with a fresh random key.
+    pub(crate) fn new() -> Self {
+        let random = RandomState::new();
+        Self {
+            key: [random.hash_one(0u64) | 1, random.hash_one(1u64)],
+        }
+    }
+
+    pub(crate) fn hash(&self, tx_hash: &TxHash) -> u64 {
+        let mut state = self.key[1];
+        for word in tx_hash.0.chunks_exact(8) {
+            let word = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+            state = folded_multiply(state ^ word, self.key[0]);
+        }
+        state
+    }
+}
+
+/// High and low halves of the 128-bit product, xored.
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// Map from `TxHash` to a small `Copy` value, split into [`PARTS`] tables so that growing it
+/// never moves more than a sliver of it at once (module docs). Entries are never removed.
+#[derive(Clone)]
+pub struct TxIndex<V> {
+    parts: Box<[HashTable<(TxHash, V)>]>,
+    hasher: TxHasher,
+    len: usize,
+}
+
+impl<V: Copy + PartialEq> TxIndex<V> {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// An empty index with room for about `capacity` entries before any part grows.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let per_part = capacity.div_ceil(PARTS);
+        Self {
+            parts: (0..PARTS)
+                .map(|_| HashTable::with_capacity(per_part))
+                .collect(),
+            hasher: TxHasher::new(),
+            len: 0,
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the index holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value recorded for `tx_hash`.
+    pub fn get(&self, tx_hash: &TxHash) -> Option<V> {
+        let hash = self.hasher.hash(tx_hash);
+        self.parts[part_of(hash)]
+            .find(hash, |(key, _)| key == tx_hash)
+            .map(|(_, value)| *value)
+    }
+
+    /// Whether `tx_hash` is recorded.
+    pub fn contains_key(&self, tx_hash: &TxHash) -> bool {
+        self.get(tx_hash).is_some()
+    }
+
+    /// Records `value` for `tx_hash` unless it is already recorded; `Err` with the recorded
+    /// value if it is (which is left as it was).
+    pub fn insert_new(&mut self, tx_hash: TxHash, value: V) -> Result<(), V> {
+        let hash = self.hasher.hash(&tx_hash);
+        let hasher = self.hasher;
+        let part = &mut self.parts[part_of(hash)];
+        match part.entry(
+            hash,
+            |(key, _)| *key == tx_hash,
+            |(key, _)| hasher.hash(key),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(recorded) => Err(recorded.get().1),
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                slot.insert((tx_hash, value));
+                self.len += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&TxHash, &V)> {
+        self.parts
+            .iter()
+            .flat_map(|part| part.iter().map(|(key, value)| (key, value)))
+    }
+}
+
+impl<V: Copy + PartialEq> Default for TxIndex<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Equal when both hold the same entries (their keys and layouts may differ).
+impl<V: Copy + PartialEq> PartialEq for TxIndex<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len
+            && self
+                .iter()
+                .all(|(key, value)| other.get(key) == Some(*value))
+    }
+}
+
+impl<V: Copy + PartialEq> Eq for TxIndex<V> {}
+
+impl<V> std::fmt::Debug for TxIndex<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxIndex").field("len", &self.len).finish()
+    }
+}
+
+/// The part an entry with 64-bit hash `hash` lives in. hashbrown picks the bucket from the
+/// hash's low bits and its control tag from the top 7, so the part comes from bits 32.. to stay
+/// independent of both (a part with 2^32 buckets is far beyond any index here).
+fn part_of(hash: u64) -> usize {
+    (hash >> 32) as usize & (PARTS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u64) -> TxHash {
+        TxHash::of(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn records_each_hash_once_and_keeps_the_first_value() {
+        let mut index = TxIndex::new();
+        for i in 0..10_000u64 {
+            assert_eq!(index.insert_new(h(i), i), Ok(()));
+        }
+        assert_eq!(index.len(), 10_000);
+        for i in 0..10_000u64 {
+            assert_eq!(index.get(&h(i)), Some(i));
+            assert_eq!(index.insert_new(h(i), i + 1), Err(i));
+        }
+        assert_eq!(index.len(), 10_000);
+        assert_eq!(index.get(&h(10_000)), None);
+        assert!(!index.contains_key(&h(10_001)));
+        let mut seen: Vec<u64> = index.iter().map(|(_, v)| *v).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn equality_is_by_content_whatever_the_keys() {
+        let mut a = TxIndex::with_capacity(100);
+        let mut b = TxIndex::new();
+        for i in 0..500u64 {
+            a.insert_new(h(i), i).unwrap();
+            b.insert_new(h(499 - i), 499 - i).unwrap();
+        }
+        assert_eq!(a, b);
+        b.insert_new(h(1_000), 0).unwrap();
+        assert_ne!(a, b);
+        a.insert_new(h(1_000), 1).unwrap();
+        assert_ne!(a, b, "same keys, one value differs");
+    }
+
+    #[test]
+    fn entries_spread_over_the_parts() {
+        let mut index = TxIndex::new();
+        let n = PARTS as u64 * 64;
+        for i in 0..n {
+            index.insert_new(h(i), ()).unwrap();
+        }
+        let largest = index.parts.iter().map(HashTable::len).max().unwrap();
+        // 64 per part on average; a part with 4× that means the split is not doing its job.
+        assert!(largest < 256, "largest part {largest}");
+    }
+}
