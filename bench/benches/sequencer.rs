@@ -1,0 +1,103 @@
+//! The state machine's costs that grow with the log, for a sequencer that has ordered a million
+//! transactions: encoding a snapshot (every `snapshot_every_entries`, on the blocking pool), the
+//! copy of the state the Raft shard makes for it, and applying one batch.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use baton_core::sequencer::Sequencer;
+use baton_core::{encode_batch_into, Batch, BatchHeader, Transaction, TxKind};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rkyv::util::AlignedVec;
+
+/// Transactions per applied batch.
+const BATCH_TXS: usize = 4_096;
+/// Transactions ordered before the snapshot is taken.
+const ORDERED_TXS: usize = 1 << 20;
+
+fn encoded_batch(index: u64) -> AlignedVec<16> {
+    let txs: Vec<Transaction> = (0..BATCH_TXS)
+        .map(|i| {
+            let mut bytes = vec![0u8; 128];
+            bytes[..8].copy_from_slice(&index.to_le_bytes());
+            bytes[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+            Transaction {
+                rollup_id: 1,
+                kind: TxKind::Raw,
+                bytes,
+            }
+        })
+        .collect();
+    let mut batch = Batch {
+        header: BatchHeader {
+            term: 1,
+            index,
+            prev_batch_hash: [0; 32],
+            tx_merkle_root: [0; 32],
+            tx_count: BATCH_TXS as u32,
+            timestamp_us: 0,
+        },
+        txs,
+    };
+    batch.header.tx_merkle_root = batch.compute_tx_merkle_root();
+    let mut buf = AlignedVec::<16>::new();
+    encode_batch_into(&batch, &mut buf).expect("within limits");
+    buf
+}
+
+fn sequencer(c: &mut Criterion) {
+    let mut seq = Sequencer::default();
+    let batches = (ORDERED_TXS / BATCH_TXS) as u64;
+    for index in 1..=batches {
+        seq.apply_batch(index, 1, &encoded_batch(index))
+            .expect("valid batch");
+    }
+    let mut group = c.benchmark_group("sequencer");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(ORDERED_TXS as u64));
+    group.bench_function("snapshot_bytes_1M_txs", |b| {
+        b.iter(|| black_box(seq.snapshot_bytes()).len())
+    });
+    // What the Raft shard itself pays for a snapshot: the copy handed to the encoding thread.
+    group.bench_function("clone_1M_txs", |b| b.iter(|| black_box(seq.clone())));
+    // Fresh batches applied one after another to the same (growing) sequencer; encoding them is
+    // not timed.
+    group.throughput(Throughput::Elements(BATCH_TXS as u64));
+    let mut index = batches;
+    group.bench_function("apply_4096_txs_at_1M", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                index += 1;
+                let batch = encoded_batch(index);
+                let start = std::time::Instant::now();
+                seq.apply_batch(index, 1, &batch).expect("valid batch");
+                spent += start.elapsed();
+            }
+            spent
+        })
+    });
+    // The first batch applied after the snapshot copy, while the copy is alive: it copies the
+    // index parts it writes to (copy-on-write), the cost a snapshot spreads over later applies.
+    group.bench_function("apply_4096_txs_at_1M_first_after_snapshot_copy", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                index += 1;
+                let batch = encoded_batch(index);
+                let copy = seq.clone();
+                let start = std::time::Instant::now();
+                seq.apply_batch(index, 1, &batch).expect("valid batch");
+                spent += start.elapsed();
+                drop(copy);
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, sequencer);
+criterion_main!(benches);
