@@ -529,6 +529,20 @@ impl Rollups {
         Ok(())
     }
 
+    /// A lower bound of `encode`'s output length (exact but for the secrets' payloads), for
+    /// reserving the buffer once.
+    pub(crate) fn encoded_len_hint(&self) -> usize {
+        const PENDING: usize = 32 + 12 + 4;
+        const BLOCK: usize = 176 + 16 + 8 + 12 + 12;
+        const SECRET: usize = 32 + 8 + 32 + 8 + 4 + 4 + 8 + 32;
+        24 + self
+            .rollups
+            .values()
+            .map(|r| 48 + r.pending.len() * PENDING + r.blocks.len() * BLOCK)
+            .sum::<usize>()
+            + self.secrets.len() * SECRET
+    }
+
     /// Appends the snapshot section (format in `sequencer`'s module docs).
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.rollups.len() as u64);
