@@ -4,6 +4,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use baton_core::keccak_many::keccak256_many;
+use baton_core::MerkleTree;
 use baton_core::{
     access_batch, encode_batch_into, keccak256, merkle_root, Batch, BatchHeader, Transaction,
     TxHash, TxKind,
@@ -85,6 +87,28 @@ fn model(c: &mut Criterion) {
         for tx in &batch.txs {
             black_box(keccak256(black_box(&tx.bytes)));
         }
+    });
+    group.finish();
+
+    // The same hashing several messages per permutation (AVX-512 where the CPU has it).
+    let mut group = c.benchmark_group("keccak256_many_1024x128");
+    let mut out = Vec::with_capacity(BENCH_TXS);
+    bench_both(&mut group, payload_bytes, || {
+        out.clear();
+        keccak256_many(
+            batch.txs.iter().map(|tx| black_box(tx.bytes.as_slice())),
+            &mut out,
+        );
+        black_box(out.len());
+    });
+    group.finish();
+
+    // A whole tree (leaves and levels hashed several per permutation) against the one-at-a-time
+    // accumulator of merkle_root_1024 above.
+    let mut group = c.benchmark_group("merkle_tree_1024");
+    group.throughput(Throughput::Elements(BENCH_TXS as u64));
+    group.bench_function("txs", |b| {
+        b.iter(|| black_box(MerkleTree::new(black_box(&tx_hashes)).root()))
     });
     group.finish();
 }

@@ -314,7 +314,7 @@ mod tests {
     fn tx(i: usize, len: usize) -> Transaction {
         Transaction {
             rollup_id: i as u64 % 3,
-            kind: if i % 2 == 0 {
+            kind: if i.is_multiple_of(2) {
                 TxKind::Raw
             } else {
                 TxKind::Encrypted {

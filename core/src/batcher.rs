@@ -151,9 +151,27 @@ impl Batcher {
         tx: IncomingTx<'_>,
         now_us: u64,
     ) -> Result<PushOutcome, SubmitRejection> {
+        self.check_len(tx.bytes.len())?;
+        let tx_hash = TxHash::of(tx.bytes);
+        self.push_hashed(tx, tx_hash, now_us)
+    }
+
+    /// [`Batcher::push`] for a transaction whose hash the caller computed (many at once, with
+    /// `keccak_many`); `tx_hash` must be `TxHash::of(tx.bytes)` unless the length check
+    /// refuses the transaction, in which case it is not used.
+    pub fn push_hashed(
+        &mut self,
+        tx: IncomingTx<'_>,
+        tx_hash: TxHash,
+        now_us: u64,
+    ) -> Result<PushOutcome, SubmitRejection> {
         let len = tx.bytes.len();
         self.check_len(len)?;
-        let tx_hash = TxHash::of(tx.bytes);
+        debug_assert_eq!(
+            tx_hash,
+            TxHash::of(tx.bytes),
+            "push_hashed with a wrong hash"
+        );
         if let Some(first_seen) = self.dedup.get(&tx_hash) {
             return Ok(PushOutcome::Duplicate {
                 tx_hash,

@@ -29,6 +29,7 @@ pub mod command;
 pub mod encrypted;
 pub mod error;
 pub mod hash;
+pub mod keccak_many;
 pub mod limits;
 pub mod merkle;
 pub mod node;

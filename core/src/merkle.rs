@@ -19,9 +19,9 @@ use crate::error::ModelError;
 use crate::hash::{keccak256, TxHash};
 
 /// Domain-separation prefix of a leaf hash.
-const LEAF_PREFIX: u8 = 0x00;
+pub(crate) const LEAF_PREFIX: u8 = 0x00;
 /// Domain-separation prefix of an interior node hash.
-const NODE_PREFIX: u8 = 0x01;
+pub(crate) const NODE_PREFIX: u8 = 0x01;
 /// Depth bound of the accumulator stack: one slot per bit of a `u64` leaf count.
 const ACCUMULATOR_DEPTH_MAX: usize = 64;
 
@@ -136,6 +136,47 @@ pub struct MerkleProof {
     pub path: Vec<[u8; 32]>,
 }
 
+/// Children copied out per call of `node_hashes` while a tree level is built (even).
+const NODE_CHUNK: usize = 64;
+
+/// Merkle root over precomputed leaf hashes (`leaf_hash(tx_hash)` each), level by level with
+/// several hashes per permutation (`keccak_many`); `scratch` is reused between calls.
+pub fn root_of_leaf_hashes(leaves: &[[u8; 32]], scratch: &mut Vec<[u8; 32]>) -> [u8; 32] {
+    scratch.clear();
+    scratch.reserve(leaves.len().saturating_mul(2));
+    scratch.extend_from_slice(leaves);
+    build_levels(scratch, |_| {});
+    scratch.last().copied().unwrap_or_else(empty_root)
+}
+
+/// Appends to `nodes`, which holds one tree level, every level above it up to the root; calls
+/// `level_end` with the end offset of each level added. Adjacent pairs are hashed, an unpaired
+/// last node is promoted as is.
+fn build_levels(nodes: &mut Vec<[u8; 32]>, mut level_end: impl FnMut(usize)) {
+    let mut start = 0;
+    while nodes.len() - start > 1 {
+        let end = nodes.len();
+        let pairs_end = start + (end - start) / 2 * 2;
+        // `nodes` grows while the level is read, so its pairs are copied out in chunks; each
+        // chunk's hashes are computed together (several per permutation).
+        let mut i = start;
+        while i < pairs_end {
+            let chunk_end = (i + NODE_CHUNK).min(pairs_end);
+            let mut pairs = [[0u8; 32]; NODE_CHUNK];
+            let n = chunk_end - i;
+            pairs[..n].copy_from_slice(&nodes[i..chunk_end]);
+            crate::keccak_many::node_hashes(&pairs[..n], nodes);
+            i = chunk_end;
+        }
+        if pairs_end < end {
+            let promoted = nodes[pairs_end];
+            nodes.push(promoted);
+        }
+        start = end;
+        level_end(nodes.len());
+    }
+}
+
 /// Largest power of two strictly less than `n`; `n` must be at least 2.
 fn split_point(n: usize) -> usize {
     debug_assert!(n >= 2);
@@ -226,24 +267,18 @@ impl MerkleTree {
     pub fn new(tx_hashes: &[TxHash]) -> Self {
         let count = tx_hashes.len();
         let mut nodes = Vec::with_capacity(count.saturating_mul(2));
-        nodes.extend(tx_hashes.iter().map(leaf_hash));
+        crate::keccak_many::leaf_hashes(tx_hashes, &mut nodes);
+        Self::from_leaf_hashes(nodes)
+    }
+
+    /// Builds the tree whose leaf hashes (`leaf_hash(tx_hash)` each) are `leaves`, reusing
+    /// that vector for all levels.
+    pub fn from_leaf_hashes(leaves: Vec<[u8; 32]>) -> Self {
+        let mut nodes = leaves;
+        let count = nodes.len();
+        nodes.reserve(count.saturating_sub(1));
         let mut level_starts = vec![0, count];
-        let mut start = 0;
-        while nodes.len() - start > 1 {
-            let end = nodes.len();
-            let mut i = start;
-            while i + 1 < end {
-                let parent = node_hash(&nodes[i], &nodes[i + 1]);
-                nodes.push(parent);
-                i += 2;
-            }
-            if i < end {
-                let promoted = nodes[i];
-                nodes.push(promoted);
-            }
-            start = end;
-            level_starts.push(nodes.len());
-        }
+        build_levels(&mut nodes, |end| level_starts.push(end));
         Self {
             nodes,
             level_starts,

@@ -44,7 +44,8 @@ use crate::batch::access_batch;
 use crate::command::{Command, CommandRejection};
 use crate::error::ModelError;
 use crate::hash::TxHash;
-use crate::merkle::MerkleAccumulator;
+use crate::keccak_many::{keccak256_many, leaf_hashes};
+use crate::merkle::root_of_leaf_hashes;
 use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
 use crate::rollups::{Rollups, Sealed};
 use crate::tx_index::TxIndex;
@@ -313,17 +314,14 @@ impl Sequencer {
         }
         let batch = access_batch(batch_bytes)
             .map_err(|source| SequencerError::InvalidBatch { index, source })?;
-        let mut hashes = Vec::with_capacity(batch.txs.len());
-        let mut leaves = Vec::with_capacity(batch.txs.len());
-        let mut merkle = MerkleAccumulator::new();
-        for tx in batch.txs.iter() {
-            let hash = tx.tx_hash();
-            let leaf = crate::merkle::leaf_hash(&hash);
-            merkle.push_leaf_hash(leaf);
-            hashes.push(hash);
-            leaves.push(leaf);
-        }
-        let computed = merkle.root();
+        // The transactions' hashes, leaves and tree levels are each independent of one another:
+        // hashed several per permutation (keccak_many).
+        let mut raw = Vec::with_capacity(batch.txs.len());
+        keccak256_many(batch.txs.iter().map(|tx| tx.bytes.as_slice()), &mut raw);
+        let hashes: Vec<TxHash> = raw.into_iter().map(TxHash).collect();
+        let mut leaves = Vec::with_capacity(hashes.len());
+        leaf_hashes(&hashes, &mut leaves);
+        let computed = root_of_leaf_hashes(&leaves, &mut Vec::new());
         if computed != batch.header.tx_merkle_root {
             return Err(SequencerError::MerkleRootMismatch {
                 index,

@@ -108,7 +108,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// at a char boundary.
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     let s = s.strip_prefix("0x").unwrap_or(s);
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("hex must have an even number of digits".into());
     }
     let mut out = vec![0u8; s.len() / 2];

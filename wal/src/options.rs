@@ -44,7 +44,7 @@ impl WalOptions {
         if self.flush_bytes_max < record_max + 2 * BLOCK_BYTES {
             return bad("flush_bytes_max must hold a maximum-size record plus two blocks");
         }
-        if self.flush_bytes_max % BLOCK_BYTES != 0 {
+        if !self.flush_bytes_max.is_multiple_of(BLOCK_BYTES) {
             return bad("flush_bytes_max must be a multiple of 4096");
         }
         if self.pending_bytes_max < self.flush_bytes_max
@@ -53,7 +53,7 @@ impl WalOptions {
             return bad("pending_bytes_max must be between flush_bytes_max and 256 MiB");
         }
         if self.segment_bytes < (BLOCK_BYTES + record_max + BLOCK_BYTES) as u64
-            || self.segment_bytes % BLOCK_BYTES as u64 != 0
+            || !self.segment_bytes.is_multiple_of(BLOCK_BYTES as u64)
         {
             return bad(
                 "segment_bytes must be a multiple of 4096 that holds a maximum-size record",

@@ -593,13 +593,23 @@ fn accept(
             .map(|r| r.send(Vec::new()));
         return;
     }
-    for (slot, (position, tx)) in msg.txs.iter().enumerate() {
+    // Hashed together, several per permutation (keccak_many). A transaction over the size
+    // limit is refused by the batcher before its hash is used, so it is not hashed here.
+    let mut hashes = Vec::with_capacity(n);
+    crate::keccak_many::keccak256_many(
+        msg.txs.iter().map(|(_, tx)| match tx.bytes.len() {
+            0..=crate::limits::TX_BYTES_MAX => tx.bytes.as_ref(),
+            _ => &[][..],
+        }),
+        &mut hashes,
+    );
+    for (slot, ((position, tx), hash)) in msg.txs.iter().zip(hashes).enumerate() {
         let incoming = IncomingTx {
             rollup_id: tx.rollup_id,
             kind: tx.kind.clone(),
             bytes: &tx.bytes,
         };
-        match batcher.push(incoming, now_us(origin)) {
+        match batcher.push_hashed(incoming, TxHash(hash), now_us(origin)) {
             Ok(PushOutcome::Accepted { slot: at, tx_hash }) => {
                 let w = Waiter {
                     request: request.clone(),
