@@ -55,13 +55,24 @@ pub fn empty_root() -> [u8; 32] {
 ///
 /// Keeps the roots of the perfect subtrees seen so far (sizes are the set bits of the leaf
 /// count, largest first); folding them right to left gives exactly the RFC 6962 root.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct MerkleAccumulator {
     /// Roots of complete subtrees, largest (leftmost) first; `count.count_ones()` are in use.
     stack: [[u8; 32]; ACCUMULATOR_DEPTH_MAX],
     /// Number of leaves pushed.
     count: u64,
 }
+
+/// Equal when they hold the same leaves: slots past the ones in use are scratch (how a state was
+/// reached, one leaf at a time or many, leaves different bytes there).
+impl PartialEq for MerkleAccumulator {
+    fn eq(&self, other: &Self) -> bool {
+        let used = self.count.count_ones() as usize;
+        self.count == other.count && self.stack[..used] == other.stack[..used]
+    }
+}
+
+impl Eq for MerkleAccumulator {}
 
 impl Default for MerkleAccumulator {
     fn default() -> Self {
@@ -101,6 +112,63 @@ impl MerkleAccumulator {
         self.stack[depth] = node;
         self.count += 1;
         debug_assert_eq!(depth + 1, self.count.count_ones() as usize);
+    }
+
+    /// Appends many leaf hashes: the same state as pushing them one by one, but the node
+    /// hashes of each level are computed together (several per permutation, `keccak_many`).
+    pub fn push_leaf_hashes(&mut self, leaves: &[[u8; 32]]) {
+        if leaves.len() < 4 {
+            leaves.iter().for_each(|l| self.push_leaf_hash(*l));
+            return;
+        }
+        let old = self.count;
+        let new = old + leaves.len() as u64;
+        // The subtree roots waiting at each level: old ones (by level), then what the run leaves.
+        let mut waiting: [Option<[u8; 32]>; ACCUMULATOR_DEPTH_MAX] = [None; ACCUMULATOR_DEPTH_MAX];
+        let depth = old.count_ones() as usize;
+        for (k, level) in (0..ACCUMULATOR_DEPTH_MAX)
+            .rev()
+            .filter(|l| old >> l & 1 == 1)
+            .enumerate()
+        {
+            waiting[level] = Some(self.stack[k]);
+        }
+        debug_assert_eq!(waiting.iter().flatten().count(), depth);
+        // The run of nodes at `level` covers positions first.. of that level; a run starting at
+        // an odd position begins with the right sibling of the waiting subtree of its level.
+        let mut run = leaves.to_vec();
+        let mut next = Vec::with_capacity(run.len() / 2 + 1);
+        let mut first = old;
+        let mut level = 0;
+        while !run.is_empty() {
+            next.clear();
+            let mut rest = &run[..];
+            if first & 1 == 1 {
+                let left = waiting[level]
+                    .take()
+                    .expect("an odd start has a waiting left sibling");
+                next.push(node_hash(&left, &rest[0]));
+                rest = &rest[1..];
+            }
+            let pairs = rest.len() / 2 * 2;
+            crate::keccak_many::node_hashes(&rest[..pairs], &mut next);
+            if pairs < rest.len() {
+                waiting[level] = Some(rest[pairs]);
+            }
+            std::mem::swap(&mut run, &mut next);
+            first >>= 1;
+            level += 1;
+        }
+        let mut k = 0;
+        for level in (0..ACCUMULATOR_DEPTH_MAX).rev() {
+            if let Some(node) = waiting[level] {
+                debug_assert!(new >> level & 1 == 1, "a waiting subtree at every set bit");
+                self.stack[k] = node;
+                k += 1;
+            }
+        }
+        self.count = new;
+        debug_assert_eq!(k, new.count_ones() as usize);
     }
 
     /// The root of the leaves pushed so far.
@@ -408,8 +476,45 @@ mod tests {
         assert!(!verify_proof(&root, &h[2], &proof));
     }
 
+    #[test]
+    fn pushing_many_leaves_equals_pushing_them_one_by_one() {
+        // Every start count up to 70 and run length up to 70: odd and even starts, runs that
+        // carry through several levels, runs that leave subtrees waiting.
+        let leaves: Vec<[u8; 32]> = (0..140u32)
+            .map(|i| leaf_hash(&TxHash::of(&i.to_le_bytes())))
+            .collect();
+        for start in 0..70 {
+            for len in 0..70 {
+                let mut one = MerkleAccumulator::new();
+                leaves[..start].iter().for_each(|l| one.push_leaf_hash(*l));
+                let mut many = one.clone();
+                leaves[start..start + len]
+                    .iter()
+                    .for_each(|l| one.push_leaf_hash(*l));
+                many.push_leaf_hashes(&leaves[start..start + len]);
+                assert_eq!(many, one, "start {start}, len {len}");
+                assert_eq!(many.root(), one.root());
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn runs_of_any_size_equal_single_pushes(runs in prop::collection::vec(0usize..600, 1..6)) {
+            let mut one = MerkleAccumulator::new();
+            let mut many = MerkleAccumulator::new();
+            let mut i = 0u32;
+            for len in runs {
+                let run: Vec<[u8; 32]> = (i..i + len as u32).map(|j| leaf_hash(&TxHash::of(&j.to_le_bytes()))).collect();
+                i += len as u32;
+                run.iter().for_each(|l| one.push_leaf_hash(*l));
+                many.push_leaf_hashes(&run);
+                prop_assert_eq!(&many, &one);
+            }
+        }
+
 
         #[test]
         fn every_proof_verifies_and_tampering_fails(n in 1usize..300, pick in any::<u64>()) {

@@ -75,20 +75,21 @@ pub struct RollupState {
 }
 
 impl RollupState {
-    /// Feeds the leaf of the newest pending transaction to `head` while it is not full.
-    fn push_leaf(&mut self, leaf: [u8; 32]) {
-        if self.head.count() < u64::from(self.policy.max_block_txs) {
-            self.head.push_leaf_hash(leaf);
+    /// Feeds `head` the leaves of the pending transactions it lacks, so that it holds the first
+    /// `min(pending, max_block_txs)` again (their node hashes computed together).
+    fn catch_up_head(&mut self) {
+        let want = self.pending.len().min(self.policy.max_block_txs as usize);
+        let have = self.head.count() as usize;
+        if want > have {
+            let leaves: Vec<[u8; 32]> = self.pending.range(have..want).map(|t| t.leaf).collect();
+            self.head.push_leaf_hashes(&leaves);
         }
     }
 
     /// Rebuilds `head` from the pending transactions (after a block took some).
     fn rebuild_head(&mut self) {
         self.head = MerkleAccumulator::new();
-        let max = self.policy.max_block_txs as usize;
-        for t in self.pending.iter().take(max) {
-            self.head.push_leaf_hash(t.leaf);
-        }
+        self.catch_up_head();
     }
 
     /// Transactions waiting for a block, oldest first.
@@ -285,6 +286,10 @@ impl Rollups {
     /// A transaction sequenced at `position` for the first time. `leaf` is its Merkle leaf
     /// hash (`merkle::leaf_hash(tx_hash)`, which the caller computed for the batch root),
     /// `commitment` its key commitment if it is encrypted, and `bytes` its ciphertext.
+    ///
+    /// The caller must call [`Rollups::catch_up_heads`] for the rollups it ordered into before
+    /// anything reads or seals blocks: the next block's Merkle accumulator is fed then, many
+    /// leaves at once.
     pub fn order(
         &mut self,
         rollup_id: u64,
@@ -304,7 +309,6 @@ impl Rollups {
             encrypted: commitment.is_some(),
             leaf,
         });
-        rollup.push_leaf(leaf);
         if let Some(commitment) = commitment {
             self.secrets.insert(
                 tx_hash,
@@ -317,6 +321,16 @@ impl Rollups {
                     },
                 },
             );
+        }
+    }
+
+    /// Brings the next-block accumulators of `rollup_ids` (repeats and unknown ids are fine)
+    /// up to date after [`Rollups::order`].
+    pub fn catch_up_heads(&mut self, rollup_ids: &[u64]) {
+        for id in rollup_ids {
+            if let Some(rollup) = self.rollups.get_mut(id) {
+                rollup.catch_up_head();
+            }
         }
     }
 

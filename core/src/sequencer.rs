@@ -339,6 +339,8 @@ impl Sequencer {
         }
         // Validation passed: from here on nothing can fail, so the update is all or nothing.
         let mut duplicates = Vec::new();
+        // Rollups this batch ordered into (consecutive repeats skipped), for catch_up_heads.
+        let mut touched: Vec<u64> = Vec::new();
         let txs = hashes.into_iter().zip(leaves).zip(batch.txs.iter());
         for (offset, ((hash, leaf), tx)) in txs.enumerate() {
             let offset = offset as u32;
@@ -346,6 +348,9 @@ impl Sequencer {
             match self.positions.insert_new(hash, position) {
                 Err(original) => duplicates.push(Duplicate { offset, original }),
                 Ok(()) => {
+                    if touched.last() != Some(&tx.rollup_id()) {
+                        touched.push(tx.rollup_id());
+                    }
                     self.rollups.order(
                         tx.rollup_id(),
                         position,
@@ -357,6 +362,7 @@ impl Sequencer {
                 }
             }
         }
+        self.rollups.catch_up_heads(&touched);
         self.batches.insert(
             index,
             BatchRecord {
