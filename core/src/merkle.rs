@@ -336,15 +336,6 @@ impl MerkleTree {
         let count = tx_hashes.len();
         let mut nodes = Vec::with_capacity(count.saturating_mul(2));
         crate::keccak_many::leaf_hashes(tx_hashes, &mut nodes);
-        Self::from_leaf_hashes(nodes)
-    }
-
-    /// Builds the tree whose leaf hashes (`leaf_hash(tx_hash)` each) are `leaves`, reusing
-    /// that vector for all levels.
-    pub fn from_leaf_hashes(leaves: Vec<[u8; 32]>) -> Self {
-        let mut nodes = leaves;
-        let count = nodes.len();
-        nodes.reserve(count.saturating_sub(1));
         let mut level_starts = vec![0, count];
         build_levels(&mut nodes, |end| level_starts.push(end));
         Self {
@@ -514,7 +505,6 @@ mod tests {
                 prop_assert_eq!(&many, &one);
             }
         }
-
 
         #[test]
         fn every_proof_verifies_and_tampering_fails(n in 1usize..300, pick in any::<u64>()) {
