@@ -6,12 +6,14 @@
 //! - [`server`]: a node's QUIC endpoint serving clients and peers; [`peer`]: dialing peers
 //!   (openraft's network, forwarding); [`node`]: a networked node (core node + QUIC runtime).
 //! - [`client`]: `Client`, for any tokio application.
+//! - [`ports`]: listening ports for local clusters, chosen outside the kernel's ephemeral range.
 
 pub mod client;
 pub mod frame;
 pub mod msg;
 pub mod node;
 pub mod peer;
+pub mod ports;
 pub mod rollup_msg;
 pub mod server;
 pub mod stream;

@@ -20,14 +20,8 @@ fn baton() -> PathBuf {
 }
 
 fn free_base_port(n: u16) -> u16 {
-    let mut base = 40_000 + (std::process::id() % 2_000) as u16 * 8;
-    for _ in 0..100 {
-        if (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-        base = 40_000 + (base - 40_000 + 8 * 37) % 20_000;
-    }
-    panic!("no free UDP port range");
+    baton_net::ports::free_loopback_udp_ports(n, std::process::id())
+        .expect("no free UDP port range")
 }
 
 /// `baton cluster up`; SIGTERM (then SIGKILL) of it and its nodes when dropped.

@@ -9,7 +9,10 @@ use baton_perf::load::{self, Cluster, Progress};
 use baton_perf::report::{AckLevel, RunConfig, RunResult, Spread};
 use clap::Args;
 
-use crate::node_cmd::{prepare_cluster, raise_memlock, spawn_node, stop_children, wait_for_leader};
+use crate::node_cmd::{
+    exited_node, log_tails, prepare_cluster, raise_memlock, spawn_node, stop_children,
+    wait_for_leader,
+};
 
 /// `baton demo`
 #[derive(Args)]
@@ -48,18 +51,6 @@ pub struct DemoArgs {
     /// Also write the load generator's JSON result here.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-/// A free range of `n` consecutive UDP ports on 127.0.0.1.
-fn free_base_port(n: u16) -> Option<u16> {
-    let mut base = 21_000 + (std::process::id() % 2_000) as u16 * 8;
-    for _ in 0..200 {
-        if (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Some(base);
-        }
-        base = 21_000 + (base - 21_000 + 8 * 37) % 30_000;
-    }
-    None
 }
 
 /// The running demo cluster; its processes are stopped when dropped.
@@ -128,7 +119,9 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
             temp.path().to_path_buf()
         }
     };
-    let base_port = free_base_port(args.nodes as u16).ok_or("no free UDP port range")?;
+    let base_port =
+        baton_net::ports::free_loopback_udp_ports(args.nodes as u16, std::process::id())
+            .ok_or("no free UDP port range")?;
     let prepared = prepare_cluster(
         &dir,
         args.nodes,
@@ -154,8 +147,10 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
     };
     let mut endpoints = Vec::new();
     let mut pids = Vec::new();
+    let mut logs = Vec::new();
     for n in &prepared {
         let log = dir.join(format!("node-{}.log", n.id));
+        logs.push((n.id, log.clone()));
         let child = spawn_node(&n.config, &log).map_err(|e| format!("start node {}: {e}", n.id))?;
         pids.push(Some(child.id()));
         running.children.push(child);
@@ -167,8 +162,19 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         .build()
         .expect("tokio runtime");
     let leader = rt
-        .block_on(wait_for_leader(&endpoints, &ca, Duration::from_secs(20)))
-        .map_err(|e| format!("{e}; node logs are in {}", dir.display()))?;
+        .block_on(wait_for_leader(
+            &endpoints,
+            &ca,
+            Duration::from_secs(20),
+            || exited_node(&mut running.children, &logs),
+        ))
+        .map_err(|e| {
+            format!(
+                "{e}\nnode logs are in {}; their last lines:\n{}",
+                dir.display(),
+                log_tails(&logs, 8)
+            )
+        })?;
     rt.block_on(crate::rollup_cmd::register_rollups(
         &endpoints,
         &ca,

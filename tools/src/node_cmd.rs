@@ -443,12 +443,14 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let endpoints: Vec<SocketAddr> = infos.iter().map(|n| n.addr).collect();
     let ca = certs.join("ca.pem");
     // Waiting for a leader and registering the rollups; a signal meanwhile stops the nodes.
+    let logs: Vec<(u64, PathBuf)> = infos.iter().map(|n| (n.id, n.log.clone())).collect();
     let started = rt.block_on(async {
         let startup = async {
             let leader = wait_for_leader(
                 &endpoints,
                 &ca,
                 Duration::from_millis(args.leader_timeout_ms),
+                || exited_node(&mut children, &logs),
             )
             .await?;
             crate::rollup_cmd::register_rollups(
@@ -468,8 +470,12 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let leader = match started {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("baton cluster up: {e}; node logs are in {}", dir.display());
             stop_children(&mut children, Duration::from_secs(5));
+            eprintln!(
+                "baton cluster up: {e}\nnode logs are in {}; their last lines:\n{}",
+                dir.display(),
+                log_tails(&logs, 8)
+            );
             return ExitCode::from(1);
         }
     };
@@ -533,11 +539,53 @@ async fn watch_children_exit(info: &ClusterInfo) {
     }
 }
 
+/// The first of `children` (node ids and logs in `logs`, same order) that has exited, described
+/// with its exit status and the end of its log: a node that cannot start (its port is taken, its
+/// WAL is unreadable) ends the wait for a leader at once instead of at the timeout.
+pub fn exited_node(children: &mut [Child], logs: &[(u64, PathBuf)]) -> Result<(), String> {
+    for (c, (id, log)) in children.iter_mut().zip(logs) {
+        if let Ok(Some(status)) = c.try_wait() {
+            return Err(format!(
+                "node {id} exited while starting ({status}); the end of {}:\n{}",
+                log.display(),
+                tail(log, 8)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of `path`, indented (or why it could not be read).
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            all[from..]
+                .iter()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(e) => format!("    ({e})"),
+    }
+}
+
+/// The end of every node's log, for a failed start.
+pub fn log_tails(logs: &[(u64, PathBuf)], lines: usize) -> String {
+    logs.iter()
+        .map(|(id, log)| format!("  node {id} ({}):\n{}", log.display(), tail(log, lines)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Polls the nodes' status until one of them reports a leader that all of them agree on.
+/// `check` runs before every round and ends the wait with its error (a node process exited).
 pub async fn wait_for_leader(
     endpoints: &[SocketAddr],
     ca: &Path,
     timeout: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
 ) -> Result<u64, String> {
     let deadline = Instant::now() + timeout;
     let clients: Vec<Client> = endpoints
@@ -551,6 +599,7 @@ pub async fn wait_for_leader(
         .collect::<Result<_, _>>()?;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
+        check()?;
         let mut leaders = Vec::new();
         for c in &clients {
             match c.status().await {

@@ -395,3 +395,53 @@ fn cluster_up_stopped_while_starting_leaves_no_node_running() {
         assert!(!alive, "node process {pid} outlived cluster up: {stderr}");
     }
 }
+
+/// A node that cannot start (its port is taken) ends `cluster up` with that node's own error
+/// and the end of its log, instead of a wait for a leader that cannot come (the node's QUIC
+/// port simply never answers), and the other nodes are stopped.
+#[test]
+fn cluster_up_reports_a_node_that_cannot_bind_its_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(3);
+    let _taken = std::net::UdpSocket::bind(("127.0.0.1", base + 1)).expect("port of node 2");
+    let up = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "cluster",
+            "up",
+            "--nodes",
+            "3",
+            "--leader-timeout-ms",
+            "300000",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--base-port")
+        .arg(base.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cluster up");
+    let pid = up.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(up.wait_with_output());
+    });
+    // Bounded: a regression to waiting out the 300 s leader timeout fails here.
+    let out = match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("cluster up output"),
+        Err(_) => {
+            // SAFETY: kill(2) on the cluster up process this test spawned (its waiter thread
+            // has not reaped it: it is still running).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("cluster up still waiting {WAIT:?} after node 2 failed to start");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("node 2 exited while starting"), "{stderr}");
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(
+        node_pids_in(dir.path()).is_empty(),
+        "nodes left running: {stderr}"
+    );
+}

@@ -15,18 +15,12 @@ use baton_net::{Client, ClientOptions};
 
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
-/// A UDP port range of `n` consecutive free ports on 127.0.0.1, spread by process id so
+/// A range of `n` consecutive free UDP ports on 127.0.0.1, outside the kernel's ephemeral range
+/// (where any client socket could take one before the node binds it), spread by process id so
 /// concurrent test processes do not collide.
 pub fn free_base_port(n: u16) -> u16 {
-    let mut base = 20_000 + (std::process::id() % 4_000) as u16 * 8;
-    for _ in 0..100 {
-        let all_free = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
-        if all_free {
-            return base;
-        }
-        base = 20_000 + (base - 20_000 + 8 * 37) % 32_000;
-    }
-    panic!("no free UDP port range");
+    baton_net::ports::free_loopback_udp_ports(n, std::process::id())
+        .expect("no free UDP port range")
 }
 
 /// One node of a running local cluster.
