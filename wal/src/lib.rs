@@ -21,4 +21,4 @@ pub mod wal;
 pub use error::{Corruption, WalError};
 pub use options::WalOptions;
 pub use recovery::{inspect, Inspection, Verdict};
-pub use wal::{Record, RecoveryReport, Wal, WalShutdown, WalStats};
+pub use wal::{Record, RecoveryReport, Wal, WalShutdown, WalStats, RECENT_BYTES_MAX};

@@ -52,6 +52,10 @@ pub struct WalStats {
     pub written_bytes: u64,
     /// Segments created since open.
     pub segments_created: u64,
+    /// Reads of written records served from a recently written buffer kept in memory.
+    pub reads_from_memory: u64,
+    /// Reads that went to a segment file.
+    pub reads_from_file: u64,
 }
 
 /// What `Wal::open` found and repaired.
@@ -110,6 +114,13 @@ impl std::fmt::Debug for Record {
 
 /// Smallest group-commit buffer allocated.
 const FLUSH_BYTES_MIN: usize = 64 << 10;
+
+/// Bytes of written group-commit buffers kept for reads (the newest buffer is kept whatever its
+/// size). A record is read back moments after it became durable (Raft applies a committed
+/// entry on every node, and a leader sends it to a follower that fell behind): from memory that
+/// costs nothing, from the file it is an O_DIRECT read, a trip through the kernel's I/O workers
+/// and a wake-up of this thread, on the commit path of every request.
+pub const RECENT_BYTES_MAX: usize = 8 << 20;
 
 /// Segment files kept open at once (the active one included); older ones reopen on read.
 const OPEN_SEGMENTS_MAX: usize = 16;
@@ -190,6 +201,10 @@ struct Inner {
     queue: VecDeque<Flush>,
     /// Buffers of the round being written (all of them, so reads find records in any).
     inflight: Vec<Inflight>,
+    /// Buffers of earlier rounds, oldest first, kept for reads (`RECENT_BYTES_MAX`); dropped
+    /// when a truncation or purge changes what their bytes mean.
+    recent: VecDeque<Inflight>,
+    recent_bytes: usize,
     tail: Tail,
     pending_bytes: usize,
     /// Bytes the last group-commit round wrote (sizes the next buffer).
@@ -264,6 +279,25 @@ impl Inner {
         self.wake_durable();
         self.wake_all();
         cause
+    }
+
+    /// Keeps a round's written buffers for reads, dropping the oldest beyond
+    /// `RECENT_BYTES_MAX` (never the newest).
+    fn keep_recent(&mut self, written: Vec<Inflight>) {
+        for f in written {
+            self.recent_bytes += f.buf.len();
+            self.recent.push_back(f);
+        }
+        while self.recent_bytes > RECENT_BYTES_MAX && self.recent.len() > 1 {
+            let old = self.recent.pop_front().expect("len > 1");
+            self.recent_bytes -= old.buf.len();
+        }
+    }
+
+    /// Forgets every kept buffer (their records were truncated, or their segment removed).
+    fn forget_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
     }
 
     fn is_idle(&self) -> bool {
@@ -390,6 +424,8 @@ impl Wal {
             durable_index: next_index.saturating_sub(1),
             queue: VecDeque::new(),
             inflight: Vec::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
             tail,
             pending_bytes: 0,
             last_round_bytes: 0,
@@ -644,14 +680,20 @@ impl Wal {
             let seg = inner.segment_of(index).ok_or_else(not_found)?;
             let i = (index - seg.first_index) as usize;
             let (offset, size) = (seg.offsets[i], seg.record_size(i));
-            if offset + size <= seg.written_end {
+            let holds = |f: &&Inflight| {
+                f.segment_first == seg.first_index
+                    && offset >= f.file_pos
+                    && offset + size <= f.file_pos + f.used as u64
+            };
+            // Newest first: a later buffer rewrote the block an earlier one ended in.
+            let inflight = inner
+                .inflight
+                .iter()
+                .find(holds)
+                .or_else(|| inner.recent.iter().rev().find(holds));
+            if offset + size <= seg.written_end && inflight.is_none() {
                 Source::File(seg.file.clone(), seg.path.clone(), offset, size as usize)
             } else {
-                let inflight = inner.inflight.iter().find(|f| {
-                    f.segment_first == seg.first_index
-                        && offset >= f.file_pos
-                        && offset + size <= f.file_pos + f.used as u64
-                });
                 let bytes = match inflight {
                     Some(f) => RecordBytes::Shared(f.buf.clone(), (offset - f.file_pos) as usize),
                     _ => {
@@ -697,8 +739,12 @@ impl Wal {
             }
         };
         match source {
-            Source::Ready(r) => Ok(r),
+            Source::Ready(r) => {
+                self.shared.borrow_mut().stats.reads_from_memory += 1;
+                Ok(r)
+            }
             Source::File(file, path, offset, size) => {
+                self.shared.borrow_mut().stats.reads_from_file += 1;
                 let file = match file {
                     Some(f) => f,
                     // An old segment whose descriptor was closed: open it for this read only.
@@ -775,6 +821,8 @@ impl Wal {
     }
 
     async fn cut_after(&self, index: u64) -> Result<(), WalError> {
+        // Records after `index` are about to be rewritten with other bytes at the same offsets.
+        self.shared.borrow_mut().forget_recent();
         // Later segments go first, newest first: a crash part-way leaves a prefix of the old log.
         loop {
             let seg = {
@@ -865,6 +913,13 @@ impl Wal {
                 }
             }
             inner.first_visible = inner.first_visible.max(index + 1);
+            if !removed.is_empty() {
+                let first_kept = inner.segments.front().map(|s| s.first_index);
+                inner
+                    .recent
+                    .retain(|f| first_kept.is_some_and(|k| f.segment_first >= k));
+                inner.recent_bytes = inner.recent.iter().map(|f| f.buf.len()).sum();
+            }
             removed
         };
         let result = async {
@@ -1019,7 +1074,10 @@ async fn syncer(weak: Weak<RefCell<Inner>>) {
         let result = run_round(&shared).await;
         let mut inner = shared.borrow_mut();
         inner.syncing = false;
-        inner.inflight.clear();
+        let written = std::mem::take(&mut inner.inflight);
+        if result.is_ok() {
+            inner.keep_recent(written);
+        }
         if let Err(e) = result {
             inner.fail(e);
             return;

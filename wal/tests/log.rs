@@ -363,3 +363,61 @@ fn truncating_exactly_at_a_segment_boundary_keeps_the_earlier_segment_intact() {
         check_all(&wal, 1, boundary - 1, 3000).await;
     });
 }
+
+/// A record read back soon after it became durable comes from the written buffer kept in
+/// memory (no O_DIRECT read on the commit path); once more than `RECENT_BYTES_MAX` was written
+/// after it, from the file. Either way the bytes are the record's, and a truncation makes the
+/// kept buffers forget the records it removed.
+#[test]
+fn recent_records_are_read_from_memory_older_ones_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), baton_wal::WalOptions::default())
+            .await
+            .unwrap();
+        let big = |i: u64| vec![i as u8; 60_000];
+        for i in 1..=100u64 {
+            wal.append(i, 1, &big(i)).await.unwrap();
+            if i % 10 == 0 {
+                wal.durable(i).await.unwrap();
+            }
+        }
+        let before = wal.stats();
+        for i in 91..=100 {
+            assert_eq!(wal.read(i).await.unwrap().payload(), &big(i)[..]);
+        }
+        let after = wal.stats();
+        assert_eq!(after.reads_from_memory - before.reads_from_memory, 10);
+        assert_eq!(after.reads_from_file, before.reads_from_file);
+        // 200 records of 60 KB written since record 1: past RECENT_BYTES_MAX.
+        const { assert!(200 * 60_000 > baton_wal::RECENT_BYTES_MAX) };
+        for i in 101..=200u64 {
+            wal.append(i, 1, &big(i)).await.unwrap();
+            if i % 10 == 0 {
+                wal.durable(i).await.unwrap();
+            }
+        }
+        let before = wal.stats();
+        assert_eq!(wal.read(1).await.unwrap().payload(), &big(1)[..]);
+        assert_eq!(wal.stats().reads_from_file - before.reads_from_file, 1);
+
+        // Records 151..=200 are replaced by others at the same file offsets: read back before
+        // they are written (from the group-commit buffer) and after.
+        wal.truncate_after(150).await.unwrap();
+        for i in 151..=160u64 {
+            let bytes = vec![0xEE; 60_000 + i as usize];
+            wal.append(i, 2, &bytes).await.unwrap();
+            let r = wal.read(i).await.unwrap();
+            assert_eq!((r.term, r.payload()), (2, &bytes[..]));
+        }
+        wal.durable(160).await.unwrap();
+        for i in 151..=160u64 {
+            let r = wal.read(i).await.unwrap();
+            assert_eq!(r.term, 2);
+            assert_eq!(r.payload(), &vec![0xEE; 60_000 + i as usize][..]);
+        }
+        for i in 141..=150u64 {
+            assert_eq!(wal.read(i).await.unwrap().payload(), &big(i)[..]);
+        }
+    });
+}
