@@ -122,6 +122,11 @@ const FLUSH_BYTES_MIN: usize = 64 << 10;
 /// and a wake-up of this thread, on the commit path of every request.
 pub const RECENT_BYTES_MAX: usize = 8 << 20;
 
+/// Written buffers kept for reads, at most: the last few rounds are what a commit reads back.
+/// Keeping more would hold on to glommio's registered I/O memory (10 MiB per executor), and
+/// new buffers would then come from the heap: fresh pages, faulted and zeroed on every round.
+pub const RECENT_BUFFERS_MAX: usize = 4;
+
 /// Segment files kept open at once (the active one included); older ones reopen on read.
 const OPEN_SEGMENTS_MAX: usize = 16;
 
@@ -288,7 +293,9 @@ impl Inner {
             self.recent_bytes += f.buf.len();
             self.recent.push_back(f);
         }
-        while self.recent_bytes > RECENT_BYTES_MAX && self.recent.len() > 1 {
+        while (self.recent_bytes > RECENT_BYTES_MAX || self.recent.len() > RECENT_BUFFERS_MAX)
+            && self.recent.len() > 1
+        {
             let old = self.recent.pop_front().expect("len > 1");
             self.recent_bytes -= old.buf.len();
         }
