@@ -44,7 +44,7 @@ wals = [json.loads(x) for x in sys.argv[5:5 + n]]
 fios = [json.loads(x)["jobs"][0]["write"] for x in sys.argv[5 + n:5 + 2 * n]]
 w = statistics.median(x["bytes_per_s"] for x in wals) / 2**20
 f = statistics.median(x["bw_bytes"] for x in fios) / 2**20
-ws = statistics.median(x["fdatasyncs"] / x["seconds"] for x in wals)
+ws = statistics.median(x["syncs"] / x["seconds"] for x in wals)
 fs = statistics.median(x["total_ios"] / (x["runtime"] / 1000) for x in fios)
 kps = statistics.median(x["bytes_per_sync"] for x in wals) / 1024
 print(f"{rb}B x{inf}, depth {depth}".ljust(24), f"{w:11.1f} {f:11.1f} {w / f:7.2f} {ws:12.0f} {fs:12.0f} {kps:14.0f}")

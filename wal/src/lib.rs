@@ -19,6 +19,6 @@ pub mod segment;
 pub mod wal;
 
 pub use error::{Corruption, WalError};
-pub use options::WalOptions;
+pub use options::{SyncMode, WalOptions};
 pub use recovery::{inspect, Inspection, Verdict};
 pub use wal::{Record, RecoveryReport, Wal, WalShutdown, WalStats, RECENT_BYTES_MAX};

@@ -7,6 +7,31 @@ use crate::segment::BLOCK_BYTES;
 /// Upper bound of `pending_bytes_max`, and so of how much a crash can tear (see recovery.rs).
 pub const PENDING_BYTES_LIMIT: usize = 256 << 20;
 
+/// How a group-commit round is made durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Segment files are written through descriptors opened `O_DSYNC`: each O_DIRECT write
+    /// completes once its data is durable (the kernel issues the write and the cache flush as
+    /// one request), so a round is one io_uring operation and one completion, not two. The
+    /// default.
+    #[default]
+    Dsync,
+    /// Plain O_DIRECT writes, then one `fdatasync` per round.
+    Fdatasync,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dsync" => Ok(SyncMode::Dsync),
+            "fdatasync" => Ok(SyncMode::Fdatasync),
+            other => Err(format!("unknown sync mode {other:?} (dsync or fdatasync)")),
+        }
+    }
+}
+
 /// Options of a write-ahead log.
 #[derive(Clone, Debug)]
 pub struct WalOptions {
@@ -20,6 +45,8 @@ pub struct WalOptions {
     /// Most bytes appended but not yet durable; `append` waits for space beyond this
     /// (back-pressure). Also bounds what one crash can tear. Default 32 MiB.
     pub pending_bytes_max: usize,
+    /// How rounds are made durable. Default [`SyncMode::Dsync`].
+    pub sync: SyncMode,
 }
 
 impl Default for WalOptions {
@@ -29,6 +56,7 @@ impl Default for WalOptions {
             segment_bytes: 64 << 20,
             flush_bytes_max: 8 << 20,
             pending_bytes_max: 32 << 20,
+            sync: SyncMode::default(),
         }
     }
 }
@@ -69,6 +97,7 @@ impl WalOptions {
             segment_bytes: 128 << 10,
             flush_bytes_max: 64 << 10,
             pending_bytes_max: 128 << 10,
+            sync: SyncMode::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use crate::error::WalError;
 use crate::failpoint::{self, points};
-use crate::options::WalOptions;
+use crate::options::{SyncMode, WalOptions};
 use crate::record::{self, RecordCheck, HEADER_BYTES};
 use crate::recovery::{self, SegmentScan, Verdict};
 use crate::segment::{self, SegmentHeader, BLOCK_BYTES};
@@ -44,7 +44,8 @@ pub struct WalStats {
     pub appends: u64,
     /// Payload bytes appended since open.
     pub payload_bytes: u64,
-    /// fdatasync calls made by the group commit.
+    /// Rounds the group commit made durable: one fdatasync each ([`SyncMode::Fdatasync`]), or
+    /// writes that completed durable ([`SyncMode::Dsync`]).
     pub syncs: u64,
     /// DMA writes issued by the group commit.
     pub writes: u64,
@@ -347,12 +348,7 @@ impl Wal {
         for (first, path) in
             segment::list_segments(dir).map_err(|e| WalError::io("list segments", dir, e))?
         {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .dma_open(&path)
-                .await
-                .map_err(|e| WalError::glommio("open segment", &path, e))?;
+            let file = open_segment(&path, opts.sync).await?;
             let size = file
                 .file_size()
                 .await
@@ -874,14 +870,8 @@ impl Wal {
             let file = match file {
                 Some(f) => f,
                 None => {
-                    let f = Rc::new(
-                        OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .dma_open(&path)
-                            .await
-                            .map_err(|e| WalError::glommio("open segment", &path, e))?,
-                    );
+                    let sync = self.shared.borrow().opts.sync;
+                    let f = Rc::new(open_segment(&path, sync).await?);
                     if let Some(seg) = self.shared.borrow_mut().segments.back_mut() {
                         seg.file = Some(f.clone());
                     }
@@ -1148,25 +1138,30 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     };
     let file = match file {
         Some(f) => f,
-        None if created => Rc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .dma_open(&path)
-                .await
-                .map_err(|e| WalError::glommio("open segment", &path, e))?,
-        ),
+        None if created => {
+            let sync = shared.borrow().opts.sync;
+            Rc::new(open_segment(&path, sync).await?)
+        }
         None => {
-            let (segment_bytes, window, directory) = {
+            let (segment_bytes, window, directory, sync) = {
                 let inner = shared.borrow();
                 (
                     inner.opts.segment_bytes,
                     inner.opts.pending_bytes_max as u64,
                     inner.directory.clone(),
+                    inner.opts.sync,
                 )
             };
             let f = Rc::new(
-                create_segment(&path, segment_first, segment_bytes, window, &directory).await?,
+                create_segment(
+                    &path,
+                    segment_first,
+                    segment_bytes,
+                    window,
+                    &directory,
+                    sync,
+                )
+                .await?,
             );
             let mut inner = shared.borrow_mut();
             inner.stats.segments_created += 1;
@@ -1216,9 +1211,15 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         round_bytes += len;
     }
     failpoint::hit(points::FDATASYNC).map_err(|e| WalError::io("fdatasync", &path, e))?;
-    file.fdatasync()
-        .await
-        .map_err(|e| WalError::glommio("fdatasync", &path, e))?;
+    let sync = shared.borrow().opts.sync;
+    match sync {
+        // Every write above returned once durable (the descriptor is O_DSYNC).
+        SyncMode::Dsync => {}
+        SyncMode::Fdatasync => file
+            .fdatasync()
+            .await
+            .map_err(|e| WalError::glommio("fdatasync", &path, e))?,
+    }
     let mut inner = shared.borrow_mut();
     inner.stats.syncs += 1;
     inner.last_round_bytes = round_bytes;
@@ -1232,12 +1233,32 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
 }
 
 /// Creates a segment: preallocate, write the header block, sync file and directory.
+/// Extra open flags of a segment's descriptor for `sync`.
+fn sync_flags(sync: SyncMode) -> i32 {
+    match sync {
+        SyncMode::Dsync => libc::O_DSYNC,
+        SyncMode::Fdatasync => 0,
+    }
+}
+
+/// Opens an existing segment for reading and writing (`O_DSYNC` in [`SyncMode::Dsync`]).
+async fn open_segment(path: &Path, sync: SyncMode) -> Result<DmaFile, WalError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(sync_flags(sync))
+        .dma_open(path)
+        .await
+        .map_err(|e| WalError::glommio("open segment", path, e))
+}
+
 async fn create_segment(
     path: &Path,
     first_index: u64,
     segment_bytes: u64,
     torn_window_bytes: u64,
     directory: &Directory,
+    sync: SyncMode,
 ) -> Result<DmaFile, WalError> {
     failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
     let file = OpenOptions::new()
@@ -1245,6 +1266,7 @@ async fn create_segment(
         .write(true)
         .create(true)
         .truncate(true)
+        .custom_flags(sync_flags(sync))
         .dma_open(path)
         .await
         .map_err(|e| WalError::glommio("create segment", path, e))?;

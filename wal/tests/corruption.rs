@@ -183,6 +183,7 @@ fn corruption_far_before_the_tail_of_the_last_segment_refuses_to_open() {
         segment_bytes: 4 << 20,
         flush_bytes_max: 32 << 10,
         pending_bytes_max: 64 << 10,
+        ..WalOptions::default()
     };
     let recs = make_log(dir.path(), 1500, opts.clone());
     assert_eq!(

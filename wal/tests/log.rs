@@ -421,3 +421,72 @@ fn recent_records_are_read_from_memory_older_ones_from_the_file() {
         }
     });
 }
+
+/// Both ways of making a round durable keep every record across a reopen: O_DSYNC writes (the
+/// default) and plain writes followed by one fdatasync.
+#[test]
+fn both_sync_modes_make_rounds_durable_and_reopen_clean() {
+    for sync in [baton_wal::SyncMode::Dsync, baton_wal::SyncMode::Fdatasync] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = baton_wal::WalOptions { sync, ..small() };
+        let max = opts.payload_bytes_max;
+        run(|| async {
+            let (wal, _) = Wal::open(dir.path(), opts.clone()).await.unwrap();
+            for i in 1..=300 {
+                wal.append(i, term(i), &payload(i, max)).await.unwrap();
+                if i % 7 == 0 {
+                    wal.durable(i).await.unwrap();
+                }
+            }
+            wal.durable(300).await.unwrap();
+            let s = wal.stats();
+            assert!(s.syncs > 0 && s.syncs <= s.writes, "{sync:?}: {s:?}");
+            // Dsync skips the fdatasync: its descriptors must really be O_DSYNC.
+            let flags = open_segment_flags(dir.path());
+            assert!(!flags.is_empty(), "{sync:?}: an open segment descriptor");
+            for f in flags {
+                let dsync = f & libc::O_DSYNC != 0;
+                assert_eq!(
+                    dsync,
+                    sync == baton_wal::SyncMode::Dsync,
+                    "{sync:?}: flags {f:o}"
+                );
+            }
+            assert!(segment_count(dir.path()) > 3, "{sync:?}: rotates segments");
+            wal.close().await.unwrap();
+        });
+        run(|| async {
+            let (wal, report) = Wal::open(dir.path(), opts.clone()).await.unwrap();
+            assert_eq!(report.verdict, Verdict::Clean, "{sync:?}");
+            assert_eq!(report.last_index, Some(300), "{sync:?}");
+            check_all(&wal, 1, 300, max).await;
+        });
+    }
+}
+
+/// The open flags of this process's descriptors of segment files in `dir` (from
+/// /proc/self/fdinfo).
+fn open_segment_flags(dir: &std::path::Path) -> Vec<i32> {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.parent() != Some(dir.as_path()) || target.extension().is_none_or(|e| e != "wal") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| i32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        out.push(flags);
+    }
+    out
+}
