@@ -56,6 +56,18 @@ impl SignedHeader {
         }
     }
 
+    /// Signs `header` with `signer` and a nonce made ahead ([`crate::sign::Signer::sign_with`]).
+    pub fn sign_with(
+        header: BatchHeader,
+        signer: &crate::sign::Signer,
+        nonce: crate::sign::Nonce,
+    ) -> SignedHeader {
+        SignedHeader {
+            header,
+            signature: signer.sign_with(&header.digest(), nonce),
+        }
+    }
+
     /// Who signed it.
     pub fn signer(&self) -> Result<Address, SignError> {
         self.signature.recover(&self.header.digest())

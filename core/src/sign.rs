@@ -16,6 +16,11 @@ use std::io::Write;
 use std::path::Path;
 
 use k256::ecdsa::{RecoveryId, Signature as EcdsaSignature, SigningKey, VerifyingKey};
+use k256::elliptic_curve::ops::{MulByGenerator, Reduce};
+use k256::elliptic_curve::point::AffineCoordinates;
+use k256::elliptic_curve::scalar::IsHigh;
+use k256::elliptic_curve::PrimeField;
+use k256::{ProjectivePoint, Scalar, U256};
 
 use crate::hash::keccak256;
 
@@ -222,6 +227,29 @@ impl Signer {
         Signature(out)
     }
 
+    /// Signs a 32-byte digest with a nonce made ahead of time ([`Nonce`]): what is left on the
+    /// caller's path is two scalar multiplications and an addition, about a microsecond instead
+    /// of the ~34 µs of [`Signer::sign`] (which computes `k·G` and `k⁻¹`). The same signature
+    /// format: low `s`, `v = 27 + recovery id`. Consuming the nonce makes reusing it impossible
+    /// (a reused nonce reveals the key).
+    pub fn sign_with(&self, digest: &[u8; 32], nonce: Nonce) -> Signature {
+        let z = <Scalar as Reduce<U256>>::reduce_bytes(digest.into());
+        let d: &Scalar = self.key.as_nonzero_scalar();
+        let s = nonce.k_inv * (z + nonce.r * d);
+        if bool::from(s.is_zero()) {
+            // Probability about 2^-256; the deterministic path never yields s = 0.
+            return self.sign(digest);
+        }
+        let high = bool::from(s.is_high());
+        let s = if high { -s } else { s };
+        let sig = EcdsaSignature::from_scalars(nonce.r, s).expect("r and s are non-zero");
+        let mut out = [0u8; SIGNATURE_BYTES];
+        out[..64].copy_from_slice(&sig.to_bytes());
+        // Negating s mirrors R: the recovery id's y parity flips with it.
+        out[64] = 27 + (nonce.y_odd ^ high) as u8;
+        Signature(out)
+    }
+
     /// Reads a key file (see the module docs).
     pub fn load(path: &Path) -> Result<Signer, SignError> {
         let io = |source| SignError::Io {
@@ -250,6 +278,86 @@ impl Signer {
         let secret = self.key.to_bytes();
         writeln!(file, "{}", hex(&secret)).map_err(io)?;
         file.sync_all().map_err(io)
+    }
+}
+
+/// An ECDSA nonce made ahead of a signature: `k⁻¹` and `r = x(k·G) mod n` for a `k` drawn
+/// uniformly from the operating system's random source, and the parity of `k·G`'s y. Making one
+/// costs what signing used to cost (`k·G`, an inversion); a node makes them on a thread of their
+/// own ([`NoncePool`]), so signing a batch on the commit path costs about a microsecond.
+///
+/// Not `Clone`: a nonce signs once ([`Signer::sign_with`] takes it by value). Nonces are random,
+/// not RFC 6979 (a deterministic nonce needs the message, which is not known ahead of time); a
+/// signature made with one is as valid and as recoverable as any other, only not reproducible.
+pub struct Nonce {
+    k_inv: Scalar,
+    r: Scalar,
+    y_odd: bool,
+}
+
+impl fmt::Debug for Nonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret half.
+        f.debug_struct("Nonce").finish_non_exhaustive()
+    }
+}
+
+impl Nonce {
+    /// A fresh nonce from the operating system's random source.
+    pub fn generate() -> Nonce {
+        loop {
+            let mut bytes = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+            if let Some(n) = Nonce::from_k_bytes(&bytes) {
+                return n;
+            }
+        }
+    }
+
+    /// The nonce of `k` (big-endian); `None` when `k` is zero or not below the curve order, or
+    /// when `x(k·G)` is not below it (then `v` could not be 27 or 28; probability ~2^-128).
+    fn from_k_bytes(bytes: &[u8; 32]) -> Option<Nonce> {
+        let k: Option<Scalar> = Scalar::from_repr((*bytes).into()).into();
+        let k = k.filter(|k| !bool::from(k.is_zero()))?;
+        let big_r = ProjectivePoint::mul_by_generator(&k).to_affine();
+        let x = big_r.x();
+        let r = <Scalar as Reduce<U256>>::reduce_bytes(&x);
+        if r.to_repr() != x {
+            return None;
+        }
+        let k_inv: Option<Scalar> = k.invert().into();
+        Some(Nonce {
+            k_inv: k_inv?,
+            r,
+            y_odd: bool::from(big_r.y_is_odd()),
+        })
+    }
+}
+
+/// Nonces made ahead on a thread of their own: it keeps up to `depth` ready and stops when the
+/// pool is dropped. [`NoncePool::take`] never waits: with none ready the caller signs the
+/// ordinary way ([`Signer::sign`]).
+pub struct NoncePool {
+    ready: std::sync::mpsc::Receiver<Nonce>,
+}
+
+impl NoncePool {
+    /// Starts the thread, named `name`. `None` if it cannot be started.
+    pub fn spawn(name: String, depth: usize) -> Option<NoncePool> {
+        let (tx, ready) = std::sync::mpsc::sync_channel(depth.max(1));
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                // `send` waits while `depth` nonces are ready and fails once the pool is gone.
+                while tx.send(Nonce::generate()).is_ok() {}
+            })
+            .ok()?;
+        Some(NoncePool { ready })
+    }
+
+    /// A ready nonce, if there is one.
+    pub fn take(&self) -> Option<Nonce> {
+        self.ready.try_recv().ok()
     }
 }
 
@@ -388,5 +496,63 @@ mod tests {
         assert!(matches!(s.save(&path), Err(SignError::Io { .. })));
         std::fs::write(&path, "nothex\n").unwrap();
         assert!(matches!(Signer::load(&path), Err(SignError::BadKey { .. })));
+    }
+
+    /// The signature k256 makes with nonce `k` (its hazmat path, low-s normalized).
+    fn reference(secret: &[u8; 32], k: &[u8; 32], digest: &[u8; 32]) -> Option<[u8; 65]> {
+        use k256::ecdsa::hazmat::SignPrimitive;
+        let d: Option<Scalar> = Scalar::from_repr((*secret).into()).into();
+        let k: Option<Scalar> = Scalar::from_repr((*k).into()).into();
+        let (sig, id) = d?.try_sign_prehashed(k?, digest.into()).ok()?;
+        let mut out = [0u8; 65];
+        out[..64].copy_from_slice(&sig.to_bytes());
+        out[64] = 27 + id?.to_byte();
+        Some(out)
+    }
+
+    proptest::proptest! {
+        /// With the same k, a precomputed nonce gives exactly k256's signature.
+        #[test]
+        fn a_precomputed_nonce_signs_exactly_like_k256(
+            secret in proptest::array::uniform32(1u8..),
+            k in proptest::array::uniform32(1u8..),
+            digest in proptest::array::uniform32(proptest::num::u8::ANY),
+        ) {
+            let Ok(s) = Signer::from_secret(&secret) else { return Ok(()) };
+            let Some(nonce) = Nonce::from_k_bytes(&k) else { return Ok(()) };
+            let ours = s.sign_with(&digest, nonce);
+            proptest::prop_assert_eq!(Some(ours.0), reference(&secret, &k, &digest));
+            proptest::prop_assert_eq!(ours.recover(&digest).unwrap(), s.address());
+        }
+    }
+
+    #[test]
+    fn pooled_random_nonces_make_valid_distinct_signatures() {
+        let s = signer(5);
+        let pool = NoncePool::spawn("nonce-test".into(), 4).expect("thread");
+        let digest = keccak256(b"batch header");
+        let mut seen = std::collections::HashSet::new();
+        let mut low_and_high_parity = [false; 2];
+        for _ in 0..64 {
+            // Blocking only in the test: wait for the thread to make one.
+            let nonce = pool.ready.recv().expect("the pool thread runs");
+            let sig = s.sign_with(&digest, nonce);
+            sig.verify(&digest, &s.address()).unwrap();
+            low_and_high_parity[(sig.0[64] - 27) as usize] = true;
+            assert!(seen.insert(sig.0[..32].to_vec()), "a nonce was used twice");
+        }
+        assert_eq!(low_and_high_parity, [true, true], "both recovery ids occur");
+        // The ordinary path still works, and take() never blocks.
+        let _ = pool.take();
+        s.sign(&digest).verify(&digest, &s.address()).unwrap();
+    }
+
+    #[test]
+    fn nonces_out_of_range_are_refused() {
+        assert!(Nonce::from_k_bytes(&[0; 32]).is_none());
+        assert!(Nonce::from_k_bytes(&[0xff; 32]).is_none());
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        assert!(Nonce::from_k_bytes(&one).is_some());
     }
 }

@@ -56,7 +56,7 @@ use super::runtime::{GlommioRuntime, JoinHandle};
 use super::types::{BatchBytes, Entry, LogId, SealTicket, TypeConfig};
 use crate::batch::{access_batch_unchecked, BatchHeader};
 use crate::receipt::{SignedHeader, SignedHeaderError, SIGNED_HEADER_BYTES};
-use crate::sign::Signer;
+use crate::sign::{NoncePool, Signer};
 
 /// A vote of [`TypeConfig`].
 pub type Vote = <TypeConfig as openraft::RaftTypeConfig>::Vote;
@@ -88,6 +88,10 @@ const META_VERSION: u8 = 1;
 /// The committed log id is written to META when it has advanced this many entries past the
 /// one stored there (see `save_committed_durably`).
 pub const COMMITTED_PERSIST_EVERY_ENTRIES: u64 = 1024;
+
+/// Signing nonces kept ready per node: enough for a burst of batches while the pool's thread
+/// makes more (about 30 µs each).
+const NONCES_READY: usize = 64;
 
 /// Why bytes from the WAL or the meta blob could not be decoded (or a value not encoded).
 #[derive(Debug, thiserror::Error)]
@@ -670,6 +674,8 @@ struct State {
     scratch: Vec<u8>,
     /// This node's id and key, to sign batches in terms it leads.
     signer: Option<(u64, Signer)>,
+    /// Signing nonces made ahead on a thread of their own (started with the signer).
+    nonces: Option<NoncePool>,
     /// Digest and time of the last signed batch in the log (the next one's `prev_batch_hash`).
     last_signed: Option<([u8; 32], u64)>,
 }
@@ -815,7 +821,11 @@ impl Shared {
             tx_count: archived.header.tx_count.to_native(),
             timestamp_us: wall_clock_us().max(prev_time),
         };
-        let seal = SignedHeader::sign(header, signer);
+        // A nonce made ahead on the pool's thread takes the curve arithmetic off this path.
+        let seal = match state.nonces.as_ref().and_then(|p| p.take()) {
+            Some(nonce) => SignedHeader::sign_with(header, signer, nonce),
+            None => SignedHeader::sign(header, signer),
+        };
         state.last_signed = Some((seal.digest(), header.timestamp_us));
         let ticket = batch.ticket().cloned().map(|t| (t, seal));
         let sealed = Entry {
@@ -898,6 +908,7 @@ impl LogStore {
                 last_flush: None,
                 scratch: Vec::new(),
                 signer: None,
+                nonces: None,
                 last_signed: None,
             }),
         });
@@ -908,7 +919,11 @@ impl LogStore {
     /// Signs batches appended in terms this node (`id`) leads with `signer` (see the module
     /// docs). Without a signer, a leader stores its batches unsigned.
     pub fn set_signer(&self, id: u64, signer: Signer) {
-        self.shared.state.borrow_mut().signer = Some((id, signer));
+        let mut state = self.shared.state.borrow_mut();
+        state.signer = Some((id, signer));
+        if state.nonces.is_none() {
+            state.nonces = NoncePool::spawn(format!("baton-{id}-nonce"), NONCES_READY);
+        }
     }
 
     /// A reader of this log, e.g. to fetch a committed batch for a receipt.
