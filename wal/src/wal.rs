@@ -207,7 +207,8 @@ struct Inner {
     queue: VecDeque<Flush>,
     /// Buffers of the round being written (all of them, so reads find records in any).
     inflight: Vec<Inflight>,
-    /// Buffers of earlier rounds, oldest first, kept for reads (`RECENT_BYTES_MAX`); dropped
+    /// Buffers of earlier rounds, oldest first, kept for reads (`RECENT_BUFFERS_MAX`,
+    /// `RECENT_BYTES_MAX`); dropped
     /// when a truncation or purge changes what their bytes mean.
     recent: VecDeque<Inflight>,
     recent_bytes: usize,
@@ -288,7 +289,7 @@ impl Inner {
     }
 
     /// Keeps a round's written buffers for reads, dropping the oldest beyond
-    /// `RECENT_BYTES_MAX` (never the newest).
+    /// `RECENT_BUFFERS_MAX` buffers or `RECENT_BYTES_MAX` bytes (never the newest).
     fn keep_recent(&mut self, written: Vec<Inflight>) {
         for f in written {
             self.recent_bytes += f.buf.len();
@@ -1232,7 +1233,6 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     Ok(())
 }
 
-/// Creates a segment: preallocate, write the header block, sync file and directory.
 /// Extra open flags of a segment's descriptor for `sync`.
 fn sync_flags(sync: SyncMode) -> i32 {
     match sync {
@@ -1252,6 +1252,7 @@ async fn open_segment(path: &Path, sync: SyncMode) -> Result<DmaFile, WalError> 
         .map_err(|e| WalError::glommio("open segment", path, e))
 }
 
+/// Creates a segment: preallocate, write the header block, sync file and directory.
 async fn create_segment(
     path: &Path,
     first_index: u64,
