@@ -365,6 +365,43 @@ impl Rollups {
         })
     }
 
+    /// The header of a *full* block that continues a chain of blocks the leader has proposed
+    /// but this state has not applied yet: `parent` is the last block of that chain, and
+    /// `skip` the pending transactions its blocks take. The block takes the `max_block_txs`
+    /// pending transactions after those, and is what [`Rollups::seal`] accepts once the chain
+    /// before it is applied. `None` if fewer than `max_block_txs` wait after `skip`, or the
+    /// rollup is unknown.
+    ///
+    /// With `skip == 0` (nothing in flight) use [`Rollups::next_block`], which also seals a
+    /// partial block and costs no hashing.
+    pub fn block_after(
+        &self,
+        rollup_id: u64,
+        parent: &BlockHeader,
+        skip: usize,
+        now_us: u64,
+    ) -> Option<BlockHeader> {
+        let rollup = self.rollups.get(&rollup_id)?;
+        let n = rollup.policy.max_block_txs as usize;
+        let end = skip.checked_add(n)?;
+        if rollup.pending.len() < end {
+            return None;
+        }
+        let leaves: Vec<[u8; 32]> = rollup.pending.range(skip..end).map(|t| t.leaf).collect();
+        let mut run = MerkleAccumulator::new();
+        run.push_leaf_hashes(&leaves);
+        Some(BlockHeader {
+            rollup_id,
+            height: parent.height + 1,
+            parent_hash: parent.digest(),
+            first_batch: rollup.pending[skip].position.index,
+            last_batch: rollup.pending[end - 1].position.index,
+            tx_merkle_root: run.root(),
+            tx_count: n as u32,
+            timestamp_us: now_us.max(parent.timestamp_us),
+        })
+    }
+
     /// Applies a seal marker at Raft index `index` (module docs). On error nothing changes.
     pub fn seal(
         &mut self,
@@ -987,6 +1024,66 @@ mod tests {
         assert_eq!(rollup(&l, 1).sealed_txs(), 4);
         assert_eq!(rollup(&l, 2).height(), 0);
         assert_eq!(rollup(&l, 2).pending().len(), 1);
+    }
+
+    #[test]
+    fn a_chain_of_blocks_previewed_at_once_seals_in_order_and_equals_one_by_one_sealing() {
+        let mut l = Log::new();
+        l.register(1);
+        // 3 full blocks of 3 and 2 left over.
+        let letters: Vec<Vec<u8>> = (0..11u8).map(|i| vec![b'a' + i]).collect();
+        l.batch(letters[..6].iter().map(|p| raw(1, p)).collect());
+        l.batch(letters[6..].iter().map(|p| raw(1, p)).collect());
+        let mut one_by_one = l.replay();
+
+        // The leader previews the whole chain before any marker is applied.
+        let now = l.clock + 10;
+        let first = l.seq.rollups().next_block(1, now).unwrap();
+        let mut chain = vec![first];
+        let mut skip = first.tx_count as usize;
+        while let Some(h) = l
+            .seq
+            .rollups()
+            .block_after(1, chain.last().unwrap(), skip, now)
+        {
+            skip += h.tx_count as usize;
+            chain.push(h);
+        }
+        assert_eq!(chain.len(), 3, "only full blocks after the first");
+        assert!(l.seq.rollups().block_after(1, &first, 9, now).is_none());
+        assert!(l.seq.rollups().block_after(9, &first, 3, now).is_none());
+        for h in &chain {
+            let signed = SignedBlockHeader::sign(*h, &l.signer);
+            assert!(matches!(
+                l.command(&Command::SealBlock(signed)),
+                Ok(CommandApplied::Sealed(_))
+            ));
+        }
+        assert_eq!(rollup(&l, 1).height(), 3);
+        assert_eq!(rollup(&l, 1).pending().len(), 2);
+
+        // The same blocks as sealing each after the previous one applied.
+        for (i, h) in chain.iter().enumerate() {
+            let next = one_by_one.rollups().next_block(1, now).unwrap();
+            assert_eq!(&next, h, "block {}", i + 1);
+            let signed = SignedBlockHeader::sign(next, &l.signer);
+            one_by_one
+                .apply_command(100 + i as u64, &Command::SealBlock(signed).encode())
+                .unwrap();
+        }
+
+        // A chain block applied out of order (its parent not sealed) is stale.
+        let mut l2 = Log::new();
+        l2.register(1);
+        l2.batch(letters[..6].iter().map(|p| raw(1, p)).collect());
+        let first = l2.seq.rollups().next_block(1, now).unwrap();
+        let second = l2.seq.rollups().block_after(1, &first, 3, now).unwrap();
+        let signed = SignedBlockHeader::sign(second, &l2.signer);
+        assert!(matches!(
+            l2.command(&Command::SealBlock(signed)),
+            Err(CommandRejection::StaleSeal { .. })
+        ));
+        assert_eq!(rollup(&l2, 1).height(), 0);
     }
 
     #[test]

@@ -183,6 +183,62 @@ fn blocks_are_sealed_on_time_under_concurrent_load() {
 }
 
 #[test]
+fn full_blocks_are_sealed_in_chains_without_waiting_for_each_commit_and_none_is_refused() {
+    let mut cluster = Cluster::start(3, |_| {});
+    const BLOCKS: u64 = 100;
+    let (leader, registered) = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let node = cluster.nodes[&leader].clone();
+        // Only fullness triggers a block: every block holds exactly 10 transactions.
+        let policy = RollupPolicy {
+            block_time_ms: 3_600_000,
+            max_block_txs: 10,
+            reveal_window_blocks: 2,
+        };
+        let reg = node.register_rollup(9, policy).await.expect("register");
+        cluster.wait_all_applied(reg.index, WAIT).await;
+        let mut tasks = Vec::new();
+        for t in 0..10u64 {
+            let node = node.clone();
+            tasks.push(glommio::spawn_local(async move {
+                let txs = (0..BLOCKS).map(|i| raw(9, 1_000 * t + i)).collect();
+                for res in node.submit(txs).await {
+                    res.expect("sequenced");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+        for n in cluster.nodes.values() {
+            for height in 1..=BLOCKS {
+                let b = wait_block(n, 9, height).await;
+                assert_eq!(b.block.signed.header.tx_count, 10, "block {height} is full");
+            }
+        }
+        (leader, reg.index)
+    });
+    for (id, n) in &cluster.nodes {
+        run(n.shutdown());
+        n.join();
+        cluster.stopped.push(*id);
+    }
+    // Every entry after the registration is a batch or one of the 100 seal markers: a marker
+    // built on a wrong chain would have been refused and proposed again, adding entries.
+    let log = Log::read(&cluster.dir_of(leader));
+    let after: Vec<_> = log.entries.range(registered + 1..).collect();
+    let terms: std::collections::BTreeSet<u64> = after.iter().map(|(_, (t, _))| *t).collect();
+    let markers = after.iter().filter(|(_, (_, b))| b.is_none()).count() as u64;
+    if terms.len() == 1 {
+        assert_eq!(markers, BLOCKS, "one marker per block, none refused");
+    } else {
+        // A leader change drops the chain; its refused markers are allowed then.
+        assert!(markers >= BLOCKS);
+    }
+    cluster.stop_and_check(&[]);
+}
+
+#[test]
 fn unknown_rollups_and_malformed_ciphertexts_are_refused_at_submission() {
     let cluster = Cluster::start(3, |_| {});
     run(async {

@@ -147,6 +147,8 @@ pub struct LimitsFile {
     pub proposals_in_flight_max: usize,
     /// How long a batch may wait for its commit. Default 10,000.
     pub commit_wait_ms: u64,
+    /// Client submission bytes admitted and not yet answered, node-wide. Default 8,388,608.
+    pub client_bytes_in_flight_max: usize,
 }
 
 impl Default for LimitsFile {
@@ -158,6 +160,7 @@ impl Default for LimitsFile {
             propose_queue_max: c.propose_queue_max,
             proposals_in_flight_max: c.proposals_in_flight_max,
             commit_wait_ms: c.commit_wait_ms,
+            client_bytes_in_flight_max: baton_net::node::CLIENT_BYTES_IN_FLIGHT_MAX_DEFAULT,
         }
     }
 }
@@ -271,6 +274,7 @@ impl NodeFile {
                 key: resolve(base, &self.tls.key),
             },
             net_threads: self.net_threads,
+            client_bytes_in_flight_max: self.limits.client_bytes_in_flight_max,
             bootstrap,
         }
     }
