@@ -79,7 +79,8 @@ pub struct ServerContext {
 /// 2x overload a load generator with 4,096 requests of 100 transactions outstanding held
 /// 400k transactions there (1 GiB RSS, answers 5 s late). Past the bound a stream is not read
 /// until admitted bytes are answered, so QUIC flow control slows its client (back-pressure,
-/// nothing dropped).
+/// nothing dropped). Frames are admitted first come, first served: a small frame does not
+/// overtake a large one that waits.
 pub struct Admission {
     bytes: Arc<tokio::sync::Semaphore>,
     max: usize,
@@ -889,4 +890,45 @@ async fn serve_forward(
     let mut body = Vec::new();
     ForwardResponse { request_id, result }.encode(&mut body);
     respond(send, FrameKind::ForwardResponse, &body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::Admission;
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn admission_holds_frames_past_the_byte_bound_until_answers_free_room() {
+        block_on(async {
+            let a = Admission::new(100);
+            let first = a.admit(60).await.expect("room");
+            assert_eq!(a.admitted(), 60);
+            let second = a.admit(60);
+            tokio::pin!(second);
+            assert!(
+                (&mut second).now_or_never().is_none(),
+                "60 + 60 bytes exceed the 100-byte bound: the second frame waits"
+            );
+            // First come, first admitted: a smaller frame does not overtake the waiting one.
+            assert!(a.admit(40).now_or_never().is_none());
+            drop(first);
+            let second = second.await.expect("admitted once the first is answered");
+            assert_eq!(a.admitted(), 60);
+            drop(second);
+            // A frame larger than the whole bound is admitted alone, never refused forever.
+            let big = a.admit(1_000).await.expect("clamped to the bound");
+            assert_eq!(a.admitted(), 100);
+            assert!(a.admit(1).now_or_never().is_none());
+            drop(big);
+            assert_eq!(a.admitted(), 0);
+        });
+    }
 }
