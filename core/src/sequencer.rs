@@ -1,5 +1,8 @@
 //! The deterministic sequencer state: which batch sits at which Raft index, the position of every
-//! transaction, and the dedup index from transaction hash to position.
+//! transaction, and the idempotency index from transaction hash to position. The index remembers
+//! the last [`IDEMPOTENCY_GENERATION_TXS`] to twice that many sequenced transactions
+//! (`tx_index::Window`): a hash seen again within it is a duplicate of its first occurrence, one
+//! seen again after it is ordered again.
 //!
 //! Pure code: no runtime, no I/O, no openraft types. [`Sequencer::apply_batch`] takes the bytes of
 //! a committed batch and its Raft log id and returns what it ordered; two sequencers fed the same
@@ -8,18 +11,21 @@
 //! It also holds the per-rollup state ([`Rollups`]: registrations, blocks, encrypted
 //! transactions) and applies the control commands ([`Sequencer::apply_command`]).
 //!
-//! Snapshot format (version 4, all integers little-endian):
+//! Snapshot format (version 5, all integers little-endian):
 //!
 //! ```text
 //! header (32 bytes): magic "BATONSEQ" | version u32 | reserved u32 (0) | body_len u64 |
 //!                    crc32(body) u32 | reserved u32 (0)
 //! body:              has_applied u64 (0 or 1) | applied_index u64 | applied_term u64 |
 //!                    tx_total u64 | duplicates_total u64 | batch_count u64 | position_count u64 |
+//!                    generation_txs u64 | previous_count u64 |
 //!                    batch_count × { index u64 | term u64 | header_digest [32] | tx_count u32 |
 //!                                    signed u32 (0 or 1) | signed header [160] (zero when
 //!                                    unsigned) }                  (216 bytes, index ascending)
 //!                    position_count × { tx_hash [32] | index u64 | offset u32 }
-//!                                                                   (44 bytes, hash ascending)
+//!                             (44 bytes: the idempotency index's previous generation, its
+//!                              first previous_count records, then its current one; each hash
+//!                              ascending)
 //!                    rollup section:
 //!   rollup_count u64 | unblocked u64 | secret_count u64 |
 //!   rollup_count × { rollup_id u64 | block_time_ms u32 | max_block_txs u32 |
@@ -45,10 +51,11 @@ use crate::command::{Command, CommandRejection};
 use crate::error::ModelError;
 use crate::hash::TxHash;
 use crate::keccak_many::{keccak256_many, leaf_hashes};
+use crate::limits::IDEMPOTENCY_GENERATION_TXS;
 use crate::merkle::root_of_leaf_hashes;
 use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
 use crate::rollups::{Rollups, Sealed};
-use crate::tx_index::TxIndex;
+use crate::tx_index::{TxIndex, Window};
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -220,21 +227,22 @@ pub enum SnapshotError {
 
 const MAGIC: [u8; 8] = *b"BATONSEQ";
 /// Snapshot format version written by this build.
-pub const SNAPSHOT_VERSION: u32 = 4;
+pub const SNAPSHOT_VERSION: u32 = 5;
 const HEADER_BYTES: usize = 32;
-const FIXED_BODY_BYTES: usize = 7 * 8;
+const FIXED_BODY_BYTES: usize = 9 * 8;
 const BATCH_RECORD_BYTES: usize = 56 + SIGNED_HEADER_BYTES;
 const POSITION_RECORD_BYTES: usize = 44;
 
 /// The sequencer state machine (see the module docs).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Sequencer {
     /// Last applied batch: (index, term).
     applied: Option<(u64, u64)>,
     batches: BTreeMap<u64, BatchRecord>,
-    /// Every sequenced transaction's position: split in parts so its growth never stalls
-    /// the shard (see `tx_index`).
-    positions: TxIndex<Position>,
+    /// Recently sequenced transactions' positions (the idempotency index): two generations
+    /// of [`IDEMPOTENCY_GENERATION_TXS`], each split in parts so its growth never stalls the
+    /// shard (see `tx_index`).
+    positions: Window<Position>,
     tx_total: u64,
     duplicates_total: u64,
     rollups: Rollups,
@@ -270,10 +278,29 @@ impl PartialEq for Sequencer {
 
 impl Eq for Sequencer {}
 
+impl Default for Sequencer {
+    fn default() -> Self {
+        Self::with_idempotency_generation(IDEMPOTENCY_GENERATION_TXS)
+    }
+}
+
 impl Sequencer {
     /// An empty sequencer: nothing applied.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty sequencer whose idempotency index generations hold `generation` transactions
+    /// (tests; nodes use [`IDEMPOTENCY_GENERATION_TXS`]).
+    pub fn with_idempotency_generation(generation: usize) -> Self {
+        Self {
+            applied: None,
+            batches: BTreeMap::new(),
+            positions: Window::new(generation),
+            tx_total: 0,
+            duplicates_total: 0,
+            rollups: Rollups::default(),
+        }
     }
 
     /// Validates the batch at Raft log id `(term, index)` and orders its transactions.
@@ -379,10 +406,9 @@ impl Sequencer {
         self.applied = Some((index, term));
         self.tx_total += u64::from(tx_count);
         self.duplicates_total += duplicates.len() as u64;
-        debug_assert_eq!(
-            self.positions.len() as u64 + self.duplicates_total,
-            self.tx_total,
-            "every transaction is either positioned or a duplicate"
+        debug_assert!(
+            self.positions.len() as u64 + self.duplicates_total <= self.tx_total,
+            "every remembered transaction is one of those sequenced"
         );
         Ok(Applied {
             index,
@@ -435,7 +461,8 @@ impl Sequencer {
         &self.rollups
     }
 
-    /// Position of the first transaction with this hash, if it was sequenced.
+    /// Position of the first transaction with this hash, if it was sequenced and is still in
+    /// the idempotency window (at least [`IDEMPOTENCY_GENERATION_TXS`] transactions back).
     pub fn lookup(&self, tx_hash: &TxHash) -> Option<Position> {
         self.positions.get(tx_hash)
     }
@@ -506,6 +533,8 @@ impl Sequencer {
             self.duplicates_total,
             self.batches.len() as u64,
             self.positions.len() as u64,
+            self.positions.generation() as u64,
+            self.positions.previous().len() as u64,
         ] {
             out.extend_from_slice(&field.to_le_bytes());
         }
@@ -520,22 +549,24 @@ impl Sequencer {
                 None => out.extend_from_slice(&[0u8; SIGNED_HEADER_BYTES]),
             }
         }
-        // Sorted by hash. The first 8 bytes, read big-endian, order almost every pair without
-        // touching the entries (a full comparison only on equal prefixes): sorting references by
-        // the whole hash spent most of its time in memcmp on random memory.
-        let mut positions: Vec<(u64, &TxHash, &Position)> = self
-            .positions
-            .iter()
-            .map(|(hash, pos)| {
-                let prefix = u64::from_be_bytes(hash.0[..8].try_into().expect("8 bytes"));
-                (prefix, hash, pos)
-            })
-            .collect();
-        positions.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        for (_, hash, pos) in positions {
-            out.extend_from_slice(hash.as_bytes());
-            out.extend_from_slice(&pos.index.to_le_bytes());
-            out.extend_from_slice(&pos.offset.to_le_bytes());
+        // The previous generation, then the current one, each sorted by hash. The first 8
+        // bytes, read big-endian, order almost every pair without touching the entries (a full
+        // comparison only on equal prefixes): sorting references by the whole hash spent most of
+        // its time in memcmp on random memory.
+        for generation in [self.positions.previous(), self.positions.current()] {
+            let mut positions: Vec<(u64, &TxHash, &Position)> = generation
+                .iter()
+                .map(|(hash, pos)| {
+                    let prefix = u64::from_be_bytes(hash.0[..8].try_into().expect("8 bytes"));
+                    (prefix, hash, pos)
+                })
+                .collect();
+            positions.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+            for (_, hash, pos) in positions {
+                out.extend_from_slice(hash.as_bytes());
+                out.extend_from_slice(&pos.index.to_le_bytes());
+                out.extend_from_slice(&pos.offset.to_le_bytes());
+            }
         }
         debug_assert_eq!(out.len() - start, HEADER_BYTES + body_len);
         self.rollups.encode(out);
@@ -553,6 +584,7 @@ impl Sequencer {
         let (has_applied, index, term) = (field(0), field(1), field(2));
         let (tx_total, duplicates_total) = (field(3), field(4));
         let (batch_count, position_count) = (field(5), field(6));
+        let (generation, previous_count) = (field(7), field(8));
         let inconsistent = |reason, at| SnapshotError::Inconsistent { reason, at };
         let applied = match has_applied {
             0 if index == 0 && term == 0 => None,
@@ -618,20 +650,43 @@ impl Sequencer {
         if sum_tx != tx_total {
             return Err(inconsistent("tx_total is not the sum of batch sizes", 3));
         }
-        if position_count.checked_add(duplicates_total) != Some(tx_total) {
+        if position_count
+            .checked_add(duplicates_total)
+            .is_none_or(|n| n > tx_total)
+        {
+            return Err(inconsistent("positions plus duplicates exceed tx_total", 4));
+        }
+        // A generation rotates when it reaches `generation` entries: the previous one is empty
+        // or exactly full, the current one never full.
+        if generation == 0 || generation > u64::from(u32::MAX) {
+            return Err(inconsistent("idempotency generation out of range", 7));
+        }
+        let current_count = position_count
+            .checked_sub(previous_count)
+            .ok_or_else(|| inconsistent("previous generation larger than the index", 8))?;
+        // Nothing is forgotten before a second generation is dropped, so until the first
+        // rotation every transaction is remembered or a duplicate.
+        if previous_count == 0 && position_count + duplicates_total != tx_total {
             return Err(inconsistent(
                 "positions plus duplicates differ from tx_total",
                 4,
             ));
         }
+        if (previous_count != 0 && previous_count != generation) || current_count >= generation {
+            return Err(inconsistent("idempotency generations not of their size", 8));
+        }
 
-        let mut positions = TxIndex::with_capacity(position_count as usize);
+        let mut previous = TxIndex::with_capacity(previous_count as usize);
+        let mut current = TxIndex::with_capacity(current_count as usize);
         let mut prev_hash: Option<TxHash> = None;
         for (at, rec) in position_bytes
             .chunks_exact(POSITION_RECORD_BYTES)
             .enumerate()
         {
             let at = at as u64;
+            if at == previous_count {
+                prev_hash = None;
+            }
             let hash = TxHash(rec[0..32].try_into().expect("32 bytes"));
             let pos = Position {
                 index: le_u64(&rec[32..40]),
@@ -648,10 +703,19 @@ impl Sequencer {
                 Some(b) if pos.offset < b.tx_count => {}
                 _ => return Err(inconsistent("position outside every batch", at)),
             }
-            positions
-                .insert_new(hash, pos)
-                .expect("hashes checked strictly ascending");
+            if at < previous_count {
+                previous
+                    .insert_new(hash, pos)
+                    .expect("hashes checked strictly ascending");
+            } else if previous.contains_key(&hash) {
+                return Err(inconsistent("hash in both generations", at));
+            } else {
+                current
+                    .insert_new(hash, pos)
+                    .expect("hashes checked strictly ascending");
+            }
         }
+        let positions = Window::from_generations(previous, current, generation as usize);
         Ok(Sequencer {
             applied,
             batches,
@@ -892,6 +956,54 @@ mod tests {
     }
 
     #[test]
+    fn the_idempotency_window_forgets_old_hashes_deterministically_and_survives_snapshots() {
+        let batches: Vec<Vec<Transaction>> = (0..10u8)
+            .map(|b| (0..3u8).map(|i| tx(&[b, i])).collect())
+            .collect();
+        let mut s = Sequencer::with_idempotency_generation(4);
+        let mut index = 0;
+        let mut snapshots = Vec::new();
+        for txs in &batches {
+            index += 1;
+            s.apply_batch(index, 1, &encoded(index, txs.clone()))
+                .unwrap();
+            let bytes = s.snapshot_bytes();
+            let restored = Sequencer::from_snapshot(&bytes).expect("restores");
+            assert_eq!(restored, s, "after batch {index}");
+            snapshots.push(bytes);
+        }
+        // 30 transactions with generations of 4: at most 8 remembered, at least the last 4.
+        assert!((4..=8).contains(&s.positions.len()));
+        for i in 0..3u8 {
+            assert!(s.lookup(&TxHash::of(&[9, i])).is_some());
+        }
+        assert_eq!(s.lookup(&TxHash::of(&[0, 0])), None, "forgotten");
+        // A recent hash is a duplicate; a forgotten one is ordered again.
+        index += 1;
+        let again = s
+            .apply_batch(index, 1, &encoded(index, vec![tx(&[9, 2]), tx(&[0, 0])]))
+            .unwrap();
+        assert_eq!(again.duplicates.len(), 1);
+        assert_eq!(again.duplicates[0].offset, 0);
+        assert_eq!(
+            s.lookup(&TxHash::of(&[0, 0])),
+            Some(Position { index, offset: 1 })
+        );
+        assert_eq!((s.tx_total(), s.duplicates_total()), (32, 1));
+        // Continuing from any snapshot ends in the same state.
+        for (at, bytes) in snapshots.iter().enumerate() {
+            let mut r = Sequencer::from_snapshot(bytes).unwrap();
+            for (i, txs) in batches.iter().enumerate().skip(at + 1) {
+                let i = i as u64 + 1;
+                r.apply_batch(i, 1, &encoded(i, txs.clone())).unwrap();
+            }
+            r.apply_batch(index, 1, &encoded(index, vec![tx(&[9, 2]), tx(&[0, 0])]))
+                .unwrap();
+            assert_eq!(r.snapshot_bytes(), s.snapshot_bytes(), "from snapshot {at}");
+        }
+    }
+
+    #[test]
     fn snapshot_refuses_inconsistent_state() {
         let mut s = Sequencer::new();
         s.apply_batch(1, 1, &encoded(1, vec![tx(b"a"), tx(b"b"), tx(b"a")]))
@@ -917,6 +1029,12 @@ mod tests {
                 }),
             ),
             ("reserved", Box::new(|b| b[FIXED_BODY_BYTES + 52] = 1)),
+            ("generation zero", Box::new(|b| b[56..64].fill(0))),
+            (
+                "current generation full",
+                Box::new(|b| b[56..64].copy_from_slice(&2u64.to_le_bytes())),
+            ),
+            ("previous generation not full", Box::new(|b| b[64] = 1)),
         ];
         for (name, edit) in cases {
             let bad = with_body_edit(&good, edit);
@@ -983,12 +1101,14 @@ mod tests {
         fn snapshot_then_continue_equals_never_snapshotted(
             batches in arb_batches(),
             cut in any::<prop::sample::Index>(),
+            generation in prop_oneof![Just(IDEMPOTENCY_GENERATION_TXS), 1usize..8],
         ) {
             let at = if batches.is_empty() { 0 } else { cut.index(batches.len() + 1) };
             let (head, tail) = batches.split_at(at);
-            let mut straight = Sequencer::new();
+            // Small generations rotate (and forget) while the batches are applied.
+            let mut straight = Sequencer::with_idempotency_generation(generation);
             let all = feed(&mut straight, &batches);
-            let mut first = Sequencer::new();
+            let mut first = Sequencer::with_idempotency_generation(generation);
             let mut results = feed(&mut first, head);
             let mut restored = Sequencer::from_snapshot(&first.snapshot_bytes()).unwrap();
             results.extend(feed(&mut restored, tail));

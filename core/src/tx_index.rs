@@ -173,6 +173,96 @@ impl<V> std::fmt::Debug for TxIndex<V> {
     }
 }
 
+/// A [`TxIndex`] that remembers only recent entries: two generations, the current one and the
+/// previous one. When the current generation reaches `generation` entries it becomes the
+/// previous one and the old previous one is dropped. So an entry is remembered for at least
+/// `generation` later insertions (up to twice that), and the index never holds more than
+/// `2 × generation` entries, however long it lives. Which entries are forgotten depends only on
+/// the order of insertions: two windows fed the same sequence hold the same entries.
+#[derive(Clone, Debug)]
+pub struct Window<V> {
+    current: TxIndex<V>,
+    previous: TxIndex<V>,
+    generation: usize,
+}
+
+impl<V: Copy + PartialEq + Send + Sync> Window<V> {
+    /// An empty window whose generations hold `generation` entries (at least 1).
+    pub fn new(generation: usize) -> Self {
+        Self::from_generations(TxIndex::new(), TxIndex::new(), generation)
+    }
+
+    /// A window made of generations as [`Window::previous`] and [`Window::current`] returned
+    /// them (snapshot restore). The caller checks they are disjoint and within `generation`.
+    pub fn from_generations(previous: TxIndex<V>, current: TxIndex<V>, generation: usize) -> Self {
+        Self {
+            current,
+            previous,
+            generation: generation.max(1),
+        }
+    }
+
+    /// Entries a generation holds before the next one starts.
+    pub fn generation(&self) -> usize {
+        self.generation
+    }
+
+    /// Entries remembered now (both generations).
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value recorded for `tx_hash`, if it is still remembered.
+    pub fn get(&self, tx_hash: &TxHash) -> Option<V> {
+        self.current
+            .get(tx_hash)
+            .or_else(|| self.previous.get(tx_hash))
+    }
+
+    /// Whether `tx_hash` is remembered.
+    pub fn contains_key(&self, tx_hash: &TxHash) -> bool {
+        self.get(tx_hash).is_some()
+    }
+
+    /// Records `value` for `tx_hash` unless it is remembered; `Err` with the remembered value
+    /// if it is. May start a new generation (forgetting the oldest entries).
+    pub fn insert_new(&mut self, tx_hash: TxHash, value: V) -> Result<(), V> {
+        if let Some(old) = self.previous.get(&tx_hash) {
+            return Err(old);
+        }
+        self.current.insert_new(tx_hash, value)?;
+        if self.current.len() >= self.generation {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        Ok(())
+    }
+
+    /// The current (newer) generation.
+    pub fn current(&self) -> &TxIndex<V> {
+        &self.current
+    }
+
+    /// The previous (older) generation: empty, or exactly `generation` entries.
+    pub fn previous(&self) -> &TxIndex<V> {
+        &self.previous
+    }
+}
+
+impl<V: Copy + PartialEq + Send + Sync> PartialEq for Window<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.generation == other.generation
+            && self.current == other.current
+            && self.previous == other.previous
+    }
+}
+
+impl<V: Copy + PartialEq + Send + Sync> Eq for Window<V> {}
+
 /// The part an entry with 64-bit hash `hash` lives in. hashbrown picks the bucket from the
 /// hash's low bits and its control tag from the top 7, so the part comes from bits 32..48 to
 /// stay independent of both (a part with 2^32 buckets is far beyond any index here).
@@ -186,6 +276,33 @@ mod tests {
 
     fn h(i: u64) -> TxHash {
         TxHash::of(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn a_window_remembers_each_entry_for_at_least_a_generation_and_holds_at_most_two() {
+        let mut w = Window::new(100);
+        for i in 0..1_000u64 {
+            assert_eq!(w.insert_new(h(i), i), Ok(()));
+            assert!(w.len() <= 200);
+            // Everything of the last `generation` insertions is remembered, with its value.
+            for j in i.saturating_sub(99)..=i {
+                assert_eq!(w.insert_new(h(j), j + 1), Err(j), "{j} after {i}");
+            }
+            assert!(w.previous().is_empty() || w.previous().len() == 100);
+        }
+        // After 1,000 insertions: [900, 1000) is the previous generation, [800, 900) is gone.
+        assert_eq!((w.previous().len(), w.current().len()), (100, 0));
+        assert_eq!(w.get(&h(900)), Some(900));
+        assert_eq!(w.get(&h(899)), None, "forgotten after two generations");
+        // A forgotten hash is new again.
+        assert_eq!(w.insert_new(h(5), 77), Ok(()));
+        // Same insertions, same window.
+        let mut again = Window::new(100);
+        for i in 0..1_000u64 {
+            again.insert_new(h(i), i).unwrap();
+        }
+        again.insert_new(h(5), 77).unwrap();
+        assert_eq!(again, w);
     }
 
     #[test]
