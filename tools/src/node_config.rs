@@ -231,6 +231,11 @@ impl NodeFile {
         if ids.len() != file.peers.len() {
             return Err(invalid("peer ids must be unique".into()));
         }
+        if file.limits.client_bytes_in_flight_max == 0 {
+            return Err(invalid(
+                "limits.client_bytes_in_flight_max must be at least 1".into(),
+            ));
+        }
         Ok(file)
     }
 
@@ -277,5 +282,38 @@ impl NodeFile {
             client_bytes_in_flight_max: self.limits.client_bytes_in_flight_max,
             bootstrap,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(limits: &str) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let text = format!(
+            "node_id = 1\nlisten_addr = \"127.0.0.1:7100\"\ndata_dir = \"data\"\n\
+             [tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+             [[peers]]\nid = 1\naddr = \"127.0.0.1:7100\"\n{limits}"
+        );
+        std::fs::write(&path, text).expect("write");
+        let loaded = NodeFile::load(&path);
+        (dir, loaded)
+    }
+
+    #[test]
+    fn client_admission_bound_comes_from_limits_and_zero_is_refused() {
+        let (dir, f) = file_with("");
+        let c = f.expect("defaults load").to_config(dir.path());
+        assert_eq!(
+            c.client_bytes_in_flight_max,
+            baton_net::node::CLIENT_BYTES_IN_FLIGHT_MAX_DEFAULT
+        );
+        let (dir, f) = file_with("[limits]\nclient_bytes_in_flight_max = 65536\n");
+        let c = f.expect("loads").to_config(dir.path());
+        assert_eq!(c.client_bytes_in_flight_max, 65_536);
+        let (_dir, f) = file_with("[limits]\nclient_bytes_in_flight_max = 0\n");
+        assert!(matches!(f, Err(ConfigError::Invalid { .. })), "{f:?}");
     }
 }
