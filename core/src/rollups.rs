@@ -303,6 +303,13 @@ impl Rollups {
             self.unblocked += 1;
             return;
         };
+        // The same ciphertext ordered again after the idempotency window forgot it: its secret
+        // (and the block that holds the first copy) stay as they are, and this copy joins no
+        // block. Taking it would overwrite the secret and break the block's reveal accounting.
+        if commitment.is_some() && self.secrets.contains_key(&tx_hash) {
+            self.unblocked += 1;
+            return;
+        }
         rollup.pending.push_back(PendingTx {
             tx_hash,
             position,
@@ -1084,6 +1091,36 @@ mod tests {
             Err(CommandRejection::StaleSeal { .. })
         ));
         assert_eq!(rollup(&l2, 1).height(), 0);
+    }
+
+    #[test]
+    fn an_encrypted_transaction_ordered_again_after_the_window_joins_no_block() {
+        let mut l = Log::new();
+        l.seq = Sequencer::with_idempotency_generation(2);
+        l.register(1);
+        let e = secret_tx(1, 1);
+        let e_hash = TxHash::of(&e.bytes);
+        l.batch(vec![e.clone()]);
+        assert!(matches!(l.seal(1), Some(Ok(CommandApplied::Sealed(_)))));
+        l.batch(
+            [b"a", b"b", b"c", b"d"]
+                .iter()
+                .map(|p| raw(1, *p))
+                .collect(),
+        );
+        assert_eq!(l.seq.lookup(&e_hash), None, "forgotten by the window");
+        let unblocked = l.seq.rollups().unblocked();
+        let index = l.batch(vec![e.clone()]);
+        assert_eq!(
+            l.seq.lookup(&e_hash).map(|p| p.index),
+            Some(index),
+            "ordered again"
+        );
+        assert_eq!(l.seq.rollups().unblocked(), unblocked + 1);
+        assert_eq!(rollup(&l, 1).pending().len(), 4, "the copy joins no block");
+        assert_eq!(l.seq.rollups().secret(&e_hash).unwrap().height, Some(1));
+        let restored = Sequencer::from_snapshot(&l.seq.snapshot_bytes()).expect("loads");
+        assert_eq!(restored, l.seq);
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct ServerContext {
 /// Bounds the submissions a node holds at once, node-wide, by their frame bytes.
 ///
 /// Every admitted submission holds its transactions, their batching state and then its
-/// receipts (with Merkle paths) until its answer is written: about 1 KiB per 128-byte
+/// receipts (with Merkle paths) until its answer is computed: about 1 KiB per 128-byte
 /// transaction. Per-stream bounds alone let many clients park that state in the node; under
 /// 2x overload a load generator with 4,096 requests of 100 transactions outstanding held
 /// 400k transactions there (1 GiB RSS, answers 5 s late). Past the bound a stream is not read

@@ -182,9 +182,12 @@ async fn read_block_txs(
                 continue;
             }
             let tx_hash = tx.tx_hash();
+            // A duplicate joined no block: its first occurrence is elsewhere. A hash the
+            // idempotency window has forgotten is taken as a member; the count and Merkle root
+            // checks below refuse the list if that was wrong.
             let first = view.with(|s| s.lookup(&tx_hash));
-            if first.map(|p| (p.index, p.offset)) != Some((index, offset)) {
-                continue; // a duplicate: its first occurrence is elsewhere
+            if first.is_some_and(|p| (p.index, p.offset) != (index, offset)) {
+                continue;
             }
             let kind = match tx.kind.key_commitment() {
                 Some(c) => TxKind::Encrypted { key_commitment: *c },
@@ -209,7 +212,11 @@ async fn read_block_txs(
             });
         }
     }
-    (out.len() == want).then_some(out)
+    if out.len() != want {
+        return None;
+    }
+    let hashes: Vec<TxHash> = out.iter().map(|t| t.tx_hash).collect();
+    (crate::merkle::merkle_root(&hashes) == block.signed.header.tx_merkle_root).then_some(out)
 }
 
 /// A transaction's status: its position from the state machine, its rollup and receipt from
@@ -299,7 +306,20 @@ fn wall_clock_us() -> u64 {
 struct InFlight {
     epoch: u64,
     blocks: VecDeque<BlockHeader>,
+    /// After a failed chain, no new one before this (a leader without its lease would
+    /// otherwise rebuild and re-sign chains back to back on the Raft shard).
+    retry_at: Option<Instant>,
 }
+
+impl InFlight {
+    fn drop_chain(&mut self) {
+        self.blocks.clear();
+        self.epoch += 1;
+    }
+}
+
+/// How long a rollup's sealing waits after its chain failed.
+const SEAL_RETRY_AFTER: Duration = Duration::from_millis(50);
 
 /// Per rollup, the leader's seal markers in flight.
 type Chains = Rc<RefCell<HashMap<u64, InFlight>>>;
@@ -353,8 +373,21 @@ pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer,
                 .filter(|(_, r)| !r.pending().is_empty())
                 .filter_map(|(id, r)| {
                     let chain = chains.entry(id).or_default();
-                    while chain.blocks.front().is_some_and(|b| b.height <= r.height()) {
-                        chain.blocks.pop_front();
+                    if chain.retry_at.is_some_and(|t| now < t) {
+                        return None;
+                    }
+                    // Applied blocks leave the chain; a different block at one of its heights
+                    // (an earlier leader's, or a marker that timed out and committed after
+                    // all) means the rest of the chain can never apply.
+                    while let Some(b) = chain.blocks.front().copied() {
+                        if b.height > r.height() {
+                            break;
+                        }
+                        if r.block(b.height).map(|a| a.signed.header) == Some(b) {
+                            chain.blocks.pop_front();
+                        } else {
+                            chain.drop_chain();
+                        }
                     }
                     let blocks = due_blocks(s.rollups(), id, r, chain, now_us, || {
                         let seen = *first_seen.entry(id).or_insert(now);
@@ -383,8 +416,8 @@ pub(crate) async fn seal_blocks(raft: Raft, view: SequencerView, signer: Signer,
                     tracing::debug!(rollup = rollup_id, error = %e, "seal markers failed; chain dropped");
                     let mut chains = chains.borrow_mut();
                     if let Some(chain) = chains.get_mut(&rollup_id).filter(|c| c.epoch == epoch) {
-                        chain.blocks.clear();
-                        chain.epoch += 1;
+                        chain.drop_chain();
+                        chain.retry_at = Some(Instant::now() + SEAL_RETRY_AFTER);
                     }
                 }
             })
@@ -427,7 +460,10 @@ fn due_blocks(
         }
     };
     let mut leaves = 0;
-    while chain.blocks.len() + out.len() < SEAL_IN_FLIGHT_MAX && leaves < SEAL_ROUND_LEAVES_MAX {
+    // The first chained block is always allowed (a policy may exceed the cap on its own).
+    while chain.blocks.len() + out.len() < SEAL_IN_FLIGHT_MAX
+        && (leaves == 0 || leaves + full <= SEAL_ROUND_LEAVES_MAX)
+    {
         let Some(next) = rollups.block_after(id, &parent, skip, now_us) else {
             break;
         };
@@ -443,8 +479,7 @@ fn due_blocks(
 fn drop_all(chains: &Chains) {
     for chain in chains.borrow_mut().values_mut() {
         if !chain.blocks.is_empty() {
-            chain.blocks.clear();
-            chain.epoch += 1;
+            chain.drop_chain();
         }
     }
 }
