@@ -1004,6 +1004,37 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_refuses_a_hash_in_both_idempotency_generations() {
+        let mut s = Sequencer::with_idempotency_generation(2);
+        s.apply_batch(1, 1, &encoded(1, vec![tx(b"a"), tx(b"b"), tx(b"c")]))
+            .unwrap();
+        assert_eq!(
+            (s.positions.previous().len(), s.positions.current().len()),
+            (2, 1)
+        );
+        let good = s.snapshot_bytes();
+        assert!(Sequencer::from_snapshot(&good).is_ok());
+        let positions_at = FIXED_BODY_BYTES + BATCH_RECORD_BYTES;
+        let bad = with_body_edit(&good, |b| {
+            // The current generation's only record gets the previous generation's first hash.
+            let first: Vec<u8> = b[positions_at..positions_at + 32].to_vec();
+            let current_at = positions_at + 2 * POSITION_RECORD_BYTES;
+            b[current_at..current_at + 32].copy_from_slice(&first);
+        });
+        assert!(
+            matches!(
+                Sequencer::from_snapshot(&bad),
+                Err(SnapshotError::Inconsistent {
+                    reason: "hash in both generations",
+                    ..
+                })
+            ),
+            "{:?}",
+            Sequencer::from_snapshot(&bad)
+        );
+    }
+
+    #[test]
     fn snapshot_refuses_inconsistent_state() {
         let mut s = Sequencer::new();
         s.apply_batch(1, 1, &encoded(1, vec![tx(b"a"), tx(b"b"), tx(b"a")]))
