@@ -11,7 +11,11 @@
 //! It also holds the per-rollup state ([`Rollups`]: registrations, blocks, encrypted
 //! transactions) and applies the control commands ([`Sequencer::apply_command`]).
 //!
-//! Snapshot format (version 5, all integers little-endian):
+//! Of the batches it keeps only the last one's record (term, digest, signed header): receipts
+//! take the signed header from the batch's log entry, so the state does not grow with the log.
+//!
+//! Snapshot format (version 6, all integers little-endian; version 5, the same layout with a
+//! record of every batch ever applied, is still read, keeping the last):
 //!
 //! ```text
 //! header (32 bytes): magic "BATONSEQ" | version u32 | reserved u32 (0) | body_len u64 |
@@ -21,7 +25,8 @@
 //!                    generation_txs u64 | previous_count u64 |
 //!                    batch_count × { index u64 | term u64 | header_digest [32] | tx_count u32 |
 //!                                    signed u32 (0 or 1) | signed header [160] (zero when
-//!                                    unsigned) }                  (216 bytes, index ascending)
+//!                                    unsigned) }   (216 bytes; batch_count is 0 before the
+//!                                                     first batch, else 1: the last one)
 //!                    position_count × { tx_hash [32] | index u64 | offset u32 }
 //!                             (44 bytes: the idempotency index's previous generation, its
 //!                              first previous_count records, then its current one; each hash
@@ -227,7 +232,10 @@ pub enum SnapshotError {
 
 const MAGIC: [u8; 8] = *b"BATONSEQ";
 /// Snapshot format version written by this build.
-pub const SNAPSHOT_VERSION: u32 = 5;
+pub const SNAPSHOT_VERSION: u32 = 6;
+/// The previous format, still read: the same layout with a record of every batch ever applied
+/// (pruned on load).
+const SNAPSHOT_VERSION_ALL_BATCHES: u32 = 5;
 const HEADER_BYTES: usize = 32;
 const FIXED_BODY_BYTES: usize = 9 * 8;
 const BATCH_RECORD_BYTES: usize = 56 + SIGNED_HEADER_BYTES;
@@ -238,7 +246,11 @@ const POSITION_RECORD_BYTES: usize = 44;
 pub struct Sequencer {
     /// Last applied batch: (index, term).
     applied: Option<(u64, u64)>,
-    batches: BTreeMap<u64, BatchRecord>,
+    /// The last applied batch. Older batches need no record here: a receipt takes the leader's
+    /// signed header from the batch's log entry (where its Merkle path comes from too), and
+    /// the next batch chains to the log's last signed batch. So the state stays bounded
+    /// however long the node runs.
+    last_batch: Option<BatchRecord>,
     /// Recently sequenced transactions' positions (the idempotency index): two generations
     /// of [`IDEMPOTENCY_GENERATION_TXS`], each split in parts so its growth never stalls the
     /// shard (see `tx_index`).
@@ -269,7 +281,7 @@ impl PartialEq for Sequencer {
     fn eq(&self, other: &Self) -> bool {
         self.rollups == other.rollups
             && self.applied == other.applied
-            && self.batches == other.batches
+            && self.last_batch == other.last_batch
             && self.positions == other.positions
             && self.tx_total == other.tx_total
             && self.duplicates_total == other.duplicates_total
@@ -295,7 +307,7 @@ impl Sequencer {
     pub fn with_idempotency_generation(generation: usize) -> Self {
         Self {
             applied: None,
-            batches: BTreeMap::new(),
+            last_batch: None,
             positions: Window::new(generation),
             tx_total: 0,
             duplicates_total: 0,
@@ -390,19 +402,16 @@ impl Sequencer {
             }
         }
         self.rollups.catch_up_heads(&touched);
-        self.batches.insert(
+        self.last_batch = Some(BatchRecord {
             index,
-            BatchRecord {
-                index,
-                term,
-                header_digest: match signed {
-                    Some(s) => s.digest(),
-                    None => batch.header.digest(),
-                },
-                tx_count,
-                signed: signed.copied(),
+            term,
+            header_digest: match signed {
+                Some(s) => s.digest(),
+                None => batch.header.digest(),
             },
-        );
+            tx_count,
+            signed: signed.copied(),
+        });
         self.applied = Some((index, term));
         self.tx_total += u64::from(tx_count);
         self.duplicates_total += duplicates.len() as u64;
@@ -472,14 +481,9 @@ impl Sequencer {
         self.applied.map(|(index, _)| index)
     }
 
-    /// The batch applied at `index`, if any.
-    pub fn batch(&self, index: u64) -> Option<&BatchRecord> {
-        self.batches.get(&index)
-    }
-
-    /// The last applied batch (its digest chains to the next batch's `prev_batch_hash`).
+    /// The last applied batch.
     pub fn last_batch(&self) -> Option<&BatchRecord> {
-        self.batches.values().next_back()
+        self.last_batch.as_ref()
     }
 
     /// Transactions applied, duplicates included.
@@ -504,7 +508,7 @@ impl Sequencer {
     pub fn snapshot_len_hint(&self) -> usize {
         HEADER_BYTES
             + FIXED_BODY_BYTES
-            + self.batches.len() * BATCH_RECORD_BYTES
+            + usize::from(self.last_batch.is_some()) * BATCH_RECORD_BYTES
             + self.positions.len() * POSITION_RECORD_BYTES
             + self.rollups.encoded_len_hint()
     }
@@ -514,7 +518,7 @@ impl Sequencer {
     pub fn write_snapshot(&self, out: &mut Vec<u8>) {
         let start = out.len();
         let body_len = FIXED_BODY_BYTES
-            + self.batches.len() * BATCH_RECORD_BYTES
+            + usize::from(self.last_batch.is_some()) * BATCH_RECORD_BYTES
             + self.positions.len() * POSITION_RECORD_BYTES;
         // One reservation for the whole snapshot: growing a buffer of hundreds of MiB copies it
         // into fresh pages.
@@ -531,14 +535,14 @@ impl Sequencer {
             term,
             self.tx_total,
             self.duplicates_total,
-            self.batches.len() as u64,
+            u64::from(self.last_batch.is_some()),
             self.positions.len() as u64,
             self.positions.generation() as u64,
             self.positions.previous().len() as u64,
         ] {
             out.extend_from_slice(&field.to_le_bytes());
         }
-        for b in self.batches.values() {
+        if let Some(b) = &self.last_batch {
             out.extend_from_slice(&b.index.to_le_bytes());
             out.extend_from_slice(&b.term.to_le_bytes());
             out.extend_from_slice(&b.header_digest);
@@ -579,7 +583,7 @@ impl Sequencer {
     /// Restores a sequencer from [`Sequencer::snapshot_bytes`] output, checking framing,
     /// digest and every invariant of the state.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Sequencer, SnapshotError> {
-        let body = check_header(bytes)?;
+        let (version, body) = check_header(bytes)?;
         let field = |i: usize| le_u64(&body[i * 8..i * 8 + 8]);
         let (has_applied, index, term) = (field(0), field(1), field(2));
         let (tx_total, duplicates_total) = (field(3), field(4));
@@ -647,8 +651,13 @@ impl Sequencer {
         if last != applied {
             return Err(inconsistent("applied batch is not the last batch", 0));
         }
-        if sum_tx != tx_total {
+        // Format 5 kept every batch; since, only the last one.
+        let all_batches = version == SNAPSHOT_VERSION_ALL_BATCHES;
+        if all_batches && sum_tx != tx_total {
             return Err(inconsistent("tx_total is not the sum of batch sizes", 3));
+        }
+        if !all_batches && (batch_count > 1 || sum_tx > tx_total) {
+            return Err(inconsistent("more than the last batch recorded", 5));
         }
         if position_count
             .checked_add(duplicates_total)
@@ -699,9 +708,18 @@ impl Sequencer {
                 ));
             }
             prev_hash = Some(hash);
-            match batches.get(&pos.index) {
-                Some(b) if pos.offset < b.tx_count => {}
-                _ => return Err(inconsistent("position outside every batch", at)),
+            // With every batch recorded (format 5), a position must fall inside one; with only
+            // the last, inside it or in an earlier batch of at most BATCH_TXS_MAX.
+            let inside = match batches.get(&pos.index) {
+                Some(b) => pos.offset < b.tx_count,
+                None => {
+                    !all_batches
+                        && last.is_some_and(|(i, _)| pos.index < i)
+                        && (pos.offset as usize) < crate::limits::BATCH_TXS_MAX
+                }
+            };
+            if !inside {
+                return Err(inconsistent("position outside every batch", at));
             }
             if at < previous_count {
                 previous
@@ -718,7 +736,7 @@ impl Sequencer {
         let positions = Window::from_generations(previous, current, generation as usize);
         Ok(Sequencer {
             applied,
-            batches,
+            last_batch: batches.into_values().next_back(),
             positions,
             tx_total,
             duplicates_total,
@@ -727,8 +745,8 @@ impl Sequencer {
     }
 }
 
-/// Checks magic, version, length and checksum; returns the body.
-fn check_header(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+/// Checks magic, version, length and checksum; returns the version and the body.
+fn check_header(bytes: &[u8]) -> Result<(u32, &[u8]), SnapshotError> {
     if bytes.len() < HEADER_BYTES {
         return Err(SnapshotError::TooShort {
             len: bytes.len(),
@@ -741,7 +759,8 @@ fn check_header(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
         return Err(SnapshotError::BadMagic { found: magic });
     }
     let version = le_u32(&header[8..12]);
-    if version != SNAPSHOT_VERSION || le_u32(&header[12..16]) != 0 {
+    let known = version == SNAPSHOT_VERSION || version == SNAPSHOT_VERSION_ALL_BATCHES;
+    if !known || le_u32(&header[12..16]) != 0 {
         return Err(SnapshotError::UnsupportedVersion {
             found: version,
             supported: SNAPSHOT_VERSION,
@@ -765,7 +784,7 @@ fn check_header(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
             supported: SNAPSHOT_VERSION,
         });
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 fn le_u64(b: &[u8]) -> u64 {
@@ -840,7 +859,7 @@ mod tests {
         assert_eq!(s.applied_index(), Some(5));
         assert_eq!((s.tx_total(), s.duplicates_total()), (5, 2));
         assert_eq!(s.last_batch().map(|b| (b.index, b.term)), Some((5, 2)));
-        assert_eq!(s.batch(3).map(|b| b.tx_count), Some(3));
+        assert_eq!(s.last_batch().map(|b| b.tx_count), Some(2));
     }
 
     #[test]
@@ -1001,6 +1020,70 @@ mod tests {
                 .unwrap();
             assert_eq!(r.snapshot_bytes(), s.snapshot_bytes(), "from snapshot {at}");
         }
+    }
+
+    #[test]
+    fn only_the_last_batch_is_recorded_and_format_5_snapshots_load() {
+        let batches: Vec<Vec<Transaction>> = (0..10u8)
+            .map(|b| (0..3u8).map(|i| tx(&[b, i])).collect())
+            .collect();
+        let mut s = Sequencer::with_idempotency_generation(4);
+        // Format 5 wrote a record of every batch: the same state with those records prepended.
+        let mut records = Vec::new();
+        for (i, txs) in batches.iter().enumerate() {
+            let index = i as u64 + 1;
+            s.apply_batch(index, 1, &encoded(index, txs.clone()))
+                .unwrap();
+            let bytes = s.snapshot_bytes();
+            let start = HEADER_BYTES + FIXED_BODY_BYTES;
+            assert_eq!(
+                le_u64(&bytes[HEADER_BYTES + 40..][..8]),
+                1,
+                "one batch record"
+            );
+            records.extend_from_slice(&bytes[start..start + BATCH_RECORD_BYTES]);
+            assert_eq!(
+                s.last_batch().map(|b| (b.index, b.tx_count)),
+                Some((index, 3))
+            );
+        }
+        let v6 = s.snapshot_bytes();
+        let with_records = |version: u32, records: &[u8], count: u64| {
+            let mut out = with_body_edit(&v6, |body| {
+                body[40..48].copy_from_slice(&count.to_le_bytes());
+                body.splice(
+                    FIXED_BODY_BYTES..FIXED_BODY_BYTES + BATCH_RECORD_BYTES,
+                    records.iter().copied(),
+                );
+            });
+            out[8..12].copy_from_slice(&version.to_le_bytes());
+            out
+        };
+        let restored = Sequencer::from_snapshot(&with_records(5, &records, 10)).expect("format 5");
+        assert_eq!(restored, s);
+        assert_eq!(restored.snapshot_bytes(), v6);
+        // Format 5 still had to account for every transaction.
+        let short = &records[BATCH_RECORD_BYTES..];
+        assert!(matches!(
+            Sequencer::from_snapshot(&with_records(5, short, 9)),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
+        // Format 6 holds the last batch only.
+        assert!(matches!(
+            Sequencer::from_snapshot(&with_records(SNAPSHOT_VERSION, &records, 10)),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
+        // A position past the last batch is refused.
+        let remembered = s.positions.current().len() + s.positions.previous().len();
+        assert!(remembered > 0);
+        let bad = with_body_edit(&v6, |body| {
+            let at = FIXED_BODY_BYTES + BATCH_RECORD_BYTES + 32;
+            body[at..at + 8].copy_from_slice(&11u64.to_le_bytes());
+        });
+        assert!(matches!(
+            Sequencer::from_snapshot(&bad),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
     }
 
     #[test]

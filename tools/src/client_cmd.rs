@@ -72,6 +72,11 @@ pub struct SubmitArgs {
     /// Size of generated transactions, in bytes.
     #[arg(long, default_value_t = 128)]
     size: usize,
+    /// Seed of the generated transactions (default: the current time). The same seed, count
+    /// and size make the same transactions, so a second run resubmits them: each comes back as
+    /// a duplicate with its original receipt.
+    #[arg(long, requires = "count")]
+    seed: Option<u64>,
     /// Generated transactions per request.
     #[arg(long, default_value_t = 64)]
     per_request: usize,
@@ -213,9 +218,11 @@ async fn submit_single(
 async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
     let count = args.count.unwrap_or(1);
     let per = args.per_request.max(1) as u64;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     let started = Instant::now();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -224,7 +231,7 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
         let next = next.clone();
         let (rollup, size, ack) = (args.rollup, args.size, args.ack);
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u64, 0u64);
+            let (mut ok, mut failed, mut duplicates) = (0u64, 0u64, 0u64);
             let mut latencies_us = Vec::new();
             loop {
                 let first = next.fetch_add(per, std::sync::atomic::Ordering::Relaxed);
@@ -242,7 +249,10 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
                     Ok(results) => {
                         for r in results {
                             match r {
-                                Ok(_) => ok += 1,
+                                Ok(r) => {
+                                    ok += 1;
+                                    duplicates += u64::from(r.duplicate);
+                                }
                                 Err(e) => {
                                     failed += 1;
                                     tracing::warn!(error = %e, "transaction not sequenced");
@@ -256,15 +266,16 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
                     }
                 }
             }
-            (ok, failed, latencies_us)
+            (ok, failed, duplicates, latencies_us)
         }));
     }
-    let (mut ok, mut failed) = (0, 0);
+    let (mut ok, mut failed, mut duplicates) = (0, 0, 0);
     let mut latencies_us = Vec::new();
     for t in tasks {
-        let (o, f, l) = t.await.unwrap_or((0, 0, Vec::new()));
+        let (o, f, d, l) = t.await.unwrap_or((0, 0, 0, Vec::new()));
         ok += o;
         failed += f;
+        duplicates += d;
         latencies_us.extend(l);
     }
     let secs = started.elapsed().as_secs_f64();
@@ -272,12 +283,13 @@ async fn submit_generated(client: &Client, args: &SubmitArgs) -> ExitCode {
     if args.json {
         println!(
             "{}",
-            json!({"sequenced": ok, "failed": failed, "seconds": secs, "tx_per_s": ok as f64 / secs,
+            json!({"sequenced": ok, "duplicates": duplicates, "failed": failed, "seconds": secs, "tx_per_s": ok as f64 / secs,
                    "request_latency_us": {"p50": p50, "p90": p90, "p99": p99}})
         );
     } else {
         println!(
-            "sequenced {ok} transactions ({failed} failed) in {secs:.2} s: {:.0} tx/s; \
+            "sequenced {ok} transactions ({duplicates} of them duplicates, {failed} failed) in \
+             {secs:.2} s: {:.0} tx/s; \
              request latency (submit to committed) p50 {p50} us, p90 {p90} us, p99 {p99} us",
             ok as f64 / secs
         );

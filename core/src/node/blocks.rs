@@ -234,6 +234,7 @@ pub(crate) async fn tx_info(
     raft: &Raft,
     view: &SequencerView,
     mut reader: LogReader,
+    proofs: &super::engine::ProofCache,
     tx_hash: TxHash,
 ) -> Read<Option<TxInfo>> {
     let applied_index = applied_index(view);
@@ -267,7 +268,7 @@ pub(crate) async fn tx_info(
     };
     let block_height = rollup_id
         .and_then(|r| view.with(|s| s.rollups().rollup(r).and_then(|r| r.height_of(position))));
-    let receipt = super::engine::receipt_of(raft, reader, tx_hash)
+    let receipt = super::engine::receipt_of(raft, reader, proofs, tx_hash)
         .await
         .unwrap_or(Err(SubmitError::ReceiptUnavailable {
             index: position.index,

@@ -788,6 +788,8 @@ async fn raft_shard<F>(
     };
     log_store.set_signer(id, config.signer.clone());
     let log_reader = log_store.reader();
+    // Proofs of recently proven batches, for the receipts of their duplicates and reads.
+    let proofs = ProofCache::default();
     let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = match Sm::open(&config.data_dir) {
         Ok(sm) => sm.with_registry(registry),
@@ -882,9 +884,10 @@ async fn raft_shard<F>(
             }
             Control::Receipt(tx_hash, reply) => {
                 let raft = raft.clone();
+                let proofs = proofs.clone();
                 let reader = log_reader.clone();
                 glommio::spawn_local(async move {
-                    let _ = reply.send(receipt_of(&raft, reader, tx_hash).await);
+                    let _ = reply.send(receipt_of(&raft, reader, &proofs, tx_hash).await);
                 })
                 .detach();
             }
@@ -937,12 +940,15 @@ async fn raft_shard<F>(
             }
             Control::Tx(tx_hash, consistency, timeout, reply) => {
                 let (raft, view, forwarder) = (raft.clone(), view.clone(), forwarder.clone());
-                let reader = log_reader.clone();
+                let (reader, proofs) = (log_reader.clone(), proofs.clone());
                 glommio::spawn_local(async move {
                     let barrier =
                         super::blocks::barrier(&raft, forwarder.as_ref(), consistency, timeout);
                     let r = match barrier.await {
-                        Ok(()) => Ok(super::blocks::tx_info(&raft, &view, reader, tx_hash).await),
+                        Ok(()) => Ok(super::blocks::tx_info(
+                            &raft, &view, reader, &proofs, tx_hash,
+                        )
+                        .await),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
@@ -1045,47 +1051,104 @@ async fn sequence(
     }
 }
 
-/// The committed receipt of `tx_hash`: its position and signed header from the state machine,
-/// its Merkle path from the batch in the log. `None` if this node has not applied it.
+/// A committed batch's Merkle tree and the leader's signed header: what proves its transactions.
+struct BatchProof {
+    tree: MerkleTree,
+    seal: SignedHeader,
+}
+
+type ProofFuture = futures_util::future::Shared<
+    futures_util::future::LocalBoxFuture<'static, Option<Rc<BatchProof>>>,
+>;
+
+/// Batches whose proofs the Raft shard keeps at hand.
+const PROOF_CACHE_BATCHES: usize = 8;
+
+/// The proofs of the last few batches the Raft shard proved transactions of, built once per
+/// batch: the duplicates of one batch (a client retrying a request after a leader change, a
+/// follower re-forwarding) arrive together, and each one would otherwise read the batch from the
+/// log and hash all of its transactions and its tree again. A batch being read is shared by
+/// every lookup that asks for it meanwhile.
+#[derive(Clone, Default)]
+pub(crate) struct ProofCache(Rc<RefCell<VecDeque<(u64, ProofFuture)>>>);
+
+impl ProofCache {
+    /// The proof of the committed batch at `index` (`None` if the log no longer has it, or it
+    /// carries no signed header).
+    async fn get(&self, reader: crate::raft::LogReader, index: u64) -> Option<Rc<BatchProof>> {
+        use futures_util::FutureExt;
+        let cached = self
+            .0
+            .borrow()
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, f)| f.clone());
+        let proof = match cached {
+            Some(f) => f,
+            None => {
+                let f = proof_from_log(reader, index).boxed_local().shared();
+                let mut cache = self.0.borrow_mut();
+                cache.push_back((index, f.clone()));
+                if cache.len() > PROOF_CACHE_BATCHES {
+                    cache.pop_front();
+                }
+                f
+            }
+        };
+        let found = proof.await;
+        if found.is_none() {
+            // Not kept: a later lookup reads the log again.
+            self.0.borrow_mut().retain(|(i, _)| *i != index);
+        }
+        found
+    }
+}
+
+/// Reads the batch at `index` from the log and builds its proof.
+async fn proof_from_log(mut reader: crate::raft::LogReader, index: u64) -> Option<Rc<BatchProof>> {
+    use openraft::storage::RaftLogReader;
+    let entries = reader.try_get_log_entries(index..index + 1).await.ok()?;
+    // Anything else: purged into a snapshot.
+    let openraft::EntryPayload::Normal(batch) = &entries.first()?.payload else {
+        return None;
+    };
+    let archived = batch.batch().ok()?;
+    // A batch of a leader without a signing key carries no signed header.
+    let seal = *batch.seal()?;
+    let mut raw = Vec::with_capacity(archived.txs.len());
+    crate::keccak_many::keccak256_many(archived.txs.iter().map(|t| t.bytes.as_slice()), &mut raw);
+    let hashes: Vec<TxHash> = raw.into_iter().map(TxHash).collect();
+    Some(Rc::new(BatchProof {
+        tree: MerkleTree::new(&hashes),
+        seal,
+    }))
+}
+
+/// The committed receipt of `tx_hash`: its position from the state machine, its Merkle path and
+/// the leader's signed header from the batch's entry in the log (through `proofs`). `None` if
+/// this node has not applied it.
 pub(crate) async fn receipt_of(
     raft: &openraft::Raft<TypeConfig, Sm>,
-    mut reader: crate::raft::LogReader,
+    reader: crate::raft::LogReader,
+    proofs: &ProofCache,
     tx_hash: TxHash,
 ) -> Option<Result<Receipt, SubmitError>> {
-    use openraft::storage::RaftLogReader;
     let found = raft
         .with_state_machine(move |sm: &mut Sm| {
-            let found = sm.lookup(&tx_hash).map(|p| {
-                let signed = sm.view().with(|s| s.batch(p.index).and_then(|b| b.signed));
-                (p, signed)
-            });
+            let found = sm.lookup(&tx_hash);
             Box::pin(async move { found })
         })
         .await
         .ok()
         .flatten();
-    let (position, signed) = found?;
+    let position = found?;
     let index = position.index;
-    let unavailable = SubmitError::ReceiptUnavailable { index };
-    let Some(signed) = signed else {
-        return Some(Err(unavailable));
+    let Some(proof) = proofs.get(reader, index).await else {
+        return Some(Err(SubmitError::ReceiptUnavailable { index }));
     };
-    let entries = match reader.try_get_log_entries(index..index + 1).await {
-        Ok(e) => e,
-        Err(_) => return Some(Err(unavailable)),
-    };
-    let Some(openraft::EntryPayload::Normal(batch)) = entries.first().map(|e| &e.payload) else {
-        // Purged into a snapshot.
-        return Some(Err(unavailable));
-    };
-    let Ok(archived) = batch.batch() else {
-        return Some(Err(unavailable));
-    };
-    let hashes: Vec<TxHash> = archived.txs.iter().map(|t| t.tx_hash()).collect();
-    let tree = MerkleTree::new(&hashes);
     Some(receipt_at(
-        &tree,
-        Some(&signed),
+        &proof.tree,
+        Some(&proof.seal),
         index,
         tx_hash,
         position.offset,
