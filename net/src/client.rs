@@ -33,6 +33,9 @@ use crate::rollup_msg::{
 use crate::stream::{write_frame, FrameReader, StreamError};
 use crate::tls::{self, TlsError};
 
+/// Default of [`ClientOptions::idle_timeout_ms`].
+pub const CLIENT_IDLE_TIMEOUT_MS: u64 = 1_000;
+
 /// How a client connects and retries.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -50,6 +53,12 @@ pub struct ClientOptions {
     pub call_budget_ms: u64,
     /// Bound on connecting to one node. Default 2,000 ms.
     pub connect_timeout_ms: u64,
+    /// A connection that hears nothing from its node for this long is given up, and the
+    /// requests on it are retried on the next node. A live node is never that quiet: it sends
+    /// a keep-alive after 500 ms without traffic (`tls::KEEP_ALIVE_INTERVAL_MS`), so this
+    /// is how long a killed or cut-off node holds up the requests in flight to it. The
+    /// connection uses the smaller of this and the node's idle timeout. Default 1,000 ms.
+    pub idle_timeout_ms: u64,
 }
 
 impl ClientOptions {
@@ -63,6 +72,7 @@ impl ClientOptions {
             attempts_max: 30,
             call_budget_ms: 30_000,
             connect_timeout_ms: 2_000,
+            idle_timeout_ms: CLIENT_IDLE_TIMEOUT_MS,
         }
     }
 }
@@ -79,6 +89,9 @@ pub enum ClientError {
     /// No endpoints were given.
     #[error("no endpoints given")]
     NoEndpoints,
+    /// An option is out of range.
+    #[error("client option {what} is out of range")]
+    BadOption { what: &'static str },
     /// Every attempt failed; the last failure.
     #[error("gave up after {attempts} attempts in {elapsed_ms} ms: {last}")]
     Exhausted {
@@ -288,7 +301,16 @@ impl Client {
             .identity
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let config = tls::client_config(&options.ca_cert, identity)?;
+        let mut config = tls::client_config(&options.ca_cert, identity)?;
+        let mut transport = tls::transport_config();
+        let idle =
+            Duration::from_millis(options.idle_timeout_ms.max(2 * tls::KEEP_ALIVE_INTERVAL_MS));
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle).map_err(|_| {
+            ClientError::BadOption {
+                what: "idle_timeout_ms",
+            }
+        })?));
+        config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if options.endpoints[0].is_ipv6() {
             "[::1]:0".parse().expect("literal")
         } else {

@@ -93,9 +93,10 @@ fn client_error_type(e: &ClientError) -> String {
         ClientError::NotSequenced(e) => submit_error_type(e).into(),
         ClientError::TooLarge(_) => "request too large".into(),
         ClientError::Undecodable(_) => "undecodable answer".into(),
-        ClientError::Tls(_) | ClientError::Io(_) | ClientError::NoEndpoints => {
-            "client setup".into()
-        }
+        ClientError::Tls(_)
+        | ClientError::Io(_)
+        | ClientError::NoEndpoints
+        | ClientError::BadOption { .. } => "client setup".into(),
     }
 }
 

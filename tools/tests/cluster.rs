@@ -445,3 +445,55 @@ fn cluster_up_reports_a_node_that_cannot_bind_its_port() {
         "nodes left running: {stderr}"
     );
 }
+
+/// A node that goes silent (its process stopped: no answer, no keep-alive, no close) holds up a
+/// client's request only for the client's idle timeout: then the client gives the connection up
+/// and retries on the next node. With a 3 s idle timeout the same request outlives a 2.5 s call
+/// budget.
+#[test]
+fn a_client_leaves_a_silent_node_after_its_idle_timeout_and_retries_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ClusterUp::start(dir.path(), 3, free_base_port(3));
+    let rt = runtime();
+    let receipts = rt.block_on(async {
+        let leader = leader_seen_by(&cluster.client_of(1), WAIT).await;
+        let client = |idle_timeout_ms: u64| {
+            let mut endpoints = cluster.endpoints();
+            let at = endpoints
+                .iter()
+                .position(|e| *e == cluster.node(leader).addr)
+                .unwrap();
+            endpoints.rotate_left(at);
+            let mut o = baton_net::ClientOptions::new(endpoints, &cluster.ca);
+            o.idle_timeout_ms = idle_timeout_ms;
+            o.call_budget_ms = 2_500;
+            baton_net::Client::new(o).expect("client")
+        };
+        let (quick, slow) = (client(1_000), client(3_000));
+        let mut receipts = Vec::new();
+        // Both connect to the leader and are served by it.
+        for (c, tag) in [(&quick, "idle-quick"), (&slow, "idle-slow")] {
+            let r = c.submit(txs(tag, 0, 1)).await.expect("answered");
+            receipts.push(r.into_iter().next().unwrap().expect("sequenced"));
+        }
+        cluster.signal(leader, libc::SIGSTOP);
+        let (q, s) = tokio::join!(
+            quick.submit(txs("idle-quick", 1, 5)),
+            slow.submit(txs("idle-slow", 1, 5))
+        );
+        cluster.signal(leader, libc::SIGCONT);
+        let q = q.expect("retried on another node within the budget");
+        for r in q {
+            receipts.push(r.expect("sequenced through the new leader"));
+        }
+        assert!(
+            matches!(s, Err(baton_net::ClientError::Exhausted { .. })),
+            "a 3 s idle timeout outlives the 2.5 s budget: {s:?}"
+        );
+        receipts
+    });
+    let nodes = cluster.stop();
+    let logs = read_logs(&nodes);
+    check_logs_agree(&logs);
+    check_receipts(&logs, &receipts);
+}
