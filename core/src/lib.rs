@@ -31,6 +31,7 @@ pub mod error;
 pub mod hash;
 pub mod keccak_many;
 pub mod limits;
+pub mod memory;
 pub mod merkle;
 pub mod node;
 pub mod raft;

@@ -286,6 +286,8 @@ fn plot(args: PlotArgs) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    // No transparent huge pages for the load generator either (baton_core::memory).
+    let _ = baton_core::memory::set_transparent_huge_pages(false);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -64,6 +64,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before the allocator maps much: no transparent huge pages unless a node's configuration
+    // asks for them (baton_core::memory explains why). Best effort: an old kernel without the
+    // flag leaves the system's setting.
+    let _ = baton_core::memory::set_transparent_huge_pages(false);
     let cli = Cli::parse();
     // Like other command-line tools, a command that prints results ends quietly when the reader
     // of its output goes away (`baton status | head`): Rust ignores SIGPIPE, so printing would

@@ -38,6 +38,12 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut config = file.to_config(&base);
+    if file.transparent_huge_pages {
+        if let Err(e) = baton_core::memory::set_transparent_huge_pages(true) {
+            eprintln!("baton node: cannot allow transparent huge pages: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match &file.signing_key_file {
         Some(path) => match baton_core::Signer::load(&base.join(path)) {
             Ok(signer) => config.node.signer = signer,
@@ -267,6 +273,7 @@ pub fn prepare_cluster(
             data_dir: dir.join(format!("node-{id}")),
             shards: Some(shards),
             pin_shards: false,
+            transparent_huge_pages: false,
             net_threads: 1,
             bootstrap: true,
             signing_key_file: Some(key_file),

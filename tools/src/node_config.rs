@@ -28,6 +28,10 @@ pub struct NodeFile {
     /// Pin shard k to CPU k. Default false.
     #[serde(default)]
     pub pin_shards: bool,
+    /// Let this node's memory use transparent huge pages. Default false: the allocator's huge
+    /// pages made nodes stall for seconds under overload (`baton_core::memory`).
+    #[serde(default)]
+    pub transparent_huge_pages: bool,
     /// Threads of the QUIC runtime. Default 1.
     #[serde(default = "one")]
     pub net_threads: usize,
