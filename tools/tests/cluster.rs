@@ -458,13 +458,7 @@ fn a_client_leaves_a_silent_node_after_its_idle_timeout_and_retries_elsewhere() 
     let receipts = rt.block_on(async {
         let leader = leader_seen_by(&cluster.client_of(1), WAIT).await;
         let client = |idle_timeout_ms: u64| {
-            let mut endpoints = cluster.endpoints();
-            let at = endpoints
-                .iter()
-                .position(|e| *e == cluster.node(leader).addr)
-                .unwrap();
-            endpoints.rotate_left(at);
-            let mut o = baton_net::ClientOptions::new(endpoints, &cluster.ca);
+            let mut o = cluster.options_from(leader);
             o.idle_timeout_ms = idle_timeout_ms;
             o.call_budget_ms = 2_500;
             baton_net::Client::new(o).expect("client")

@@ -141,15 +141,20 @@ impl ClusterUp {
         self.nodes.iter().find(|n| n.id == id).expect("node id")
     }
 
-    /// A client trying the nodes starting with node `first`.
-    pub fn client_from(&self, first: u64) -> Client {
+    /// Default client options trying the nodes starting with node `first`.
+    pub fn options_from(&self, first: u64) -> ClientOptions {
         let mut eps = self.endpoints();
         let at = eps
             .iter()
             .position(|e| *e == self.node(first).addr)
             .unwrap();
         eps.rotate_left(at);
-        Client::new(ClientOptions::new(eps, &self.ca)).expect("client")
+        ClientOptions::new(eps, &self.ca)
+    }
+
+    /// A client trying the nodes starting with node `first`.
+    pub fn client_from(&self, first: u64) -> Client {
+        Client::new(self.options_from(first)).expect("client")
     }
 
     /// A client of node `id` alone.
