@@ -295,6 +295,13 @@ pub struct Nonce {
     y_odd: bool,
 }
 
+impl Drop for Nonce {
+    fn drop(&mut self) {
+        // k⁻¹ with a signature made from it gives the private key away: wipe it once used.
+        zeroize::Zeroize::zeroize(&mut self.k_inv);
+    }
+}
+
 impl fmt::Debug for Nonce {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the secret half.
@@ -306,8 +313,8 @@ impl Nonce {
     /// A fresh nonce from the operating system's random source.
     pub fn generate() -> Nonce {
         loop {
-            let mut bytes = [0u8; 32];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+            let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut *bytes);
             if let Some(n) = Nonce::from_k_bytes(&bytes) {
                 return n;
             }
