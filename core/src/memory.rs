@@ -6,7 +6,7 @@
 //! allocator returns and takes back is cleared again. Under 2x overload on the development
 //! machine that made every node stall for up to 1.9 s at once, the leader lost its followers,
 //! and the cluster went through elections and sequenced nothing for seconds at a time
-//! (34k–55k tx/s instead of 144k–164k, docs/performance.md).
+//! (34k–55k tx/s; 124k–164k with huge pages off, docs/performance.md).
 
 use std::io;
 

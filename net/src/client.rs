@@ -57,7 +57,8 @@ pub struct ClientOptions {
     /// requests on it are retried on the next node. A live node is never that quiet: it sends
     /// a keep-alive after 500 ms without traffic (`tls::KEEP_ALIVE_INTERVAL_MS`), so this
     /// is how long a killed or cut-off node holds up the requests in flight to it. The
-    /// connection uses the smaller of this and the node's idle timeout. Default 1,000 ms.
+    /// connection uses the smaller of this and the node's idle timeout. Default and minimum
+    /// 1,000 ms (twice the keep-alive interval; smaller values are raised to it).
     pub idle_timeout_ms: u64,
 }
 
