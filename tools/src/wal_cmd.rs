@@ -26,46 +26,48 @@ pub enum WalCommand {
         summary: bool,
     },
     /// Append records with group commit for a while and print throughput and latency.
-    Bench {
-        /// Directory for the log (default: a fresh temporary directory, removed afterwards).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Payload bytes per record.
-        #[arg(long, default_value_t = 4096)]
-        record_bytes: usize,
-        /// Records appended before waiting for durability (concurrent writers).
-        #[arg(long, default_value_t = 64)]
-        in_flight: usize,
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Rounds of `in_flight` records outstanding at once: 1 waits for each round's sync
-        /// before appending the next (closed loop); 2 appends the next round while the previous
-        /// one syncs, as a busy log does.
-        #[arg(long, default_value_t = 1)]
-        depth: usize,
-        /// How rounds are made durable: `dsync` (O_DSYNC writes, the default) or `fdatasync`
-        /// (plain writes, then one fdatasync per round).
-        #[arg(long, default_value = "dsync")]
-        sync: baton_wal::SyncMode,
-        /// One JSON object instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
+}
+
+/// Options of `baton wal bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Directory for the log (default: a fresh temporary directory, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Payload bytes per record.
+    #[arg(long, default_value_t = 4096)]
+    record_bytes: usize,
+    /// Records appended before waiting for durability (concurrent writers).
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds of `in_flight` records outstanding at once: 1 waits for each round's sync
+    /// before appending the next (closed loop); 2 appends the next round while the previous
+    /// one syncs, as a busy log does.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// How rounds are made durable: `dsync` (O_DSYNC writes, the default) or `fdatasync`
+    /// (plain writes, then one fdatasync per round).
+    #[arg(long, default_value = "dsync")]
+    sync: baton_wal::SyncMode,
+    /// Purge behind the writer, keeping about this many segments, as a node does after
+    /// snapshots: new segments then come from recycled files (steady state). 0 (the
+    /// default) never purges: a fresh log, whose new segments are zero-filled spares
+    /// written in the background while it runs.
+    #[arg(long, default_value_t = 0)]
+    keep_segments: u64,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(cmd: WalCommand) -> ExitCode {
     match cmd {
         WalCommand::Dump { dir, json, summary } => dump(&dir, json, summary),
-        WalCommand::Bench {
-            dir,
-            record_bytes,
-            in_flight,
-            seconds,
-            depth,
-            sync,
-            json,
-        } => bench(dir, record_bytes, in_flight, seconds, depth, sync, json),
+        WalCommand::Bench(args) => bench(args),
     }
 }
 
@@ -184,15 +186,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn bench(
-    dir: Option<PathBuf>,
-    record_bytes: usize,
-    in_flight: usize,
-    seconds: u64,
-    depth: usize,
-    sync: baton_wal::SyncMode,
-    as_json: bool,
-) -> ExitCode {
+fn bench(args: BenchArgs) -> ExitCode {
+    let BenchArgs {
+        dir,
+        record_bytes,
+        in_flight,
+        seconds,
+        depth,
+        sync,
+        keep_segments,
+        json: as_json,
+    } = args;
     let tmp;
     let dir = match dir {
         Some(d) => d,
@@ -232,7 +236,12 @@ fn bench(
         }
     };
     let result = ex.run(async move {
+        let segment_bytes = opts.segment_bytes;
         let (wal, _) = Wal::open(&dir, opts).await?;
+        // Start from the steady state of an idle log: its spare written.
+        wal.spares_settled().await;
+        let per_segment =
+            (segment_bytes / baton_wal::record::record_bytes(record_bytes) as u64).max(1);
         let payload = vec![0xabu8; record_bytes];
         let mut latencies = Vec::new();
         let mut index = wal.last_index().unwrap_or(0) + 1;
@@ -254,6 +263,11 @@ fn bench(
                 let (last, started) = rounds.pop_front().expect("non-empty");
                 wal.durable(last).await?;
                 latencies.extend(std::iter::repeat_n(started.elapsed(), in_flight));
+                let first = wal.first_index().unwrap_or(0);
+                if keep_segments > 0 && last >= first + (keep_segments + 1) * per_segment {
+                    wal.purge_through(last - keep_segments * per_segment)
+                        .await?;
+                }
             }
         }
         while let Some((last, started)) = rounds.pop_front() {
@@ -267,10 +281,15 @@ fn bench(
             s.appends - start_stats.appends,
             s.syncs - start_stats.syncs,
             latencies,
+            (
+                s.segments_created - start_stats.segments_created,
+                s.spares_written - start_stats.spares_written,
+                s.spares_recycled - start_stats.spares_recycled,
+            ),
         ))
     });
     match result {
-        Ok((secs, appends, syncs, mut lat)) => {
+        Ok((secs, appends, syncs, mut lat, (segments, zeroed, recycled))) => {
             lat.sort();
             let mb = appends as f64 * record_bytes as f64 / secs / (1 << 20) as f64;
             if as_json {
@@ -281,6 +300,7 @@ fn bench(
                     "records_per_s": appends as f64 / secs, "bytes_per_s": appends as f64 * record_bytes as f64 / secs,
                     "sync": format!("{sync:?}").to_lowercase(), "syncs": syncs, "records_per_sync": appends as f64 / syncs.max(1) as f64,
                     "latency_us": {"p50": us(percentile(&lat, 0.5)), "p99": us(percentile(&lat, 0.99)), "max": us(percentile(&lat, 1.0))},
+                    "keep_segments": keep_segments, "segments_created": segments, "spares_zero_filled": zeroed, "spares_recycled": recycled,
                 });
                 println!("{out}");
                 return ExitCode::SUCCESS;
@@ -293,6 +313,9 @@ fn bench(
             println!(
                 "  durable rounds   {syncs:>12}  ({:.1} records per round)",
                 appends as f64 / syncs.max(1) as f64
+            );
+            println!(
+                "  segments         {segments:>12}  ({zeroed} zero-filled spares written, {recycled} purged segments recycled)"
             );
             println!(
                 "  append→durable   p50 {:?}  p99 {:?}  max {:?}",

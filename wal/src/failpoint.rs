@@ -7,6 +7,8 @@
 pub mod points {
     /// Creating (preallocating) a new segment file.
     pub const SEGMENT_CREATE: &str = "wal::segment_create";
+    /// Writing a zero-filled spare segment (background; its failure only disables spares).
+    pub const SPARE_WRITE: &str = "wal::spare_write";
     /// Writing a group-commit buffer.
     pub const WRITE: &str = "wal::write";
     /// The fdatasync that makes a group durable.

@@ -32,6 +32,9 @@ impl std::str::FromStr for SyncMode {
     }
 }
 
+/// Most spare segment files a log keeps.
+pub const SPARE_SEGMENTS_LIMIT: usize = 16;
+
 /// Options of a write-ahead log.
 #[derive(Clone, Debug)]
 pub struct WalOptions {
@@ -47,6 +50,13 @@ pub struct WalOptions {
     pub pending_bytes_max: usize,
     /// How rounds are made durable. Default [`SyncMode::Dsync`].
     pub sync: SyncMode,
+    /// Spare segment files kept, already written end to end, for the next segments: purged
+    /// segments are recycled into spares up to this many, and when none is ready a background
+    /// task writes a zero-filled one. A new segment then overwrites written blocks, so its
+    /// fdatasyncs have no extent conversion to journal (on ext4 a 4 KiB write+fdatasync takes
+    /// about half as long). 0 disables spares: segments are preallocated (unwritten) on the
+    /// write path. Default 2, at most 16.
+    pub spare_segments: usize,
 }
 
 impl Default for WalOptions {
@@ -57,6 +67,7 @@ impl Default for WalOptions {
             flush_bytes_max: 8 << 20,
             pending_bytes_max: 32 << 20,
             sync: SyncMode::default(),
+            spare_segments: 2,
         }
     }
 }
@@ -87,6 +98,9 @@ impl WalOptions {
                 "segment_bytes must be a multiple of 4096 that holds a maximum-size record",
             );
         }
+        if self.spare_segments > SPARE_SEGMENTS_LIMIT {
+            return bad("spare_segments must be at most 16");
+        }
         Ok(())
     }
 
@@ -98,6 +112,7 @@ impl WalOptions {
             flush_bytes_max: 64 << 10,
             pending_bytes_max: 128 << 10,
             sync: SyncMode::default(),
+            spare_segments: 2,
         }
     }
 }

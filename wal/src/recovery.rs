@@ -97,6 +97,11 @@ pub fn scan_segment(path: &Path, name_index: u64, bytes: &[u8]) -> SegmentScan {
     scan.end = loop {
         let fault = match record::check(bytes, pos) {
             RecordCheck::End => break ScanEnd::Clean { offset: pos as u64 },
+            // A record of the file's previous life as another segment (recycled files keep
+            // their old records; all of them are below the new first index): the end.
+            RecordCheck::Record(h) if h.index < name_index => {
+                break ScanEnd::Clean { offset: pos as u64 }
+            }
             RecordCheck::Record(h) if h.index == expected => {
                 scan.records.push(ScannedRecord {
                     offset: pos as u64,
@@ -115,21 +120,25 @@ pub fn scan_segment(path: &Path, name_index: u64, bytes: &[u8]) -> SegmentScan {
         break ScanEnd::Fault {
             offset: pos as u64,
             fault,
-            last_valid_after: last_valid_after(bytes, pos),
+            last_valid_after: last_valid_after(bytes, pos, name_index),
         };
     };
     scan
 }
 
-/// Offset of the last valid record that starts after `pos` (16-byte steps), if any.
-fn last_valid_after(bytes: &[u8], pos: usize) -> Option<u64> {
+/// Offset of the last valid record that starts after `pos` (16-byte steps), if any. Records
+/// below `name_index` are left over from the file's previous life as another segment: not
+/// evidence of anything.
+fn last_valid_after(bytes: &[u8], pos: usize, name_index: u64) -> Option<u64> {
     let magic = record::RECORD_MAGIC.to_le_bytes();
     let mut last = None;
     let mut at = pos + RECORD_ALIGN_BYTES;
     while at + record::HEADER_BYTES <= bytes.len() {
         if bytes[at + 24..at + 28] == magic {
-            if let RecordCheck::Record(_) = record::check(bytes, at) {
-                last = Some(at as u64);
+            if let RecordCheck::Record(h) = record::check(bytes, at) {
+                if h.index >= name_index {
+                    last = Some(at as u64);
+                }
             }
         }
         at += RECORD_ALIGN_BYTES;
@@ -368,6 +377,72 @@ mod tests {
         ));
         let err = judge(&[scan(2, &b), scan(1, &a)]).unwrap_err();
         assert!(matches!(err, WalError::Corrupt { .. }));
+    }
+
+    /// A recycled file: the records of its previous life (indexes 1..=70, 1000 bytes each), then
+    /// a new header and `new` records from index 500 written over its start, in whole blocks
+    /// (the writer zero-pads its last block, and adds a zero block when the data ends on one).
+    fn recycled(new: &[usize]) -> (Vec<u8>, Vec<u64>) {
+        let (mut img, _) = image(1, &[1000; 70], 128 << 10);
+        let (fresh, offs) = image(500, new, 128 << 10);
+        let end = offs.last().map_or(BLOCK_BYTES, |&o| {
+            o as usize + record_bytes(*new.last().unwrap())
+        });
+        let end = (end / BLOCK_BYTES + 1) * BLOCK_BYTES;
+        img[..end].copy_from_slice(&fresh[..end]);
+        (img, offs)
+    }
+
+    #[test]
+    fn records_left_from_a_recycled_life_read_as_the_end() {
+        let (img, offs) = recycled(&[10, 2000, 30]);
+        let s = scan(500, &img);
+        assert_eq!(s.records.len(), 3);
+        assert_eq!(
+            s.end,
+            ScanEnd::Clean {
+                offset: s.valid_end()
+            }
+        );
+        assert_eq!(s.next_index(), 503);
+        assert_eq!(judge(&[s]).unwrap(), Verdict::Clean);
+        // An empty recycled segment (header only) is clean and empty too.
+        let (img, _) = recycled(&[]);
+        let s = scan(500, &img);
+        assert!(s.records.is_empty());
+        assert_eq!(judge(&[s]).unwrap(), Verdict::Clean);
+        // Mid-log, a recycled segment followed by the next one chains as usual.
+        let (img, _) = recycled(&[10, 20]);
+        let (next, _) = image(502, &[5], 64 << 10);
+        assert_eq!(
+            judge(&[scan(500, &img), scan(502, &next)]).unwrap(),
+            Verdict::Clean
+        );
+        let _ = offs;
+    }
+
+    #[test]
+    fn a_torn_record_in_a_recycled_file_is_a_tail_whatever_old_records_follow() {
+        // Old records with valid checksums lie far past the torn one: not corruption.
+        let (mut img, offs) = recycled(&[10, 20, 30]);
+        img[offs[2] as usize + 40] ^= 0xff;
+        let s = scan(500, &img);
+        assert_eq!(s.records.len(), 2);
+        match judge(&[s]).unwrap() {
+            Verdict::TornTail { offset, .. } => assert_eq!(offset, offs[2]),
+            v => panic!("{v:?}"),
+        }
+        // A record of the current life far past a bad one still is.
+        let sizes = vec![1000; 70];
+        let (mut img, offs) = image(500, &sizes, 128 << 10);
+        img[offs[3] as usize + 40] ^= 0xff;
+        assert!(matches!(
+            judge(&[scan(500, &img)]).unwrap_err(),
+            WalError::Corrupt {
+                reason: Corruption::BeforeTail { .. },
+                ..
+            }
+        ));
     }
 
     #[test]

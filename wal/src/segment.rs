@@ -2,6 +2,10 @@
 //!
 //! A segment is a preallocated file named `{first_index:020}.wal`. Its first 4096 bytes are a
 //! header block; records start at offset 4096 and are packed back to back (see `record.rs`).
+//! A segment file may be *recycled*: a purged segment, renamed to a spare
+//! (`{seq:020}-{stale_through:020}.spare`) and later given a new header and name. Its old records
+//! stay in place past the new ones; every one of them has an index at most `stale_through`, below
+//! the new first index, and a scan reads such a record as the end of the segment.
 //!
 //! ```text
 //! offset  size  field
@@ -117,6 +121,52 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// File name suffix of spares: written files waiting to become segments (see `wal.rs`).
+pub const SPARE_SUFFIX: &str = ".spare";
+/// File name suffix of a spare being written; a leftover one is removed on open.
+pub const SPARE_TMP_SUFFIX: &str = ".spare-tmp";
+
+/// Path of spare number `seq`, whose records (if any) all have an index at most `stale_through`.
+pub fn spare_path(dir: &Path, seq: u64, stale_through: u64) -> PathBuf {
+    dir.join(format!("{seq:020}-{stale_through:020}{SPARE_SUFFIX}"))
+}
+
+/// Path of spare number `seq` while it is being written.
+pub fn spare_tmp_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}{SPARE_TMP_SUFFIX}"))
+}
+
+/// Parses a spare file name into `(seq, stale_through)`; `None` for other files.
+pub fn parse_spare_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(SPARE_SUFFIX)?;
+    let (seq, stale) = stem.split_once('-')?;
+    let digits = |d: &str| d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit());
+    if !digits(seq) || !digits(stale) {
+        return None;
+    }
+    Some((seq.parse().ok()?, stale.parse().ok()?))
+}
+
+/// Spare files in `dir` as `(seq, stale_through, path)`, sorted by seq, and leftover temporary
+/// spares (to remove).
+#[allow(clippy::type_complexity)]
+pub fn list_spares(dir: &Path) -> std::io::Result<(Vec<(u64, u64, PathBuf)>, Vec<PathBuf>)> {
+    let mut spares = Vec::new();
+    let mut leftovers = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((seq, stale)) = parse_spare_name(name) {
+            spares.push((seq, stale, entry.path()));
+        } else if name.ends_with(SPARE_TMP_SUFFIX) {
+            leftovers.push(entry.path());
+        }
+    }
+    spares.sort_by_key(|(seq, _, _)| *seq);
+    Ok((spares, leftovers))
+}
+
 /// Segment files in `dir`, sorted by first index.
 pub fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
@@ -171,5 +221,17 @@ mod tests {
         assert_eq!(parse_segment_name("17.wal"), None);
         assert_eq!(parse_segment_name("0000000000000000001x.wal"), None);
         assert_eq!(parse_segment_name("00000000000000000017.tmp"), None);
+        let p = spare_path(Path::new("/x"), 3, 99);
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, "00000000000000000003-00000000000000000099.spare");
+        assert_eq!(parse_spare_name(name), Some((3, 99)));
+        assert_eq!(parse_segment_name(name), None);
+        assert_eq!(parse_spare_name("00000000000000000017.wal"), None);
+        assert_eq!(parse_spare_name("3-99.spare"), None);
+        let tmp = spare_tmp_path(Path::new("/x"), 3);
+        assert_eq!(
+            parse_spare_name(tmp.file_name().unwrap().to_str().unwrap()),
+            None
+        );
     }
 }

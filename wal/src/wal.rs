@@ -51,8 +51,14 @@ pub struct WalStats {
     pub writes: u64,
     /// Bytes written by those writes (block-rounded, tail rewrites included).
     pub written_bytes: u64,
-    /// Segments created since open.
+    /// Segments created since open (from spares or not).
     pub segments_created: u64,
+    /// Of those, segments that were spares (written files: their writes overwrite blocks).
+    pub segments_from_spares: u64,
+    /// Zero-filled spares written by the background task since open.
+    pub spares_written: u64,
+    /// Purged segments kept as spares since open.
+    pub spares_recycled: u64,
     /// Reads of written records served from a recently written buffer kept in memory.
     pub reads_from_memory: u64,
     /// Reads that went to a segment file.
@@ -183,6 +189,15 @@ struct Tail {
     bytes: Vec<u8>,
 }
 
+/// A written file waiting to become a segment (see `WalOptions::spare_segments`).
+struct Spare {
+    path: PathBuf,
+    /// Highest index a record in the file may carry (0 for a zero-filled one): the file may
+    /// become the segment of a higher first index only, so that a scan reads its old records
+    /// as the end.
+    stale_through: u64,
+}
+
 struct Inflight {
     segment_first: u64,
     file_pos: u64,
@@ -224,6 +239,18 @@ struct Inner {
     syncer_waker: Option<Waker>,
     durable_waiters: Vec<(u64, Waker)>,
     waiters: Vec<Waker>,
+    /// Spares ready to become segments, oldest first.
+    spares: VecDeque<Spare>,
+    /// Number of the next spare file.
+    spare_seq: u64,
+    /// The background task is writing a spare.
+    preparing: bool,
+    /// Spare writing failed once: no more (segments are then preallocated on the write path,
+    /// where a real problem surfaces as an error of the log).
+    spares_failed: bool,
+    preparer_waker: Option<Waker>,
+    /// Woken when the background task finishes a spare or stops.
+    spare_waiters: Vec<Waker>,
     stats: WalStats,
 }
 
@@ -263,6 +290,8 @@ impl Inner {
         if let Some(w) = self.syncer_waker.take() {
             w.wake();
         }
+        self.wake_preparer();
+        self.wake_spare_waiters();
     }
 
     fn wake_durable(&mut self) {
@@ -316,8 +345,27 @@ impl Inner {
     /// Releases the directory lock once the log is closed (or failed) and nothing is being
     /// written: from then on no instance in this process touches the files.
     fn release_if_done(&mut self) {
-        if (self.closed || self.failed.is_some()) && self.is_idle() {
+        if (self.closed || self.failed.is_some()) && self.is_idle() && !self.preparing {
             self.lock.take();
+        }
+    }
+
+    /// Spares the background task keeps ready by writing zeros: one. Purges recycle segments
+    /// into the pool up to `spare_segments`; writing more zeros ahead would only make purges
+    /// delete what they could have recycled.
+    fn zero_spares_target(&self) -> usize {
+        self.opts.spare_segments.min(1)
+    }
+
+    fn wake_spare_waiters(&mut self) {
+        for w in self.spare_waiters.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn wake_preparer(&mut self) {
+        if let Some(w) = self.preparer_waker.take() {
+            w.wake();
         }
     }
 }
@@ -413,6 +461,24 @@ impl Wal {
             });
         }
         close_old_segment_files(&mut segments);
+        let (found, leftovers) =
+            segment::list_spares(dir).map_err(|e| WalError::io("list spares", dir, e))?;
+        let spare_seq = found.iter().map(|(seq, _, _)| seq + 1).max().unwrap_or(0);
+        let surplus = found.len().saturating_sub(opts.spare_segments);
+        let mut spares = VecDeque::new();
+        for (k, (_, stale_through, path)) in found.into_iter().enumerate() {
+            if k < surplus {
+                std::fs::remove_file(&path).map_err(|e| WalError::io("remove spare", &path, e))?;
+            } else {
+                spares.push_back(Spare {
+                    path,
+                    stale_through,
+                });
+            }
+        }
+        for path in leftovers {
+            std::fs::remove_file(&path).map_err(|e| WalError::io("remove spare", &path, e))?;
+        }
         let next_index = segments
             .back()
             .map_or(0, |s| s.first_index + s.offsets.len() as u64);
@@ -440,6 +506,12 @@ impl Wal {
             syncer_waker: None,
             durable_waiters: Vec::new(),
             waiters: Vec::new(),
+            spares,
+            spare_seq,
+            preparing: false,
+            spares_failed: false,
+            preparer_waker: None,
+            spare_waiters: Vec::new(),
             stats: WalStats::default(),
         };
         let report = RecoveryReport {
@@ -450,6 +522,7 @@ impl Wal {
         };
         let shared = Rc::new(RefCell::new(inner));
         glommio::spawn_local(syncer(Rc::downgrade(&shared))).detach();
+        glommio::spawn_local(preparer(Rc::downgrade(&shared))).detach();
         Ok((Wal { shared }, report))
     }
 
@@ -483,6 +556,31 @@ impl Wal {
     /// Counters since open.
     pub fn stats(&self) -> WalStats {
         self.shared.borrow().stats
+    }
+
+    /// Spare segment files ready now.
+    pub fn spares_ready(&self) -> usize {
+        self.shared.borrow().spares.len()
+    }
+
+    /// Waits until the background task has nothing left to write: a spare is ready (or
+    /// writing it failed, or the log closed, or spares are off). For benchmarks and tests that want
+    /// to start from a steady state.
+    pub async fn spares_settled(&self) {
+        poll_fn(|cx| {
+            let mut inner = self.shared.borrow_mut();
+            let done = inner.closed
+                || inner.failed.is_some()
+                || inner.spares_failed
+                || (!inner.preparing && inner.spares.len() >= inner.zero_spares_target());
+            if done {
+                Poll::Ready(())
+            } else {
+                inner.spare_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Directory of the log.
@@ -538,7 +636,9 @@ impl Wal {
             };
         }
         let active_first = inner.segments.back().expect("active segment").first_index;
-        let fits = matches!(inner.queue.back(), Some(f) if f.segment_first == active_first && f.used + size <= f.buf.len());
+        // One block of slack: a buffer whose data ends on a block boundary is written with one
+        // more zero block (see `run_round`).
+        let fits = matches!(inner.queue.back(), Some(f) if f.segment_first == active_first && f.used + size + BLOCK_BYTES <= f.buf.len());
         if !fits {
             let carry = match inner.queue.back() {
                 Some(f) if f.segment_first == active_first => f.carry(),
@@ -896,8 +996,9 @@ impl Wal {
         // Under the gate, with pending appends drained: whether the purge empties the log is
         // decided on the log as it is, not as it was before the wait.
         let _gate = self.close_gate_and_drain().await?;
-        let removed = {
+        let (removed, stale_through) = {
             let mut inner = self.shared.borrow_mut();
+            let last_before = inner.next_index.saturating_sub(1);
             let empties = inner.next_index == 0 || index + 1 >= inner.next_index;
             let mut removed = Vec::new();
             if empties {
@@ -918,11 +1019,40 @@ impl Wal {
                     .retain(|f| first_kept.is_some_and(|k| f.segment_first >= k));
                 inner.recent_bytes = inner.recent.iter().map(|f| f.buf.len()).sum();
             }
-            removed
+            // Every record of a removed segment has an index at most this.
+            let stale_through = match inner.segments.front() {
+                Some(kept) if !empties => kept.first_index - 1,
+                _ => index.max(last_before),
+            };
+            (removed, stale_through)
         };
         let result = async {
             for seg in &removed {
-                remove_segment_file(seg).await?;
+                // Keep it as a spare while there is room (its blocks are written: overwriting
+                // them later costs no extent conversion), else delete it.
+                let spare = {
+                    let mut inner = self.shared.borrow_mut();
+                    let room = inner.spares.len() < inner.opts.spare_segments;
+                    (room && seg.created).then(|| {
+                        let seq = inner.spare_seq;
+                        inner.spare_seq += 1;
+                        segment::spare_path(&inner.dir, seq, stale_through)
+                    })
+                };
+                match spare {
+                    Some(path) => {
+                        std::fs::rename(&seg.path, &path)
+                            .map_err(|e| WalError::io("recycle segment", &seg.path, e))?;
+                        let mut inner = self.shared.borrow_mut();
+                        inner.spares.push_back(Spare {
+                            path,
+                            stale_through,
+                        });
+                        inner.stats.spares_recycled += 1;
+                        inner.wake_spare_waiters();
+                    }
+                    None => remove_segment_file(seg).await?,
+                }
             }
             if !removed.is_empty() {
                 let directory = self.shared.borrow().directory.clone();
@@ -962,8 +1092,16 @@ impl Wal {
 
     /// Waits for pending appends to become durable, then stops the group-commit task.
     pub async fn close(self) -> Result<(), WalError> {
-        self.sync().await
-        // Drop marks the log closed and lets the syncer exit.
+        let synced = self.sync().await;
+        // Stop the spare writer before the lock goes (Drop releases it once both tasks rest).
+        {
+            let mut inner = self.shared.borrow_mut();
+            inner.closed = true;
+            inner.wake_all();
+        }
+        wait_preparer_stopped(&self.shared).await;
+        synced
+        // Drop lets the syncer exit and releases the directory lock.
     }
 
     /// Writes the small metadata blob (e.g. the Raft vote) atomically and durably.
@@ -1034,12 +1172,31 @@ impl WalShutdown {
             }
         })
         .await;
+        {
+            let mut inner = self.shared.borrow_mut();
+            inner.closed = true;
+            inner.wake_all();
+        }
+        wait_preparer_stopped(&self.shared).await;
         let mut inner = self.shared.borrow_mut();
-        inner.closed = true;
         inner.release_if_done();
         inner.wake_durable();
         inner.wake_all();
     }
+}
+
+/// Waits until the spare writer is not writing (it stops at its next chunk once the log closed).
+async fn wait_preparer_stopped(shared: &Shared) {
+    poll_fn(|cx| {
+        let mut inner = shared.borrow_mut();
+        if inner.preparing {
+            inner.spare_waiters.push(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await
 }
 
 /// The group-commit task: writes queued buffers, one fdatasync per round.
@@ -1105,9 +1262,19 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
         if inner.queue.is_empty() && active == Some(first) {
             inner.tail = flushes.last().expect("one").carry();
         }
+        let segment_bytes = inner.opts.segment_bytes;
         let mut round = Vec::with_capacity(flushes.len());
         for mut flush in flushes {
-            let len = align_up(flush.used as u64) as usize;
+            let mut len = align_up(flush.used as u64) as usize;
+            // After the last record on disk there must be a zero header (or the end of the
+            // segment): a recycled file holds old bytes past it, which a scan would otherwise
+            // take for a torn write. Data ending on a block boundary gets one zero block more.
+            if flush.used == len
+                && flush.file_pos + (len as u64) < segment_bytes
+                && len + BLOCK_BYTES <= flush.buf.len()
+            {
+                len += BLOCK_BYTES;
+            }
             flush.buf.as_bytes_mut()[flush.used..len].fill(0);
             flush.buf.trim_to_size(len);
             let buf = Rc::new(flush.buf);
@@ -1144,26 +1311,7 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
             Rc::new(open_segment(&path, sync).await?)
         }
         None => {
-            let (segment_bytes, window, directory, sync) = {
-                let inner = shared.borrow();
-                (
-                    inner.opts.segment_bytes,
-                    inner.opts.pending_bytes_max as u64,
-                    inner.directory.clone(),
-                    inner.opts.sync,
-                )
-            };
-            let f = Rc::new(
-                create_segment(
-                    &path,
-                    segment_first,
-                    segment_bytes,
-                    window,
-                    &directory,
-                    sync,
-                )
-                .await?,
-            );
+            let f = Rc::new(new_segment(shared, &path, segment_first).await?);
             let mut inner = shared.borrow_mut();
             inner.stats.segments_created += 1;
             if let Some(seg) = inner
@@ -1231,6 +1379,281 @@ async fn run_round(shared: &Shared) -> Result<(), WalError> {
     inner.durable_index = inner.durable_index.max(last_index);
     inner.pending_bytes -= record_bytes;
     Ok(())
+}
+
+/// Rounds smaller than this wait for a spare being written rather than preallocate a segment.
+const SPARE_WAIT_ROUND_BYTES: usize = 1 << 20;
+
+/// Makes the segment file for `first_index`: from a spare when one is ready, else preallocated
+/// anew. It waits for a spare being written only while rounds are small (a log that just
+/// opened, or one serving sequential commits, where every fdatasync counts): a log that fills
+/// segments faster than zeros can be written ahead streams large rounds, which amortize the
+/// extent conversion of a preallocated segment, and waiting would only stall it.
+async fn new_segment(shared: &Shared, path: &Path, first_index: u64) -> Result<DmaFile, WalError> {
+    let (segment_bytes, window, directory, sync) = {
+        let inner = shared.borrow();
+        (
+            inner.opts.segment_bytes,
+            inner.opts.pending_bytes_max as u64,
+            inner.directory.clone(),
+            inner.opts.sync,
+        )
+    };
+    loop {
+        let spare = poll_fn(|cx| {
+            let mut inner = shared.borrow_mut();
+            if let Some(spare) = inner.spares.pop_front() {
+                inner.wake_preparer();
+                return Poll::Ready(Some(spare));
+            }
+            if inner.preparing && inner.last_round_bytes < SPARE_WAIT_ROUND_BYTES {
+                inner.spare_waiters.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+            inner.wake_preparer();
+            Poll::Ready(None)
+        })
+        .await;
+        let Some(spare) = spare else {
+            return create_segment(path, first_index, segment_bytes, window, &directory, sync)
+                .await;
+        };
+        if spare.stale_through >= first_index {
+            // Its old records could pass for this segment's: never reuse it for this index.
+            tracing::warn!(spare = %spare.path.display(), stale_through = spare.stale_through, first_index, "removing a spare whose records are not older than the new segment");
+            std::fs::remove_file(&spare.path)
+                .map_err(|e| WalError::io("remove spare", &spare.path, e))?;
+            continue;
+        }
+        let file = adopt_spare(
+            &spare.path,
+            path,
+            first_index,
+            segment_bytes,
+            window,
+            &directory,
+            sync,
+        )
+        .await?;
+        shared.borrow_mut().stats.segments_from_spares += 1;
+        return Ok(file);
+    }
+}
+
+/// Turns a spare into the segment at `path`: new header (synced), then the rename (synced).
+/// A crash before the rename leaves a spare; after it, an empty segment.
+async fn adopt_spare(
+    spare: &Path,
+    path: &Path,
+    first_index: u64,
+    segment_bytes: u64,
+    torn_window_bytes: u64,
+    directory: &Directory,
+    sync: SyncMode,
+) -> Result<DmaFile, WalError> {
+    failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(sync_flags(sync))
+        .dma_open(spare)
+        .await
+        .map_err(|e| WalError::glommio("open spare", spare, e))?;
+    let result = async {
+        let size = file
+            .file_size()
+            .await
+            .map_err(|e| WalError::glommio("stat spare", spare, e))?;
+        if size > segment_bytes {
+            // Old records past the segment's end would be read as its own.
+            file.truncate(segment_bytes)
+                .await
+                .map_err(|e| WalError::glommio("truncate spare", spare, e))?;
+        } else if size < segment_bytes {
+            file.pre_allocate(segment_bytes, false)
+                .await
+                .map_err(|e| WalError::glommio("preallocate spare", spare, e))?;
+        }
+        let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
+        SegmentHeader {
+            first_index,
+            segment_bytes,
+            torn_window_bytes,
+        }
+        .encode(block.as_bytes_mut());
+        file.write_at(block, 0)
+            .await
+            .map_err(|e| WalError::glommio("write segment header", spare, e))?;
+        if sync == SyncMode::Fdatasync || size != segment_bytes {
+            file.fdatasync()
+                .await
+                .map_err(|e| WalError::glommio("fdatasync segment header", spare, e))?;
+        }
+        Ok(())
+    }
+    .await;
+    // glommio's DmaFile keeps its path for metadata calls: reopen under the new name.
+    let _ = file.close().await;
+    let result = match result {
+        Ok(()) => {
+            async {
+                std::fs::rename(spare, path).map_err(|e| WalError::io("rename spare", spare, e))?;
+                directory
+                    .sync()
+                    .await
+                    .map_err(|e| WalError::glommio("sync dir", path, e))?;
+                open_segment(path, sync).await
+            }
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(spare);
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Bytes of zeros the spare writer puts down per write: small enough that a group-commit round
+/// queued behind one at the device waits little.
+const SPARE_CHUNK_BYTES: usize = 256 << 10;
+
+/// The spare writer: keeps one spare ready (when spares are on), writing a zero-filled file
+/// when neither a purge nor an earlier write left one.
+async fn preparer(weak: Weak<RefCell<Inner>>) {
+    let mut zeros: Option<Rc<DmaBuffer>> = None;
+    loop {
+        let job = poll_fn(|cx| {
+            let Some(shared) = weak.upgrade() else {
+                return Poll::Ready(None);
+            };
+            let mut inner = shared.borrow_mut();
+            if inner.closed || inner.failed.is_some() || inner.spares_failed {
+                return Poll::Ready(None);
+            }
+            if inner.spares.len() < inner.zero_spares_target() {
+                inner.preparing = true;
+                let seq = inner.spare_seq;
+                inner.spare_seq += 1;
+                return Poll::Ready(Some((
+                    inner.dir.clone(),
+                    seq,
+                    inner.opts.segment_bytes,
+                    inner.directory.clone(),
+                )));
+            }
+            inner.preparer_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        let Some((dir, seq, segment_bytes, directory)) = job else {
+            return;
+        };
+        let zeros = zeros
+            .get_or_insert_with(|| {
+                let mut b = glommio::allocate_dma_buffer(SPARE_CHUNK_BYTES);
+                b.as_bytes_mut().fill(0);
+                Rc::new(b)
+            })
+            .clone();
+        let result = write_zero_spare(&weak, &dir, seq, segment_bytes, &directory, zeros).await;
+        let Some(shared) = weak.upgrade() else { return };
+        let mut inner = shared.borrow_mut();
+        inner.preparing = false;
+        match result {
+            Ok(Some(path)) => {
+                inner.spares.push_back(Spare {
+                    path,
+                    stale_through: 0,
+                });
+                inner.stats.spares_written += 1;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "writing a spare segment failed; new segments are preallocated on the write path from now on");
+                inner.spares_failed = true;
+            }
+        }
+        inner.wake_spare_waiters();
+        inner.release_if_done();
+    }
+}
+
+/// Writes a zero-filled spare (under a temporary name, then renamed). `Ok(None)` when the log
+/// closed meanwhile (the partial file is removed).
+async fn write_zero_spare(
+    weak: &Weak<RefCell<Inner>>,
+    dir: &Path,
+    seq: u64,
+    segment_bytes: u64,
+    directory: &Directory,
+    zeros: Rc<DmaBuffer>,
+) -> Result<Option<PathBuf>, WalError> {
+    let tmp = segment::spare_tmp_path(dir, seq);
+    failpoint::hit(points::SPARE_WRITE).map_err(|e| WalError::io("write spare", &tmp, e))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&tmp)
+        .await
+        .map_err(|e| WalError::glommio("create spare", &tmp, e))?;
+    let result = async {
+        file.pre_allocate(segment_bytes, false)
+            .await
+            .map_err(|e| WalError::glommio("preallocate spare", &tmp, e))?;
+        let mut pos = 0;
+        while pos < segment_bytes {
+            let stop = weak
+                .upgrade()
+                .is_none_or(|s| s.borrow().closed || s.borrow().failed.is_some());
+            if stop {
+                return Ok(false);
+            }
+            let n = file
+                .write_rc_at(zeros.clone(), pos)
+                .await
+                .map_err(|e| WalError::glommio("write spare", &tmp, e))?;
+            if n == 0 {
+                return Err(WalError::io(
+                    "write spare",
+                    &tmp,
+                    std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing"),
+                ));
+            }
+            pos += n as u64;
+        }
+        file.truncate(segment_bytes)
+            .await
+            .map_err(|e| WalError::glommio("truncate spare", &tmp, e))?;
+        file.fdatasync()
+            .await
+            .map_err(|e| WalError::glommio("fdatasync spare", &tmp, e))?;
+        Ok(true)
+    }
+    .await;
+    let _ = file.close().await;
+    match result {
+        Ok(true) => {
+            let path = segment::spare_path(dir, seq, 0);
+            std::fs::rename(&tmp, &path).map_err(|e| WalError::io("rename spare", &tmp, e))?;
+            directory
+                .sync()
+                .await
+                .map_err(|e| WalError::glommio("sync dir", dir, e))?;
+            Ok(Some(path))
+        }
+        Ok(false) => {
+            let _ = std::fs::remove_file(&tmp);
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Extra open flags of a segment's descriptor for `sync`.

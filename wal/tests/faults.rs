@@ -114,6 +114,28 @@ mod injected {
     }
 
     #[test]
+    fn a_failed_spare_write_only_turns_spares_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = small().payload_bytes_max;
+        run(|| async {
+            failpoint::arm(points::SPARE_WRITE, libc::ENOSPC, true);
+            let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+            wal.spares_settled().await;
+            failpoint::clear();
+            assert_eq!(wal.spares_ready(), 0);
+            // Segments are preallocated on the write path instead; the log works as before.
+            fill(&wal, 1, 200, max).await;
+            let s = wal.stats();
+            assert!(s.segments_created > 1, "{s:?}");
+            assert_eq!((s.segments_from_spares, s.spares_written), (0, 0), "{s:?}");
+            check_all(&wal, 1, 200, max).await;
+            wal.close().await.unwrap();
+            let (_, leftovers) = baton_wal::segment::list_spares(dir.path()).unwrap();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+        });
+    }
+
+    #[test]
     fn fdatasync_error() {
         injected_error_stops_writes_and_keeps_durable_data(points::FDATASYNC, libc::EIO);
     }
