@@ -852,17 +852,26 @@ impl Wal {
                 let file = match file {
                     Some(f) => f,
                     // An old segment whose descriptor was closed: open it for this read only.
-                    None => Rc::new(
-                        DmaFile::open(&path)
-                            .await
-                            .map_err(|e| WalError::glommio("open segment", &path, e))?,
-                    ),
+                    None => match DmaFile::open(&path).await {
+                        Ok(f) => Rc::new(f),
+                        Err(e) => {
+                            // Purged (renamed or removed) meanwhile?
+                            self.not_found_if_purged(index)?;
+                            return Err(WalError::glommio("open segment", &path, e));
+                        }
+                    },
                 };
                 let read = file
                     .read_at(offset, size)
                     .await
                     .map_err(|e| WalError::glommio("read record", &path, e))?;
-                match record::check(&read, 0) {
+                let check = record::check(&read, 0);
+                if !matches!(check, RecordCheck::Record(h) if h.index == index) {
+                    // Purged while the read was in flight: the file may have been recycled and
+                    // rewritten since. The record is gone, not corrupt.
+                    self.not_found_if_purged(index)?;
+                }
+                match check {
                     RecordCheck::Record(h) if h.index == index => Ok(Record {
                         index,
                         term: h.term,
@@ -895,6 +904,19 @@ impl Wal {
                 }
             }
         }
+    }
+
+    /// `NotFound` if `index` has been purged (for reads that raced with a purge).
+    fn not_found_if_purged(&self, index: u64) -> Result<(), WalError> {
+        let inner = self.shared.borrow();
+        if index < inner.first_visible {
+            return Err(WalError::NotFound {
+                index,
+                first: inner.first_visible,
+                last: inner.next_index.saturating_sub(1),
+            });
+        }
+        Ok(())
     }
 
     /// Removes every record after `index`, durably, before returning (Raft's conflict
