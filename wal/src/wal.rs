@@ -1496,16 +1496,12 @@ async fn adopt_spare(
                 .await
                 .map_err(|e| WalError::glommio("preallocate spare", spare, e))?;
         }
-        let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
-        SegmentHeader {
+        let header = SegmentHeader {
             first_index,
             segment_bytes,
             torn_window_bytes,
-        }
-        .encode(block.as_bytes_mut());
-        file.write_at(block, 0)
-            .await
-            .map_err(|e| WalError::glommio("write segment header", spare, e))?;
+        };
+        write_header(&file, spare, header).await?;
         if sync == SyncMode::Fdatasync || size != segment_bytes {
             file.fdatasync()
                 .await
@@ -1697,6 +1693,16 @@ async fn open_segment(path: &Path, sync: SyncMode) -> Result<DmaFile, WalError> 
         .map_err(|e| WalError::glommio("open segment", path, e))
 }
 
+/// Writes a segment's header block (not synced).
+async fn write_header(file: &DmaFile, path: &Path, header: SegmentHeader) -> Result<(), WalError> {
+    let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
+    header.encode(block.as_bytes_mut());
+    file.write_at(block, 0)
+        .await
+        .map_err(|e| WalError::glommio("write segment header", path, e))?;
+    Ok(())
+}
+
 /// Creates a segment: preallocate, write the header block, sync file and directory.
 async fn create_segment(
     path: &Path,
@@ -1720,16 +1726,12 @@ async fn create_segment(
         file.pre_allocate(segment_bytes, false)
             .await
             .map_err(|e| WalError::glommio("preallocate segment", path, e))?;
-        let mut block = file.alloc_dma_buffer(BLOCK_BYTES);
-        SegmentHeader {
+        let header = SegmentHeader {
             first_index,
             segment_bytes,
             torn_window_bytes,
-        }
-        .encode(block.as_bytes_mut());
-        file.write_at(block, 0)
-            .await
-            .map_err(|e| WalError::glommio("write segment header", path, e))?;
+        };
+        write_header(&file, path, header).await?;
         file.fdatasync()
             .await
             .map_err(|e| WalError::glommio("fdatasync segment header", path, e))?;
