@@ -463,7 +463,11 @@ impl Wal {
         close_old_segment_files(&mut segments);
         let (found, leftovers) =
             segment::list_spares(dir).map_err(|e| WalError::io("list spares", dir, e))?;
-        let spare_seq = found.iter().map(|(seq, _, _)| seq + 1).max().unwrap_or(0);
+        let spare_seq = found
+            .iter()
+            .map(|(seq, _, _)| seq.saturating_add(1))
+            .max()
+            .unwrap_or(0);
         let surplus = found.len().saturating_sub(opts.spare_segments);
         let mut spares = VecDeque::new();
         for (k, (_, stale_through, path)) in found.into_iter().enumerate() {
