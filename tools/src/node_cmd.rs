@@ -286,6 +286,7 @@ pub fn prepare_cluster(
             raft: raft.clone(),
             batch: Default::default(),
             limits: Default::default(),
+            wal: Default::default(),
         };
         let text = toml::to_string(&file).map_err(|e| e.to_string())?;
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;

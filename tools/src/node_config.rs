@@ -58,6 +58,55 @@ pub struct NodeFile {
     /// Submission queues and limits.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// The write-ahead log.
+    #[serde(default)]
+    pub wal: WalFile,
+}
+
+/// `[wal]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalFile {
+    /// Size of each segment file. Default 67,108,864 (64 MiB).
+    pub segment_bytes: u64,
+    /// Spare segment files kept written ahead (zero-filled, or recycled after purges), so log
+    /// writes overwrite allocated blocks. 0 turns them off. Default 2.
+    pub spare_segments: usize,
+    /// Largest single write of the group commit. Default 8,388,608 (8 MiB).
+    pub flush_bytes_max: usize,
+    /// Most bytes appended and not yet durable before appends wait. Default 33,554,432 (32 MiB).
+    pub pending_bytes_max: usize,
+    /// How rounds are made durable: "dsync" (O_DSYNC writes) or "fdatasync". Default "dsync".
+    pub sync: String,
+}
+
+impl Default for WalFile {
+    fn default() -> Self {
+        let w = baton_wal::WalOptions::default();
+        WalFile {
+            segment_bytes: w.segment_bytes,
+            spare_segments: w.spare_segments,
+            flush_bytes_max: w.flush_bytes_max,
+            pending_bytes_max: w.pending_bytes_max,
+            sync: "dsync".into(),
+        }
+    }
+}
+
+impl WalFile {
+    /// The log's options, or why they cannot work.
+    pub fn options(&self) -> Result<baton_wal::WalOptions, String> {
+        let opts = baton_wal::WalOptions {
+            segment_bytes: self.segment_bytes,
+            spare_segments: self.spare_segments,
+            flush_bytes_max: self.flush_bytes_max,
+            pending_bytes_max: self.pending_bytes_max,
+            sync: self.sync.parse()?,
+            ..baton_wal::WalOptions::default()
+        };
+        opts.validate().map_err(|e| e.to_string())?;
+        Ok(opts)
+    }
 }
 
 /// `[tls]`
@@ -235,6 +284,9 @@ impl NodeFile {
         if ids.len() != file.peers.len() {
             return Err(invalid("peer ids must be unique".into()));
         }
+        if let Err(reason) = file.wal.options() {
+            return Err(invalid(format!("wal: {reason}")));
+        }
         if file.limits.client_bytes_in_flight_max == 0 {
             return Err(invalid(
                 "limits.client_bytes_in_flight_max must be at least 1".into(),
@@ -267,6 +319,8 @@ impl NodeFile {
         node.propose_queue_max = self.limits.propose_queue_max;
         node.proposals_in_flight_max = self.limits.proposals_in_flight_max;
         node.commit_wait_ms = self.limits.commit_wait_ms;
+        // Checked by `load`; a file built in code falls back to the defaults.
+        node.wal = self.wal.options().unwrap_or_default();
         let bootstrap = self.bootstrap.then(|| {
             self.peers
                 .iter()
@@ -319,5 +373,44 @@ mod tests {
         assert_eq!(c.client_bytes_in_flight_max, 65_536);
         let (_dir, f) = file_with("[limits]\nclient_bytes_in_flight_max = 0\n");
         assert!(matches!(f, Err(ConfigError::Invalid { .. })), "{f:?}");
+    }
+
+    #[test]
+    fn wal_options_come_from_the_wal_section_and_bad_ones_are_refused() {
+        let (dir, f) = file_with("");
+        let c = f.expect("defaults load").to_config(dir.path());
+        let d = baton_wal::WalOptions::default();
+        assert_eq!(
+            (
+                c.node.wal.segment_bytes,
+                c.node.wal.spare_segments,
+                c.node.wal.sync
+            ),
+            (d.segment_bytes, d.spare_segments, d.sync)
+        );
+        let (dir, f) = file_with(
+            "[wal]\nsegment_bytes = 134217728\nspare_segments = 0\nsync = \"fdatasync\"\n",
+        );
+        let c = f.expect("loads").to_config(dir.path());
+        assert_eq!(c.node.wal.segment_bytes, 128 << 20);
+        assert_eq!(c.node.wal.spare_segments, 0);
+        assert_eq!(c.node.wal.sync, baton_wal::SyncMode::Fdatasync);
+        assert_eq!(c.node.wal.flush_bytes_max, d.flush_bytes_max);
+        for bad in [
+            "[wal]\nsync = \"sometimes\"\n",
+            "[wal]\nsegment_bytes = 4097\n",
+            "[wal]\nspare_segments = 17\n",
+            "[wal]\nflush_bytes_max = 4096\n",
+            "[wal]\nsegment_bytes_typo = 1\n",
+        ] {
+            let (_dir, f) = file_with(bad);
+            assert!(
+                matches!(
+                    f,
+                    Err(ConfigError::Invalid { .. }) | Err(ConfigError::Parse { .. })
+                ),
+                "{bad}: {f:?}"
+            );
+        }
     }
 }
