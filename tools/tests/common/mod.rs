@@ -358,6 +358,25 @@ impl Log {
     }
 }
 
+/// Every log holds the same entries up to `through` (a point every node has applied: a prefix
+/// that is committed everywhere); past it a node that was stopped may still hold entries of its
+/// old term that no leader has overwritten yet, which Raft allows. Returns the longest log.
+pub fn check_logs_agree_through(logs: &HashMap<u64, Log>, through: u64) -> &Log {
+    let prefixes: HashMap<u64, Log> = logs
+        .iter()
+        .map(|(id, log)| {
+            let entries = log
+                .entries
+                .range(..=through)
+                .map(|(i, e)| (*i, e.clone()))
+                .collect();
+            (*id, Log { entries })
+        })
+        .collect();
+    check_logs_agree(&prefixes);
+    logs.values().max_by_key(|l| l.last_index()).unwrap()
+}
+
 /// Every log holds the same entries where they overlap; returns the longest.
 pub fn check_logs_agree(logs: &HashMap<u64, Log>) -> &Log {
     let ids: Vec<u64> = logs.keys().copied().collect();
