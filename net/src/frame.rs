@@ -66,6 +66,9 @@ pub enum FrameKind {
     ReadIndex = 72,
     /// Leader → follower: the read index, or why there is none.
     ReadIndexResponse = 73,
+    /// Leader → follower, on a `Forward` stream before its `ForwardResponse`: the leader signed
+    /// the forwarded batch (its preconfirmation).
+    ForwardSealed = 74,
 }
 
 impl FrameKind {
@@ -94,6 +97,7 @@ impl FrameKind {
             71 => RaftSnapshotChunk,
             72 => ReadIndex,
             73 => ReadIndexResponse,
+            74 => ForwardSealed,
             _ => return None,
         })
     }

@@ -1014,6 +1014,34 @@ pub fn decode_forward_request(body: &[u8]) -> Result<(u64, &[u8]), MsgError> {
     Ok((request_id, batch))
 }
 
+/// Leader → follower: the leader signed a forwarded batch (sent before its
+/// [`ForwardResponse`], so the follower can answer preconfirmation requests without waiting for
+/// the commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardSealed {
+    /// The forward request's id.
+    pub request_id: u64,
+    /// The leader's signed header of the batch.
+    pub seal: SignedHeader,
+}
+
+impl ForwardSealed {
+    /// Appends `[u64 request_id][signed header]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        out.extend_from_slice(&self.seal.encode());
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "forward sealed");
+        let request_id = r.u64()?;
+        let seal = read_signed_header(&mut r)?;
+        r.finish()?;
+        Ok(ForwardSealed { request_id, seal })
+    }
+}
+
 /// Leader → follower: where a forwarded batch committed, or why it did not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardResponse {
@@ -1468,6 +1496,23 @@ mod tests {
     }
 
     #[test]
+    fn forward_seal_roundtrips_and_refuses_bad_lengths() {
+        let sealed = ForwardSealed {
+            request_id: 7,
+            seal: sample_receipt(2, 50, 3, AckLevel::Preconfirmed, false).batch,
+        };
+        let body = encoded(|o| sealed.encode(o));
+        assert_eq!(ForwardSealed::decode(&body).unwrap(), sealed);
+        assert!(
+            ForwardSealed::decode(&body[..body.len() - 1]).is_err(),
+            "truncated"
+        );
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(ForwardSealed::decode(&longer).is_err(), "trailing bytes");
+    }
+
+    #[test]
     fn forward_request_shares_the_batch() {
         let batch = Bytes::from(vec![7u8; 300]);
         let req = ForwardRequest {
@@ -1706,6 +1751,7 @@ mod tests {
             let _ = Hello::decode(&bytes);
             let _ = decode_forward_request(&bytes);
             let _ = ForwardResponse::decode(&bytes);
+            let _ = ForwardSealed::decode(&bytes);
             let _ = decode_submit_error(&mut Reader::new(&bytes, "arbitrary"));
 
             let bodies = valid_bodies();

@@ -38,7 +38,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
 
 use crate::frame::FrameKind;
-use crate::msg::{ErrorMsg, ForwardRequest, ForwardResponse, Hello, MsgError};
+use crate::msg::{ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, MsgError};
 use crate::stream::{write_frame, write_frame_chunks, FrameReader, StreamError};
 
 /// Replication requests encoded and waiting for the QUIC writer, per session.
@@ -327,6 +327,38 @@ async fn unary(
         }
         kind => Err(StreamError::Unexpected { kind }.into()),
     }
+}
+
+/// A forward: sends the batch, passes any `ForwardSealed` frame to `on_seal`, returns the
+/// `ForwardResponse`.
+async fn forward_call(
+    links: Arc<PeerLinks>,
+    target: u64,
+    addr: String,
+    chunks: Vec<Bytes>,
+    on_seal: impl Fn(ForwardSealed),
+) -> Result<ForwardResponse, PeerError> {
+    let conn = links.connect(target, &addr).await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    write_frame_chunks(&mut send, FrameKind::Forward, chunks).await?;
+    let _ = send.finish();
+    let mut reader = FrameReader::peer(recv);
+    // Bounded: a seal, then the outcome; anything else ends the call.
+    for _ in 0..2 {
+        let frame = reader.expect("forward response").await?;
+        match frame.kind {
+            FrameKind::ForwardSealed => on_seal(ForwardSealed::decode(&frame.body)?),
+            FrameKind::ForwardResponse => return Ok(ForwardResponse::decode(&frame.body)?),
+            FrameKind::Error => {
+                let e = ErrorMsg::decode(&frame.body)?;
+                return Err(PeerError::Remote(format!("{:?}: {}", e.code, e.message)));
+            }
+            kind => return Err(StreamError::Unexpected { kind }.into()),
+        }
+    }
+    Err(PeerError::Remote(
+        "a second seal before the forward's outcome".into(),
+    ))
 }
 
 fn rpc_error(
@@ -696,12 +728,28 @@ impl Forwarder for QuicForwarder {
         let links = self.links.clone();
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
+            // The follower's shard waits on this ticket to answer preconfirmation requests; the
+            // leader's seal arrives ahead of the outcome.
+            let ticket = batch.ticket().cloned();
+            let root = batch.batch().ok().map(|b| b.header.tx_merkle_root);
             let chunks = ForwardRequest::encode_chunks(request_id, &batch.into_bytes());
             let l = links.clone();
-            let call = async move {
-                let body = unary(l, leader, addr, FrameKind::Forward, chunks).await?;
-                Ok(ForwardResponse::decode(&body)?)
-            };
+            let call = forward_call(l, leader, addr, chunks, move |sealed: ForwardSealed| {
+                // Only a seal of this request and of this batch's transactions is passed on.
+                if sealed.request_id != request_id
+                    || root.is_none_or(|r| r != sealed.seal.header.tx_merkle_root)
+                {
+                    tracing::warn!(
+                        leader,
+                        request_id,
+                        "forward seal for another batch, ignored"
+                    );
+                    return;
+                }
+                if let Some(t) = &ticket {
+                    t.fire(sealed.seal);
+                }
+            });
             match links.call(leader, FORWARD_TIMEOUT, call).await {
                 Ok(r) if r.request_id == request_id => r.result,
                 Ok(r) => {

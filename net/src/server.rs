@@ -13,7 +13,7 @@ use baton_core::command::Command;
 use baton_core::node::{Consistency, Read, SubmitError};
 use baton_core::node::{NodeHandle, Rpc};
 use baton_core::raft::wire;
-use baton_core::raft::BatchBytes;
+use baton_core::raft::{BatchBytes, SealTicket};
 use bytes::BytesMut;
 use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt, StreamExt};
@@ -21,8 +21,8 @@ use rkyv::util::AlignedVec;
 
 use crate::frame::{Frame, FrameKind, ProtocolError};
 use crate::msg::{
-    ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, Hello, StatusRequest, StatusResponse,
-    SubmitRequest, SubmitResponse,
+    ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, StatusRequest,
+    StatusResponse, SubmitRequest, SubmitResponse,
 };
 use crate::rollup_msg::{
     Answer, BlockEvent, CommandRequest, CommandResponse, Query, ReadRequest, ReadResponse,
@@ -881,12 +881,27 @@ async fn serve_forward(
         )
         .await;
     }
+    // The Raft shard fires the ticket once it signed the batch: pass the seal on at once, so
+    // the follower can answer preconfirmation requests before the commit.
+    let (ticket, sealed) = SealTicket::new();
     let (tx, rx) = oneshot::channel();
     inbound
-        .send(Rpc::Forward(bytes, tx))
+        .send(Rpc::Forward(bytes.with_ticket(ticket), tx))
         .await
         .map_err(|_| ServeError::NodeGone)?;
-    let result = rx.await.map_err(|_| ServeError::NodeGone)?;
+    futures_util::pin_mut!(rx);
+    let result = match futures_util::future::select(sealed, &mut rx).await {
+        futures_util::future::Either::Left((Ok(seal), _)) => {
+            let mut body = Vec::new();
+            ForwardSealed { request_id, seal }.encode(&mut body);
+            write_frame(send, FrameKind::ForwardSealed, &body).await?;
+            rx.await
+        }
+        // Never signed (the batch failed first): only the outcome follows.
+        futures_util::future::Either::Left((Err(_), _)) => rx.await,
+        futures_util::future::Either::Right((r, _)) => r,
+    }
+    .map_err(|_| ServeError::NodeGone)?;
     let mut body = Vec::new();
     ForwardResponse { request_id, result }.encode(&mut body);
     respond(send, FrameKind::ForwardResponse, &body).await

@@ -10,4 +10,4 @@ pub mod wire;
 pub use log_store::{LogReader, LogStore, LogStoreError};
 pub use runtime::GlommioRuntime;
 pub use state_machine::{SequencerView, StateMachine, StateMachineError};
-pub use types::{ApplyResult, BatchBytes, Entry, LogId, SnapshotBlob, TypeConfig};
+pub use types::{ApplyResult, BatchBytes, Entry, LogId, SealTicket, SnapshotBlob, TypeConfig};
