@@ -104,6 +104,10 @@ fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
         }
     };
     let (verdict, opens) = verdict_text(&ins);
+    // Spare segment files: written ahead or recycled, not part of the log (docs/wal.md).
+    let spares = baton_wal::segment::list_spares(dir)
+        .map(|(s, _)| s)
+        .unwrap_or_default();
     if as_json {
         let segments: Vec<_> = ins
             .segments
@@ -125,7 +129,11 @@ fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
                 })
             })
             .collect();
-        let out = json!({"dir": dir, "segments": segments, "verdict": verdict, "opens": opens});
+        let spares: Vec<_> = spares
+            .iter()
+            .map(|(seq, stale_through, path)| json!({"path": path, "seq": seq, "stale_through": stale_through}))
+            .collect();
+        let out = json!({"dir": dir, "segments": segments, "spares": spares, "verdict": verdict, "opens": opens});
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         for s in &ins.segments {
@@ -169,6 +177,13 @@ fn dump(dir: &std::path::Path, as_json: bool, summary: bool) -> ExitCode {
                     println!("  end: FAULT at offset {offset}: {fault}; last valid record after it: {last_valid_after:?}")
                 }
             }
+        }
+        for (seq, stale_through, path) in &spares {
+            let holds = match stale_through {
+                0 => "zero-filled".to_string(),
+                n => format!("recycled, old records up to index {n}"),
+            };
+            println!("spare {}  seq={seq}  {holds}", path.display());
         }
         println!("verdict: {verdict}");
     }

@@ -36,6 +36,54 @@ fn dump(dir: &std::path::Path, extra: &[&str]) -> (i32, String) {
 }
 
 #[test]
+fn dump_lists_spare_segments_apart_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor");
+    ex.run(async {
+        let (wal, _) = Wal::open(dir.path(), WalOptions::small_for_tests())
+            .await
+            .expect("open");
+        for i in 1..=250 {
+            wal.append(i, 1, &vec![i as u8; 3000])
+                .await
+                .expect("append");
+        }
+        wal.durable(250).await.expect("durable");
+        wal.spares_settled().await;
+        // The pool holds one zero-filled spare and has room for one purged segment.
+        wal.purge_through(200).await.expect("purge");
+        wal.close().await.expect("close");
+    });
+    let (code, out) = dump(dir.path(), &["--json", "--summary"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let mut stale: Vec<u64> = v["spares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stale_through"].as_u64().unwrap())
+        .collect();
+    stale.sort_unstable();
+    assert_eq!(stale.len(), 2, "{out}");
+    assert_eq!(stale[0], 0, "the zero-filled one");
+    assert!(
+        stale[1] > 0 && stale[1] <= 200,
+        "the recycled one: {stale:?}"
+    );
+    // Spares are not segments: the log starts after the purge and opens clean.
+    let segments = v["segments"].as_array().unwrap();
+    assert!(segments[0]["first_index"].as_u64().unwrap() > 1);
+    assert_eq!(v["verdict"], "clean");
+    let (_, text) = dump(dir.path(), &["--summary"]);
+    assert!(
+        text.contains("zero-filled") && text.contains("recycled, old records up to index"),
+        "{text}"
+    );
+}
+
+#[test]
 fn dump_lists_every_record_and_the_verdict() {
     let dir = tempfile::tempdir().unwrap();
     make_log(dir.path(), 250);
