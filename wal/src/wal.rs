@@ -17,7 +17,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-use futures_lite::future::poll_fn;
+use futures_lite::future::{poll_fn, FutureExt};
 use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use crate::error::WalError;
@@ -1614,14 +1614,22 @@ async fn write_zero_spare(
 ) -> Result<Option<PathBuf>, WalError> {
     let tmp = segment::spare_tmp_path(dir, seq);
     failpoint::hit(points::SPARE_WRITE).map_err(|e| WalError::io("write spare", &tmp, e))?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .dma_open(&tmp)
-        .await
-        .map_err(|e| WalError::glommio("create spare", &tmp, e))?;
+    // glommio's open panics (an unwrapped statfs of the path) when the directory disappears
+    // between the open and that call. This task runs in the background, maybe after its log
+    // was dropped and its directory removed: contain that panic as an error.
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(true);
+    let open = options.dma_open(&tmp);
+    let file = match std::panic::AssertUnwindSafe(open).catch_unwind().await {
+        Ok(opened) => opened.map_err(|e| WalError::glommio("create spare", &tmp, e))?,
+        Err(_) => {
+            return Err(WalError::io(
+                "create spare",
+                &tmp,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "directory vanished"),
+            ))
+        }
+    };
     let result = async {
         file.pre_allocate(segment_bytes, false)
             .await
