@@ -1478,13 +1478,12 @@ async fn adopt_spare(
     sync: SyncMode,
 ) -> Result<DmaFile, WalError> {
     failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
-    let file = OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options
         .read(true)
         .write(true)
-        .custom_flags(sync_flags(sync))
-        .dma_open(spare)
-        .await
-        .map_err(|e| WalError::glommio("open spare", spare, e))?;
+        .custom_flags(sync_flags(sync));
+    let file = dma_open(&options, spare, "open spare").await?;
     let result = async {
         let size = file
             .file_size()
@@ -1614,22 +1613,11 @@ async fn write_zero_spare(
 ) -> Result<Option<PathBuf>, WalError> {
     let tmp = segment::spare_tmp_path(dir, seq);
     failpoint::hit(points::SPARE_WRITE).map_err(|e| WalError::io("write spare", &tmp, e))?;
-    // glommio's open panics (an unwrapped statfs of the path) when the directory disappears
-    // between the open and that call. This task runs in the background, maybe after its log
-    // was dropped and its directory removed: contain that panic as an error.
+    // This task runs in the background, maybe after its log was dropped and its directory
+    // removed: `dma_open` turns glommio's panic on that into an error.
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(true);
-    let open = options.dma_open(&tmp);
-    let file = match std::panic::AssertUnwindSafe(open).catch_unwind().await {
-        Ok(opened) => opened.map_err(|e| WalError::glommio("create spare", &tmp, e))?,
-        Err(_) => {
-            return Err(WalError::io(
-                "create spare",
-                &tmp,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "directory vanished"),
-            ))
-        }
-    };
+    let file = dma_open(&options, &tmp, "create spare").await?;
     let result = async {
         file.pre_allocate(segment_bytes, false)
             .await
@@ -1694,15 +1682,37 @@ fn sync_flags(sync: SyncMode) -> i32 {
     }
 }
 
+/// `options.dma_open(path)`, with glommio's panic when the directory disappears between its
+/// open and its `statfs` of the path (an unwrap) turned into an error of `op`.
+async fn dma_open(
+    options: &OpenOptions,
+    path: &Path,
+    op: &'static str,
+) -> Result<DmaFile, WalError> {
+    match std::panic::AssertUnwindSafe(options.dma_open(path))
+        .catch_unwind()
+        .await
+    {
+        Ok(opened) => opened.map_err(|e| WalError::glommio(op, path, e)),
+        Err(_) => Err(WalError::io(
+            op,
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the directory disappeared while the file was opened",
+            ),
+        )),
+    }
+}
+
 /// Opens an existing segment for reading and writing (`O_DSYNC` in [`SyncMode::Dsync`]).
 async fn open_segment(path: &Path, sync: SyncMode) -> Result<DmaFile, WalError> {
-    OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options
         .read(true)
         .write(true)
-        .custom_flags(sync_flags(sync))
-        .dma_open(path)
-        .await
-        .map_err(|e| WalError::glommio("open segment", path, e))
+        .custom_flags(sync_flags(sync));
+    dma_open(&options, path, "open segment").await
 }
 
 /// Writes a segment's header block (not synced).
@@ -1725,15 +1735,14 @@ async fn create_segment(
     sync: SyncMode,
 ) -> Result<DmaFile, WalError> {
     failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
-    let file = OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(sync_flags(sync))
-        .dma_open(path)
-        .await
-        .map_err(|e| WalError::glommio("create segment", path, e))?;
+        .custom_flags(sync_flags(sync));
+    let file = dma_open(&options, path, "create segment").await?;
     let result = async {
         file.pre_allocate(segment_bytes, false)
             .await
