@@ -1440,9 +1440,13 @@ async fn new_segment(shared: &Shared, path: &Path, first_index: u64) -> Result<D
             Poll::Ready(None)
         })
         .await;
+        let header = SegmentHeader {
+            first_index,
+            segment_bytes,
+            torn_window_bytes: window,
+        };
         let Some(spare) = spare else {
-            return create_segment(path, first_index, segment_bytes, window, &directory, sync)
-                .await;
+            return create_segment(path, header, &directory, sync).await;
         };
         if spare.stale_through >= first_index {
             // Its old records could pass for this segment's: never reuse it for this index.
@@ -1451,16 +1455,7 @@ async fn new_segment(shared: &Shared, path: &Path, first_index: u64) -> Result<D
                 .map_err(|e| WalError::io("remove spare", &spare.path, e))?;
             continue;
         }
-        let file = adopt_spare(
-            &spare.path,
-            path,
-            first_index,
-            segment_bytes,
-            window,
-            &directory,
-            sync,
-        )
-        .await?;
+        let file = adopt_spare(&spare.path, path, header, &directory, sync).await?;
         shared.borrow_mut().stats.segments_from_spares += 1;
         return Ok(file);
     }
@@ -1471,12 +1466,11 @@ async fn new_segment(shared: &Shared, path: &Path, first_index: u64) -> Result<D
 async fn adopt_spare(
     spare: &Path,
     path: &Path,
-    first_index: u64,
-    segment_bytes: u64,
-    torn_window_bytes: u64,
+    header: SegmentHeader,
     directory: &Directory,
     sync: SyncMode,
 ) -> Result<DmaFile, WalError> {
+    let segment_bytes = header.segment_bytes;
     failpoint::hit(points::SEGMENT_CREATE).map_err(|e| WalError::io("create segment", path, e))?;
     let mut options = OpenOptions::new();
     options
@@ -1499,11 +1493,6 @@ async fn adopt_spare(
                 .await
                 .map_err(|e| WalError::glommio("preallocate spare", spare, e))?;
         }
-        let header = SegmentHeader {
-            first_index,
-            segment_bytes,
-            torn_window_bytes,
-        };
         write_header(&file, spare, header).await?;
         if sync == SyncMode::Fdatasync || size != segment_bytes {
             file.fdatasync()
@@ -1728,9 +1717,7 @@ async fn write_header(file: &DmaFile, path: &Path, header: SegmentHeader) -> Res
 /// Creates a segment: preallocate, write the header block, sync file and directory.
 async fn create_segment(
     path: &Path,
-    first_index: u64,
-    segment_bytes: u64,
-    torn_window_bytes: u64,
+    header: SegmentHeader,
     directory: &Directory,
     sync: SyncMode,
 ) -> Result<DmaFile, WalError> {
@@ -1744,14 +1731,9 @@ async fn create_segment(
         .custom_flags(sync_flags(sync));
     let file = dma_open(&options, path, "create segment").await?;
     let result = async {
-        file.pre_allocate(segment_bytes, false)
+        file.pre_allocate(header.segment_bytes, false)
             .await
             .map_err(|e| WalError::glommio("preallocate segment", path, e))?;
-        let header = SegmentHeader {
-            first_index,
-            segment_bytes,
-            torn_window_bytes,
-        };
         write_header(&file, path, header).await?;
         file.fdatasync()
             .await
