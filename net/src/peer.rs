@@ -731,18 +731,15 @@ impl Forwarder for QuicForwarder {
             // The follower's shard waits on this ticket to answer preconfirmation requests; the
             // leader's seal arrives ahead of the outcome.
             let ticket = batch.ticket().cloned();
-            let root = batch.batch().ok().map(|b| b.header.tx_merkle_root);
             let chunks = ForwardRequest::encode_chunks(request_id, &batch.into_bytes());
             let l = links.clone();
             let call = forward_call(l, leader, addr, chunks, move |sealed: ForwardSealed| {
-                // Only a seal of this request and of this batch's transactions is passed on.
-                if sealed.request_id != request_id
-                    || root.is_none_or(|r| r != sealed.seal.header.tx_merkle_root)
-                {
+                // Only a seal of this request is passed on (the shard checks its Merkle root).
+                if sealed.request_id != request_id {
                     tracing::warn!(
                         leader,
                         request_id,
-                        "forward seal for another batch, ignored"
+                        "forward seal for another request, ignored"
                     );
                     return;
                 }

@@ -406,6 +406,16 @@ impl ShardState {
         let Some(tree) = f.tree.clone() else {
             return;
         };
+        // A seal over other transactions (a leader's forward answer gone astray) would make
+        // receipts that do not verify: never use it.
+        if seal.header.tx_merkle_root != tree.root() {
+            tracing::warn!(
+                seq,
+                index = seal.header.index,
+                "a seal whose Merkle root is not this batch's, ignored"
+            );
+            return;
+        }
         if f.seal.is_none() {
             self.unsigned -= 1;
         }
@@ -1381,5 +1391,72 @@ pub(crate) async fn wait_for(
         futures_util::future::Either::Left((s, _)) if condition(&s) => Ok(s),
         futures_util::future::Either::Left((s, _)) => Err(s),
         futures_util::future::Either::Right(_) => Err(status_of(raft)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BatchHeader;
+
+    /// A shard state with batch 1 sealed over `hashes`, one preconfirmed request waiting on it.
+    fn waiting_on(
+        hashes: &[TxHash],
+    ) -> (
+        ShardState,
+        oneshot::Receiver<Vec<Result<Receipt, SubmitError>>>,
+    ) {
+        let (control, _) = mpsc::channel(1);
+        let mut st = ShardState::new(control);
+        let (reply, answered) = oneshot::channel();
+        let request = Rc::new(RefCell::new(Request {
+            results: vec![None],
+            remaining: 1,
+            reply: Some(reply),
+            ack: AckLevel::Preconfirmed,
+        }));
+        st.in_flight += 1;
+        st.unsigned += 1;
+        let f = st.waiting.entry(1).or_default();
+        f.tree = Some(Rc::new(MerkleTree::new(hashes)));
+        f.waiters.push(Waiter {
+            request,
+            slot: 0,
+            tx_hash: hashes[0],
+            offset: 0,
+            duplicate: false,
+        });
+        (st, answered)
+    }
+
+    fn seal_over(root: [u8; 32]) -> SignedHeader {
+        let header = BatchHeader {
+            term: 2,
+            index: 9,
+            prev_batch_hash: [0; 32],
+            tx_merkle_root: root,
+            tx_count: 2,
+            timestamp_us: 1,
+        };
+        SignedHeader::sign(header, &crate::sign::Signer::random())
+    }
+
+    #[test]
+    fn a_seal_over_other_transactions_preconfirms_nothing() {
+        let hashes = [TxHash::of(b"a"), TxHash::of(b"b")];
+        let (mut st, mut answered) = waiting_on(&hashes);
+        st.preconfirm(1, seal_over(MerkleTree::new(&[TxHash::of(b"c")]).root()));
+        assert_eq!(st.unsigned, 1, "still unsigned");
+        assert!(st.waiting[&1].seal.is_none());
+        assert!(matches!(answered.try_recv(), Ok(None)), "nobody answered");
+        // The batch's own seal answers the request at the preconfirmed level.
+        st.preconfirm(1, seal_over(MerkleTree::new(&hashes).root()));
+        assert_eq!(st.unsigned, 0);
+        let receipts = answered.try_recv().unwrap().expect("answered");
+        let r = receipts[0].as_ref().expect("a receipt");
+        assert_eq!(
+            (r.level, r.index(), r.offset),
+            (AckLevel::Preconfirmed, 9, 0)
+        );
     }
 }
