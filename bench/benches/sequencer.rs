@@ -106,7 +106,7 @@ fn sequencer(c: &mut Criterion) {
 /// (+2%, within noise) nor sequential 100-transaction requests, and cost 90 MiB more RSS per
 /// node early in a generation: not kept (bench/README.md).
 fn window(c: &mut Criterion) {
-    use baton_core::tx_index::Window;
+    use baton_core::tx_index::{Window, PREFETCH_AHEAD};
     use baton_core::TxHash;
     const GENERATION: usize = 1 << 20;
     const STEP: u64 = 1 << 16;
@@ -132,6 +132,21 @@ fn window(c: &mut Criterion) {
                 let h = hashes[(next % hashes.len() as u64) as usize];
                 // Past the end the hashes repeat, long after the window forgot them.
                 let _ = black_box(w.insert_new(h, next));
+                next += 1;
+            }
+        })
+    });
+    // The same, the way the state machine inserts a batch's hashes: each insert prefetches
+    // the index entries of the hashes PREFETCH_AHEAD and half that many ahead.
+    group.bench_function("insert_new_65536_at_2_generations_prefetched", |b| {
+        b.iter(|| {
+            let at = |k: u64| &hashes[(k % hashes.len() as u64) as usize];
+            for _ in 0..STEP {
+                w.prefetch(
+                    at(next + PREFETCH_AHEAD as u64),
+                    at(next + PREFETCH_AHEAD as u64 / 2),
+                );
+                let _ = black_box(w.insert_new(*at(next), next));
                 next += 1;
             }
         })

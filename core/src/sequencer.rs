@@ -60,7 +60,7 @@ use crate::limits::IDEMPOTENCY_GENERATION_TXS;
 use crate::merkle::root_of_leaf_hashes;
 use crate::receipt::{SignedHeader, SIGNED_HEADER_BYTES};
 use crate::rollups::{Rollups, Sealed};
-use crate::tx_index::{TxIndex, Window};
+use crate::tx_index::{TxIndex, Window, PREFETCH_AHEAD};
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -380,8 +380,13 @@ impl Sequencer {
         let mut duplicates = Vec::new();
         // Rollups this batch ordered into (consecutive repeats skipped), for catch_up_heads.
         let mut touched: Vec<u64> = Vec::new();
-        let txs = hashes.into_iter().zip(leaves).zip(batch.txs.iter());
-        for (offset, ((hash, leaf), tx)) in txs.enumerate() {
+        let txs = hashes.iter().zip(leaves).zip(batch.txs.iter());
+        for (offset, ((&hash, leaf), tx)) in txs.enumerate() {
+            // The index entries of hashes a little further on start loading now
+            // (`Window::prefetch`): the lookups are memory-bound.
+            let ahead = |k: usize| &hashes[(offset + k).min(hashes.len() - 1)];
+            self.positions
+                .prefetch(ahead(PREFETCH_AHEAD), ahead(PREFETCH_AHEAD / 2));
             let offset = offset as u32;
             let position = Position { index, offset };
             match self.positions.insert_new(hash, position) {

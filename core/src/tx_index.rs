@@ -140,6 +140,24 @@ impl<V: Copy + PartialEq + Send + Sync> TxIndex<V> {
         }
     }
 
+    /// Asks the CPU to start loading the part slot `tx_hash` maps to: the first of the
+    /// dependent loads a lookup or insert makes (see [`Window::prefetch`]). Only a hint.
+    #[inline]
+    fn prefetch_slot(&self, tx_hash: &TxHash) {
+        let slot = &self.parts[part_of(self.hasher.hash(tx_hash))];
+        prefetch(std::ptr::from_ref(slot).cast());
+    }
+
+    /// Asks the CPU to start loading the table header of the part `tx_hash` maps to: the second
+    /// dependent load. Reads the part slot, so it pays off once [`Self::prefetch_slot`] ran for
+    /// the same hash a while before.
+    #[inline]
+    fn prefetch_part(&self, tx_hash: &TxHash) {
+        if let Some(part) = &self.parts[part_of(self.hasher.hash(tx_hash))] {
+            prefetch(Arc::as_ptr(part).cast());
+        }
+    }
+
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&TxHash, &V)> {
         self.parts
@@ -179,11 +197,97 @@ impl<V> std::fmt::Debug for TxIndex<V> {
 /// `generation` later insertions (up to twice that), and the index never holds more than
 /// `2 × generation` entries, however long it lives. Which entries are forgotten depends only on
 /// the order of insertions: two windows fed the same sequence hold the same entries.
+///
+/// Each generation has a [`Filter`] next to it: a small bit array that answers "certainly not
+/// here" for most absent hashes with one cache line, instead of the index's chain of misses.
+/// Nearly every insert is of a hash seen in neither generation, so the lookup in the previous
+/// generation that every insert makes is, most of the time, one probe of a 2 MiB array.
 #[derive(Clone, Debug)]
 pub struct Window<V> {
     current: TxIndex<V>,
     previous: TxIndex<V>,
+    /// Filters of `current` and `previous`; shared on clone (a snapshot's copy), copied when
+    /// next written (the previous one never is).
+    current_filter: Arc<Filter>,
+    previous_filter: Arc<Filter>,
     generation: usize,
+}
+
+/// A one-sided set of hashes for a [`Window`] generation (a blocked Bloom filter): `may_hold`
+/// is true for every inserted hash and, with about 16 bits per entry and two bits set in one
+/// 64-bit word per hash, for 1-2% of the others. Keyed like the index, so clients cannot grind
+/// hashes that collide in it (and if they did, lookups would only be as slow as without it).
+#[derive(Clone)]
+struct Filter {
+    words: Box<[u64]>,
+    hasher: TxHasher,
+}
+
+impl Filter {
+    /// Bits per entry of a full generation.
+    const BITS_PER_ENTRY: usize = 16;
+
+    /// A filter sized for `entries`; its words are zeroed by the allocator (fresh pages are
+    /// zero-filled lazily, as they are first written).
+    fn new(entries: usize) -> Filter {
+        let words = (entries * Self::BITS_PER_ENTRY / 64)
+            .next_power_of_two()
+            .max(1);
+        Filter {
+            words: vec![0u64; words].into_boxed_slice(),
+            hasher: TxHasher::new(),
+        }
+    }
+
+    /// The word and the two bits of `tx_hash`: the word from the low bits of the keyed hash,
+    /// the bits from two 6-bit fields of its top half.
+    #[inline]
+    fn locate(&self, tx_hash: &TxHash) -> (usize, u64) {
+        let hash = self.hasher.hash(tx_hash);
+        let word = hash as usize & (self.words.len() - 1);
+        let bits = (1u64 << ((hash >> 40) & 63)) | (1u64 << ((hash >> 46) & 63));
+        (word, bits)
+    }
+
+    #[inline]
+    fn may_hold(&self, tx_hash: &TxHash) -> bool {
+        let (word, bits) = self.locate(tx_hash);
+        self.words[word] & bits == bits
+    }
+
+    #[inline]
+    fn insert(&mut self, tx_hash: &TxHash) {
+        let (word, bits) = self.locate(tx_hash);
+        self.words[word] |= bits;
+    }
+
+    #[inline]
+    fn prefetch(&self, tx_hash: &TxHash) {
+        let (word, _) = self.locate(tx_hash);
+        prefetch(std::ptr::from_ref(&self.words[word]).cast());
+    }
+
+    /// Empties the filter, keeping its memory.
+    fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// A filter of `entries` that holds every key of `index`.
+    fn of<V: Copy + PartialEq + Send + Sync>(index: &TxIndex<V>, entries: usize) -> Filter {
+        let mut filter = Filter::new(entries);
+        for (key, _) in index.iter() {
+            filter.insert(key);
+        }
+        filter
+    }
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("words", &self.words.len())
+            .finish()
+    }
 }
 
 impl<V: Copy + PartialEq + Send + Sync> Window<V> {
@@ -195,10 +299,13 @@ impl<V: Copy + PartialEq + Send + Sync> Window<V> {
     /// A window made of generations as [`Window::previous`] and [`Window::current`] returned
     /// them (snapshot restore). The caller checks they are disjoint and within `generation`.
     pub fn from_generations(previous: TxIndex<V>, current: TxIndex<V>, generation: usize) -> Self {
+        let generation = generation.max(1);
         Self {
+            current_filter: Arc::new(Filter::of(&current, generation)),
+            previous_filter: Arc::new(Filter::of(&previous, generation)),
             current,
             previous,
-            generation: generation.max(1),
+            generation,
         }
     }
 
@@ -219,9 +326,23 @@ impl<V: Copy + PartialEq + Send + Sync> Window<V> {
 
     /// The value recorded for `tx_hash`, if it is still remembered.
     pub fn get(&self, tx_hash: &TxHash) -> Option<V> {
-        self.current
-            .get(tx_hash)
-            .or_else(|| self.previous.get(tx_hash))
+        let current = || {
+            self.current_filter
+                .may_hold(tx_hash)
+                .then(|| self.current.get(tx_hash))
+                .flatten()
+        };
+        current().or_else(|| self.previous_get(tx_hash))
+    }
+
+    /// The value `previous` holds for `tx_hash`, asking its filter first.
+    #[inline]
+    fn previous_get(&self, tx_hash: &TxHash) -> Option<V> {
+        if self.previous_filter.may_hold(tx_hash) {
+            self.previous.get(tx_hash)
+        } else {
+            None
+        }
     }
 
     /// Whether `tx_hash` is remembered.
@@ -232,14 +353,40 @@ impl<V: Copy + PartialEq + Send + Sync> Window<V> {
     /// Records `value` for `tx_hash` unless it is remembered; `Err` with the remembered value
     /// if it is. May start a new generation (forgetting the oldest entries).
     pub fn insert_new(&mut self, tx_hash: TxHash, value: V) -> Result<(), V> {
-        if let Some(old) = self.previous.get(&tx_hash) {
+        if let Some(old) = self.previous_get(&tx_hash) {
             return Err(old);
         }
         self.current.insert_new(tx_hash, value)?;
+        Arc::make_mut(&mut self.current_filter).insert(&tx_hash);
         if self.current.len() >= self.generation {
             self.previous = std::mem::take(&mut self.current);
+            // The dropped generation's filter becomes the new current one, emptied (unless a
+            // snapshot's copy still shares it).
+            std::mem::swap(&mut self.previous_filter, &mut self.current_filter);
+            match Arc::get_mut(&mut self.current_filter) {
+                Some(filter) => filter.clear(),
+                None => self.current_filter = Arc::new(Filter::new(self.generation)),
+            }
         }
         Ok(())
+    }
+
+    /// Prepares for inserting or looking up `ahead`, a hash `insert_new` will see soon: for a
+    /// batch of hashes, call `prefetch(&hashes[i + PREFETCH_AHEAD], &hashes[i + PREFETCH_AHEAD / 2])`
+    /// before handling `hashes[i]`.
+    ///
+    /// An index lookup is a chain of dependent cache misses (part slot, table header, control
+    /// bytes, entry), each one a trip to memory for an index of this size. This starts the
+    /// filters' words and the first link of the current generation's chain for a hash
+    /// `PREFETCH_AHEAD` inserts away, and the second link for one half as far, so by the time a
+    /// hash is inserted those loads have arrived, overlapped with the work in between. Only a
+    /// hint: what it loads does not change any result.
+    #[inline]
+    pub fn prefetch(&self, far: &TxHash, near: &TxHash) {
+        self.previous_filter.prefetch(far);
+        self.current_filter.prefetch(far);
+        self.current.prefetch_slot(far);
+        self.current.prefetch_part(near);
     }
 
     /// The current (newer) generation.
@@ -263,6 +410,22 @@ impl<V: Copy + PartialEq + Send + Sync> PartialEq for Window<V> {
 
 impl<V: Copy + PartialEq + Send + Sync> Eq for Window<V> {}
 
+/// How many hashes ahead of the one being inserted [`Window::prefetch`] should start loading.
+pub const PREFETCH_AHEAD: usize = 16;
+
+/// Brings the cache line at `at` towards the core (a hint; never faults).
+#[inline(always)]
+fn prefetch(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address.
+    #[allow(unused_unsafe)]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// The part an entry with 64-bit hash `hash` lives in. hashbrown picks the bucket from the
 /// hash's low bits and its control tag from the top 7, so the part comes from bits 32..48 to
 /// stay independent of both (a part with 2^32 buckets is far beyond any index here).
@@ -276,6 +439,50 @@ mod tests {
 
     fn h(i: u64) -> TxHash {
         TxHash::of(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn a_filter_holds_every_inserted_hash_and_few_others() {
+        let mut f = Filter::new(10_000);
+        for i in 0..10_000u64 {
+            f.insert(&h(i));
+        }
+        assert!(
+            (0..10_000u64).all(|i| f.may_hold(&h(i))),
+            "no false negative"
+        );
+        // 16 bits per entry, two bits per hash in one word: about 1.4% expected. Independent
+        // of the random key up to noise far below this bound.
+        let false_positives = (10_000..110_000u64).filter(|&i| f.may_hold(&h(i))).count();
+        assert!(false_positives < 4_000, "{false_positives} of 100,000");
+        f.clear();
+        assert!((0..10_000u64).filter(|&i| f.may_hold(&h(i))).count() == 0);
+    }
+
+    #[test]
+    fn a_clone_keeps_its_entries_while_the_original_rolls_over() {
+        let mut w = Window::new(10);
+        for i in 0..15u64 {
+            w.insert_new(h(i), i).unwrap();
+        }
+        let copy = w.clone();
+        // Two rollovers of the original: its filters are emptied and reused, the copy's are not.
+        for i in 15..40u64 {
+            w.insert_new(h(i), i).unwrap();
+        }
+        for i in 0..15u64 {
+            assert_eq!(copy.get(&h(i)), Some(i), "{i}");
+        }
+        assert_eq!(copy.get(&h(20)), None);
+        assert_eq!(w.get(&h(5)), None, "forgotten by the original");
+        assert_eq!(w.get(&h(35)), Some(35));
+        // A window rebuilt from the copy's generations answers as the copy does.
+        let rebuilt = Window::from_generations(copy.previous().clone(), copy.current().clone(), 10);
+        assert_eq!(rebuilt, copy);
+        for i in 0..15u64 {
+            assert_eq!(rebuilt.get(&h(i)), Some(i));
+            assert_eq!(rebuilt.clone().insert_new(h(i), 99), Err(i));
+        }
     }
 
     #[test]

@@ -59,6 +59,14 @@ pub struct BenchArgs {
     /// written in the background while it runs.
     #[arg(long, default_value_t = 0)]
     keep_segments: u64,
+    /// Largest single write of a round, in bytes (the log's `flush_bytes_max`; default: the
+    /// log's default).
+    #[arg(long)]
+    flush_bytes_max: Option<usize>,
+    /// Most bytes appended but not yet durable (the log's `pending_bytes_max`; default: the
+    /// log's default, raised to `--flush-bytes-max` if that is larger).
+    #[arg(long)]
+    pending_bytes_max: Option<usize>,
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -210,6 +218,8 @@ fn bench(args: BenchArgs) -> ExitCode {
         depth,
         sync,
         keep_segments,
+        flush_bytes_max,
+        pending_bytes_max,
         json: as_json,
     } = args;
     let tmp;
@@ -229,10 +239,19 @@ fn bench(args: BenchArgs) -> ExitCode {
             tmp.path().to_path_buf()
         }
     };
+    let defaults = WalOptions::default();
+    let flush_bytes_max = flush_bytes_max.unwrap_or(defaults.flush_bytes_max);
     let opts = WalOptions {
         sync,
-        ..WalOptions::default()
+        flush_bytes_max,
+        pending_bytes_max: pending_bytes_max
+            .unwrap_or(defaults.pending_bytes_max.max(flush_bytes_max)),
+        ..defaults
     };
+    if let Err(e) = opts.validate() {
+        eprintln!("baton wal bench: {e}");
+        return ExitCode::from(1);
+    }
     if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 || depth == 0 {
         eprintln!(
             "baton wal bench: --record-bytes must be 1..={}, --in-flight and --depth at least 1",
@@ -300,11 +319,12 @@ fn bench(args: BenchArgs) -> ExitCode {
                 s.segments_created - start_stats.segments_created,
                 s.spares_written - start_stats.spares_written,
                 s.spares_recycled - start_stats.spares_recycled,
+                s.writes - start_stats.writes,
             ),
         ))
     });
     match result {
-        Ok((secs, appends, syncs, mut lat, (segments, zeroed, recycled))) => {
+        Ok((secs, appends, syncs, mut lat, (segments, zeroed, recycled, writes))) => {
             lat.sort();
             let mb = appends as f64 * record_bytes as f64 / secs / (1 << 20) as f64;
             if as_json {
@@ -316,6 +336,7 @@ fn bench(args: BenchArgs) -> ExitCode {
                     "sync": format!("{sync:?}").to_lowercase(), "syncs": syncs, "records_per_sync": appends as f64 / syncs.max(1) as f64,
                     "latency_us": {"p50": us(percentile(&lat, 0.5)), "p99": us(percentile(&lat, 0.99)), "max": us(percentile(&lat, 1.0))},
                     "keep_segments": keep_segments, "segments_created": segments, "spares_zero_filled": zeroed, "spares_recycled": recycled,
+                    "writes": writes, "flush_bytes_max": flush_bytes_max,
                 });
                 println!("{out}");
                 return ExitCode::SUCCESS;
@@ -326,7 +347,7 @@ fn bench(args: BenchArgs) -> ExitCode {
             println!("  records/s        {:>12.0}", appends as f64 / secs);
             println!("  MiB/s            {mb:>12.1}");
             println!(
-                "  durable rounds   {syncs:>12}  ({:.1} records per round)",
+                "  durable rounds   {syncs:>12}  ({:.1} records per round, {writes} writes)",
                 appends as f64 / syncs.max(1) as f64
             );
             println!(
