@@ -328,6 +328,7 @@ pub async fn run(
             per_second_tx: rec.per_second(),
         },
         latency_ms: [(config.ack.name().to_string(), rec.latency())].into(),
+        latency_per_second_ms: rec.per_second_latency(),
         errors: Errors {
             tx: rec.failed(),
             by_type: rec.errors().iter().map(|(k, v)| (k.clone(), *v)).collect(),

@@ -69,6 +69,20 @@ pub struct LatencySummary {
     pub curve: Vec<[f64; 2]>,
 }
 
+/// Latency of the requests intended in one second of the window, in milliseconds: where in a
+/// run the tail comes from (a steady tail, or spikes in a few seconds).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SecondLatency {
+    /// Transactions measured.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
 /// Percentiles at which the curve is sampled.
 const CURVE: &[f64] = &[
     0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0,
@@ -84,6 +98,8 @@ pub struct Recorder {
     failed_tx: u64,
     errors: BTreeMap<String, u64>,
     per_second: Vec<u64>,
+    /// Latency by the second each request was intended in (2 significant digits).
+    per_second_latency: Vec<Histogram<u64>>,
     /// Everything answered so far, warm-up included (for progress lines).
     live_ok_tx: u64,
     live_failed_tx: u64,
@@ -101,6 +117,7 @@ impl Recorder {
             failed_tx: 0,
             errors: BTreeMap::new(),
             per_second: Vec::new(),
+            per_second_latency: Vec::new(),
             live_ok_tx: 0,
             live_failed_tx: 0,
         }
@@ -126,6 +143,14 @@ impl Recorder {
             .record_n(latency, outcome.ok_tx)
             .expect("clamped into range");
         self.ok_requests += 1;
+        let intended_second = ((intended_us - self.window.from_us) / 1_000_000) as usize;
+        while self.per_second_latency.len() <= intended_second {
+            self.per_second_latency
+                .push(Histogram::new_with_bounds(1, LATENCY_US_MAX, 2).expect("valid bounds"));
+        }
+        self.per_second_latency[intended_second]
+            .record_n(latency, outcome.ok_tx)
+            .expect("clamped into range");
         if done_us < self.window.until_us {
             self.ok_tx += outcome.ok_tx;
             self.ok_bytes += outcome.ok_bytes;
@@ -186,6 +211,31 @@ impl Recorder {
         v
     }
 
+    /// Latency of the requests intended in each second of the window (seconds without any
+    /// answered request are all zeros).
+    pub fn per_second_latency(&self) -> Vec<SecondLatency> {
+        let mut v: Vec<SecondLatency> = self
+            .per_second_latency
+            .iter()
+            .map(|h| {
+                if h.is_empty() {
+                    return SecondLatency::default();
+                }
+                SecondLatency {
+                    count: h.len(),
+                    p50: ms(h.value_at_quantile(0.5)),
+                    p99: ms(h.value_at_quantile(0.99)),
+                    max: ms(h.max()),
+                }
+            })
+            .collect();
+        v.resize(
+            self.window.seconds().ceil() as usize,
+            SecondLatency::default(),
+        );
+        v
+    }
+
     /// The latency percentiles so far.
     pub fn latency(&self) -> LatencySummary {
         summarize(&self.latency)
@@ -242,6 +292,12 @@ mod tests {
         assert_eq!(r.ok(), (10, 1_280));
         assert_eq!(r.per_second(), vec![10, 0]);
         assert!((l.max - 500.0).abs() < 1.0, "max {}", l.max);
+        // By intended second: the late answer belongs to the second it was meant for.
+        let by_second = r.per_second_latency();
+        assert_eq!(by_second.len(), 2);
+        assert_eq!((by_second[0].count, by_second[1].count), (10, 10));
+        assert!((by_second[0].max - 1.0).abs() < 0.1, "{:?}", by_second[0]);
+        assert!((by_second[1].max - 500.0).abs() < 5.0, "{:?}", by_second[1]);
     }
 
     #[test]

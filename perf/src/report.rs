@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::gen::TxShape;
-use crate::recorder::LatencySummary;
+use crate::recorder::{LatencySummary, SecondLatency};
 
 /// Which receipt a request waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -221,6 +221,9 @@ pub struct RunResult {
     pub throughput: Throughput,
     /// Latency from (intended) submission to the receipt, per ack level (`committed`).
     pub latency_ms: BTreeMap<String, LatencySummary>,
+    /// The same latency for the requests intended in each second of the window.
+    #[serde(default)]
+    pub latency_per_second_ms: Vec<SecondLatency>,
     /// Errors.
     pub errors: Errors,
 }
@@ -303,6 +306,25 @@ impl RunResult {
             );
         }
         let _ = writeln!(s);
+        if !self.latency_per_second_ms.is_empty() {
+            let _ = writeln!(
+                s,
+                "| second (intended) | tx answered in it | p50 (ms) | p99 (ms) | max (ms) |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|");
+            for (i, l) in self.latency_per_second_ms.iter().enumerate() {
+                let tx = t.per_second_tx.get(i).copied().unwrap_or(0);
+                let _ = writeln!(
+                    s,
+                    "| {} | {tx} | {:.2} | {:.2} | {:.2} |",
+                    i + 1,
+                    l.p50,
+                    l.p99,
+                    l.max
+                );
+            }
+            let _ = writeln!(s);
+        }
         if !self.errors.by_type.is_empty() {
             let _ = writeln!(s, "| error | transactions |\n|---|---|");
             for (k, n) in &self.errors.by_type {
@@ -369,6 +391,7 @@ pub(crate) fn sample_result(achieved: f64, p99: f64, failed: u64) -> RunResult {
             per_second_tx: vec![achieved as u64; 3],
             ..Default::default()
         },
+        latency_per_second_ms: vec![],
         latency_ms: [(
             "committed".to_string(),
             LatencySummary {
