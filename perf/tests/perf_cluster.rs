@@ -107,6 +107,17 @@ fn check_result(v: &serde_json::Value, mode: &str, seconds: usize) {
     assert!(l["count"].as_u64().unwrap() >= tx);
     assert!(0.0 < p("p50") && p("p50") <= p("p90") && p("p90") <= p("p99"));
     assert!(p("p99") <= p("p99_9") && p("p99_9") <= p("max"));
+    // Per intended second: one entry per second, together every measured transaction, none
+    // slower than the whole run's max (2 vs 3 significant digits: allow 1%).
+    let by_second = v["latency_per_second_ms"].as_array().unwrap();
+    assert_eq!(by_second.len(), seconds);
+    let counted: u64 = by_second.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, l["count"].as_u64().unwrap());
+    for s in by_second {
+        let q = |k: &str| s[k].as_f64().unwrap();
+        assert!(q("p50") <= q("p99") && q("p99") <= q("max"), "{s}");
+        assert!(q("max") <= p("max") * 1.01, "{s} vs {}", p("max"));
+    }
     assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(!v["machine"]["kernel"].as_str().unwrap().is_empty());
     let nodes = v["nodes"].as_array().unwrap();
