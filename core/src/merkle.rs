@@ -354,6 +354,11 @@ impl MerkleTree {
         self.nodes.last().copied().unwrap_or_else(empty_root)
     }
 
+    /// The leaf hashes, in order.
+    pub fn leaves(&self) -> &[[u8; 32]] {
+        &self.nodes[..self.count()]
+    }
+
     /// Inclusion proof of leaf `index`.
     pub fn proof(&self, index: usize) -> Result<MerkleProof, ModelError> {
         let (index_u32, count_u32) = proof_bounds(index, self.count())?;

@@ -80,6 +80,18 @@ pub struct Duplicate {
     pub original: Position,
 }
 
+/// A batch's transaction hashes and Merkle leaves, computed by this node from exactly the
+/// batch's bytes (its own batcher built the batch): applying it need not derive them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownHashes {
+    /// Transaction hashes in batch order.
+    pub tx_hashes: Vec<TxHash>,
+    /// Their Merkle leaf hashes.
+    pub leaves: Vec<[u8; 32]>,
+    /// The Merkle root over them (as in the batch's header).
+    pub root: [u8; 32],
+}
+
 /// What applying one batch did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -339,6 +351,21 @@ impl Sequencer {
         batch_bytes: &[u8],
         signed: Option<&SignedHeader>,
     ) -> Result<Applied, SequencerError> {
+        self.apply_known_batch(index, term, batch_bytes, signed, None)
+    }
+
+    /// `apply_signed_batch` with the batch's hashes already at hand: `known` must have been
+    /// computed from exactly `batch_bytes` (the caller compared the bytes). It is used only
+    /// where it matches the batch (transaction count and header root); otherwise, or when
+    /// `None`, everything is derived from the bytes. Either way the outcome is the same.
+    pub fn apply_known_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        batch_bytes: &[u8],
+        signed: Option<&SignedHeader>,
+        known: Option<KnownHashes>,
+    ) -> Result<Applied, SequencerError> {
         if let Some((applied, applied_term)) = self.applied {
             if index <= applied {
                 return Err(SequencerError::IndexNotAfterApplied { index, applied });
@@ -353,14 +380,25 @@ impl Sequencer {
         }
         let batch = access_batch(batch_bytes)
             .map_err(|source| SequencerError::InvalidBatch { index, source })?;
-        // The transactions' hashes, leaves and tree levels are each independent of one another:
-        // hashed several per permutation (keccak_many).
-        let mut raw = Vec::with_capacity(batch.txs.len());
-        keccak256_many(batch.txs.iter().map(|tx| tx.bytes.as_slice()), &mut raw);
-        let hashes: Vec<TxHash> = raw.into_iter().map(TxHash).collect();
-        let mut leaves = Vec::with_capacity(hashes.len());
-        leaf_hashes(&hashes, &mut leaves);
-        let computed = root_of_leaf_hashes(&leaves, &mut Vec::new());
+        let known = known.filter(|k| {
+            k.tx_hashes.len() == batch.txs.len()
+                && k.leaves.len() == k.tx_hashes.len()
+                && k.root == batch.header.tx_merkle_root
+        });
+        let (hashes, leaves, computed) = match known {
+            Some(k) => (k.tx_hashes, k.leaves, k.root),
+            None => {
+                // The transactions' hashes, leaves and tree levels are each independent of
+                // one another: hashed several per permutation (keccak_many).
+                let mut raw = Vec::with_capacity(batch.txs.len());
+                keccak256_many(batch.txs.iter().map(|tx| tx.bytes.as_slice()), &mut raw);
+                let hashes: Vec<TxHash> = raw.into_iter().map(TxHash).collect();
+                let mut leaves = Vec::with_capacity(hashes.len());
+                leaf_hashes(&hashes, &mut leaves);
+                let computed = root_of_leaf_hashes(&leaves, &mut Vec::new());
+                (hashes, leaves, computed)
+            }
+        };
         if computed != batch.header.tx_merkle_root {
             return Err(SequencerError::MerkleRootMismatch {
                 index,
@@ -820,6 +858,42 @@ mod tests {
 
     fn encoded(index: u64, txs: Vec<Transaction>) -> AlignedVec {
         encode_batch(&Batch::new(txs, 1, index, 7)).unwrap()
+    }
+
+    #[test]
+    fn known_hashes_are_used_only_when_they_match_the_batch() {
+        let bytes = encoded(1, vec![tx(b"a"), tx(b"b")]);
+        let hashes = vec![TxHash::of(b"a"), TxHash::of(b"b")];
+        let tree = crate::merkle::MerkleTree::new(&hashes);
+        let known = KnownHashes {
+            tx_hashes: vec![TxHash::of(b"x"), TxHash::of(b"y")],
+            leaves: tree.leaves().to_vec(),
+            root: tree.root(),
+        };
+        // Wrong count or wrong root: ignored, the hashes come from the bytes.
+        for bad in [
+            KnownHashes {
+                tx_hashes: vec![TxHash::of(b"x")],
+                ..known.clone()
+            },
+            KnownHashes {
+                root: [9; 32],
+                ..known.clone()
+            },
+        ] {
+            let mut s = Sequencer::new();
+            s.apply_known_batch(1, 1, &bytes, None, Some(bad)).unwrap();
+            assert!(s.lookup(&TxHash::of(b"a")).is_some());
+            assert!(s.lookup(&TxHash::of(b"x")).is_none());
+        }
+        // Matching count and root: taken as given (the caller vouches for the bytes).
+        let mut s = Sequencer::new();
+        let applied = s
+            .apply_known_batch(1, 1, &bytes, None, Some(known))
+            .unwrap();
+        assert_eq!(applied.tx_count, 2);
+        assert!(s.lookup(&TxHash::of(b"x")).is_some());
+        assert!(s.lookup(&TxHash::of(b"a")).is_none());
     }
 
     #[test]

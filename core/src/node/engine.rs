@@ -29,9 +29,11 @@ use crate::node::handle::{
 };
 use crate::node::local_net::LocalRouter;
 use crate::node::peer::{serve, Forwarder, Proposal, Rpc};
+use crate::raft::state_machine::HashedBatches;
 use crate::raft::types::SealTicket;
 use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
 use crate::receipt::{AckLevel, Receipt, SignedHeader};
+use crate::sequencer::KnownHashes;
 
 /// Committed batches whose positions a shard remembers to answer duplicates without asking the
 /// state machine.
@@ -123,13 +125,14 @@ where
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
     // Shard 0 also runs Raft: it takes these.
     let registry = crate::raft::state_machine::RollupRegistry::default();
+    let hashed = HashedBatches::default();
     let mut raft_part = Some((
         raft_config,
         peers,
         propose_tx.clone(),
         propose_rx,
         control_rx,
-        registry.clone(),
+        (registry.clone(), hashed.clone()),
     ));
     for k in 0..config.shards {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
@@ -138,16 +141,19 @@ where
         let propose = propose_tx.clone();
         let control = control_tx.clone();
         let raft = raft_part.take();
+        let shard_hashed = hashed.clone();
         let t = spawn_shard(&config, k, ready_tx.clone(), move |ready| async move {
             let config = shard_config;
-            let batching = batching_shard(config.clone(), k, rx, propose, control);
+            let batching = batching_shard(config.clone(), k, rx, (propose, shard_hashed), control);
             match raft {
-                Some((raft_config, peers, propose_tx, propose_rx, control_rx, registry)) => {
+                Some((raft_config, peers, propose_tx, propose_rx, control_rx, shared)) => {
+                    let (registry, hashed) = shared;
                     let queues = RaftQueues {
                         propose_tx,
                         propose_rx,
                         control_rx,
                         registry,
+                        hashed,
                     };
                     let raft = raft_shard(config, raft_config, peers, queues, ready);
                     futures_util::future::join(raft, batching).await;
@@ -509,7 +515,7 @@ async fn batching_shard(
     config: NodeConfig,
     k: usize,
     mut rx: mpsc::Receiver<ShardSubmit>,
-    mut propose: mpsc::Sender<Proposal>,
+    (mut propose, hashed): (mpsc::Sender<Proposal>, HashedBatches),
     control: mpsc::Sender<Control>,
 ) {
     let origin = Instant::now();
@@ -532,7 +538,8 @@ async fn batching_shard(
                 match futures_util::future::select(next, timer).await {
                     futures_util::future::Either::Left((m, _)) => m,
                     futures_util::future::Either::Right(_) => {
-                        flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+                        flush_sealed(&mut batcher, &state, &mut propose, &hashed, now_us(origin))
+                            .await;
                         continue;
                     }
                 }
@@ -544,7 +551,7 @@ async fn batching_shard(
         }
         let ack = msg.ack;
         accept(&mut batcher, &state, msg, origin);
-        flush_sealed(&mut batcher, &state, &mut propose, now_us(origin)).await;
+        flush_sealed(&mut batcher, &state, &mut propose, &hashed, now_us(origin)).await;
         // Nothing of this shard's is waiting for what this request waits for (a commit, or for
         // preconfirmations the leader's signature): lingering for company would only add latency
         // (a lone client). While batches are in flight, new transactions linger and gather
@@ -555,13 +562,13 @@ async fn batching_shard(
         };
         if config.seal_when_idle && idle {
             while let Some(b) = batcher.seal_now() {
-                dispatch(b, &state, &mut propose).await;
+                dispatch(b, &state, &mut propose, &hashed).await;
             }
         }
     }
     // Shutting down: hand over what was accepted; the Raft shard answers or fails it.
     while let Some(b) = batcher.seal_now() {
-        dispatch(b, &state, &mut propose).await;
+        dispatch(b, &state, &mut propose, &hashed).await;
     }
 }
 
@@ -699,10 +706,11 @@ async fn flush_sealed(
     batcher: &mut Batcher,
     state: &Rc<RefCell<ShardState>>,
     propose: &mut mpsc::Sender<Proposal>,
+    hashed: &HashedBatches,
     now: u64,
 ) {
     while let Some(b) = batcher.poll_seal(now) {
-        dispatch(b, state, propose).await;
+        dispatch(b, state, propose, hashed).await;
     }
 }
 
@@ -712,9 +720,20 @@ async fn dispatch(
     b: SealedBatch,
     state: &Rc<RefCell<ShardState>>,
     propose: &mut mpsc::Sender<Proposal>,
+    hashed: &HashedBatches,
 ) {
     let seq = b.seq;
     let (ticket, sealed) = SealTicket::new();
+    let bytes = BatchBytes::from_aligned(b.bytes);
+    // The state machine applies this batch (wherever it is sequenced) with the hashes found here.
+    hashed.remember(
+        bytes.shared(),
+        KnownHashes {
+            leaves: b.tree.leaves().to_vec(),
+            tx_hashes: b.tx_hashes,
+            root: b.merkle_root,
+        },
+    );
     {
         let mut st = state.borrow_mut();
         st.in_flight += 1;
@@ -723,7 +742,7 @@ async fn dispatch(
     }
     let (tx, rx) = oneshot::channel();
     let proposal = Proposal {
-        bytes: BatchBytes::from_aligned(b.bytes).with_ticket(ticket),
+        bytes: bytes.with_ticket(ticket),
         reply: tx,
         forwarded: false,
     };
@@ -764,6 +783,8 @@ struct RaftQueues {
     control_rx: mpsc::Receiver<Control>,
     /// Where the state machine publishes the registered rollups.
     registry: crate::raft::state_machine::RollupRegistry,
+    /// Hashes of the batches this node's shards built, for the state machine.
+    hashed: HashedBatches,
 }
 
 /// Shard 0's Raft side: opens storage, runs Raft, serves peer RPCs, proposes sealed batches and
@@ -783,6 +804,7 @@ async fn raft_shard<F>(
         mut propose_rx,
         mut control_rx,
         registry,
+        hashed,
     } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
@@ -802,7 +824,7 @@ async fn raft_shard<F>(
     let proofs = ProofCache::default();
     let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = match Sm::open(&config.data_dir) {
-        Ok(sm) => sm.with_registry(registry),
+        Ok(sm) => sm.with_registry(registry).with_hashed(hashed),
         Err(e) => {
             let _ = ready.send(Err(fail(e.to_string())));
             return;

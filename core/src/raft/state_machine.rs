@@ -22,11 +22,11 @@
 //! ([`encode_membership`](super::log_store)).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -39,7 +39,7 @@ use super::log_store::{
 };
 use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
 use crate::hash::TxHash;
-use crate::sequencer::{Position, Sequencer, SequencerError, SnapshotError};
+use crate::sequencer::{KnownHashes, Position, Sequencer, SequencerError, SnapshotError};
 
 type CommittedLeaderId = openraft::vote::leader_id_std::CommittedLeaderId<u64>;
 
@@ -212,11 +212,71 @@ impl RollupRegistry {
     }
 }
 
+/// Hashes of the batches this node's own batchers built (or forwarded), kept until the state
+/// machine applies them so it need not hash their transactions, leaves and root again: on a
+/// three-node cluster each node built about a third of what it applies, and this was 3 of the
+/// ~15 keccak permutations spent per transaction on one machine. An entry is used only for the
+/// very bytes it was computed from (compared in full); batches never applied (failed, retried
+/// elsewhere) age out once more than [`HASHED_TXS_MAX`] transactions are kept.
+#[derive(Clone, Debug, Default)]
+pub struct HashedBatches(Arc<Mutex<HashedInner>>);
+
+#[derive(Debug, Default)]
+struct HashedInner {
+    batches: VecDeque<(Bytes, KnownHashes)>,
+    txs: usize,
+}
+
+/// Most transactions whose hashes [`HashedBatches`] keeps (64 bytes each: 16 MiB).
+pub const HASHED_TXS_MAX: usize = 1 << 18;
+
+impl HashedBatches {
+    /// Keeps `known`, computed from exactly `bytes`.
+    pub fn remember(&self, bytes: Bytes, known: KnownHashes) {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.txs += known.tx_hashes.len();
+        inner.batches.push_back((bytes, known));
+        while inner.txs > HASHED_TXS_MAX && inner.batches.len() > 1 {
+            if let Some((_, old)) = inner.batches.pop_front() {
+                inner.txs -= old.tx_hashes.len();
+            }
+        }
+    }
+
+    /// The hashes of the batch `bytes` whose header root is `root`, if kept (and forgets them).
+    pub fn take(&self, root: &[u8; 32], bytes: &[u8]) -> Option<KnownHashes> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let at = inner
+            .batches
+            .iter()
+            .position(|(b, k)| k.root == *root && b.as_ref() == bytes)?;
+        let (_, known) = inner.batches.remove(at)?;
+        inner.txs -= known.tx_hashes.len();
+        Some(known)
+    }
+
+    /// Batches kept.
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batches
+            .len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The applied state.
 #[derive(Debug, Default)]
 struct State {
     sequencer: Sequencer,
     registry: RollupRegistry,
+    /// Hashes of batches this node built, for their apply.
+    hashed: HashedBatches,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     /// Batches committed but rejected for their content.
@@ -245,11 +305,15 @@ impl State {
                 result.command = Some(r);
             }
             EntryPayload::Normal(batch) => {
-                match self.sequencer.apply_signed_batch(
+                let known = batch
+                    .seal()
+                    .and_then(|s| self.hashed.take(&s.header.tx_merkle_root, batch.as_bytes()));
+                match self.sequencer.apply_known_batch(
                     log_id.index,
                     log_id.leader_id.term,
                     batch.as_bytes(),
                     batch.seal(),
+                    known,
                 ) {
                     Ok(applied) => {
                         result.tx_count = applied.tx_count;
@@ -403,6 +467,7 @@ impl StateMachine {
         *sm.state.borrow_mut() = State {
             sequencer: decoded.sequencer,
             registry: RollupRegistry::default(),
+            hashed: HashedBatches::default(),
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
@@ -412,6 +477,12 @@ impl StateMachine {
             snapshot: blob,
         });
         Ok(sm)
+    }
+
+    /// Applies batches found in `hashed` with the hashes kept there.
+    pub fn with_hashed(self, hashed: HashedBatches) -> Self {
+        self.state.borrow_mut().hashed = hashed;
+        self
     }
 
     /// Publishes the registered rollups to `registry` from now on (and at once).
@@ -566,6 +637,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         *state = State {
             sequencer: decoded.sequencer,
             registry,
+            hashed: state.hashed.clone(),
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
@@ -671,6 +743,92 @@ mod tests {
         let live = view.with(|s| (s.tx_total(), s.duplicates_total()));
         assert_eq!(live, (3_002, 1));
         assert_ne!(after, at_capture);
+    }
+
+    /// A batch of `payloads` at (term 1, `index`) carrying the leader's seal, and the hashes
+    /// its batcher would have kept for it.
+    fn sealed_batch(index: u64, payloads: &[&[u8]]) -> (BatchBytes, KnownHashes) {
+        let tx_hashes: Vec<TxHash> = payloads.iter().map(|p| TxHash::of(p)).collect();
+        let tree = crate::merkle::MerkleTree::new(&tx_hashes);
+        let bytes = batch(payloads);
+        let header = crate::batch::BatchHeader {
+            term: 1,
+            index,
+            prev_batch_hash: [0; 32],
+            tx_merkle_root: tree.root(),
+            tx_count: payloads.len() as u32,
+            timestamp_us: 0,
+        };
+        let seal = crate::receipt::SignedHeader::sign(header, &crate::sign::Signer::random());
+        let known = KnownHashes {
+            leaves: tree.leaves().to_vec(),
+            tx_hashes,
+            root: tree.root(),
+        };
+        (bytes.with_seal(seal), known)
+    }
+
+    #[test]
+    fn a_batch_this_node_built_is_applied_with_the_hashes_it_kept() {
+        let hashed = HashedBatches::default();
+        let mut sm = StateMachine::new().with_hashed(hashed.clone());
+        let view = sm.view();
+        let (first, known) = sealed_batch(1, &[b"a", b"b"]);
+        // Mark the kept hashes (one tx hash swapped for another's): if apply takes them, the
+        // index holds the marked hash; if it derived its own, it would hold the real one.
+        let mut marked = known.clone();
+        marked.tx_hashes[1] = TxHash::of(b"marker");
+        hashed.remember(first.shared(), marked);
+        // Kept for other bytes (same root and count): never used for this batch.
+        let (second, second_known) = sealed_batch(2, &[b"c", b"d"]);
+        let mut other_bytes = second.as_bytes().to_vec();
+        other_bytes.push(0);
+        let mut wrong = second_known.clone();
+        wrong.tx_hashes[0] = TxHash::of(b"wrong");
+        hashed.remember(Bytes::from(other_bytes), wrong);
+        run(apply_all(
+            &mut sm,
+            vec![
+                Entry::new_normal(LogId::new_term_index(1, 1), first),
+                Entry::new_normal(LogId::new_term_index(1, 2), second),
+            ],
+        ))
+        .unwrap();
+        view.with(|s| {
+            assert!(
+                s.lookup(&TxHash::of(b"marker")).is_some(),
+                "kept hashes used"
+            );
+            assert!(s.lookup(&TxHash::of(b"b")).is_none());
+            assert!(
+                s.lookup(&TxHash::of(b"c")).is_some(),
+                "derived from its bytes"
+            );
+            assert!(
+                s.lookup(&TxHash::of(b"wrong")).is_none(),
+                "other bytes' hashes unused"
+            );
+        });
+        assert_eq!(hashed.len(), 1, "the used entry is gone, the other stays");
+    }
+
+    #[test]
+    fn kept_hashes_are_bounded_by_transactions() {
+        let hashed = HashedBatches::default();
+        let (bytes, known) = sealed_batch(1, &[b"a"]);
+        let big = KnownHashes {
+            tx_hashes: vec![TxHash::of(b"x"); HASHED_TXS_MAX / 2],
+            leaves: vec![[0; 32]; HASHED_TXS_MAX / 2],
+            root: [7; 32],
+        };
+        hashed.remember(bytes.shared(), known.clone());
+        hashed.remember(Bytes::from_static(b"one"), big.clone());
+        hashed.remember(Bytes::from_static(b"two"), big.clone());
+        // Over the bound: the oldest went.
+        assert_eq!(hashed.len(), 2);
+        assert_eq!(hashed.take(&known.root, bytes.as_bytes()), None);
+        assert_eq!(hashed.take(&[7; 32], b"two"), Some(big));
+        assert_eq!(hashed.take(&[7; 32], b"two"), None, "taken once");
     }
 
     #[test]
