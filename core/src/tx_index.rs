@@ -164,9 +164,9 @@ impl<V: Copy + PartialEq + Send + Sync> TxIndex<V> {
         }
     }
 
-    /// This index emptied, keeping the tables it can (those no clone shares) with their
+    /// Empties this index, keeping the tables it can (those no clone shares) with their
     /// capacity, so that refilling it to the same size allocates and grows (almost) nothing.
-    fn recycled(mut self) -> Self {
+    fn recycle(&mut self) {
         for slot in self.parts.iter_mut() {
             match slot.as_mut().map(Arc::get_mut) {
                 Some(Some(part)) => part.clear(),
@@ -175,7 +175,6 @@ impl<V: Copy + PartialEq + Send + Sync> TxIndex<V> {
             }
         }
         self.len = 0;
-        self
     }
 
     /// Every entry, in no particular order.
@@ -346,13 +345,12 @@ impl<V: Copy + PartialEq + Send + Sync> Window<V> {
 
     /// The value recorded for `tx_hash`, if it is still remembered.
     pub fn get(&self, tx_hash: &TxHash) -> Option<V> {
-        let current = || {
-            self.current_filter
-                .may_hold(tx_hash)
-                .then(|| self.current.get(tx_hash))
-                .flatten()
-        };
-        current().or_else(|| self.previous_get(tx_hash))
+        if self.current_filter.may_hold(tx_hash) {
+            if let Some(value) = self.current.get(tx_hash) {
+                return Some(value);
+            }
+        }
+        self.previous_get(tx_hash)
     }
 
     /// The value `previous` holds for `tx_hash`, asking its filter first.
@@ -382,8 +380,8 @@ impl<V: Copy + PartialEq + Send + Sync> Window<V> {
             // The dropped generation's tables, emptied, take the new one's entries: they have
             // about the room a generation needs, so the next one neither allocates nor grows
             // its 65,536 tables (each growth a rehash into fresh memory) all over again.
-            let full = std::mem::take(&mut self.current);
-            self.current = std::mem::replace(&mut self.previous, full).recycled();
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.recycle();
             // The dropped generation's filter becomes the new current one, emptied (unless a
             // snapshot's copy still shares it).
             std::mem::swap(&mut self.previous_filter, &mut self.current_filter);
@@ -477,7 +475,8 @@ mod tests {
             index.insert_new(h(i), i).unwrap();
         }
         let reused_before = index.parts.iter().flatten().count();
-        let recycled = index.recycled();
+        let mut recycled = index;
+        recycled.recycle();
         assert_eq!((recycled.len(), recycled.iter().count()), (0, 0));
         assert!((0..1_500u64).all(|i| recycled.get(&h(i)).is_none()));
         let kept = recycled.parts.iter().flatten().count();
@@ -490,7 +489,6 @@ mod tests {
         assert_eq!(copy.len(), 1_000);
         assert!((0..1_000u64).all(|i| copy.get(&h(i)) == Some(i)));
         // And the recycled index takes entries again.
-        let mut recycled = recycled;
         assert_eq!(recycled.insert_new(h(7), 70), Ok(()));
         assert_eq!(recycled.insert_new(h(7), 71), Err(70));
         assert_eq!(recycled.len(), 1);

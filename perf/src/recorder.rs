@@ -98,7 +98,8 @@ pub struct Recorder {
     failed_tx: u64,
     errors: BTreeMap<String, u64>,
     per_second: Vec<u64>,
-    /// Latency by the second each request was intended in (2 significant digits).
+    /// Latency by the second each request was intended in (2 significant digits, ~24 KiB per
+    /// second of run: 85 MB for an hour).
     per_second_latency: Vec<Histogram<u64>>,
     /// Everything answered so far, warm-up included (for progress lines).
     live_ok_tx: u64,

@@ -727,7 +727,7 @@ async fn dispatch(
     let bytes = BatchBytes::from_aligned(b.bytes);
     // The state machine applies this batch (wherever it is sequenced) with the hashes found here.
     hashed.remember(
-        bytes.shared(),
+        bytes.as_bytes(),
         KnownHashes {
             leaves: b.tree.leaves().to_vec(),
             tx_hashes: b.tx_hashes,

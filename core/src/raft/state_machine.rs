@@ -215,29 +215,44 @@ impl RollupRegistry {
 /// Hashes of the batches this node's own batchers built (or forwarded), kept until the state
 /// machine applies them so it need not hash their transactions, leaves and root again: on a
 /// three-node cluster each node built about a third of what it applies, and this was 3 of the
-/// ~15 keccak permutations spent per transaction on one machine. An entry is used only for the
-/// very bytes it was computed from (compared in full); batches never applied (failed, retried
-/// elsewhere) age out once more than [`HASHED_TXS_MAX`] transactions are kept.
-#[derive(Clone, Debug, Default)]
+/// ~15 keccak permutations spent per transaction on one machine.
+///
+/// An entry is found by the batch's Merkle root (from the leader's seal) and used only for
+/// bytes of the same length and CRC-32 as those it was computed from: the root itself commits
+/// to the transactions, so this only has to tell the batch apart from a damaged or rewritten
+/// copy under the same header, which Raft's crash-fault model (a leader that does not lie)
+/// already rules out. The batch's bytes are not kept (their buffers are sized for the largest
+/// batch). Batches never applied here (failed, retried elsewhere, covered by an installed
+/// snapshot) age out: at most [`HASHED_TXS_MAX`] transactions and [`HASHED_BATCHES_MAX`]
+/// batches are kept. The hashes are the batcher's, computed with the same functions the
+/// sequencer uses (`keccak256_many`, `MerkleTree`); a batcher that got them wrong would now
+/// make this node accept what the others reject, where before all nodes rejected alike.
+#[derive(Clone, Default)]
 pub struct HashedBatches(Arc<Mutex<HashedInner>>);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct HashedInner {
-    batches: VecDeque<(Bytes, KnownHashes)>,
+    /// (bytes' length, their CRC-32, the hashes), oldest first.
+    batches: VecDeque<(usize, u32, KnownHashes)>,
     txs: usize,
 }
 
 /// Most transactions whose hashes [`HashedBatches`] keeps (64 bytes each: 16 MiB).
 pub const HASHED_TXS_MAX: usize = 1 << 18;
+/// Most batches [`HashedBatches`] keeps (bounds the scan of a lookup).
+pub const HASHED_BATCHES_MAX: usize = 1024;
 
 impl HashedBatches {
     /// Keeps `known`, computed from exactly `bytes`.
-    pub fn remember(&self, bytes: Bytes, known: KnownHashes) {
+    pub fn remember(&self, bytes: &[u8], known: KnownHashes) {
+        let crc = crc32fast::hash(bytes);
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
         inner.txs += known.tx_hashes.len();
-        inner.batches.push_back((bytes, known));
-        while inner.txs > HASHED_TXS_MAX && inner.batches.len() > 1 {
-            if let Some((_, old)) = inner.batches.pop_front() {
+        inner.batches.push_back((bytes.len(), crc, known));
+        while (inner.txs > HASHED_TXS_MAX || inner.batches.len() > HASHED_BATCHES_MAX)
+            && inner.batches.len() > 1
+        {
+            if let Some((_, _, old)) = inner.batches.pop_front() {
                 inner.txs -= old.tx_hashes.len();
             }
         }
@@ -246,11 +261,14 @@ impl HashedBatches {
     /// The hashes of the batch `bytes` whose header root is `root`, if kept (and forgets them).
     pub fn take(&self, root: &[u8; 32], bytes: &[u8]) -> Option<KnownHashes> {
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let at = inner
-            .batches
-            .iter()
-            .position(|(b, k)| k.root == *root && b.as_ref() == bytes)?;
-        let (_, known) = inner.batches.remove(at)?;
+        // The bytes' CRC is computed only once a kept batch has the same root and length.
+        let mut crc = None;
+        let at = inner.batches.iter().position(|(len, kept_crc, k)| {
+            k.root == *root
+                && *len == bytes.len()
+                && *kept_crc == *crc.get_or_insert_with(|| crc32fast::hash(bytes))
+        })?;
+        let (_, _, known) = inner.batches.remove(at)?;
         inner.txs -= known.tx_hashes.len();
         Some(known)
     }
@@ -267,6 +285,14 @@ impl HashedBatches {
     /// Whether none is kept.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for HashedBatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashedBatches")
+            .field("batches", &self.len())
+            .finish()
     }
 }
 
@@ -778,14 +804,18 @@ mod tests {
         // index holds the marked hash; if it derived its own, it would hold the real one.
         let mut marked = known.clone();
         marked.tx_hashes[1] = TxHash::of(b"marker");
-        hashed.remember(first.shared(), marked);
+        hashed.remember(first.as_bytes(), marked);
         // Kept for other bytes (same root and count): never used for this batch.
         let (second, second_known) = sealed_batch(2, &[b"c", b"d"]);
         let mut other_bytes = second.as_bytes().to_vec();
         other_bytes.push(0);
         let mut wrong = second_known.clone();
         wrong.tx_hashes[0] = TxHash::of(b"wrong");
-        hashed.remember(Bytes::from(other_bytes), wrong);
+        hashed.remember(&other_bytes, wrong.clone());
+        // Same length, other content: refused by the CRC.
+        let mut same_len = second.as_bytes().to_vec();
+        *same_len.last_mut().unwrap() ^= 1;
+        hashed.remember(&same_len, wrong);
         run(apply_all(
             &mut sm,
             vec![
@@ -809,7 +839,7 @@ mod tests {
                 "other bytes' hashes unused"
             );
         });
-        assert_eq!(hashed.len(), 1, "the used entry is gone, the other stays");
+        assert_eq!(hashed.len(), 2, "the used entry is gone, the others stay");
     }
 
     #[test]
@@ -821,14 +851,28 @@ mod tests {
             leaves: vec![[0; 32]; HASHED_TXS_MAX / 2],
             root: [7; 32],
         };
-        hashed.remember(bytes.shared(), known.clone());
-        hashed.remember(Bytes::from_static(b"one"), big.clone());
-        hashed.remember(Bytes::from_static(b"two"), big.clone());
-        // Over the bound: the oldest went.
+        hashed.remember(bytes.as_bytes(), known.clone());
+        hashed.remember(b"one", big.clone());
+        hashed.remember(b"two", big.clone());
+        // Over the transaction bound: the oldest went.
         assert_eq!(hashed.len(), 2);
-        assert_eq!(hashed.take(&known.root, bytes.as_bytes()), None);
-        assert_eq!(hashed.take(&[7; 32], b"two"), Some(big));
-        assert_eq!(hashed.take(&[7; 32], b"two"), None, "taken once");
+        assert!(hashed.take(&known.root, bytes.as_bytes()).is_none());
+        assert!(
+            hashed.take(&[7; 32], b"two") == Some(big),
+            "same root and length as \"one\""
+        );
+        assert!(hashed.take(&[7; 32], b"two").is_none(), "taken once");
+        // And the batch bound.
+        for i in 0..HASHED_BATCHES_MAX as u32 + 10 {
+            hashed.remember(&i.to_le_bytes(), known.clone());
+        }
+        assert_eq!(hashed.len(), HASHED_BATCHES_MAX);
+        assert!(
+            hashed.take(&known.root, &9u32.to_le_bytes()).is_none(),
+            "aged out"
+        );
+        let last = HASHED_BATCHES_MAX as u32 + 9;
+        assert!(hashed.take(&known.root, &last.to_le_bytes()).is_some());
     }
 
     #[test]

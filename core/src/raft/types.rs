@@ -135,11 +135,6 @@ impl BatchBytes {
         &self.bytes
     }
 
-    /// The encoded batch, shared (no copy).
-    pub fn shared(&self) -> Bytes {
-        self.bytes.clone()
-    }
-
     /// Length of the encoded batch, in bytes.
     pub fn len(&self) -> usize {
         self.bytes.len()
