@@ -245,13 +245,17 @@ struct Filter {
 impl Filter {
     /// Bits per entry of a full generation.
     const BITS_PER_ENTRY: usize = 16;
+    /// Most words a filter has (32 MiB): 16 bits per entry up to generations of 2^22. A larger
+    /// generation (a cluster constant that snapshots carry, up to 2^32) gets this much and more
+    /// false positives, which only cost lookups; it must not cost gigabytes up front.
+    const WORDS_MAX: usize = 1 << 22;
 
     /// A filter sized for `entries`; its words are zeroed by the allocator (fresh pages are
     /// zero-filled lazily, as they are first written).
     fn new(entries: usize) -> Filter {
-        let words = (entries * Self::BITS_PER_ENTRY / 64)
-            .next_power_of_two()
-            .max(1);
+        let words = (entries.saturating_mul(Self::BITS_PER_ENTRY) / 64)
+            .clamp(1, Self::WORDS_MAX)
+            .next_power_of_two();
         Filter {
             words: vec![0u64; words].into_boxed_slice(),
             hasher: TxHasher::new(),
@@ -510,6 +514,14 @@ mod tests {
         assert!(false_positives < 4_000, "{false_positives} of 100,000");
         f.clear();
         assert!((0..10_000u64).filter(|&i| f.may_hold(&h(i))).count() == 0);
+    }
+
+    #[test]
+    fn a_filter_is_bounded_however_large_the_generation() {
+        let f = Filter::new(u32::MAX as usize);
+        assert_eq!(f.words.len(), Filter::WORDS_MAX);
+        assert_eq!(Filter::new(0).words.len(), 1);
+        assert_eq!(Filter::new(1 << 20).words.len(), 1 << 18);
     }
 
     #[test]

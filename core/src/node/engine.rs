@@ -132,7 +132,8 @@ where
         propose_tx.clone(),
         propose_rx,
         control_rx,
-        (registry.clone(), hashed.clone()),
+        registry.clone(),
+        hashed.clone(),
     ));
     for k in 0..config.shards {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
@@ -144,10 +145,17 @@ where
         let shard_hashed = hashed.clone();
         let t = spawn_shard(&config, k, ready_tx.clone(), move |ready| async move {
             let config = shard_config;
-            let batching = batching_shard(config.clone(), k, rx, (propose, shard_hashed), control);
+            let batching = batching_shard(config.clone(), k, rx, propose, shard_hashed, control);
             match raft {
-                Some((raft_config, peers, propose_tx, propose_rx, control_rx, shared)) => {
-                    let (registry, hashed) = shared;
+                Some((
+                    raft_config,
+                    peers,
+                    propose_tx,
+                    propose_rx,
+                    control_rx,
+                    registry,
+                    hashed,
+                )) => {
                     let queues = RaftQueues {
                         propose_tx,
                         propose_rx,
@@ -515,7 +523,8 @@ async fn batching_shard(
     config: NodeConfig,
     k: usize,
     mut rx: mpsc::Receiver<ShardSubmit>,
-    (mut propose, hashed): (mpsc::Sender<Proposal>, HashedBatches),
+    mut propose: mpsc::Sender<Proposal>,
+    hashed: HashedBatches,
     control: mpsc::Sender<Control>,
 ) {
     let origin = Instant::now();
