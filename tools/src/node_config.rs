@@ -63,6 +63,11 @@ pub struct NodeFile {
     pub wal: WalFile,
 }
 
+/// Bounds of `[wal] io_memory_bytes`: glommio's floor, and a ceiling that keeps a typo from
+/// pinning the machine's memory.
+const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
+const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
+
 /// `[wal]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -78,6 +83,9 @@ pub struct WalFile {
     pub pending_bytes_max: usize,
     /// How rounds are made durable: "dsync" (O_DSYNC writes) or "fdatasync". Default "dsync".
     pub sync: String,
+    /// I/O buffer memory of the shard that runs the log (shard 0), where group-commit buffers
+    /// come from; resident from the start. Default 50,331,648 (48 MiB).
+    pub io_memory_bytes: usize,
 }
 
 impl Default for WalFile {
@@ -89,6 +97,7 @@ impl Default for WalFile {
             flush_bytes_max: w.flush_bytes_max,
             pending_bytes_max: w.pending_bytes_max,
             sync: "dsync".into(),
+            io_memory_bytes: baton_wal::IO_MEMORY_BYTES,
         }
     }
 }
@@ -105,6 +114,11 @@ impl WalFile {
             ..baton_wal::WalOptions::default()
         };
         opts.validate().map_err(|e| e.to_string())?;
+        if !(IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&self.io_memory_bytes) {
+            return Err(format!(
+                "io_memory_bytes must be between {IO_MEMORY_BYTES_MIN} and {IO_MEMORY_BYTES_MAX}"
+            ));
+        }
         Ok(opts)
     }
 }
@@ -321,6 +335,7 @@ impl NodeFile {
         node.commit_wait_ms = self.limits.commit_wait_ms;
         // Checked by `load`; a file built in code falls back to the defaults.
         node.wal = self.wal.options().unwrap_or_default();
+        node.wal_io_memory_bytes = self.wal.io_memory_bytes;
         let bootstrap = self.bootstrap.then(|| {
             self.peers
                 .iter()
@@ -396,7 +411,18 @@ mod tests {
         assert_eq!(c.node.wal.spare_segments, 0);
         assert_eq!(c.node.wal.sync, baton_wal::SyncMode::Fdatasync);
         assert_eq!(c.node.wal.flush_bytes_max, d.flush_bytes_max);
+        assert_eq!(c.node.wal_io_memory_bytes, baton_wal::IO_MEMORY_BYTES);
+        let (dir, f) = file_with("[wal]\nio_memory_bytes = 16777216\n");
+        assert_eq!(
+            f.expect("loads")
+                .to_config(dir.path())
+                .node
+                .wal_io_memory_bytes,
+            16 << 20
+        );
         for bad in [
+            "[wal]\nio_memory_bytes = 4096\n",
+            "[wal]\nio_memory_bytes = 2147483648\n",
             "[wal]\nsync = \"sometimes\"\n",
             "[wal]\nsegment_bytes = 4097\n",
             "[wal]\nspare_segments = 17\n",

@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// log's default, raised to `--flush-bytes-max` if that is larger).
     #[arg(long)]
     pending_bytes_max: Option<usize>,
+    /// I/O buffer memory of the executor running the log, in bytes (glommio's `io_memory`;
+    /// default: what a node gives its WAL shard, 48 MiB). Group-commit buffers come from it
+    /// while it has room, else from the heap.
+    #[arg(long, default_value_t = baton_wal::IO_MEMORY_BYTES)]
+    io_memory_bytes: usize,
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -220,6 +225,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         keep_segments,
         flush_bytes_max,
         pending_bytes_max,
+        io_memory_bytes,
         json: as_json,
     } = args;
     let tmp;
@@ -261,6 +267,7 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
     let ex = match glommio::LocalExecutorBuilder::default()
         .name("wal-bench")
+        .io_memory(io_memory_bytes)
         .make()
     {
         Ok(ex) => ex,

@@ -21,4 +21,6 @@ pub mod wal;
 pub use error::{Corruption, WalError};
 pub use options::{SyncMode, WalOptions};
 pub use recovery::{inspect, Inspection, Verdict};
-pub use wal::{Record, RecoveryReport, Wal, WalShutdown, WalStats, RECENT_BYTES_MAX};
+pub use wal::{
+    Record, RecoveryReport, Wal, WalShutdown, WalStats, IO_MEMORY_BYTES, RECENT_BYTES_MAX,
+};

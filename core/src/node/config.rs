@@ -66,6 +66,10 @@ pub struct NodeConfig {
     pub raft: RaftTimings,
     /// WAL sizes.
     pub wal: WalOptions,
+    /// I/O buffer memory of shard 0's executor, which runs the WAL (group-commit buffers come
+    /// from it; registered with io_uring, so resident from the start). Default
+    /// [`baton_wal::IO_MEMORY_BYTES`] (48 MiB); the other shards keep glommio's 10 MiB.
+    pub wal_io_memory_bytes: usize,
     /// The key this node signs batch and block headers with while it leads. Default: a fresh
     /// random key (fine for tests; a real node loads its key file so its address stays the
     /// same across restarts).
@@ -89,6 +93,7 @@ impl NodeConfig {
             commit_wait_ms: 10_000,
             raft: RaftTimings::default(),
             wal: WalOptions::default(),
+            wal_io_memory_bytes: baton_wal::IO_MEMORY_BYTES,
             signer: Signer::random(),
         }
     }

@@ -210,14 +210,17 @@ where
         Placement::Unbound
     };
     let name = format!("baton-{}-s{k}", config.id);
+    let io_memory = config.wal_io_memory_bytes;
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
-            match LocalExecutorBuilder::new(placement)
+            let mut builder = LocalExecutorBuilder::new(placement)
                 .name(&name)
-                .preempt_timer(PREEMPT_EVERY)
-                .make()
-            {
+                .preempt_timer(PREEMPT_EVERY);
+            if k == 0 {
+                builder = builder.io_memory(io_memory);
+            }
+            match builder.make() {
                 Ok(ex) => ex.run(async move {
                     let probe = glommio::spawn_local(lag_probe(k));
                     f(ready).await;
