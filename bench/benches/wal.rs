@@ -43,7 +43,9 @@ fn timed_rounds(ex: &LocalExecutor, record_bytes: usize, in_flight: u64, rounds:
 }
 
 fn group_commit(c: &mut Criterion) {
+    // The arena a node gives its WAL shard: large rounds' buffers come from it, not the heap.
     let ex = glommio::LocalExecutorBuilder::default()
+        .io_memory(baton_wal::IO_MEMORY_BYTES)
         .make()
         .expect("glommio executor");
     let mut g = c.benchmark_group("wal_group_commit");
