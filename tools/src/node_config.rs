@@ -84,7 +84,8 @@ pub struct WalFile {
     /// How rounds are made durable: "dsync" (O_DSYNC writes) or "fdatasync". Default "dsync".
     pub sync: String,
     /// I/O buffer memory of the shard that runs the log (shard 0), where group-commit buffers
-    /// come from; resident from the start. Default 50,331,648 (48 MiB).
+    /// come from; resident from the start where it can be registered with io_uring (root, or a
+    /// locked-memory limit above it). Default 50,331,648 (48 MiB).
     pub io_memory_bytes: usize,
 }
 

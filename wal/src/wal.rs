@@ -136,9 +136,10 @@ pub const RECENT_BUFFERS_MAX: usize = 4;
 
 /// I/O buffer memory to give the glommio executor that runs a log
 /// (`LocalExecutorBuilder::io_memory`; glommio's default is 10 MiB). Group-commit buffers come
-/// from this arena while it has room: it is allocated once, registered with io_uring (so its
-/// pages are pinned and resident from the start), and writes from it skip the kernel's page
-/// pinning. A buffer that does not fit comes from the heap instead, and a large one then faults
+/// from this arena while it has room: it is allocated once and never returned, and where the
+/// locked-memory limit allows (root, or `ulimit -l` above it) registered with io_uring, so its
+/// pages are pinned and resident from the start and writes from it skip the kernel's per-write
+/// page pinning (otherwise pages become resident as they are first used, and stay). A buffer that does not fit comes from the heap instead, and a large one then faults
 /// and zeroes fresh pages on every round: with 8 MiB rounds that took a third of the log's
 /// throughput (`baton wal bench --record-bytes 65536 --in-flight 64`: 1,513–1,826 MiB/s with
 /// 10 MiB, 2,758–3,380 MiB/s with 32–96 MiB). 48 MiB holds the newest written buffer kept for

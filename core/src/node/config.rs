@@ -67,7 +67,8 @@ pub struct NodeConfig {
     /// WAL sizes.
     pub wal: WalOptions,
     /// I/O buffer memory of shard 0's executor, which runs the WAL (group-commit buffers come
-    /// from it; registered with io_uring, so resident from the start). Default
+    /// from it; registered with io_uring where the locked-memory limit allows, then resident from
+    /// the start). Default
     /// [`baton_wal::IO_MEMORY_BYTES`] (48 MiB); the other shards keep glommio's 10 MiB.
     pub wal_io_memory_bytes: usize,
     /// The key this node signs batch and block headers with while it leads. Default: a fresh
