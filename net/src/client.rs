@@ -523,13 +523,8 @@ impl Client {
             }
             attempts += 1;
             let request_id = self.next_id();
-            let request = SubmitRequest {
-                request_id,
-                ack,
-                txs: todo.iter().map(|&i| txs[i].clone()).collect(),
-            };
             let mut body = Vec::new();
-            request.encode(&mut body);
+            SubmitRequest::encode_from(request_id, ack, todo.iter().map(|&i| &txs[i]), &mut body);
             crate::frame::frame_header(FrameKind::SubmitRequest, body.len())?;
             let answer = match self
                 .attempt(

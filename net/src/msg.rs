@@ -533,6 +533,15 @@ pub(crate) fn put_tx(out: &mut Vec<u8>, tx: &Transaction) {
     out.extend_from_slice(&tx.bytes);
 }
 
+/// Bytes [`put_tx`] appends for `tx`.
+pub(crate) fn tx_encoded_bytes(tx: &Transaction) -> usize {
+    let commitment = match tx.kind {
+        TxKind::Raw => 0,
+        TxKind::Encrypted { .. } => 32,
+    };
+    8 + 1 + commitment + 4 + tx.bytes.len()
+}
+
 /// Reads what [`put_tx`] wrote.
 pub(crate) fn read_tx(r: &mut Reader<'_>) -> Result<Transaction, MsgError> {
     let rollup_id = r.u64()?;
@@ -561,10 +570,23 @@ impl SubmitRequest {
     /// Appends `[u64 request_id][u8 ack (0 committed, 1 preconfirmed)][u32 count]`, then per
     /// transaction `[u64 rollup_id][u8 kind][32 key_commitment if encrypted][u32 len][bytes]`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        put_u64(out, self.request_id);
-        out.push(ack_byte(self.ack));
-        put_u32(out, len_u32(self.txs.len()));
-        for tx in &self.txs {
+        Self::encode_from(self.request_id, self.ack, &self.txs, out);
+    }
+
+    /// [`SubmitRequest::encode`] of a request holding `txs`, without building one (a client
+    /// retrying part of a request encodes that part straight from its own transactions).
+    pub fn encode_from<'a, I>(request_id: u64, ack: AckLevel, txs: I, out: &mut Vec<u8>)
+    where
+        I: IntoIterator<Item = &'a Transaction>,
+        I::IntoIter: ExactSizeIterator + Clone,
+    {
+        let txs = txs.into_iter();
+        let bytes: usize = txs.clone().map(tx_encoded_bytes).sum();
+        out.reserve(8 + 1 + 4 + bytes);
+        put_u64(out, request_id);
+        out.push(ack_byte(ack));
+        put_u32(out, len_u32(txs.len()));
+        for tx in txs {
             put_tx(out, tx);
         }
     }
@@ -1225,6 +1247,33 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_request_encoded_from_a_subset_is_that_request() {
+        let whole = sample_submit();
+        let mut full = Vec::new();
+        whole.encode(&mut full);
+        // Exactly sized up front: the sum of the per-transaction sizes plus the fixed head.
+        let expected: usize = 13 + whole.txs.iter().map(tx_encoded_bytes).sum::<usize>();
+        assert_eq!(full.len(), expected);
+        let subset = [2usize, 1];
+        let mut body = Vec::new();
+        SubmitRequest::encode_from(
+            7,
+            AckLevel::Committed,
+            subset.iter().map(|&i| &whole.txs[i]),
+            &mut body,
+        );
+        let decoded = SubmitRequest::decode(&body).expect("decodes");
+        assert_eq!(
+            decoded,
+            SubmitRequest {
+                request_id: 7,
+                ack: AckLevel::Committed,
+                txs: vec![whole.txs[2].clone(), whole.txs[1].clone()],
+            }
+        );
     }
 
     fn sample_status() -> StatusResponse {
