@@ -65,8 +65,8 @@ pub struct NodeFile {
 
 /// Bounds of `[wal] io_memory_bytes`: glommio's floor, and a ceiling that keeps a typo from
 /// pinning the machine's memory.
-const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
-const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
+pub(crate) const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
+pub(crate) const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
 
 /// `[wal]`
 #[derive(Clone, Debug, Serialize, Deserialize)]

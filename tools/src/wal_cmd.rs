@@ -258,6 +258,13 @@ fn bench(args: BenchArgs) -> ExitCode {
         eprintln!("baton wal bench: {e}");
         return ExitCode::from(1);
     }
+    use crate::node_config::{IO_MEMORY_BYTES_MAX, IO_MEMORY_BYTES_MIN};
+    if !(IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&io_memory_bytes) {
+        eprintln!(
+            "baton wal bench: --io-memory-bytes must be between {IO_MEMORY_BYTES_MIN} and {IO_MEMORY_BYTES_MAX}"
+        );
+        return ExitCode::from(1);
+    }
     if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 || depth == 0 {
         eprintln!(
             "baton wal bench: --record-bytes must be 1..={}, --in-flight and --depth at least 1",
