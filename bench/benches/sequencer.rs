@@ -114,6 +114,24 @@ fn window(c: &mut Criterion) {
         .map(|i| TxHash::of(&i.to_le_bytes()))
         .collect();
     let mut group = c.benchmark_group("tx_window");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    // A new node's index: the first generation filled from empty, tables growing as it goes
+    // (what a benchmark of a few seconds sees), prefetching as the state machine does.
+    group.bench_function("fill_first_generation_prefetched", |b| {
+        b.iter(|| {
+            let mut w = Window::new(GENERATION);
+            let at = |k: usize| &hashes[k.min(hashes.len() - 1)];
+            for (k, h) in hashes[..GENERATION].iter().enumerate() {
+                w.prefetch(
+                    at(k + PREFETCH_AHEAD),
+                    at(k + PREFETCH_AHEAD / 2),
+                    at(k + PREFETCH_AHEAD / 4),
+                );
+                let _ = black_box(w.insert_new(*h, k as u64));
+            }
+            w
+        })
+    });
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
@@ -145,6 +163,7 @@ fn window(c: &mut Criterion) {
                 w.prefetch(
                     at(next + PREFETCH_AHEAD as u64),
                     at(next + PREFETCH_AHEAD as u64 / 2),
+                    at(next + PREFETCH_AHEAD as u64 / 4),
                 );
                 let _ = black_box(w.insert_new(*at(next), next));
                 next += 1;

@@ -63,7 +63,7 @@ use crate::rollups::{Rollups, Sealed};
 use crate::tx_index::{TxIndex, Window, PREFETCH_AHEAD};
 
 /// Where a transaction was ordered: the Raft index of its batch and its offset in the batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
     /// Raft log index of the batch.
     pub index: u64,
@@ -423,8 +423,11 @@ impl Sequencer {
             // The index entries of hashes a little further on start loading now
             // (`Window::prefetch`): the lookups are memory-bound.
             let ahead = |k: usize| &hashes[(offset + k).min(hashes.len() - 1)];
-            self.positions
-                .prefetch(ahead(PREFETCH_AHEAD), ahead(PREFETCH_AHEAD / 2));
+            self.positions.prefetch(
+                ahead(PREFETCH_AHEAD),
+                ahead(PREFETCH_AHEAD / 2),
+                ahead(PREFETCH_AHEAD / 4),
+            );
             let offset = offset as u32;
             let position = Position { index, offset };
             match self.positions.insert_new(hash, position) {
