@@ -114,7 +114,9 @@ fn window(c: &mut Criterion) {
         .map(|i| TxHash::of(&i.to_le_bytes()))
         .collect();
     let mut group = c.benchmark_group("tx_window");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     // A new node's index: the first generation filled from empty, tables growing as it goes
     // (what a benchmark of a few seconds sees), prefetching as the state machine does.
     group.bench_function("fill_first_generation_prefetched", |b| {
