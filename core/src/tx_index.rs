@@ -127,56 +127,55 @@ impl<V: Copy + Default + PartialEq> Table<V> {
         (hash >> 57) as u8 | 0x80
     }
 
-    /// The slot holding `key`, if any.
+    /// Where `key` is (`Ok`), or the empty slot its probe ended at (`Err`). The table must
+    /// have slots (its load stays under 1, so a probe always reaches an empty one).
     #[inline]
-    fn find(&self, hash: u64, key: &TxHash) -> Option<usize> {
-        if self.tags.is_empty() {
-            return None;
-        }
+    fn probe(&self, hash: u64, key: &TxHash) -> Result<usize, usize> {
         let mask = self.tags.len() - 1;
         let tag = Self::tag(hash);
         let mut i = hash as usize & mask;
         loop {
             let t = self.tags[i];
             if t == 0 {
-                return None;
+                return Err(i);
             }
             if t == tag && self.slots[i].0 == *key {
-                return Some(i);
+                return Ok(i);
             }
             i = (i + 1) & mask;
         }
     }
 
     fn get(&self, hash: u64, key: &TxHash) -> Option<V> {
-        self.find(hash, key).map(|i| self.slots[i].1)
+        if self.tags.is_empty() {
+            return None;
+        }
+        self.probe(hash, key).ok().map(|i| self.slots[i].1)
     }
 
     /// Inserts unless `key` is present (then `Err` with its value, left as it was).
     #[inline]
     fn insert_new(&mut self, hash: u64, key: TxHash, value: V, hasher: &TxHasher) -> Result<(), V> {
         if (self.len + 1) * 4 > self.tags.len() * 3 {
-            if let Some(i) = self.find(hash, &key) {
-                return Err(self.slots[i].1);
+            if let Some(recorded) = self.get(hash, &key) {
+                return Err(recorded);
             }
             self.grow(hasher);
         }
-        let mask = self.tags.len() - 1;
-        let tag = Self::tag(hash);
-        let mut i = hash as usize & mask;
-        loop {
-            let t = self.tags[i];
-            if t == 0 {
-                self.tags[i] = tag;
-                self.slots[i] = (key, value);
+        match self.probe(hash, &key) {
+            Ok(i) => Err(self.slots[i].1),
+            Err(i) => {
+                self.place(i, hash, key, value);
                 self.len += 1;
-                return Ok(());
+                Ok(())
             }
-            if t == tag && self.slots[i].0 == key {
-                return Err(self.slots[i].1);
-            }
-            i = (i + 1) & mask;
         }
+    }
+
+    #[inline]
+    fn place(&mut self, i: usize, hash: u64, key: TxHash, value: V) {
+        self.tags[i] = Self::tag(hash);
+        self.slots[i] = (key, value);
     }
 
     /// Doubles the table (or makes the first one), re-placing every entry.
@@ -184,13 +183,10 @@ impl<V: Copy + Default + PartialEq> Table<V> {
         let mut bigger = Self::with_slots(self.tags.len() * 2);
         for (key, value) in self.iter() {
             let hash = hasher.hash(key);
-            let mask = bigger.tags.len() - 1;
-            let mut i = hash as usize & mask;
-            while bigger.tags[i] != 0 {
-                i = (i + 1) & mask;
-            }
-            bigger.tags[i] = Self::tag(hash);
-            bigger.slots[i] = (*key, *value);
+            let i = bigger
+                .probe(hash, key)
+                .expect_err("a table's keys are distinct");
+            bigger.place(i, hash, *key, *value);
         }
         bigger.len = self.len;
         *self = bigger;
