@@ -349,6 +349,18 @@ fn bad_configurations_are_refused_at_start_without_hanging() {
         "{:?}",
         r.err()
     );
+    // A WAL I/O arena outside its bounds (too large to allocate, or below glommio's floor).
+    for bytes in [0, baton_wal::IO_MEMORY_BYTES_MAX + 1] {
+        let mut c = NodeConfig::new(1, dir.path().join("io"));
+        c.shards = 1;
+        c.wal_io_memory_bytes = bytes;
+        let r = baton_core::node::start(c, baton_core::node::Network::Local(router.clone()));
+        assert!(
+            matches!(&r, Err(baton_core::node::NodeError::Config { reason }) if reason.contains("wal_io_memory_bytes")),
+            "{:?}",
+            r.err()
+        );
+    }
     // A shard pinned to a CPU that does not exist: its executor cannot start; start reports it.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut c = NodeConfig::new(2, dir.path().join("b"));

@@ -63,11 +63,6 @@ pub struct NodeFile {
     pub wal: WalFile,
 }
 
-/// Bounds of `[wal] io_memory_bytes`: glommio's floor, and a ceiling that keeps a typo from
-/// pinning the machine's memory.
-pub(crate) const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
-pub(crate) const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
-
 /// `[wal]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -85,7 +80,7 @@ pub struct WalFile {
     pub sync: String,
     /// I/O buffer memory of the shard that runs the log (shard 0), where group-commit buffers
     /// come from; resident from the start where it can be registered with io_uring (root, or a
-    /// locked-memory limit above it). Default 50,331,648 (48 MiB).
+    /// locked-memory limit of about three times it). Default 50,331,648 (48 MiB).
     pub io_memory_bytes: usize,
 }
 
@@ -115,12 +110,20 @@ impl WalFile {
             ..baton_wal::WalOptions::default()
         };
         opts.validate().map_err(|e| e.to_string())?;
-        if !(IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&self.io_memory_bytes) {
-            return Err(format!(
-                "io_memory_bytes must be between {IO_MEMORY_BYTES_MIN} and {IO_MEMORY_BYTES_MAX}"
-            ));
-        }
         Ok(opts)
+    }
+
+    /// Checks `io_memory_bytes` against `baton_wal`'s bounds.
+    pub fn check_io_memory(&self) -> Result<(), String> {
+        let (min, max) = (
+            baton_wal::IO_MEMORY_BYTES_MIN,
+            baton_wal::IO_MEMORY_BYTES_MAX,
+        );
+        if (min..=max).contains(&self.io_memory_bytes) {
+            Ok(())
+        } else {
+            Err(format!("io_memory_bytes must be between {min} and {max}"))
+        }
     }
 }
 
@@ -299,7 +302,7 @@ impl NodeFile {
         if ids.len() != file.peers.len() {
             return Err(invalid("peer ids must be unique".into()));
         }
-        if let Err(reason) = file.wal.options() {
+        if let Err(reason) = file.wal.options().and_then(|_| file.wal.check_io_memory()) {
             return Err(invalid(format!("wal: {reason}")));
         }
         if file.limits.client_bytes_in_flight_max == 0 {

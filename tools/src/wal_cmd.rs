@@ -258,7 +258,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         eprintln!("baton wal bench: {e}");
         return ExitCode::from(1);
     }
-    use crate::node_config::{IO_MEMORY_BYTES_MAX, IO_MEMORY_BYTES_MIN};
+    use baton_wal::{IO_MEMORY_BYTES_MAX, IO_MEMORY_BYTES_MIN};
     if !(IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&io_memory_bytes) {
         eprintln!(
             "baton wal bench: --io-memory-bytes must be between {IO_MEMORY_BYTES_MIN} and {IO_MEMORY_BYTES_MAX}"

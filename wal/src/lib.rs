@@ -22,5 +22,6 @@ pub use error::{Corruption, WalError};
 pub use options::{SyncMode, WalOptions};
 pub use recovery::{inspect, Inspection, Verdict};
 pub use wal::{
-    Record, RecoveryReport, Wal, WalShutdown, WalStats, IO_MEMORY_BYTES, RECENT_BYTES_MAX,
+    Record, RecoveryReport, Wal, WalShutdown, WalStats, IO_MEMORY_BYTES, IO_MEMORY_BYTES_MAX,
+    IO_MEMORY_BYTES_MIN, RECENT_BYTES_MAX,
 };

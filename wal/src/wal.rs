@@ -130,22 +130,32 @@ const FLUSH_BYTES_MIN: usize = 64 << 10;
 pub const RECENT_BYTES_MAX: usize = 8 << 20;
 
 /// Written buffers kept for reads, at most: the last few rounds are what a commit reads back.
-/// Keeping more would hold on to glommio's registered I/O memory (10 MiB per executor), and
-/// new buffers would then come from the heap: fresh pages, faulted and zeroed on every round.
+/// Keeping more would hold on to the executor's I/O arena ([`IO_MEMORY_BYTES`]), and new
+/// buffers would then come from the heap: fresh pages, faulted and zeroed on every round.
 pub const RECENT_BUFFERS_MAX: usize = 4;
 
 /// I/O buffer memory to give the glommio executor that runs a log
 /// (`LocalExecutorBuilder::io_memory`; glommio's default is 10 MiB). Group-commit buffers come
 /// from this arena while it has room: it is allocated once and never returned, and where the
-/// locked-memory limit allows (root, or `ulimit -l` above it) registered with io_uring, so its
-/// pages are pinned and resident from the start and writes from it skip the kernel's per-write
-/// page pinning (otherwise pages become resident as they are first used, and stay). A buffer that does not fit comes from the heap instead, and a large one then faults
-/// and zeroes fresh pages on every round: with 8 MiB rounds that took a third of the log's
+/// locked-memory limit allows it is registered with io_uring, so its pages are pinned and
+/// resident from the start and writes from it skip the kernel's per-write page pinning
+/// (otherwise pages become resident as they are first used, and stay). glommio registers the
+/// arena with each of its three rings, and without `CAP_IPC_LOCK` (root has it) each
+/// registration counts against `ulimit -l`: about three times the arena, for every executor of
+/// the process. A buffer that does not fit the arena comes from the heap instead, and a large
+/// one then faults and zeroes fresh pages on every round: with 8 MiB rounds that took a third of the log's
 /// throughput (`baton wal bench --record-bytes 65536 --in-flight 64`: 1,513–1,826 MiB/s with
 /// 10 MiB, 2,758–3,380 MiB/s with 32–96 MiB). 48 MiB holds the newest written buffer kept for
 /// reads, a round in flight and the next one filling, at `flush_bytes_max` (8 MiB) each, with
 /// room for the allocator's power-of-two rounding.
 pub const IO_MEMORY_BYTES: usize = 48 << 20;
+
+/// Smallest arena an executor running a log may be given (glommio's own floor).
+pub const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
+
+/// Largest arena: a ceiling that keeps a typo from claiming (and, registered, pinning) the
+/// machine's memory.
+pub const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
 
 /// Segment files kept open at once (the active one included); older ones reopen on read.
 const OPEN_SEGMENTS_MAX: usize = 16;
