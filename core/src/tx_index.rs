@@ -617,11 +617,8 @@ fn part_of(hash: u64) -> usize {
 mod table_tests {
     use std::collections::HashMap;
 
+    use super::tests::h as key;
     use super::*;
-
-    fn key(i: u64) -> TxHash {
-        TxHash(crate::hash::keccak256(&i.to_le_bytes()))
-    }
 
     #[test]
     fn a_table_agrees_with_a_map_through_growth_and_clearing() {
@@ -710,7 +707,7 @@ mod table_tests {
 mod tests {
     use super::*;
 
-    fn h(i: u64) -> TxHash {
+    pub(super) fn h(i: u64) -> TxHash {
         TxHash::of(&i.to_le_bytes())
     }
 

@@ -115,15 +115,7 @@ impl WalFile {
 
     /// Checks `io_memory_bytes` against `baton_wal`'s bounds.
     pub fn check_io_memory(&self) -> Result<(), String> {
-        let (min, max) = (
-            baton_wal::IO_MEMORY_BYTES_MIN,
-            baton_wal::IO_MEMORY_BYTES_MAX,
-        );
-        if (min..=max).contains(&self.io_memory_bytes) {
-            Ok(())
-        } else {
-            Err(format!("io_memory_bytes must be between {min} and {max}"))
-        }
+        baton_wal::check_io_memory(self.io_memory_bytes).map_err(|e| e.to_string())
     }
 }
 

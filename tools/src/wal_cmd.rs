@@ -258,11 +258,8 @@ fn bench(args: BenchArgs) -> ExitCode {
         eprintln!("baton wal bench: {e}");
         return ExitCode::from(1);
     }
-    use baton_wal::{IO_MEMORY_BYTES_MAX, IO_MEMORY_BYTES_MIN};
-    if !(IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&io_memory_bytes) {
-        eprintln!(
-            "baton wal bench: --io-memory-bytes must be between {IO_MEMORY_BYTES_MIN} and {IO_MEMORY_BYTES_MAX}"
-        );
+    if let Err(e) = baton_wal::check_io_memory(io_memory_bytes) {
+        eprintln!("baton wal bench: --io-memory-bytes {io_memory_bytes}: {e}");
         return ExitCode::from(1);
     }
     if record_bytes == 0 || record_bytes > opts.payload_bytes_max || in_flight == 0 || depth == 0 {

@@ -73,7 +73,7 @@ fn wal_bench_measures_and_refuses_an_arena_out_of_bounds() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{bad}: {stderr}");
         assert!(
-            stderr.contains("--io-memory-bytes must be between"),
+            stderr.contains("--io-memory-bytes") && stderr.contains("must be between"),
             "{stderr}"
         );
     }

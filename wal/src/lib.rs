@@ -22,6 +22,6 @@ pub use error::{Corruption, WalError};
 pub use options::{SyncMode, WalOptions};
 pub use recovery::{inspect, Inspection, Verdict};
 pub use wal::{
-    Record, RecoveryReport, Wal, WalShutdown, WalStats, IO_MEMORY_BYTES, IO_MEMORY_BYTES_MAX,
-    IO_MEMORY_BYTES_MIN, RECENT_BYTES_MAX,
+    check_io_memory, Record, RecoveryReport, Wal, WalShutdown, WalStats, IO_MEMORY_BYTES,
+    IO_MEMORY_BYTES_MAX, IO_MEMORY_BYTES_MIN, RECENT_BYTES_MAX,
 };

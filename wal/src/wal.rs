@@ -157,6 +157,18 @@ pub const IO_MEMORY_BYTES_MIN: usize = 64 << 10;
 /// machine's memory.
 pub const IO_MEMORY_BYTES_MAX: usize = 1 << 30;
 
+/// Checks an executor I/O arena size for a log against [`IO_MEMORY_BYTES_MIN`] and
+/// [`IO_MEMORY_BYTES_MAX`].
+pub fn check_io_memory(bytes: usize) -> Result<(), WalError> {
+    if (IO_MEMORY_BYTES_MIN..=IO_MEMORY_BYTES_MAX).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(WalError::InvalidOptions {
+            reason: "the I/O arena (io_memory_bytes) must be between 65,536 bytes and 1 GiB",
+        })
+    }
+}
+
 /// Segment files kept open at once (the active one included); older ones reopen on read.
 const OPEN_SEGMENTS_MAX: usize = 16;
 

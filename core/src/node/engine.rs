@@ -115,17 +115,9 @@ where
     config.wal.validate().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?;
-    let io_memory = baton_wal::IO_MEMORY_BYTES_MIN..=baton_wal::IO_MEMORY_BYTES_MAX;
-    if !io_memory.contains(&config.wal_io_memory_bytes) {
-        return Err(NodeError::Config {
-            reason: format!(
-                "wal_io_memory_bytes {} is outside {}..={}",
-                config.wal_io_memory_bytes,
-                io_memory.start(),
-                io_memory.end()
-            ),
-        });
-    }
+    baton_wal::check_io_memory(config.wal_io_memory_bytes).map_err(|e| NodeError::Config {
+        reason: format!("wal_io_memory_bytes {}: {e}", config.wal_io_memory_bytes),
+    })?;
     let raft_config = Arc::new(config.raft_config().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?);
