@@ -252,29 +252,36 @@ mod x86 {
         out
     }
 
+    /// One round on the state `a`. Every index is a constant (the loops are written out by
+    /// macros), so the state stays in registers: a first version that applied θ in a loop over
+    /// `a` with `i % 5` kept the state on the stack, with a load, a store and two multiplies
+    /// per lane and round.
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn round(a: &mut [__m512i; 25], rc: u64) {
-        // θ: column parities, then each lane takes in its neighbours' columns.
-        let c: [__m512i; 5] = std::array::from_fn(|x| {
+        // θ: column parities, and what each column takes in from its neighbours'.
+        let c: [__m512i; 5] = [0, 1, 2, 3, 4].map(|x| {
             let t = _mm512_ternarylogic_epi64::<XOR3>(a[x], a[x + 5], a[x + 10]);
             _mm512_ternarylogic_epi64::<XOR3>(t, a[x + 15], a[x + 20])
         });
-        let d: [__m512i; 5] = std::array::from_fn(|x| {
-            _mm512_xor_si512(c[(x + 4) % 5], _mm512_rol_epi64::<1>(c[(x + 1) % 5]))
-        });
-        for (i, lane) in a.iter_mut().enumerate() {
-            *lane = _mm512_xor_si512(*lane, d[i % 5]);
-        }
-        // ρ and π: lane (x, y) rotated by its offset moves to (y, 2x + 3y).
+        let d = [
+            _mm512_xor_si512(c[4], _mm512_rol_epi64::<1>(c[1])),
+            _mm512_xor_si512(c[0], _mm512_rol_epi64::<1>(c[2])),
+            _mm512_xor_si512(c[1], _mm512_rol_epi64::<1>(c[3])),
+            _mm512_xor_si512(c[2], _mm512_rol_epi64::<1>(c[4])),
+            _mm512_xor_si512(c[3], _mm512_rol_epi64::<1>(c[0])),
+        ];
+        // θ's sum, ρ and π: lane (x, y) takes in d[x], is rotated by its offset and moves to
+        // (y, 2x + 3y).
         let mut b = [_mm512_setzero_si512(); 25];
-        macro_rules! rho_pi {
+        macro_rules! theta_rho_pi {
             ($($x:literal $y:literal $r:literal),* $(,)?) => {$(
-                b[$y + 5 * ((2 * $x + 3 * $y) % 5)] = _mm512_rol_epi64::<$r>(a[$x + 5 * $y]);
+                b[$y + 5 * ((2 * $x + 3 * $y) % 5)] =
+                    _mm512_rol_epi64::<$r>(_mm512_xor_si512(a[$x + 5 * $y], d[$x]));
             )*};
         }
-        b[0] = a[0];
-        rho_pi!(
+        b[0] = _mm512_xor_si512(a[0], d[0]);
+        theta_rho_pi!(
                     1 0 1,  2 0 62, 3 0 28, 4 0 27,
             0 1 36, 1 1 44, 2 1 6,  3 1 55, 4 1 20,
             0 2 3,  1 2 10, 2 2 43, 3 2 25, 4 2 39,
@@ -282,15 +289,22 @@ mod x86 {
             0 4 18, 1 4 2,  2 4 61, 3 4 56, 4 4 14,
         );
         // χ along each row, then ι.
-        for y in 0..5 {
-            for x in 0..5 {
-                a[x + 5 * y] = _mm512_ternarylogic_epi64::<CHI>(
-                    b[x + 5 * y],
-                    b[(x + 1) % 5 + 5 * y],
-                    b[(x + 2) % 5 + 5 * y],
+        macro_rules! chi {
+            ($($x:literal $y:literal),* $(,)?) => {$(
+                a[$x + 5 * $y] = _mm512_ternarylogic_epi64::<CHI>(
+                    b[$x + 5 * $y],
+                    b[($x + 1) % 5 + 5 * $y],
+                    b[($x + 2) % 5 + 5 * $y],
                 );
-            }
+            )*};
         }
+        chi!(
+            0 0, 1 0, 2 0, 3 0, 4 0,
+            0 1, 1 1, 2 1, 3 1, 4 1,
+            0 2, 1 2, 2 2, 3 2, 4 2,
+            0 3, 1 3, 2 3, 3 3, 4 3,
+            0 4, 1 4, 2 4, 3 4, 4 4,
+        );
         a[0] = _mm512_xor_si512(a[0], _mm512_set1_epi64(rc as i64));
     }
 }
