@@ -324,7 +324,7 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().expect("literal")
         };
-        let endpoint = quinn::Endpoint::client(bind)?;
+        let endpoint = crate::udp::endpoint(bind, None)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 options,

@@ -11,7 +11,7 @@
 //! decoder is pure (bytes in, frames out, no I/O), so it is tested without sockets.
 
 /// Protocol version carried by every frame.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Bytes before the body.
 pub const FRAME_HEADER_BYTES: usize = 6;
 /// Largest frame (header included): a maximum batch (4 MiB) plus room for framing and headers.

@@ -18,6 +18,7 @@ pub mod rollup_msg;
 pub mod server;
 pub mod stream;
 pub mod tls;
+pub mod udp;
 
 pub use client::{BlockStream, Client, ClientError, ClientOptions};
 pub use frame::{

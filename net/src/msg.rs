@@ -620,11 +620,25 @@ pub struct SubmitResponse {
     pub results: Vec<Result<Receipt, SubmitError>>,
 }
 
+/// How many top siblings (the end of the slices) `path` has in common with `previous`.
+fn shared_top(previous: &[[u8; 32]], path: &[[u8; 32]]) -> usize {
+    previous
+        .iter()
+        .rev()
+        .zip(path.iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count()
+}
+
 impl SubmitResponse {
     /// Appends `[u64 request_id][u32 h]{[160 signed header]}[u32 count]`, then per result
     /// `[u8 0][32 tx_hash][u8 level][u32 header number][u32 offset][u8 duplicate]
-    /// [u8 path_len]{[32 sibling]}` or `[u8 1][submit error]`. Each distinct signed header is
-    /// sent once; receipts name it by its number in the list.
+    /// [u8 path_len][u8 shared]{[32 sibling]}` or `[u8 1][submit error]`. Each distinct signed
+    /// header is sent once; receipts name it by its number in the list. A receipt's path is
+    /// sent without its top `shared` siblings, which are the top siblings of the previous
+    /// receipt in the response: the receipts of one request are mostly neighbours in one batch,
+    /// whose paths differ only near the leaves, so this sends about two siblings per receipt
+    /// instead of the whole path (which was most of a response's bytes).
     pub fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.request_id);
         let mut headers: Vec<&SignedHeader> = Vec::new();
@@ -645,19 +659,29 @@ impl SubmitResponse {
         }
         put_u32(out, len_u32(self.results.len()));
         let mut numbers = numbers.into_iter();
+        let mut previous: &[[u8; 32]] = &[];
         for result in &self.results {
             match result {
                 Ok(receipt) => {
+                    let path = &receipt.path[..];
+                    debug_assert!(
+                        path.len() <= PROOF_PATH_MAX,
+                        "a receipt path past the limit"
+                    );
+                    let shared = shared_top(previous, path);
                     out.push(RESULT_OK);
                     out.extend_from_slice(&receipt.tx_hash.0);
                     out.push(ack_byte(receipt.level));
                     put_u32(out, numbers.next().expect("one number per receipt"));
                     put_u32(out, receipt.offset);
                     out.push(u8::from(receipt.duplicate));
-                    out.push(u8::try_from(receipt.path.len()).unwrap_or(u8::MAX));
-                    for sibling in &receipt.path {
+                    // Both at most PROOF_PATH_MAX (32).
+                    out.push(path.len() as u8);
+                    out.push(shared as u8);
+                    for sibling in &path[..path.len() - shared] {
                         out.extend_from_slice(sibling);
                     }
+                    previous = path;
                 }
                 Err(e) => {
                     out.push(RESULT_ERR);
@@ -677,7 +701,9 @@ impl SubmitResponse {
             headers.push(read_signed_header(&mut r)?);
         }
         let count = r.count("submit results", SUBMIT_TXS_MAX, RESULT_MIN_BYTES)?;
-        let mut results = Vec::with_capacity(count);
+        let mut results: Vec<Result<Receipt, SubmitError>> = Vec::with_capacity(count);
+        // Where the previous receipt is in `results` (its path's top is shared).
+        let mut previous: Option<usize> = None;
         for _ in 0..count {
             let result = match r.u8()? {
                 RESULT_OK => {
@@ -698,10 +724,24 @@ impl SubmitResponse {
                             max: PROOF_PATH_MAX,
                         });
                     }
+                    let shared = r.u8()? as usize;
+                    let top: &[[u8; 32]] = match previous.map(|at| &results[at]) {
+                        Some(Ok(p)) => &p.path,
+                        _ => &[],
+                    };
+                    if shared > len.min(top.len()) {
+                        return Err(MsgError::TooLong {
+                            what: "receipt path shared with the previous receipt",
+                            len: shared as u64,
+                            max: len.min(top.len()),
+                        });
+                    }
                     let mut path = Vec::with_capacity(len);
-                    for _ in 0..len {
+                    for _ in 0..len - shared {
                         path.push(r.array()?);
                     }
+                    path.extend_from_slice(&top[top.len() - shared..]);
+                    previous = Some(results.len());
                     Ok(Receipt {
                         tx_hash,
                         level,
@@ -1441,6 +1481,95 @@ mod tests {
         };
         let body = encoded(|o| resp.encode(o));
         assert_eq!(SubmitResponse::decode(&body).unwrap(), resp);
+    }
+
+    /// Receipts of neighbouring transactions of one batch, as a node answers a request: real
+    /// Merkle paths, which share their top siblings; an error and a receipt of another batch
+    /// in between. The response round-trips, every decoded receipt verifies, and the shared
+    /// tops make it a fraction of what whole paths would take.
+    #[test]
+    fn neighbouring_receipts_send_their_shared_path_tops_once() {
+        let signer = baton_core::Signer::from_secret(&[7; 32]).unwrap();
+        let txs: Vec<TxHash> = (0..700u32).map(|i| TxHash::of(&i.to_le_bytes())).collect();
+        let tree = baton_core::MerkleTree::new(&txs);
+        let header = baton_core::BatchHeader {
+            term: 3,
+            index: 10,
+            prev_batch_hash: [1; 32],
+            tx_merkle_root: tree.root(),
+            tx_count: txs.len() as u32,
+            timestamp_us: 99,
+        };
+        let batch = SignedHeader::sign(header, &signer);
+        let receipt = |offset: u32| Receipt {
+            tx_hash: txs[offset as usize],
+            level: AckLevel::Committed,
+            batch,
+            offset,
+            path: tree.proof(offset as usize).unwrap().path,
+            duplicate: false,
+        };
+        let mut results: Vec<Result<Receipt, SubmitError>> =
+            (200..300).map(|o| Ok(receipt(o))).collect();
+        results.insert(50, Err(SubmitError::ShuttingDown));
+        results.insert(
+            70,
+            Ok(sample_receipt(4, 11, 9, AckLevel::Preconfirmed, false)),
+        );
+        results.push(Ok(receipt(699)));
+        let resp = SubmitResponse {
+            request_id: 1,
+            results,
+        };
+        let body = encoded(|o| resp.encode(o));
+        let decoded = SubmitResponse::decode(&body).unwrap();
+        assert_eq!(decoded, resp);
+        for r in decoded
+            .results
+            .iter()
+            .flatten()
+            .filter(|r| r.batch == batch)
+        {
+            r.verify(&[signer.address()]).unwrap();
+        }
+        let whole_paths: usize = resp
+            .results
+            .iter()
+            .flatten()
+            .map(|r| 32 * r.path.len())
+            .sum();
+        // Request id, two headers, count, 102 receipts' fixed 45 bytes, the 2-byte error.
+        let sent_paths = body.len() - 8 - 4 - 2 * 160 - 4 - 102 * 45 - 2;
+        assert!(
+            sent_paths * 3 < whole_paths,
+            "{sent_paths} path bytes sent for {whole_paths} of paths"
+        );
+    }
+
+    /// A receipt that claims more shared siblings than the previous receipt has (or than its
+    /// own path) is refused, not read past.
+    #[test]
+    fn a_shared_path_top_past_the_previous_receipt_is_refused() {
+        let first = sample_receipt(4, 10, 3, AckLevel::Committed, false);
+        let resp = SubmitResponse {
+            request_id: 1,
+            results: vec![Ok(first.clone()), Ok(first)],
+        };
+        let mut body = encoded(|o| resp.encode(o));
+        // The second receipt's `shared` byte: the last of its fixed part before the (empty)
+        // rest of its path; it shares all 3 siblings.
+        let at = body.len() - 1;
+        assert_eq!(body[at], 3);
+        assert!(SubmitResponse::decode(&body).is_ok());
+        body[at] = 4;
+        let e = SubmitResponse::decode(&body).unwrap_err();
+        assert!(e.to_string().contains("shared"), "{e}");
+        // The first receipt has no previous one to share with.
+        let first_shared = 8 + 4 + 160 + 4 + 1 + 32 + 1 + 4 + 4 + 1 + 1;
+        assert_eq!(body[first_shared], 0);
+        body[at] = 3;
+        body[first_shared] = 1;
+        assert!(SubmitResponse::decode(&body).is_err());
     }
 
     #[test]

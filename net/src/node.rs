@@ -134,7 +134,7 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
     let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads)?;
     let endpoint = {
         let _guard = rt.enter();
-        quinn::Endpoint::server(server_config, config.listen)?
+        crate::udp::endpoint(config.listen, Some(server_config))?
     };
     let local_addr = endpoint.local_addr()?;
     let links = PeerLinks::new(
