@@ -663,11 +663,9 @@ impl SubmitResponse {
         for result in &self.results {
             match result {
                 Ok(receipt) => {
-                    let path = &receipt.path[..];
-                    debug_assert!(
-                        path.len() <= PROOF_PATH_MAX,
-                        "a receipt path past the limit"
-                    );
+                    // Paths are at most PROOF_PATH_MAX (32) long; a longer one is cut (its
+                    // receipt then fails verification) rather than breaking the body's framing.
+                    let path = &receipt.path[..receipt.path.len().min(PROOF_PATH_MAX)];
                     let shared = shared_top(previous, path);
                     out.push(RESULT_OK);
                     out.extend_from_slice(&receipt.tx_hash.0);
@@ -675,7 +673,6 @@ impl SubmitResponse {
                     put_u32(out, numbers.next().expect("one number per receipt"));
                     put_u32(out, receipt.offset);
                     out.push(u8::from(receipt.duplicate));
-                    // Both at most PROOF_PATH_MAX (32).
                     out.push(path.len() as u8);
                     out.push(shared as u8);
                     for sibling in &path[..path.len() - shared] {
@@ -731,7 +728,7 @@ impl SubmitResponse {
                     };
                     if shared > len.min(top.len()) {
                         return Err(MsgError::TooLong {
-                            what: "receipt path shared with the previous receipt",
+                            what: "receipt path siblings shared with the previous receipt",
                             len: shared as u64,
                             max: len.min(top.len()),
                         });
@@ -1569,7 +1566,42 @@ mod tests {
         assert_eq!(body[first_shared], 0);
         body[at] = 3;
         body[first_shared] = 1;
-        assert!(SubmitResponse::decode(&body).is_err());
+        let e = SubmitResponse::decode(&body).unwrap_err();
+        assert!(e.to_string().contains("shared"), "{e}");
+    }
+
+    /// An error between two receipts does not break the sharing: the receipt after it shares
+    /// with the one before. A receipt may not share more than its own path either.
+    #[test]
+    fn sharing_skips_errors_and_is_bounded_by_the_receipts_own_path() {
+        let first = sample_receipt(4, 10, 3, AckLevel::Committed, false);
+        let resp = SubmitResponse {
+            request_id: 1,
+            results: vec![Ok(first.clone()), Err(SubmitError::ShuttingDown), Ok(first)],
+        };
+        let body = encoded(|o| resp.encode(o));
+        assert_eq!(
+            body[body.len() - 1],
+            3,
+            "the last receipt shares its whole path"
+        );
+        assert_eq!(SubmitResponse::decode(&body).unwrap(), resp);
+
+        // A 2-sibling path after a 3-sibling one shares at most 2.
+        let short = sample_receipt(4, 10, 2, AckLevel::Committed, false);
+        let resp = SubmitResponse {
+            request_id: 1,
+            results: vec![
+                Ok(sample_receipt(4, 10, 3, AckLevel::Committed, false)),
+                Ok(short),
+            ],
+        };
+        let mut body = encoded(|o| resp.encode(o));
+        let at = body.len() - 1;
+        assert_eq!(body[at], 2);
+        body[at] = 3;
+        let e = SubmitResponse::decode(&body).unwrap_err();
+        assert!(e.to_string().contains("shared"), "{e}");
     }
 
     #[test]
