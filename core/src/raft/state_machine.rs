@@ -444,26 +444,115 @@ async fn run_in_background<T: Send + 'static>(
 /// How much of a snapshot file is written between two syncs of it.
 const SNAPSHOT_SYNC_EVERY_BYTES: usize = 8 << 20;
 
+/// Alignment of O_DIRECT writes: offsets, lengths and buffer addresses.
+const DIRECT_ALIGN: usize = 4096;
+
 /// Writes a snapshot blob atomically and durably: temporary file, fsync, rename, directory
 /// fsync. Blocking: run it on the blocking pool.
 ///
-/// The file is synced every `SNAPSHOT_SYNC_EVERY_BYTES` rather than once at the end: a blob of
-/// hundreds of MiB left dirty in the page cache would be flushed by the next journal commit
-/// (ext4, data=ordered), and the WAL's fdatasync makes one, so the WAL's sync would wait for
-/// all of it. In steps, it waits for at most one. (Not measured on the development VM, whose
-/// disk acknowledges syncs from the host's cache: a 150 MB snapshot persists in 5 ms there.)
+/// The file is written with O_DIRECT where the file system allows it, else through the page
+/// cache, and synced every `SNAPSHOT_SYNC_EVERY_BYTES`. Through the page cache a blob of tens
+/// to hundreds of MiB costs the kernel a copy into fresh cache pages (0.34 s of CPU over three
+/// nodes for a 45 MB snapshot on the development VM, in the kernel, where the shards waiting
+/// for the core could not preempt it), and dirty pages left behind would be flushed by the next
+/// journal commit (ext4, data=ordered), which the WAL's syncs make. With O_DIRECT the data goes
+/// from an aligned buffer of ours straight to the device; the syncs then only commit metadata.
 fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
-        f.write_all(chunk)?;
-        f.sync_data()?;
-    }
+    let f = match create_direct(&tmp) {
+        Ok(f) => {
+            write_direct(&f, blob)?;
+            f
+        }
+        // tmpfs and some others refuse O_DIRECT: the page cache it is.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let mut f = std::fs::File::create(&tmp)?;
+            for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
+                f.write_all(chunk)?;
+                f.sync_data()?;
+            }
+            f
+        }
+        Err(e) => return Err(e),
+    };
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates (truncating) `path` for O_DIRECT writes.
+fn create_direct(path: &Path) -> io::Result<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
+/// Writes `blob` to the start of `f` (opened O_DIRECT) in `SNAPSHOT_SYNC_EVERY_BYTES` pieces
+/// through one aligned buffer, syncing after each; the last piece is padded to the alignment
+/// with zeros and the file then cut to `blob`'s length.
+fn write_direct(f: &std::fs::File, blob: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = AlignedBuf::zeroed(
+        SNAPSHOT_SYNC_EVERY_BYTES
+            .min(blob.len().next_multiple_of(DIRECT_ALIGN))
+            .max(DIRECT_ALIGN),
+    )?;
+    let mut offset = 0u64;
+    for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
+        let padded = chunk.len().next_multiple_of(DIRECT_ALIGN);
+        let out = &mut buf.as_mut()[..padded];
+        out[..chunk.len()].copy_from_slice(chunk);
+        out[chunk.len()..].fill(0);
+        f.write_all_at(out, offset)?;
+        f.sync_data()?;
+        offset += chunk.len() as u64;
+    }
+    f.set_len(blob.len() as u64)
+}
+
+/// A zeroed heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        assert!(layout.size() > 0, "callers ask for at least one block");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(Self { ptr, layout })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `layout.size()` initialized (zeroed) bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
 }
 
 /// Where snapshots go, and which one is on disk. Builds and installs run as separate tasks and
@@ -767,6 +856,36 @@ mod tests {
         // A panicking encoder is an error to the builder, not a hang.
         let e: io::Result<()> = on_glommio(run_in_background(|| panic!("encoder bug")));
         assert!(e.unwrap_err().to_string().contains("panicked"));
+    }
+
+    /// Snapshot files are written whole and exact, whatever their length against the O_DIRECT
+    /// block and the sync piece (the last block padded, then cut), replacing the previous
+    /// one, and no temporary file is left behind.
+    #[test]
+    fn snapshot_files_hold_exactly_their_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [
+            0,
+            1,
+            DIRECT_ALIGN - 1,
+            DIRECT_ALIGN,
+            DIRECT_ALIGN + 1,
+            SNAPSHOT_SYNC_EVERY_BYTES - 3,
+            SNAPSHOT_SYNC_EVERY_BYTES,
+            2 * SNAPSHOT_SYNC_EVERY_BYTES + 4_097,
+        ];
+        for (i, len) in sizes.into_iter().enumerate() {
+            let blob: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
+            persist_snapshot(dir.path(), &blob).unwrap();
+            let on_disk = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+            assert_eq!(on_disk.len(), len);
+            assert!(on_disk == blob, "{len} bytes differ");
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [SNAPSHOT_FILE]);
     }
 
     /// Runs `f` on a glommio executor: building a snapshot waits on another thread.
