@@ -461,13 +461,21 @@ fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
-    let f = match create_direct(&tmp) {
-        Ok(f) => {
-            write_direct(&f, blob)?;
-            f
-        }
-        // tmpfs and some others refuse O_DIRECT: the page cache it is.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+    // tmpfs and some others refuse O_DIRECT at open, a few only at the first write (EINVAL
+    // either way): the page cache it is then.
+    let refused = |e: &io::Error| e.raw_os_error() == Some(libc::EINVAL);
+    let direct = match create_direct(&tmp) {
+        Ok(f) => match write_direct(&f, blob) {
+            Ok(()) => Some(f),
+            Err(e) if refused(&e) => None,
+            Err(e) => return Err(e),
+        },
+        Err(e) if refused(&e) => None,
+        Err(e) => return Err(e),
+    };
+    let f = match direct {
+        Some(f) => f,
+        None => {
             let mut f = std::fs::File::create(&tmp)?;
             for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
                 f.write_all(chunk)?;
@@ -475,7 +483,6 @@ fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
             }
             f
         }
-        Err(e) => return Err(e),
     };
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
@@ -863,7 +870,17 @@ mod tests {
     /// one, and no temporary file is left behind.
     #[test]
     fn snapshot_files_hold_exactly_their_blob() {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dirs = vec![tempfile::tempdir().unwrap()];
+        // tmpfs, where O_DIRECT may be refused (then the page cache is used).
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            dirs.push(shm);
+        }
+        for dir in &dirs {
+            check_snapshot_files(dir.path());
+        }
+    }
+
+    fn check_snapshot_files(dir: &Path) {
         let sizes = [
             0,
             1,
@@ -876,12 +893,12 @@ mod tests {
         ];
         for (i, len) in sizes.into_iter().enumerate() {
             let blob: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
-            persist_snapshot(dir.path(), &blob).unwrap();
-            let on_disk = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+            persist_snapshot(dir, &blob).unwrap();
+            let on_disk = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
             assert_eq!(on_disk.len(), len);
             assert!(on_disk == blob, "{len} bytes differ");
         }
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+        let names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
