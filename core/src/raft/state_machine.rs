@@ -453,8 +453,8 @@ const DIRECT_ALIGN: usize = 4096;
 /// The file is written with O_DIRECT where the file system allows it, else through the page
 /// cache, and synced every `SNAPSHOT_SYNC_EVERY_BYTES`. Through the page cache a blob of tens
 /// to hundreds of MiB costs the kernel a copy into fresh cache pages (0.34 s of CPU over three
-/// nodes for a 45 MB snapshot on the development VM, in the kernel, where the shards waiting
-/// for the core could not preempt it), and dirty pages left behind would be flushed by the next
+/// nodes for a 45 MB snapshot on the development VM, time the shards lost even when the copy
+/// ran in the idle scheduling class), and dirty pages left behind would be flushed by the next
 /// journal commit (ext4, data=ordered), which the WAL's syncs make. With O_DIRECT the data goes
 /// from an aligned buffer of ours straight to the device; the syncs then only commit metadata.
 fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
