@@ -327,6 +327,17 @@ impl Sequencer {
         }
     }
 
+    /// Allocates and faults in the idempotency index's full size now ([`Window::reserve`]).
+    pub fn reserve_index(&mut self) {
+        self.positions.reserve();
+    }
+
+    /// Slots the idempotency index's tables have (tests).
+    #[cfg(test)]
+    pub(crate) fn index_slots(&self) -> usize {
+        self.positions.slots()
+    }
+
     /// Validates the batch at Raft log id `(term, index)` and orders its transactions.
     ///
     /// Each transaction at offset `o` gets position `(index, o)`, unless its hash was sequenced

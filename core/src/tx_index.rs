@@ -98,7 +98,12 @@ impl<V: Copy + Default + PartialEq> Table<V> {
                 len: 0,
             };
         }
-        Self::with_slots((entries * 4).div_ceil(3).next_power_of_two())
+        Self::with_slots(Self::slots_for(entries))
+    }
+
+    /// Slots a table needs to hold `entries` at its load bound (at least one).
+    fn slots_for(entries: usize) -> usize {
+        (entries * 4).div_ceil(3).next_power_of_two()
     }
 
     /// An empty table of `slots` slots (a power of two, at least [`Self::SLOTS_MIN`]).
@@ -180,7 +185,12 @@ impl<V: Copy + Default + PartialEq> Table<V> {
 
     /// Doubles the table (or makes the first one), re-placing every entry.
     fn grow(&mut self, hasher: &TxHasher) {
-        let mut bigger = Self::with_slots(self.tags.len() * 2);
+        self.grow_to(self.tags.len() * 2, hasher);
+    }
+
+    /// Moves the entries to a table of `slots` slots (a power of two, more than it has now).
+    fn grow_to(&mut self, slots: usize, hasher: &TxHasher) {
+        let mut bigger = Self::with_slots(slots);
         for (key, value) in self.iter() {
             let hash = hasher.hash(key);
             let i = bigger
@@ -190,6 +200,19 @@ impl<V: Copy + Default + PartialEq> Table<V> {
         }
         bigger.len = self.len;
         *self = bigger;
+    }
+
+    /// Writes every tag and slot (keeping their values), so that the pages behind them are
+    /// faulted in now rather than by the inserts that first land on them.
+    fn touch(&mut self) {
+        for tag in self.tags.iter_mut() {
+            // SAFETY: `tag` is a valid, exclusive reference.
+            unsafe { std::ptr::write_volatile(tag, *tag) };
+        }
+        for slot in self.slots.iter_mut() {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(&mut slot.1, slot.1) };
+        }
     }
 
     /// Empties the table, keeping its slots.
@@ -314,6 +337,33 @@ impl<V: Copy + Default + PartialEq + Send + Sync> TxIndex<V> {
         let hash = self.hasher.hash(tx_hash);
         if let Some(part) = &self.parts[part_of(hash)] {
             part.prefetch(hash);
+        }
+    }
+
+    /// Gives every part that has no table yet one with room for its share of `capacity`
+    /// entries, and faults its memory in (see [`Window::reserve`]).
+    fn reserve(&mut self, capacity: usize) {
+        let per_part = capacity.div_ceil(PARTS);
+        if per_part == 0 {
+            return;
+        }
+        let slots = Table::<V>::slots_for(per_part).max(Table::<V>::SLOTS_MIN);
+        let hasher = self.hasher;
+        for slot in self.parts.iter_mut() {
+            match slot {
+                None => {
+                    let mut table = Table::with_slots(slots);
+                    table.touch();
+                    *slot = Some(Arc::new(table));
+                }
+                Some(part) => {
+                    // A part a clone shares is left alone (it is copied when next written).
+                    if let Some(table) = Arc::get_mut(part).filter(|t| t.tags.len() < slots) {
+                        table.grow_to(slots, &hasher);
+                        table.touch();
+                    }
+                }
+            }
         }
     }
 
@@ -483,6 +533,33 @@ impl<V: Copy + Default + PartialEq + Send + Sync> Window<V> {
             previous,
             generation,
         }
+    }
+
+    /// Allocates now what the window will hold once both generations are full, and faults it
+    /// in: every part of both generations gets a table with room for its share of a generation
+    /// (parts that already have one keep it), and both filters are written. A node calls this
+    /// once at start, so that the first two million transactions it sequences neither grow
+    /// 131,072 tables one doubling at a time nor fault in fresh pages on the Raft shard, in the
+    /// middle of the apply path (about 4% of all cycles of a fresh cluster's first seconds).
+    pub fn reserve(&mut self) {
+        self.current.reserve(self.generation);
+        self.previous.reserve(self.generation);
+        for filter in [&mut self.current_filter, &mut self.previous_filter] {
+            for word in Arc::make_mut(filter).words.iter_mut() {
+                // SAFETY: `word` is a valid, exclusive reference.
+                unsafe { std::ptr::write_volatile(word, *word) };
+            }
+        }
+    }
+
+    /// Slots of every table of both generations (tests: what [`Window::reserve`] allocated).
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> usize {
+        [&self.current, &self.previous]
+            .iter()
+            .flat_map(|index| index.parts.iter().flatten())
+            .map(|part| part.tags.len())
+            .sum()
     }
 
     /// Entries a generation holds before the next one starts.
@@ -740,6 +817,85 @@ mod tests {
         assert_eq!(recycled.insert_new(h(7), 70), Ok(()));
         assert_eq!(recycled.insert_new(h(7), 71), Err(70));
         assert_eq!(recycled.len(), 1);
+    }
+
+    #[test]
+    fn reserving_gives_every_unshared_part_its_room_and_keeps_every_entry() {
+        let mut index = TxIndex::new();
+        for i in 0..1_000u64 {
+            index.insert_new(h(i), i).unwrap();
+        }
+        let copy = index.clone();
+        for i in 1_000..1_500u64 {
+            index.insert_new(h(i), i).unwrap();
+        }
+        // Seven entries per part need 16 slots at the load bound of 3/4 (more than the 8 of a
+        // part's first table).
+        index.reserve(PARTS * 7);
+        let mut shared = 0;
+        for part in index.parts.iter() {
+            let part = part.as_ref().expect("every part has a table");
+            if Arc::strong_count(part) > 1 {
+                shared += 1;
+                assert!(part.tags.len() < 16, "a shared part is left as it was");
+            } else {
+                assert_eq!(part.tags.len(), 16);
+            }
+        }
+        assert!(shared > 0 && shared < 1_000, "{shared} shared parts");
+        assert_eq!(index.len(), 1_500);
+        assert!((0..1_500u64).all(|i| index.get(&h(i)) == Some(i)));
+        assert_eq!(copy.len(), 1_000);
+        assert!((0..1_000u64).all(|i| copy.get(&h(i)) == Some(i)));
+        // Filling towards the reserved size grows no table (a quarter entry per part more: no
+        // part comes near the 12 that 16 slots hold).
+        let slots = |index: &TxIndex<u64>| -> usize {
+            index.parts.iter().flatten().map(|p| p.tags.len()).sum()
+        };
+        let before = slots(&index);
+        for i in 1_500..1_500 + PARTS as u64 / 4 {
+            index.insert_new(h(i), i).unwrap();
+        }
+        assert_eq!(slots(&index), before);
+        // Reserving again grows only the parts that were shared and have been copied since;
+        // then every part has its room, and reserving again, or less, changes nothing.
+        index.reserve(PARTS * 7);
+        let unshared = |index: &TxIndex<u64>| {
+            index
+                .parts
+                .iter()
+                .flatten()
+                .filter(|p| Arc::strong_count(p) == 1)
+                .all(|p| p.tags.len() == 16)
+        };
+        assert!(unshared(&index));
+        let reserved = slots(&index);
+        index.reserve(PARTS * 7);
+        index.reserve(PARTS);
+        assert_eq!(slots(&index), reserved);
+        assert!((0..1_500 + PARTS as u64 / 4).all(|i| index.get(&h(i)) == Some(i)));
+    }
+
+    #[test]
+    fn a_reserved_window_keeps_its_entries_and_rolls_over_as_before() {
+        let mut reserved: Window<u64> = Window::new(50);
+        let mut plain: Window<u64> = Window::new(50);
+        for i in 0..30u64 {
+            reserved.insert_new(h(i), i).unwrap();
+            plain.insert_new(h(i), i).unwrap();
+        }
+        reserved.reserve();
+        assert!(reserved.current.parts.iter().all(Option::is_some));
+        assert!(reserved.previous.parts.iter().all(Option::is_some));
+        assert_eq!(reserved, plain);
+        for i in (0..200u64).chain(0..200) {
+            assert_eq!(
+                reserved.insert_new(h(i), i),
+                plain.insert_new(h(i), i),
+                "{i}"
+            );
+            assert_eq!(reserved, plain);
+        }
     }
 
     #[test]

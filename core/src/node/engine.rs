@@ -839,7 +839,10 @@ async fn raft_shard<F>(
     let proofs = ProofCache::default();
     let wal_shutdown = log_store.wal().shutdown_handle();
     let sm = match Sm::open(&config.data_dir) {
-        Ok(sm) => sm.with_registry(registry).with_hashed(hashed),
+        Ok(sm) => sm
+            .with_registry(registry)
+            .with_hashed(hashed)
+            .with_reserved_index(),
         Err(e) => {
             let _ = ready.send(Err(fail(e.to_string())));
             return;

@@ -307,6 +307,9 @@ struct State {
     membership: StoredMembership,
     /// Batches committed but rejected for their content.
     rejected_batches: u64,
+    /// Whether the idempotency index is kept at its full size from the start
+    /// ([`StateMachine::with_reserved_index`]), also for a sequencer installed from a snapshot.
+    index_reserved: bool,
 }
 
 impl State {
@@ -623,12 +626,23 @@ impl StateMachine {
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
+            index_reserved: false,
         };
         *sm.current.borrow_mut() = Some(Snapshot {
             meta,
             snapshot: blob,
         });
         Ok(sm)
+    }
+
+    /// Allocates the idempotency index's full size now and faults it in
+    /// ([`Sequencer::reserve_index`]): what a node does at start.
+    pub fn with_reserved_index(self) -> Self {
+        let mut state = self.state.borrow_mut();
+        state.sequencer.reserve_index();
+        state.index_reserved = true;
+        drop(state);
+        self
     }
 
     /// Applies batches found in `hashed` with the hashes kept there.
@@ -780,16 +794,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store
             .persist(meta.last_log_id, snapshot.clone())
             .await?;
+        let mut sequencer = decoded.sequencer;
         let mut state = self.state.borrow_mut();
+        if state.index_reserved {
+            // A pause of the Raft shard (~0.1-0.2 s for the default generation), once per
+            // installed snapshot, instead of growing the index's tables during the applies after.
+            sequencer.reserve_index();
+        }
         let registry = state.registry.clone();
-        registry.publish(&decoded.sequencer);
+        registry.publish(&sequencer);
         *state = State {
-            sequencer: decoded.sequencer,
+            sequencer,
             registry,
             hashed: state.hashed.clone(),
             last_applied: decoded.last_applied,
             membership: decoded.membership,
             rejected_batches: 0,
+            index_reserved: state.index_reserved,
         };
         drop(state);
         *self.current.borrow_mut() = Some(Snapshot {
@@ -1103,6 +1124,20 @@ mod tests {
         );
         let current = run(follower.get_current_snapshot()).unwrap().unwrap();
         assert_eq!(current.meta, snap.meta);
+
+        // A node's state machine keeps its index at full size (two generations of 2^20: 32
+        // slots in each of 2 × 65,536 parts), also once a snapshot replaced its state.
+        let full = 2 * crate::tx_index::PARTS * 32;
+        assert!(sm.view().with(|s| s.index_slots()) < full);
+        let reserved = StateMachine::new().with_reserved_index();
+        assert_eq!(reserved.view().with(|s| s.index_slots()), full);
+        let mut reserved = reserved;
+        run(reserved.install_snapshot(&snap.meta, snap.snapshot.clone())).unwrap();
+        assert_eq!(reserved.view().with(|s| s.index_slots()), full);
+        assert_eq!(
+            reserved.view().with(|s| s.snapshot_bytes()),
+            view.with(|s| s.snapshot_bytes())
+        );
     }
 
     #[test]
