@@ -104,7 +104,8 @@ fn sequencer(c: &mut Criterion) {
 /// Median 34.6 ms per 65,536 (528 ns per insert) on the development VM. Creating each part with
 /// room for its share (no growth) measured 19.9 ms (-48%), but moved neither the closed loop
 /// (+2%, within noise) nor sequential 100-transaction requests, and cost 90 MiB more RSS per
-/// node early in a generation: not kept (bench/README.md).
+/// node early in a generation: not kept then. Nodes now reserve the tables at start and fault
+/// them in (`Window::reserve`; bench/README.md).
 fn window(c: &mut Criterion) {
     use baton_core::tx_index::{Window, PREFETCH_AHEAD};
     use baton_core::TxHash;
