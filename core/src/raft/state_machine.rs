@@ -149,6 +149,19 @@ fn encode_blob(
 }
 
 fn decode_blob(blob: &[u8]) -> Result<Decoded, StateMachineError> {
+    let (meta, rest) = decode_blob_meta(blob)?;
+    let sequencer =
+        Sequencer::from_snapshot(rest).map_err(|source| StateMachineError::Sequencer { source })?;
+    Ok(Decoded {
+        last_applied: meta.last_log_id,
+        membership: meta.last_membership,
+        sequencer,
+    })
+}
+
+/// Checks a blob's framing and checksum and reads its metadata (last applied log id and
+/// membership), leaving the sequencer's part undecoded: returns that part.
+fn decode_blob_meta(blob: &[u8]) -> Result<(SnapshotMeta, &[u8]), StateMachineError> {
     let framing = |reason| StateMachineError::BlobFraming { reason };
     if blob.len() < MAGIC.len() + 4 + CHECKSUM_BYTES {
         return Err(framing("shorter than header and checksum"));
@@ -172,13 +185,11 @@ fn decode_blob(blob: &[u8]) -> Result<Decoded, StateMachineError> {
     let last_applied = decode_log_id(&mut r).map_err(meta)?;
     let membership_log_id = decode_log_id(&mut r).map_err(meta)?;
     let membership = decode_membership(&mut r).map_err(meta)?;
-    let sequencer = Sequencer::from_snapshot(r.rest())
-        .map_err(|source| StateMachineError::Sequencer { source })?;
-    Ok(Decoded {
-        last_applied,
-        membership: StoredMembership::new(membership_log_id, membership),
-        sequencer,
-    })
+    let meta = SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: StoredMembership::new(membership_log_id, membership),
+    };
+    Ok((meta, r.rest()))
 }
 
 /// The ids of the registered rollups as of the last applied entry, shared with the threads that
@@ -386,11 +397,22 @@ impl SequencerView {
     }
 }
 
+/// The latest snapshot: its metadata, and its blob unless that is in the snapshot file.
+#[derive(Clone)]
+struct Current {
+    meta: SnapshotMeta,
+    /// `None` once the blob is in the store's file (a node's data directory), which
+    /// `get_current_snapshot` then reads: with a full idempotency window a blob is ~92 MB, which
+    /// stayed resident on every node for the rare follower that needs a snapshot sent, and
+    /// doubled while the next one was encoded (2x overload peaked at 0.9-1.0 GiB per node).
+    blob: Option<Bytes>,
+}
+
 /// openraft's state machine for baton (see the module docs). `!Send`, like the log store.
 #[derive(Default)]
 pub struct StateMachine {
     state: Rc<RefCell<State>>,
-    current: Rc<RefCell<Option<Snapshot>>>,
+    current: Rc<RefCell<Option<Current>>>,
     /// Where snapshots are persisted (no directory: in memory only, for tests).
     store: SnapshotStore,
 }
@@ -590,6 +612,31 @@ impl SnapshotStore {
         *persisted = last;
         Ok(true)
     }
+
+    /// Whether a snapshot's blob must stay in memory (no directory to read it back from).
+    fn in_memory(&self) -> bool {
+        self.dir.is_none()
+    }
+
+    /// The snapshot in the file, read on the blocking pool, with the metadata its blob holds
+    /// (checksum and framing checked; the sequencer part is left to whoever installs it).
+    async fn read(&self) -> io::Result<Snapshot> {
+        let Some(dir) = self.dir.clone() else {
+            return Err(io::Error::other("no snapshot directory"));
+        };
+        // Not while a newer one is being written (the rename would be seen either way, but a
+        // read racing it would be wasted).
+        let _persisted = self.persisted.lock().await;
+        let blob = glommio::executor()
+            .spawn_blocking(move || std::fs::read(dir.join(SNAPSHOT_FILE)))
+            .await
+            .map_err(|source| StateMachineError::SnapshotFile { source })?;
+        let (meta, _) = decode_blob_meta(&blob)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Bytes::from(blob),
+        })
+    }
 }
 
 impl StateMachine {
@@ -614,6 +661,7 @@ impl StateMachine {
             Err(e) => return Err(StateMachineError::SnapshotFile { source: e }),
         };
         let decoded = decode_blob(&blob)?;
+        drop(blob);
         *sm.store.persisted.try_lock().expect("new, uncontended") = decoded.last_applied;
         let meta = SnapshotMeta {
             last_log_id: decoded.last_applied,
@@ -628,10 +676,7 @@ impl StateMachine {
             rejected_batches: 0,
             index_reserved: false,
         };
-        *sm.current.borrow_mut() = Some(Snapshot {
-            meta,
-            snapshot: blob,
-        });
+        *sm.current.borrow_mut() = Some(Current { meta, blob: None });
         Ok(sm)
     }
 
@@ -686,7 +731,7 @@ pub struct SnapshotBuilder {
     meta: SnapshotMeta,
     /// The state at `meta`, taken by the first `build_snapshot`.
     captured: Option<Sequencer>,
-    current: Rc<RefCell<Option<Snapshot>>>,
+    current: Rc<RefCell<Option<Current>>>,
     store: SnapshotStore,
 }
 
@@ -709,7 +754,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot: blob,
         };
         // An install may have put a newer snapshot in place since this builder was made.
-        let newer_exists = |current: &Option<Snapshot>| {
+        let newer_exists = |current: &Option<Current>| {
             current
                 .as_ref()
                 .is_some_and(|c| c.meta.last_log_id > snapshot.meta.last_log_id)
@@ -735,7 +780,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         );
         let mut current = self.current.borrow_mut();
         if !newer_exists(&current) {
-            *current = Some(snapshot.clone());
+            *current = Some(Current {
+                meta: snapshot.meta.clone(),
+                blob: self.store.in_memory().then(|| snapshot.snapshot.clone()),
+            });
         }
         Ok(snapshot)
     }
@@ -813,15 +861,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             index_reserved: state.index_reserved,
         };
         drop(state);
-        *self.current.borrow_mut() = Some(Snapshot {
+        *self.current.borrow_mut() = Some(Current {
             meta: meta.clone(),
-            snapshot,
+            blob: self.store.in_memory().then_some(snapshot),
         });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.current.borrow().clone())
+        let Some(current) = self.current.borrow().clone() else {
+            return Ok(None);
+        };
+        match current.blob {
+            Some(snapshot) => Ok(Some(Snapshot {
+                meta: current.meta,
+                snapshot,
+            })),
+            // The file holds this snapshot or, if one was persisted since, a newer one: the
+            // metadata returned is the file's own either way.
+            None => self.store.read().await.map(Some),
+        }
     }
 }
 
@@ -1138,6 +1197,64 @@ mod tests {
             reserved.view().with(|s| s.snapshot_bytes()),
             view.with(|s| s.snapshot_bytes())
         );
+    }
+
+    /// With a directory, a built or installed snapshot's blob is not kept in memory: it is
+    /// read back from the file when asked for, whole and with the metadata it was built with,
+    /// also after a restart.
+    #[test]
+    fn a_persisted_snapshot_is_served_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let entries = vec![
+            Entry::new_membership(LogId::new_term_index(1, 0), membership()),
+            Entry::new_normal(LogId::new_term_index(1, 1), batch(&[b"a", b"b", b"c"])),
+        ];
+        let (built, served) = on_glommio(async {
+            apply_all(&mut sm, entries).await.unwrap();
+            assert!(sm.get_current_snapshot().await.unwrap().is_none());
+            let built = sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            (built, sm.get_current_snapshot().await.unwrap().unwrap())
+        });
+        assert!(sm.current.borrow().as_ref().unwrap().blob.is_none());
+        assert_eq!(served.meta, built.meta);
+        assert_eq!(served.snapshot, built.snapshot);
+
+        // Installed on a follower with a directory: kept on disk only, served the same.
+        let mut follower = StateMachine::open(follower_dir.path()).unwrap();
+        let served_by_follower = on_glommio(async {
+            follower
+                .install_snapshot(&built.meta, built.snapshot.clone())
+                .await
+                .unwrap();
+            follower.get_current_snapshot().await.unwrap().unwrap()
+        });
+        assert!(follower.current.borrow().as_ref().unwrap().blob.is_none());
+        assert_eq!(served_by_follower.meta, built.meta);
+        assert_eq!(served_by_follower.snapshot, built.snapshot);
+
+        // After a restart, from the file.
+        drop(sm);
+        let mut reopened = StateMachine::open(dir.path()).unwrap();
+        let after_restart = on_glommio(async { reopened.get_current_snapshot().await })
+            .unwrap()
+            .unwrap();
+        assert_eq!(after_restart.meta, built.meta);
+        assert_eq!(after_restart.snapshot, built.snapshot);
+
+        // A file damaged since is an error, not a snapshot.
+        let mut bytes = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &bytes).unwrap();
+        let err = on_glommio(async { reopened.get_current_snapshot().await }).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
     }
 
     #[test]
