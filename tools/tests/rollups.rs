@@ -256,6 +256,21 @@ fn blocks_reveals_and_reads_on_a_real_cluster() {
                 "same blocks, in order, none skipped or repeated"
             );
         }
+        // Those blocks may all have been on their way before the kill (the node streams what
+        // is sealed as fast as it can); a block sealed after it can only come from another node.
+        let submitter = cluster.client_of(leader);
+        let more: Vec<Transaction> = (60..65).map(|i| raw(9, "blk", i)).collect();
+        for r in submitter.submit(more).await.unwrap() {
+            r.expect("sequenced");
+        }
+        submitter.close().await;
+        let after = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("a block sealed after the kill arrives within the budget")
+            .expect("block sealed after the kill");
+        let last = blocks.last().unwrap().block.signed.header.height;
+        assert_eq!(after.block.block.signed.header.height, last + 1);
+        assert!(after.block.block.signed.header.tx_count >= 1);
         assert_ne!(
             client.connected_to().await,
             Some(cluster.node(follower).addr)
