@@ -340,8 +340,9 @@ impl<V: Copy + Default + PartialEq + Send + Sync> TxIndex<V> {
         }
     }
 
-    /// Gives every part that has no table yet one with room for its share of `capacity`
-    /// entries, and faults its memory in (see [`Window::reserve`]).
+    /// Gives every part a table with room for its share of `capacity` entries, and faults its
+    /// memory in (see [`Window::reserve`]): a part without a table gets one, a smaller table no
+    /// clone shares is grown, a shared one is left alone.
     fn reserve(&mut self, capacity: usize) {
         let per_part = capacity.div_ceil(PARTS);
         if per_part == 0 {
@@ -537,7 +538,7 @@ impl<V: Copy + Default + PartialEq + Send + Sync> Window<V> {
 
     /// Allocates now what the window will hold once both generations are full, and faults it
     /// in: every part of both generations gets a table with room for its share of a generation
-    /// (parts that already have one keep it), and both filters are written. A node calls this
+    /// (a smaller one is grown; entries are kept), and both filters are written. A node calls this
     /// once at start, so that the first two million transactions it sequences neither grow
     /// 131,072 tables one doubling at a time nor fault in fresh pages on the Raft shard, in the
     /// middle of the apply path (about 4% of all cycles of a fresh cluster's first seconds).
