@@ -240,6 +240,13 @@ impl Batcher {
         self.sealed.len()
     }
 
+    /// Asks the CPU to start loading the dedup window's entries that pushing `tx_hash` will
+    /// touch, for a push `ahead` pushes from now. Only a hint: it changes no result.
+    #[inline]
+    pub fn prefetch(&self, tx_hash: &TxHash, ahead: usize) {
+        self.dedup.prefetch(tx_hash, ahead);
+    }
+
     /// Number of hashes in the dedup window (at most its capacity).
     pub fn dedup_len(&self) -> usize {
         self.dedup.len()

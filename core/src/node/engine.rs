@@ -601,6 +601,9 @@ async fn committed_receipt(
     rx.await.ok().flatten()
 }
 
+/// How many transactions ahead `accept` asks the CPU to load the dedup window's entries.
+const DEDUP_PREFETCH_AHEAD: usize = 8;
+
 /// Pushes a message's transactions into the batcher and registers their waiters; duplicates of
 /// transactions committed in batches the shard no longer remembers are looked up on the Raft
 /// shard.
@@ -635,7 +638,13 @@ fn accept(
         }),
         &mut hashes,
     );
-    for (slot, ((position, tx), hash)) in msg.txs.iter().zip(hashes).enumerate() {
+    for (slot, (position, tx)) in msg.txs.iter().enumerate() {
+        // The dedup window's lookup, insert and eviction are cache misses in a table of tens
+        // of MiB: start them a few transactions ahead.
+        if let Some(later) = hashes.get(slot + DEDUP_PREFETCH_AHEAD) {
+            batcher.prefetch(&TxHash(*later), DEDUP_PREFETCH_AHEAD);
+        }
+        let hash = hashes[slot];
         let incoming = IncomingTx {
             rollup_id: tx.rollup_id,
             kind: tx.kind.clone(),
