@@ -23,7 +23,7 @@ use crate::tx_index::TxHasher;
 
 use super::TxSlot;
 
-/// Largest dedup window, in hashes (about 230 MiB of ring and table at the maximum).
+/// Largest dedup window, in hashes (256 MiB of ring and table at the maximum).
 pub const DEDUP_CAPACITY_MAX: usize = 1 << 22;
 
 /// A ring entry that holds nothing (never returned: lookups go through the table).
