@@ -789,17 +789,24 @@ mod tests {
         TxHash::of(&i.to_le_bytes())
     }
 
-    #[test]
-    fn a_recycled_index_is_empty_and_leaves_its_clones_alone() {
+    /// An index of keys `h(0..1_500)` (value `i`), and a clone of it taken after the first
+    /// 1,000: the parts written since are no longer shared with the clone.
+    fn index_and_earlier_clone() -> (TxIndex<u64>, TxIndex<u64>) {
         let mut index = TxIndex::new();
         for i in 0..1_000u64 {
             index.insert_new(h(i), i).unwrap();
         }
         let copy = index.clone();
-        // Half the parts written after the clone: those are no longer shared and get reused.
         for i in 1_000..1_500u64 {
             index.insert_new(h(i), i).unwrap();
         }
+        (index, copy)
+    }
+
+    #[test]
+    fn a_recycled_index_is_empty_and_leaves_its_clones_alone() {
+        // Half the parts written after the clone: those are no longer shared and get reused.
+        let (index, copy) = index_and_earlier_clone();
         let reused_before = index.parts.iter().flatten().count();
         let mut recycled = index;
         recycled.recycle();
@@ -822,14 +829,7 @@ mod tests {
 
     #[test]
     fn reserving_gives_every_unshared_part_its_room_and_keeps_every_entry() {
-        let mut index = TxIndex::new();
-        for i in 0..1_000u64 {
-            index.insert_new(h(i), i).unwrap();
-        }
-        let copy = index.clone();
-        for i in 1_000..1_500u64 {
-            index.insert_new(h(i), i).unwrap();
-        }
+        let (mut index, copy) = index_and_earlier_clone();
         // Seven entries per part need 16 slots at the load bound of 3/4 (more than the 8 of a
         // part's first table).
         index.reserve(PARTS * 7);
