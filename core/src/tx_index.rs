@@ -673,7 +673,7 @@ pub const PREFETCH_AHEAD: usize = 16;
 
 /// Brings the cache line at `at` towards the core (a hint; never faults).
 #[inline(always)]
-fn prefetch(at: *const u8) {
+pub(crate) fn prefetch(at: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint that never faults, whatever the address.
     #[allow(unused_unsafe)]

@@ -19,7 +19,7 @@
 //! for that reason: hashbrown keeps its probe position private).
 
 use crate::hash::TxHash;
-use crate::tx_index::TxHasher;
+use crate::tx_index::{prefetch, TxHasher};
 
 use super::TxSlot;
 
@@ -177,10 +177,10 @@ impl DedupWindow {
             return;
         }
         let mask = self.mask();
-        prefetch(&self.table[self.hash32(tx_hash) as usize & mask]);
+        prefetch(std::ptr::from_ref(&self.table[self.hash32(tx_hash) as usize & mask]).cast());
         if self.filled == self.ring.len() {
             let oldest = &self.ring[(self.next + ahead) % self.ring.len()].0;
-            prefetch(&self.table[self.hash32(oldest) as usize & mask]);
+            prefetch(std::ptr::from_ref(&self.table[self.hash32(oldest) as usize & mask]).cast());
         }
     }
 
@@ -226,21 +226,6 @@ impl DedupWindow {
         self.table[hole] = EMPTY;
         self.len -= 1;
     }
-}
-
-/// Brings the cache line of `at` towards the core (a hint; never faults).
-#[inline(always)]
-fn prefetch<T>(at: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that never faults, whatever the address.
-    #[allow(unused_unsafe)]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            std::ptr::from_ref(at).cast(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 #[cfg(test)]
