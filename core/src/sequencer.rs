@@ -555,8 +555,9 @@ impl Sequencer {
 
     /// The state in the versioned, checksummed snapshot format (see the module docs).
     pub fn snapshot_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_snapshot(&mut out);
+        let mut out = Vec::with_capacity(self.snapshot_len_hint());
+        self.write_snapshot(&mut out)
+            .expect("writing to memory does not fail");
         out
     }
 
@@ -570,21 +571,27 @@ impl Sequencer {
             + self.rollups.encoded_len_hint()
     }
 
-    /// Appends [`Sequencer::snapshot_bytes`] to `out` (no copy when it is part of a larger
-    /// blob).
-    pub fn write_snapshot(&self, out: &mut Vec<u8>) {
+    /// Writes [`Sequencer::snapshot_bytes`] to `out`, from the sink's current length on (it
+    /// can be part of a larger blob). The bytes go out in order as they are encoded, so a sink
+    /// that writes to a file holds no copy of the whole snapshot; only the header's checksum is
+    /// written over at the end ([`SnapshotSink::patch`]).
+    pub fn write_snapshot<S: SnapshotSink>(&self, out: &mut S) -> std::io::Result<()> {
         let start = out.len();
+        // The rollup section first, to a buffer of its own: its length is in the header. It
+        // is small next to the index (pending transactions and secrets of open blocks).
+        let mut rollups = Vec::with_capacity(self.rollups.encoded_len_hint());
+        self.rollups.encode(&mut rollups);
         let body_len = FIXED_BODY_BYTES
             + usize::from(self.last_batch.is_some()) * BATCH_RECORD_BYTES
-            + self.positions.len() * POSITION_RECORD_BYTES;
-        // One reservation for the whole snapshot: growing a buffer of hundreds of MiB copies it
-        // into fresh pages.
-        out.reserve(HEADER_BYTES + body_len + self.rollups.encoded_len_hint());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(body_len as u64).to_le_bytes());
-        out.extend_from_slice(&[0u8; 8]); // crc32 (filled below) and reserved
+            + self.positions.len() * POSITION_RECORD_BYTES
+            + rollups.len();
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
+        // crc32 at 24..28 is written over once the body is out; 12..16 and 28..32 stay 0.
+        out.put(&header)?;
+        let mut body = Staged::new(out);
         let (index, term) = self.applied.unwrap_or((0, 0));
         for field in [
             u64::from(self.applied.is_some()),
@@ -597,17 +604,17 @@ impl Sequencer {
             self.positions.generation() as u64,
             self.positions.previous().len() as u64,
         ] {
-            out.extend_from_slice(&field.to_le_bytes());
+            body.put(&field.to_le_bytes())?;
         }
         if let Some(b) = &self.last_batch {
-            out.extend_from_slice(&b.index.to_le_bytes());
-            out.extend_from_slice(&b.term.to_le_bytes());
-            out.extend_from_slice(&b.header_digest);
-            out.extend_from_slice(&b.tx_count.to_le_bytes());
-            out.extend_from_slice(&u32::from(b.signed.is_some()).to_le_bytes());
+            body.put(&b.index.to_le_bytes())?;
+            body.put(&b.term.to_le_bytes())?;
+            body.put(&b.header_digest)?;
+            body.put(&b.tx_count.to_le_bytes())?;
+            body.put(&u32::from(b.signed.is_some()).to_le_bytes())?;
             match &b.signed {
-                Some(s) => out.extend_from_slice(&s.encode()),
-                None => out.extend_from_slice(&[0u8; SIGNED_HEADER_BYTES]),
+                Some(s) => body.put(&s.encode())?,
+                None => body.put(&[0u8; SIGNED_HEADER_BYTES])?,
             }
         }
         // The previous generation, then the current one, each sorted by hash. The first 8
@@ -624,17 +631,17 @@ impl Sequencer {
                 .collect();
             positions.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
             for (_, hash, pos) in positions {
-                out.extend_from_slice(hash.as_bytes());
-                out.extend_from_slice(&pos.index.to_le_bytes());
-                out.extend_from_slice(&pos.offset.to_le_bytes());
+                let mut record = [0u8; POSITION_RECORD_BYTES];
+                record[0..32].copy_from_slice(hash.as_bytes());
+                record[32..40].copy_from_slice(&pos.index.to_le_bytes());
+                record[40..44].copy_from_slice(&pos.offset.to_le_bytes());
+                body.put(&record)?;
             }
         }
-        debug_assert_eq!(out.len() - start, HEADER_BYTES + body_len);
-        self.rollups.encode(out);
-        let body_len = (out.len() - start - HEADER_BYTES) as u64;
-        out[start + 16..start + 24].copy_from_slice(&body_len.to_le_bytes());
-        let crc = crc32fast::hash(&out[start + HEADER_BYTES..]);
-        out[start + 24..start + 28].copy_from_slice(&crc.to_le_bytes());
+        body.put(&rollups)?;
+        let crc = body.finish()?;
+        debug_assert_eq!(out.len() - start, (HEADER_BYTES + body_len) as u64);
+        out.patch(start + 24, &crc.to_le_bytes())
     }
 
     /// Restores a sequencer from [`Sequencer::snapshot_bytes`] output, checking framing,
@@ -799,6 +806,101 @@ impl Sequencer {
             duplicates_total,
             rollups,
         })
+    }
+}
+
+/// Where [`Sequencer::write_snapshot`] puts a snapshot: bytes appended in order, and a few
+/// written over near the start once known. A `Vec<u8>` is one; a node's state machine streams
+/// snapshots to their file through another, so no copy of a snapshot of millions of
+/// transactions is ever held in memory.
+pub trait SnapshotSink {
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+
+    /// Bytes appended so far.
+    fn len(&self) -> u64;
+
+    /// Whether nothing was appended yet.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes `bytes` over bytes appended earlier, from offset `at`. Writers patch only the
+    /// first [`SNAPSHOT_PATCH_WITHIN`] bytes of what they put in a sink.
+    fn patch(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// How far from the start of a sink [`SnapshotSink::patch`] may be asked to write (a state
+/// machine's blob header and the sequencer's header after it).
+pub const SNAPSHOT_PATCH_WITHIN: u64 = 64 * 1024;
+
+impl SnapshotSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+
+    fn patch(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let at = usize::try_from(at).map_err(std::io::Error::other)?;
+        let Some(target) = self.get_mut(at..at + bytes.len()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "patch past the end of the snapshot",
+            ));
+        };
+        target.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Bytes on their way to a sink, gathered into pieces of `STAGED_BYTES` and checksummed a
+/// piece at a time (crc32 of 44-byte records one by one runs at a fraction of its speed on
+/// whole pieces).
+struct Staged<'a, S> {
+    sink: &'a mut S,
+    buf: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+const STAGED_BYTES: usize = 64 * 1024;
+
+impl<'a, S: SnapshotSink> Staged<'a, S> {
+    fn new(sink: &'a mut S) -> Self {
+        Self {
+            sink,
+            buf: Vec::with_capacity(STAGED_BYTES),
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.buf.len() + bytes.len() > STAGED_BYTES {
+            self.flush()?;
+            if bytes.len() > STAGED_BYTES {
+                self.crc.update(bytes);
+                return self.sink.put(bytes);
+            }
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.crc.update(&self.buf);
+        self.sink.put(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Puts what is left; returns the crc32 of everything put through it.
+    fn finish(mut self) -> std::io::Result<u32> {
+        self.flush()?;
+        Ok(self.crc.finalize())
     }
 }
 

@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +39,10 @@ use super::log_store::{
 };
 use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
 use crate::hash::TxHash;
-use crate::sequencer::{KnownHashes, Position, Sequencer, SequencerError, SnapshotError};
+use crate::sequencer::{
+    KnownHashes, Position, Sequencer, SequencerError, SnapshotError, SnapshotSink,
+    SNAPSHOT_PATCH_WITHIN,
+};
 
 type CommittedLeaderId = openraft::vote::leader_id_std::CommittedLeaderId<u64>;
 
@@ -99,6 +102,13 @@ pub enum StateMachineError {
         #[source]
         source: SnapshotError,
     },
+    /// A snapshot blob could not be written (its file).
+    #[error("writing the snapshot blob: {source}")]
+    BlobWrite {
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// The persisted snapshot file could not be read.
     #[error("reading the snapshot file: {source}")]
     SnapshotFile {
@@ -130,21 +140,54 @@ struct Decoded {
     sequencer: Sequencer,
 }
 
+/// A [`SnapshotSink`] that can say the crc32 of everything in it (patches included): the
+/// blob's trailing checksum.
+trait BlobSink: SnapshotSink {
+    fn crc(&self) -> u32;
+}
+
+impl BlobSink for Vec<u8> {
+    fn crc(&self) -> u32 {
+        crc32fast::hash(self)
+    }
+}
+
+/// Writes a snapshot blob (format in the module docs) to `out`, which must be empty.
+fn write_blob<S: BlobSink>(
+    last_applied: Option<&LogId>,
+    membership: &StoredMembership,
+    sequencer: &Sequencer,
+    out: &mut S,
+) -> Result<(), StateMachineError> {
+    let write = |source| StateMachineError::BlobWrite { source };
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&SNAPSHOT_BLOB_VERSION.to_le_bytes());
+    encode_log_id(last_applied, &mut head);
+    encode_log_id(membership.log_id().as_ref(), &mut head);
+    encode_membership(membership.membership(), &mut head)
+        .map_err(|source| StateMachineError::BlobMeta { source })?;
+    if head.len() as u64 + 64 > SNAPSHOT_PATCH_WITHIN {
+        // The sequencer's header must lie where sinks accept patches; a membership of
+        // kilobytes would be a bug elsewhere.
+        return Err(StateMachineError::BlobFraming {
+            reason: "membership too large for the blob header",
+        });
+    }
+    out.put(&head).map_err(write)?;
+    sequencer.write_snapshot(out).map_err(write)?;
+    let crc = out.crc();
+    out.put(&crc.to_le_bytes()).map_err(write)
+}
+
+/// The blob of a snapshot, in memory.
 fn encode_blob(
     last_applied: Option<&LogId>,
     membership: &StoredMembership,
     sequencer: &Sequencer,
 ) -> Result<Vec<u8>, StateMachineError> {
     let mut out = Vec::with_capacity(sequencer.snapshot_len_hint() + 4096);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&SNAPSHOT_BLOB_VERSION.to_le_bytes());
-    encode_log_id(last_applied, &mut out);
-    encode_log_id(membership.log_id().as_ref(), &mut out);
-    encode_membership(membership.membership(), &mut out)
-        .map_err(|source| StateMachineError::BlobMeta { source })?;
-    sequencer.write_snapshot(&mut out);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
+    write_blob(last_applied, membership, sequencer, &mut out)?;
     Ok(out)
 }
 
@@ -472,46 +515,253 @@ const SNAPSHOT_SYNC_EVERY_BYTES: usize = 8 << 20;
 /// Alignment of O_DIRECT writes: offsets, lengths and buffer addresses.
 const DIRECT_ALIGN: usize = 4096;
 
-/// Writes a snapshot blob atomically and durably: temporary file, fsync, rename, directory
-/// fsync. Blocking: run it on the blocking pool.
+/// A snapshot blob being written to a temporary file in a node's data directory, a piece of
+/// `SNAPSHOT_SYNC_EVERY_BYTES` at a time, as it is encoded: the blob of a full idempotency
+/// window is ~92 MB, which a node under load held in memory on top of everything else while it
+/// was built (2x overload peaked at 1.09 GiB on the leader). [`SnapshotFile::finish`] makes it
+/// durable and [`Written::install`] renames it into place, so a snapshot is replaced atomically.
+/// Blocking: run it off the shards.
 ///
 /// The file is written with O_DIRECT where the file system allows it, else through the page
-/// cache, and synced every `SNAPSHOT_SYNC_EVERY_BYTES`. Through the page cache a blob of tens
-/// to hundreds of MiB costs the kernel a copy into fresh cache pages (0.34 s of CPU over three
-/// nodes for a 45 MB snapshot on the development VM, time the shards lost even when the copy
-/// ran in the idle scheduling class), and dirty pages left behind would be flushed by the next
-/// journal commit (ext4, data=ordered), which the WAL's syncs make. With O_DIRECT the data goes
-/// from an aligned buffer of ours straight to the device; the syncs then only commit metadata.
-fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
-    // tmpfs and some others refuse O_DIRECT at open, a few only at the first write (EINVAL
-    // either way): the page cache it is then.
-    let refused = |e: &io::Error| e.raw_os_error() == Some(libc::EINVAL);
-    let direct = match create_direct(&tmp) {
-        Ok(f) => match write_direct(&f, blob) {
-            Ok(()) => Some(f),
-            Err(e) if refused(&e) => None,
-            Err(e) => return Err(e),
-        },
-        Err(e) if refused(&e) => None,
-        Err(e) => return Err(e),
-    };
-    let f = match direct {
-        Some(f) => f,
-        None => {
-            let mut f = std::fs::File::create(&tmp)?;
-            for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
-                f.write_all(chunk)?;
-                f.sync_data()?;
-            }
-            f
+/// cache, and synced after every piece. Through the page cache a blob of tens to hundreds of
+/// MiB costs the kernel a copy into fresh cache pages (0.34 s of CPU over three nodes for a
+/// 45 MB snapshot on the development VM, time the shards lost even when the copy ran in the
+/// idle scheduling class), and dirty pages left behind would be flushed by the next journal
+/// commit (ext4, data=ordered), which the WAL's syncs make. With O_DIRECT the data goes from an
+/// aligned buffer of ours straight to the device; the syncs then only commit metadata.
+///
+/// The first `SNAPSHOT_PATCH_WITHIN` bytes are also kept aside: patches ([`SnapshotSink::patch`])
+/// land there and are written again at the end, and the crc32 of the whole is that of this head
+/// combined with that of the rest, which is hashed as it is put.
+struct SnapshotFile {
+    /// `None` only while switching from O_DIRECT to the page cache.
+    file: Option<std::fs::File>,
+    tmp: TempFile,
+    direct: bool,
+    buf: AlignedBuf,
+    /// Bytes of `buf` in use.
+    filled: usize,
+    /// Bytes handed to the file so far.
+    flushed: u64,
+    head: Vec<u8>,
+    /// A patch landed in the head after it went to the file.
+    head_patched: bool,
+    rest_crc: crc32fast::Hasher,
+}
+
+/// A file removed when dropped, unless renamed away first.
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
         }
-    };
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// A snapshot file written whole and synced, not yet in place.
+struct Written {
+    tmp: TempFile,
+    len: u64,
+}
+
+impl Written {
+    /// Renames the file to `SNAPSHOT_FILE` in `dir` and syncs the directory.
+    fn install(mut self, dir: &Path) -> io::Result<()> {
+        std::fs::rename(&self.tmp.path, dir.join(SNAPSHOT_FILE))?;
+        self.tmp.armed = false;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// The file's bytes, mapped, not read: nothing is in memory until touched.
+    fn map(&self) -> io::Result<Bytes> {
+        map_file(&self.tmp.path)
+    }
+}
+
+/// Maps a snapshot file read-only. Snapshot files are never written once complete (a new
+/// snapshot is a new file renamed over the old one, which leaves existing mappings of the old
+/// one intact), so the mapping stays valid and unchanged for as long as it lives.
+fn map_file(path: &Path) -> io::Result<Bytes> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: see above: nothing of ours writes to or truncates a complete snapshot file.
+    // Something outside baton doing so (an operator editing the data directory) could change
+    // the bytes under us; the blob's checksum is checked before its content is used.
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    Ok(Bytes::from_owner(map))
+}
+
+impl SnapshotFile {
+    /// A new temporary file in `dir`.
+    fn create(dir: &Path) -> io::Result<Self> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
+        // tmpfs and some others refuse O_DIRECT at open, a few only at the first write (EINVAL
+        // either way): the page cache it is then.
+        let (file, direct) = match create_direct(&path) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (std::fs::File::create(&path)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            file: Some(file),
+            tmp: TempFile { path, armed: true },
+            direct,
+            buf: AlignedBuf::zeroed(SNAPSHOT_SYNC_EVERY_BYTES)?,
+            filled: 0,
+            flushed: 0,
+            head: Vec::with_capacity(SNAPSHOT_PATCH_WITHIN as usize),
+            head_patched: false,
+            rest_crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    fn file(&self) -> &std::fs::File {
+        self.file.as_ref().expect("a file outside the O_DIRECT fallback")
+    }
+
+    /// Writes `buf[..filled]` at `flushed` and syncs; padded to the alignment with zeros under
+    /// O_DIRECT (the file is cut to length at the end).
+    fn flush(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.filled == 0 {
+            return Ok(());
+        }
+        if self.direct {
+            let padded = self.filled.next_multiple_of(DIRECT_ALIGN);
+            let out = &mut self.buf.as_mut()[..padded];
+            out[self.filled..].fill(0);
+            let file = self.file.as_ref().expect("open");
+            match file.write_all_at(out, self.flushed) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && self.flushed == 0 => {
+                    // O_DIRECT refused at the first write: start over through the page cache.
+                    self.file = None;
+                    self.file = Some(std::fs::File::create(&self.tmp.path)?);
+                    self.direct = false;
+                    return self.flush();
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            let file = self.file.as_ref().expect("open");
+            file.write_all_at(&self.buf.as_mut()[..self.filled], self.flushed)?;
+        }
+        self.file().sync_data()?;
+        self.flushed += self.filled as u64;
+        self.filled = 0;
+        Ok(())
+    }
+
+    /// Writes what is left, the patched head again if it was already out, cuts the file to the
+    /// blob's length and syncs it.
+    fn finish(mut self) -> io::Result<Written> {
+        use std::os::unix::fs::FileExt;
+        let len = SnapshotSink::len(&self);
+        self.flush()?;
+        if self.head_patched {
+            let head_len = self.head.len();
+            if self.direct {
+                let padded = head_len.next_multiple_of(DIRECT_ALIGN);
+                let out = &mut self.buf.as_mut()[..padded];
+                out[..head_len].copy_from_slice(&self.head);
+                // The bytes after the head up to the alignment: `head` is a whole number of
+                // blocks unless the blob ends inside it, and then those bytes lie past its end.
+                out[head_len..].fill(0);
+                self.file.as_ref().expect("open").write_all_at(out, 0)?;
+            } else {
+                self.file().write_all_at(&self.head, 0)?;
+            }
+        }
+        let file = self.file.take().expect("file");
+        file.set_len(len)?;
+        file.sync_all()?;
+        Ok(Written {
+            tmp: TempFile {
+                path: std::mem::take(&mut self.tmp.path),
+                armed: std::mem::replace(&mut self.tmp.armed, false),
+            },
+            len,
+        })
+    }
+}
+
+impl SnapshotSink for SnapshotFile {
+    fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        let at = SnapshotSink::len(self);
+        if at < SNAPSHOT_PATCH_WITHIN {
+            let n = bytes.len().min((SNAPSHOT_PATCH_WITHIN - at) as usize);
+            self.head.extend_from_slice(&bytes[..n]);
+            let (_, rest) = bytes.split_at(n);
+            self.rest_crc.update(rest);
+        } else {
+            self.rest_crc.update(bytes);
+        }
+        while !bytes.is_empty() {
+            let room = SNAPSHOT_SYNC_EVERY_BYTES - self.filled;
+            let n = room.min(bytes.len());
+            self.buf.as_mut()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == SNAPSHOT_SYNC_EVERY_BYTES {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.flushed + self.filled as u64
+    }
+
+    fn patch(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
+        let end = at + bytes.len() as u64;
+        if end > self.head.len() as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "snapshot patch outside the file's head",
+            ));
+        }
+        let (at, end) = (at as usize, end as usize);
+        self.head[at..end].copy_from_slice(bytes);
+        if (end as u64) <= self.flushed {
+            self.head_patched = true;
+        } else if (at as u64) >= self.flushed {
+            let from = at - self.flushed as usize;
+            self.buf.as_mut()[from..from + bytes.len()].copy_from_slice(bytes);
+        } else {
+            // Straddles the flushed boundary: the head, rewritten at the end, has it all; the
+            // buffer's part is written over later anyway.
+            self.head_patched = true;
+            let from = self.flushed as usize - at;
+            self.buf.as_mut()[..bytes.len() - from].copy_from_slice(&bytes[from..]);
+        }
+        Ok(())
+    }
+}
+
+impl BlobSink for SnapshotFile {
+    fn crc(&self) -> u32 {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.head);
+        crc.combine(&self.rest_crc);
+        crc.finalize()
+    }
+}
+
+/// Writes a snapshot blob that is in memory (one received from the leader) atomically and
+/// durably: temporary file, sync, rename, directory sync. Blocking.
+fn persist_snapshot(dir: &Path, blob: &[u8]) -> io::Result<()> {
+    let mut file = SnapshotFile::create(dir)?;
+    file.put(blob)?;
+    file.finish()?.install(dir)
 }
 
 /// Creates (truncating) `path` for O_DIRECT writes.
@@ -531,29 +781,6 @@ fn create_direct(path: &Path) -> io::Result<std::fs::File> {
         let _ = path;
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     }
-}
-
-/// Writes `blob` to the start of `f` (opened O_DIRECT) in `SNAPSHOT_SYNC_EVERY_BYTES` pieces
-/// through one aligned buffer, syncing after each; the last piece is padded to the alignment
-/// with zeros and the file then cut to `blob`'s length.
-fn write_direct(f: &std::fs::File, blob: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = AlignedBuf::zeroed(
-        SNAPSHOT_SYNC_EVERY_BYTES
-            .min(blob.len().next_multiple_of(DIRECT_ALIGN))
-            .max(DIRECT_ALIGN),
-    )?;
-    let mut offset = 0u64;
-    for chunk in blob.chunks(SNAPSHOT_SYNC_EVERY_BYTES) {
-        let padded = chunk.len().next_multiple_of(DIRECT_ALIGN);
-        let out = &mut buf.as_mut()[..padded];
-        out[..chunk.len()].copy_from_slice(chunk);
-        out[chunk.len()..].fill(0);
-        f.write_all_at(out, offset)?;
-        f.sync_data()?;
-        offset += chunk.len() as u64;
-    }
-    f.set_len(blob.len() as u64)
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -613,28 +840,48 @@ impl SnapshotStore {
         Ok(true)
     }
 
+    /// Puts `written` (the snapshot at `last`) in place unless a newer one is already on disk;
+    /// returns whether it did.
+    async fn commit(&self, last: Option<LogId>, written: Written) -> io::Result<bool> {
+        let Some(dir) = self.dir.clone() else {
+            return Err(io::Error::other("no snapshot directory"));
+        };
+        let mut persisted = self.persisted.lock().await;
+        if persisted.is_some() && *persisted > last {
+            return Ok(false);
+        }
+        glommio::executor()
+            .spawn_blocking(move || written.install(&dir))
+            .await?;
+        *persisted = last;
+        Ok(true)
+    }
+
     /// Whether a snapshot's blob must stay in memory (no directory to read it back from).
     fn in_memory(&self) -> bool {
         self.dir.is_none()
     }
 
-    /// The snapshot in the file, read on the blocking pool, with the metadata its blob holds
+    /// The snapshot in the file, mapped on the blocking pool, with the metadata its blob holds
     /// (checksum and framing checked; the sequencer part is left to whoever installs it).
     async fn read(&self) -> io::Result<Snapshot> {
         let Some(dir) = self.dir.clone() else {
             return Err(io::Error::other("no snapshot directory"));
         };
-        // Not while a newer one is being written (the rename would be seen either way, but a
-        // read racing it would be wasted).
+        // Not while a newer one is being put in place (the rename would be seen either way,
+        // but a read racing it would be wasted).
         let _persisted = self.persisted.lock().await;
-        let blob = glommio::executor()
-            .spawn_blocking(move || std::fs::read(dir.join(SNAPSHOT_FILE)))
-            .await
-            .map_err(|source| StateMachineError::SnapshotFile { source })?;
-        let (meta, _) = decode_blob_meta(&blob)?;
+        let (blob, meta) = glommio::executor()
+            .spawn_blocking(move || {
+                let blob = map_file(&dir.join(SNAPSHOT_FILE))
+                    .map_err(|source| StateMachineError::SnapshotFile { source })?;
+                let (meta, _) = decode_blob_meta(&blob)?;
+                Ok::<_, StateMachineError>((blob, meta))
+            })
+            .await?;
         Ok(Snapshot {
             meta,
-            snapshot: Bytes::from(blob),
+            snapshot: blob,
         })
     }
 }
@@ -655,8 +902,8 @@ impl StateMachine {
             },
             ..Self::default()
         };
-        let blob = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
-            Ok(b) => Bytes::from(b),
+        let blob = match map_file(&dir.join(SNAPSHOT_FILE)) {
+            Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(sm),
             Err(e) => return Err(StateMachineError::SnapshotFile { source: e }),
         };
@@ -744,49 +991,69 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let (last, membership) = (self.meta.last_log_id, self.meta.last_membership.clone());
         let started = std::time::Instant::now();
-        let blob = Bytes::from(
-            run_in_background(move || encode_blob(last.as_ref(), &membership, &sequencer))
-                .await??,
-        );
-        let encoded = started.elapsed();
+        let Some(dir) = self.store.dir.clone() else {
+            let blob = run_in_background(move || {
+                encode_blob(last.as_ref(), &membership, &sequencer)
+            })
+            .await??;
+            let snapshot = Snapshot {
+                meta: self.meta.clone(),
+                snapshot: Bytes::from(blob),
+            };
+            let mut current = self.current.borrow_mut();
+            if !newer_exists(&current, &snapshot.meta) {
+                *current = Some(Current {
+                    meta: snapshot.meta.clone(),
+                    blob: Some(snapshot.snapshot.clone()),
+                });
+            }
+            return Ok(snapshot);
+        };
+        // Encoded straight into its file (see `SnapshotFile`), durable before openraft learns
+        // of it: it purges the log behind a built snapshot.
+        let (written, blob) = run_in_background(move || {
+            let mut file = SnapshotFile::create(&dir)?;
+            write_blob(last.as_ref(), &membership, &sequencer, &mut file)?;
+            drop(sequencer);
+            let written = file.finish()?;
+            let blob = written.map()?;
+            Ok::<_, io::Error>((written, blob))
+        })
+        .await??;
         let snapshot = Snapshot {
             meta: self.meta.clone(),
             snapshot: blob,
         };
-        // An install may have put a newer snapshot in place since this builder was made.
-        let newer_exists = |current: &Option<Current>| {
-            current
-                .as_ref()
-                .is_some_and(|c| c.meta.last_log_id > snapshot.meta.last_log_id)
-        };
-        if newer_exists(&self.current.borrow()) {
-            return Ok(snapshot);
-        }
-        // Durable before openraft learns of it: it purges the log behind a built snapshot. If
-        // a newer snapshot reached the disk meanwhile, that one stays.
-        let written = self
-            .store
-            .persist(snapshot.meta.last_log_id, snapshot.snapshot.clone())
-            .await?;
-        if !written {
+        let bytes = written.len;
+        // An install may have put a newer snapshot in place since this builder was made; if
+        // one reached the disk meanwhile, it stays.
+        if newer_exists(&self.current.borrow(), &snapshot.meta)
+            || !self.store.commit(snapshot.meta.last_log_id, written).await?
+        {
             return Ok(snapshot);
         }
         tracing::info!(
             last = ?snapshot.meta.last_log_id,
-            bytes = snapshot.snapshot.len(),
-            encode_ms = encoded.as_millis() as u64,
-            persist_ms = (started.elapsed() - encoded).as_millis() as u64,
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
             "snapshot built"
         );
         let mut current = self.current.borrow_mut();
-        if !newer_exists(&current) {
+        if !newer_exists(&current, &snapshot.meta) {
             *current = Some(Current {
                 meta: snapshot.meta.clone(),
-                blob: self.store.in_memory().then(|| snapshot.snapshot.clone()),
+                blob: None,
             });
         }
         Ok(snapshot)
     }
+}
+
+/// Whether `current` is newer than a snapshot at `meta`.
+fn newer_exists(current: &Option<Current>, meta: &SnapshotMeta) -> bool {
+    current
+        .as_ref()
+        .is_some_and(|c| c.meta.last_log_id > meta.last_log_id)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -957,7 +1224,65 @@ mod tests {
         }
         for dir in &dirs {
             check_snapshot_files(dir.path());
+            check_streamed_files(dir.path());
         }
+    }
+
+    /// A blob streamed into its file in pieces of any size, with its head patched before and
+    /// after the head went out, ends byte for byte as the same writes to memory, with the same
+    /// checksum: whether the file's first flush (`SNAPSHOT_SYNC_EVERY_BYTES`) came before the
+    /// patches or not, and whatever the length against the O_DIRECT block.
+    fn check_streamed_files(dir: &Path) {
+        let lengths = [
+            10,
+            SNAPSHOT_PATCH_WITHIN as usize - 1,
+            SNAPSHOT_PATCH_WITHIN as usize + 5,
+            SNAPSHOT_SYNC_EVERY_BYTES - 1,
+            SNAPSHOT_SYNC_EVERY_BYTES + DIRECT_ALIGN,
+            2 * SNAPSHOT_SYNC_EVERY_BYTES + 4_099,
+        ];
+        for (i, len) in lengths.into_iter().enumerate() {
+            let mut memory = Vec::new();
+            let mut file = SnapshotFile::create(dir).unwrap();
+            let piece_sizes = [1usize, 44, 4_096, 100_003, 3 << 20];
+            let mut at = 0;
+            let mut step = 0;
+            while at < len {
+                let n = piece_sizes[step % piece_sizes.len()].min(len - at);
+                let piece: Vec<u8> = (at..at + n).map(|j| (j * 7 + i) as u8).collect();
+                memory.put(&piece).unwrap();
+                file.put(&piece).unwrap();
+                if step == 1 {
+                    // Early, while the head is still in the buffer.
+                    memory.patch(3, b"early").unwrap();
+                    file.patch(3, b"early").unwrap();
+                }
+                at += n;
+                step += 1;
+            }
+            let late = (len.min(SNAPSHOT_PATCH_WITHIN as usize) - 4) as u64;
+            for (offset, bytes) in [(0u64, &b"late"[..]), (late, &b"tail"[..])] {
+                memory.patch(offset, bytes).unwrap();
+                file.patch(offset, bytes).unwrap();
+            }
+            assert!(file.patch(SNAPSHOT_PATCH_WITHIN, b"x").is_err());
+            assert_eq!(BlobSink::crc(&file), BlobSink::crc(&memory), "{len} bytes");
+            assert_eq!(SnapshotSink::len(&file), len as u64);
+            let written = file.finish().unwrap();
+            assert!(written.map().unwrap() == memory, "{len} bytes differ (mapped)");
+            written.install(dir).unwrap();
+            let on_disk = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+            assert!(on_disk == memory, "{len} bytes differ");
+        }
+        // A file given up on (an encoding error) leaves nothing behind.
+        let mut file = SnapshotFile::create(dir).unwrap();
+        file.put(b"abandoned").unwrap();
+        drop(file);
+        let names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [SNAPSHOT_FILE]);
     }
 
     fn check_snapshot_files(dir: &Path) {
@@ -1225,6 +1550,17 @@ mod tests {
         assert!(sm.current.borrow().as_ref().unwrap().blob.is_none());
         assert_eq!(served.meta, built.meta);
         assert_eq!(served.snapshot, built.snapshot);
+        // Streamed to the file, the blob is the one encoded in memory.
+        let in_memory = sm.state.borrow();
+        let expected = encode_blob(
+            in_memory.last_applied.as_ref(),
+            &in_memory.membership,
+            &in_memory.sequencer,
+        )
+        .unwrap();
+        drop(in_memory);
+        assert!(built.snapshot == expected);
+        assert_eq!(std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), expected);
 
         // Installed on a follower with a directory: kept on disk only, served the same.
         let mut follower = StateMachine::open(follower_dir.path()).unwrap();
