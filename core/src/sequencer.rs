@@ -572,19 +572,51 @@ impl Sequencer {
     }
 
     /// Writes [`Sequencer::snapshot_bytes`] to `out`, from the sink's current length on (it
-    /// can be part of a larger blob). The bytes go out in order as they are encoded, so a sink
-    /// that writes to a file holds no copy of the whole snapshot; only the header's checksum is
-    /// written over at the end ([`SnapshotSink::patch`]).
+    /// can be part of a larger blob). See [`Sequencer::into_snapshot`]; this writes a clone
+    /// (cheap: the index's parts are shared).
     pub fn write_snapshot<S: SnapshotSink>(&self, out: &mut S) -> std::io::Result<()> {
+        self.clone().into_snapshot(out)
+    }
+
+    /// Writes [`Sequencer::snapshot_bytes`] of this state to `out`, consuming it. The bytes go
+    /// out in order as they are encoded, so a sink that writes to a file holds no copy of the
+    /// whole snapshot; only the header's checksum is written over at the end
+    /// ([`SnapshotSink::patch`]).
+    ///
+    /// This is how a snapshot of the live state is encoded: from a clone that shares the
+    /// index's parts with it, on another thread, while the live state goes on. Each part the
+    /// clone still holds is copied when the live state next writes to it, so the current
+    /// generation (the one written to) is copied out first, record by record, and each of its
+    /// parts let go as soon as it is read: the live state then copies only the parts it writes
+    /// to during that pass, not, as when the clone held every part until the whole snapshot was
+    /// written, nearly all of them (100 MB with a full generation, on top of the snapshot).
+    /// The previous generation is copied out next, for the same reason: a new generation
+    /// starts every 2^20 transactions (seconds under load), and recycles its tables only if no
+    /// clone shares them.
+    pub fn into_snapshot<S: SnapshotSink>(self, out: &mut S) -> std::io::Result<()> {
         let start = out.len();
+        let Sequencer {
+            applied,
+            last_batch,
+            positions,
+            tx_total,
+            duplicates_total,
+            rollups,
+        } = self;
+        let generation = positions.generation();
+        let (previous, current) = positions.into_generations();
+        let current = sorted_records(current);
+        let previous = sorted_records(previous);
         // The rollup section first, to a buffer of its own: its length is in the header. It
         // is small next to the index (pending transactions and secrets of open blocks).
-        let mut rollups = Vec::with_capacity(self.rollups.encoded_len_hint());
-        self.rollups.encode(&mut rollups);
+        let mut rollup_section = Vec::with_capacity(rollups.encoded_len_hint());
+        rollups.encode(&mut rollup_section);
+        drop(rollups);
+        let position_count = previous.len() + current.len();
         let body_len = FIXED_BODY_BYTES
-            + usize::from(self.last_batch.is_some()) * BATCH_RECORD_BYTES
-            + self.positions.len() * POSITION_RECORD_BYTES
-            + rollups.len();
+            + usize::from(last_batch.is_some()) * BATCH_RECORD_BYTES
+            + position_count * POSITION_RECORD_BYTES
+            + rollup_section.len();
         let mut header = [0u8; HEADER_BYTES];
         header[0..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
@@ -592,21 +624,21 @@ impl Sequencer {
         // crc32 at 24..28 is written over once the body is out; 12..16 and 28..32 stay 0.
         out.put(&header)?;
         let mut body = Staged::new(out);
-        let (index, term) = self.applied.unwrap_or((0, 0));
+        let (index, term) = applied.unwrap_or((0, 0));
         for field in [
-            u64::from(self.applied.is_some()),
+            u64::from(applied.is_some()),
             index,
             term,
-            self.tx_total,
-            self.duplicates_total,
-            u64::from(self.last_batch.is_some()),
-            self.positions.len() as u64,
-            self.positions.generation() as u64,
-            self.positions.previous().len() as u64,
+            tx_total,
+            duplicates_total,
+            u64::from(last_batch.is_some()),
+            position_count as u64,
+            generation as u64,
+            previous.len() as u64,
         ] {
             body.put(&field.to_le_bytes())?;
         }
-        if let Some(b) = &self.last_batch {
+        if let Some(b) = &last_batch {
             body.put(&b.index.to_le_bytes())?;
             body.put(&b.term.to_le_bytes())?;
             body.put(&b.header_digest)?;
@@ -617,28 +649,11 @@ impl Sequencer {
                 None => body.put(&[0u8; SIGNED_HEADER_BYTES])?,
             }
         }
-        // The previous generation, then the current one, each sorted by hash. The first 8
-        // bytes, read big-endian, order almost every pair without touching the entries (a full
-        // comparison only on equal prefixes): sorting references by the whole hash spent most of
-        // its time in memcmp on random memory.
-        for generation in [self.positions.previous(), self.positions.current()] {
-            let mut positions: Vec<(u64, &TxHash, &Position)> = generation
-                .iter()
-                .map(|(hash, pos)| {
-                    let prefix = u64::from_be_bytes(hash.0[..8].try_into().expect("8 bytes"));
-                    (prefix, hash, pos)
-                })
-                .collect();
-            positions.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-            for (_, hash, pos) in positions {
-                let mut record = [0u8; POSITION_RECORD_BYTES];
-                record[0..32].copy_from_slice(hash.as_bytes());
-                record[32..40].copy_from_slice(&pos.index.to_le_bytes());
-                record[40..44].copy_from_slice(&pos.offset.to_le_bytes());
-                body.put(&record)?;
-            }
-        }
-        body.put(&rollups)?;
+        body.put(previous.as_flattened())?;
+        drop(previous);
+        body.put(current.as_flattened())?;
+        drop(current);
+        body.put(&rollup_section)?;
         let crc = body.finish()?;
         debug_assert_eq!(out.len() - start, (HEADER_BYTES + body_len) as u64);
         out.patch(start + 24, &crc.to_le_bytes())
@@ -807,6 +822,30 @@ impl Sequencer {
             rollups,
         })
     }
+}
+
+/// A generation of the idempotency index as its snapshot records (`tx_hash | index | offset`),
+/// ascending by hash, its parts let go as they are read ([`TxIndex::into_entries`]).
+fn sorted_records(generation: TxIndex<Position>) -> Vec<[u8; POSITION_RECORD_BYTES]> {
+    let mut records = Vec::with_capacity(generation.len());
+    for (hash, pos) in generation.into_entries() {
+        let mut record = [0u8; POSITION_RECORD_BYTES];
+        record[0..32].copy_from_slice(hash.as_bytes());
+        record[32..40].copy_from_slice(&pos.index.to_le_bytes());
+        record[40..44].copy_from_slice(&pos.offset.to_le_bytes());
+        records.push(record);
+    }
+    // Hashes are distinct within a generation. The first 8 bytes, read big-endian, order
+    // almost every pair (a full comparison only on equal prefixes).
+    let prefix = |r: &[u8; POSITION_RECORD_BYTES]| {
+        u64::from_be_bytes(r[..8].try_into().expect("8 bytes"))
+    };
+    records.sort_unstable_by(|a, b| {
+        prefix(a)
+            .cmp(&prefix(b))
+            .then_with(|| a[..32].cmp(&b[..32]))
+    });
+    records
 }
 
 /// Where [`Sequencer::write_snapshot`] puts a snapshot: bytes appended in order, and a few

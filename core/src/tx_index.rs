@@ -385,6 +385,47 @@ impl<V: Copy + Default + PartialEq + Send + Sync> TxIndex<V> {
     pub fn iter(&self) -> impl Iterator<Item = (&TxHash, &V)> {
         self.parts.iter().flatten().flat_map(|part| part.iter())
     }
+
+    /// Every entry by value, in no particular order, letting go of each part as soon as its
+    /// entries are out: a clone that shares parts with a live index stops costing it a copy of
+    /// a part once it has moved past that part.
+    pub fn into_entries(self) -> IntoEntries<V> {
+        IntoEntries {
+            parts: self.parts.into_vec().into_iter(),
+            part: None,
+            at: 0,
+        }
+    }
+}
+
+/// [`TxIndex::into_entries`].
+pub struct IntoEntries<V> {
+    parts: std::vec::IntoIter<Option<Part<V>>>,
+    /// The part being read, and the next slot of it to look at.
+    part: Option<Part<V>>,
+    at: usize,
+}
+
+impl<V: Copy> Iterator for IntoEntries<V> {
+    type Item = (TxHash, V);
+
+    fn next(&mut self) -> Option<(TxHash, V)> {
+        loop {
+            if let Some(part) = &self.part {
+                while let Some(tag) = part.tags.get(self.at) {
+                    let i = self.at;
+                    self.at += 1;
+                    if *tag != 0 {
+                        return Some(part.slots[i]);
+                    }
+                }
+            }
+            // Done with this part: let it go before the next.
+            self.part = None;
+            self.part = self.parts.next()?;
+            self.at = 0;
+        }
+    }
 }
 
 impl<V: Copy + Default + PartialEq + Send + Sync> Default for TxIndex<V> {
@@ -647,6 +688,11 @@ impl<V: Copy + Default + PartialEq + Send + Sync> Window<V> {
         self.current.prefetch_entry(nearest);
     }
 
+    /// The previous and the current generation, taken apart.
+    pub fn into_generations(self) -> (TxIndex<V>, TxIndex<V>) {
+        (self.previous, self.current)
+    }
+
     /// The current (newer) generation.
     pub fn current(&self) -> &TxIndex<V> {
         &self.current
@@ -875,6 +921,38 @@ mod tests {
         index.reserve(PARTS);
         assert_eq!(slots(&index), reserved);
         assert!((0..1_500 + PARTS as u64 / 4).all(|i| index.get(&h(i)) == Some(i)));
+    }
+
+    /// `into_entries` yields every entry once, and lets go of each part of a clone once past
+    /// it, so the live index it was cloned from owns its parts alone again as the clone is
+    /// read, not only once it is dropped.
+    #[test]
+    fn into_entries_yields_every_entry_and_lets_go_of_each_part_once_read() {
+        let mut live = TxIndex::new();
+        for i in 0..5_000u64 {
+            live.insert_new(h(i), i).unwrap();
+        }
+        let shared = |index: &TxIndex<u64>| {
+            index
+                .parts
+                .iter()
+                .flatten()
+                .filter(|p| Arc::strong_count(p) > 1)
+                .count()
+        };
+        let parts = live.parts.iter().flatten().count();
+        let mut entries = live.clone().into_entries();
+        assert_eq!(shared(&live), parts);
+        let mut seen: Vec<(TxHash, u64)> = entries.by_ref().take(2_500).collect();
+        let halfway = shared(&live);
+        assert!(halfway > 0 && halfway < parts, "{halfway} of {parts}");
+        seen.extend(entries.by_ref());
+        assert_eq!(shared(&live), 0);
+        seen.sort_unstable();
+        let mut expected: Vec<(TxHash, u64)> = (0..5_000u64).map(|i| (h(i), i)).collect();
+        expected.sort_unstable();
+        assert_eq!(seen, expected);
+        assert_eq!(TxIndex::<u64>::new().into_entries().count(), 0);
     }
 
     #[test]

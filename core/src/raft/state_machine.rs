@@ -152,11 +152,12 @@ impl BlobSink for Vec<u8> {
     }
 }
 
-/// Writes a snapshot blob (format in the module docs) to `out`, which must be empty.
+/// Writes a snapshot blob (format in the module docs) of `sequencer` (consumed: see
+/// [`Sequencer::into_snapshot`]) to `out`, which must be empty.
 fn write_blob<S: BlobSink>(
     last_applied: Option<&LogId>,
     membership: &StoredMembership,
-    sequencer: &Sequencer,
+    sequencer: Sequencer,
     out: &mut S,
 ) -> Result<(), StateMachineError> {
     let write = |source| StateMachineError::BlobWrite { source };
@@ -175,7 +176,7 @@ fn write_blob<S: BlobSink>(
         });
     }
     out.put(&head).map_err(write)?;
-    sequencer.write_snapshot(out).map_err(write)?;
+    sequencer.into_snapshot(out).map_err(write)?;
     let crc = out.crc();
     out.put(&crc.to_le_bytes()).map_err(write)
 }
@@ -184,7 +185,7 @@ fn write_blob<S: BlobSink>(
 fn encode_blob(
     last_applied: Option<&LogId>,
     membership: &StoredMembership,
-    sequencer: &Sequencer,
+    sequencer: Sequencer,
 ) -> Result<Vec<u8>, StateMachineError> {
     let mut out = Vec::with_capacity(sequencer.snapshot_len_hint() + 4096);
     write_blob(last_applied, membership, sequencer, &mut out)?;
@@ -993,7 +994,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let started = std::time::Instant::now();
         let Some(dir) = self.store.dir.clone() else {
             let blob = run_in_background(move || {
-                encode_blob(last.as_ref(), &membership, &sequencer)
+                encode_blob(last.as_ref(), &membership, sequencer)
             })
             .await??;
             let snapshot = Snapshot {
@@ -1013,8 +1014,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // of it: it purges the log behind a built snapshot.
         let (written, blob) = run_in_background(move || {
             let mut file = SnapshotFile::create(&dir)?;
-            write_blob(last.as_ref(), &membership, &sequencer, &mut file)?;
-            drop(sequencer);
+            write_blob(last.as_ref(), &membership, sequencer, &mut file)?;
             let written = file.finish()?;
             let blob = written.map()?;
             Ok::<_, io::Error>((written, blob))
@@ -1555,7 +1555,7 @@ mod tests {
         let expected = encode_blob(
             in_memory.last_applied.as_ref(),
             &in_memory.membership,
-            &in_memory.sequencer,
+            in_memory.sequencer.clone(),
         )
         .unwrap();
         drop(in_memory);
