@@ -578,23 +578,27 @@ impl Sequencer {
         self.clone().into_snapshot(out)
     }
 
-    /// Writes [`Sequencer::snapshot_bytes`] of this state to `out`, consuming it. The bytes go
-    /// out in order as they are encoded, so a sink that writes to a file holds no copy of the
-    /// whole snapshot; only the header's checksum is written over at the end
-    /// ([`SnapshotSink::patch`]).
-    ///
-    /// This is how a snapshot of the live state is encoded: from a clone that shares the
-    /// index's parts with it, on another thread, while the live state goes on. Each part the
-    /// clone still holds is copied when the live state next writes to it, so the current
-    /// generation (the one written to) is copied out first, record by record, and each of its
-    /// parts let go as soon as it is read: the live state then copies only the parts it writes
-    /// to during that pass, not, as when the clone held every part until the whole snapshot was
-    /// written, nearly all of them (100 MB with a full generation, on top of the snapshot).
-    /// The previous generation is copied out next, for the same reason: a new generation
-    /// starts every 2^20 transactions (seconds under load), and recycles its tables only if no
-    /// clone shares them.
+    /// Writes [`Sequencer::snapshot_bytes`] of this state to `out`, consuming it: see
+    /// [`Sequencer::into_snapshot_writer`] and [`SnapshotWriter::write`].
     pub fn into_snapshot<S: SnapshotSink>(self, out: &mut S) -> std::io::Result<()> {
-        let start = out.len();
+        self.into_snapshot_writer().write(out)
+    }
+
+    /// The first half of encoding a snapshot, consuming this state: copies the idempotency
+    /// index out into its records (unsorted) and encodes the rest, which is small.
+    ///
+    /// This is how a snapshot of the live state is taken: from a clone that shares the index's
+    /// parts with it, on another thread, while the live state goes on. Each part the clone
+    /// holds is copied when the live state next writes to it: the copies, and the originals
+    /// freed among parts still in use, had left a node's RSS 100-170 MiB higher after every
+    /// snapshot under 2x overload, when the clone held every part until the whole snapshot was
+    /// written, seconds later. So the current generation (the one written to) is copied out
+    /// first, each part let go as soon as it is read ([`TxIndex::into_entries`]), then the
+    /// previous one (a generation rotating meanwhile regrows the tables a clone holds); the
+    /// caller does this at normal priority, so that it takes tens of milliseconds and the live
+    /// state copies few parts meanwhile, and sorts and writes ([`SnapshotWriter::write`]) at
+    /// the lowest.
+    pub fn into_snapshot_writer(self) -> SnapshotWriter {
         let Sequencer {
             applied,
             last_batch,
@@ -605,58 +609,22 @@ impl Sequencer {
         } = self;
         let generation = positions.generation();
         let (previous, current) = positions.into_generations();
-        let current = sorted_records(current);
-        let previous = sorted_records(previous);
-        // The rollup section first, to a buffer of its own: its length is in the header. It
-        // is small next to the index (pending transactions and secrets of open blocks).
+        let current = records(current);
+        let previous = records(previous);
+        // Its length is in the header. It is small next to the index (pending transactions
+        // and secrets of open blocks).
         let mut rollup_section = Vec::with_capacity(rollups.encoded_len_hint());
         rollups.encode(&mut rollup_section);
-        drop(rollups);
-        let position_count = previous.len() + current.len();
-        let body_len = FIXED_BODY_BYTES
-            + usize::from(last_batch.is_some()) * BATCH_RECORD_BYTES
-            + position_count * POSITION_RECORD_BYTES
-            + rollup_section.len();
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..8].copy_from_slice(&MAGIC);
-        header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        header[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
-        // crc32 at 24..28 is written over once the body is out; 12..16 and 28..32 stay 0.
-        out.put(&header)?;
-        let mut body = Staged::new(out);
-        let (index, term) = applied.unwrap_or((0, 0));
-        for field in [
-            u64::from(applied.is_some()),
-            index,
-            term,
+        SnapshotWriter {
+            applied,
+            last_batch,
             tx_total,
             duplicates_total,
-            u64::from(last_batch.is_some()),
-            position_count as u64,
-            generation as u64,
-            previous.len() as u64,
-        ] {
-            body.put(&field.to_le_bytes())?;
+            generation,
+            previous,
+            current,
+            rollup_section,
         }
-        if let Some(b) = &last_batch {
-            body.put(&b.index.to_le_bytes())?;
-            body.put(&b.term.to_le_bytes())?;
-            body.put(&b.header_digest)?;
-            body.put(&b.tx_count.to_le_bytes())?;
-            body.put(&u32::from(b.signed.is_some()).to_le_bytes())?;
-            match &b.signed {
-                Some(s) => body.put(&s.encode())?,
-                None => body.put(&[0u8; SIGNED_HEADER_BYTES])?,
-            }
-        }
-        body.put(previous.as_flattened())?;
-        drop(previous);
-        body.put(current.as_flattened())?;
-        drop(current);
-        body.put(&rollup_section)?;
-        let crc = body.finish()?;
-        debug_assert_eq!(out.len() - start, (HEADER_BYTES + body_len) as u64);
-        out.patch(start + 24, &crc.to_le_bytes())
     }
 
     /// Restores a sequencer from [`Sequencer::snapshot_bytes`] output, checking framing,
@@ -825,8 +793,8 @@ impl Sequencer {
 }
 
 /// A generation of the idempotency index as its snapshot records (`tx_hash | index | offset`),
-/// ascending by hash, its parts let go as they are read ([`TxIndex::into_entries`]).
-fn sorted_records(generation: TxIndex<Position>) -> Vec<[u8; POSITION_RECORD_BYTES]> {
+/// in no particular order, its parts let go as they are read ([`TxIndex::into_entries`]).
+fn records(generation: TxIndex<Position>) -> Vec<[u8; POSITION_RECORD_BYTES]> {
     let mut records = Vec::with_capacity(generation.len());
     for (hash, pos) in generation.into_entries() {
         let mut record = [0u8; POSITION_RECORD_BYTES];
@@ -835,17 +803,100 @@ fn sorted_records(generation: TxIndex<Position>) -> Vec<[u8; POSITION_RECORD_BYT
         record[40..44].copy_from_slice(&pos.offset.to_le_bytes());
         records.push(record);
     }
-    // Hashes are distinct within a generation. The first 8 bytes, read big-endian, order
-    // almost every pair (a full comparison only on equal prefixes).
-    let prefix = |r: &[u8; POSITION_RECORD_BYTES]| {
-        u64::from_be_bytes(r[..8].try_into().expect("8 bytes"))
-    };
+    records
+}
+
+/// Sorts records by hash (distinct within a generation). The first 8 bytes, read big-endian,
+/// order almost every pair (a full comparison only on equal prefixes).
+fn sort_records(records: &mut [[u8; POSITION_RECORD_BYTES]]) {
+    let prefix =
+        |r: &[u8; POSITION_RECORD_BYTES]| u64::from_be_bytes(r[..8].try_into().expect("8 bytes"));
     records.sort_unstable_by(|a, b| {
         prefix(a)
             .cmp(&prefix(b))
             .then_with(|| a[..32].cmp(&b[..32]))
     });
-    records
+}
+
+/// A snapshot taken out of a [`Sequencer`] ([`Sequencer::into_snapshot_writer`]), no longer
+/// sharing anything with it, to be written.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    applied: Option<(u64, u64)>,
+    last_batch: Option<BatchRecord>,
+    tx_total: u64,
+    duplicates_total: u64,
+    generation: usize,
+    previous: Vec<[u8; POSITION_RECORD_BYTES]>,
+    current: Vec<[u8; POSITION_RECORD_BYTES]>,
+    rollup_section: Vec<u8>,
+}
+
+impl SnapshotWriter {
+    /// Writes the snapshot (format in the module docs) to `out`, from the sink's current length
+    /// on (it can be part of a larger blob). The bytes go out in order as they are encoded, so
+    /// a sink that writes to a file holds no copy of the whole snapshot; only the header's
+    /// checksum is written over at the end ([`SnapshotSink::patch`]).
+    pub fn write<S: SnapshotSink>(self, out: &mut S) -> std::io::Result<()> {
+        let SnapshotWriter {
+            applied,
+            last_batch,
+            tx_total,
+            duplicates_total,
+            generation,
+            mut previous,
+            mut current,
+            rollup_section,
+        } = self;
+        let start = out.len();
+        let position_count = previous.len() + current.len();
+        let body_len = FIXED_BODY_BYTES
+            + usize::from(last_batch.is_some()) * BATCH_RECORD_BYTES
+            + position_count * POSITION_RECORD_BYTES
+            + rollup_section.len();
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
+        // crc32 at 24..28 is written over once the body is out; 12..16 and 28..32 stay 0.
+        out.put(&header)?;
+        let mut body = Staged::new(out);
+        let (index, term) = applied.unwrap_or((0, 0));
+        for field in [
+            u64::from(applied.is_some()),
+            index,
+            term,
+            tx_total,
+            duplicates_total,
+            u64::from(last_batch.is_some()),
+            position_count as u64,
+            generation as u64,
+            previous.len() as u64,
+        ] {
+            body.put(&field.to_le_bytes())?;
+        }
+        if let Some(b) = &last_batch {
+            body.put(&b.index.to_le_bytes())?;
+            body.put(&b.term.to_le_bytes())?;
+            body.put(&b.header_digest)?;
+            body.put(&b.tx_count.to_le_bytes())?;
+            body.put(&u32::from(b.signed.is_some()).to_le_bytes())?;
+            match &b.signed {
+                Some(s) => body.put(&s.encode())?,
+                None => body.put(&[0u8; SIGNED_HEADER_BYTES])?,
+            }
+        }
+        sort_records(&mut previous);
+        body.put(previous.as_flattened())?;
+        drop(previous);
+        sort_records(&mut current);
+        body.put(current.as_flattened())?;
+        drop(current);
+        body.put(&rollup_section)?;
+        let crc = body.finish()?;
+        debug_assert_eq!(out.len() - start, (HEADER_BYTES + body_len) as u64);
+        out.patch(start + 24, &crc.to_le_bytes())
+    }
 }
 
 /// Where [`Sequencer::write_snapshot`] puts a snapshot: bytes appended in order, and a few

@@ -41,7 +41,7 @@ use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
 use crate::hash::TxHash;
 use crate::sequencer::{
     KnownHashes, Position, Sequencer, SequencerError, SnapshotError, SnapshotSink,
-    SNAPSHOT_PATCH_WITHIN,
+    SnapshotWriter, SNAPSHOT_PATCH_WITHIN,
 };
 
 type CommittedLeaderId = openraft::vote::leader_id_std::CommittedLeaderId<u64>;
@@ -152,12 +152,12 @@ impl BlobSink for Vec<u8> {
     }
 }
 
-/// Writes a snapshot blob (format in the module docs) of `sequencer` (consumed: see
-/// [`Sequencer::into_snapshot`]) to `out`, which must be empty.
+/// Writes a snapshot blob (format in the module docs) holding `snapshot` to `out`, which must
+/// be empty.
 fn write_blob<S: BlobSink>(
     last_applied: Option<&LogId>,
     membership: &StoredMembership,
-    sequencer: Sequencer,
+    snapshot: SnapshotWriter,
     out: &mut S,
 ) -> Result<(), StateMachineError> {
     let write = |source| StateMachineError::BlobWrite { source };
@@ -176,19 +176,25 @@ fn write_blob<S: BlobSink>(
         });
     }
     out.put(&head).map_err(write)?;
-    sequencer.into_snapshot(out).map_err(write)?;
+    snapshot.write(out).map_err(write)?;
     let crc = out.crc();
     out.put(&crc.to_le_bytes()).map_err(write)
 }
 
 /// The blob of a snapshot, in memory.
+#[cfg(test)]
 fn encode_blob(
     last_applied: Option<&LogId>,
     membership: &StoredMembership,
     sequencer: Sequencer,
 ) -> Result<Vec<u8>, StateMachineError> {
     let mut out = Vec::with_capacity(sequencer.snapshot_len_hint() + 4096);
-    write_blob(last_applied, membership, sequencer, &mut out)?;
+    write_blob(
+        last_applied,
+        membership,
+        sequencer.into_snapshot_writer(),
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -493,9 +499,9 @@ fn lower_thread_priority() {
     }
 }
 
-/// Runs `f` on a thread of its own at the lowest priority (see [`lower_thread_priority`]). Not
-/// glommio's blocking pool: its threads live on and run the executor's other blocking work,
-/// which must not inherit the idle class.
+/// Runs `f` on a thread of its own, which `f` puts in the lowest priority class once it has
+/// copied the state out ([`encode_in_background`]). Not glommio's blocking pool: its threads
+/// live on and run the executor's other blocking work, which must not inherit the idle class.
 async fn run_in_background<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> io::Result<T> {
@@ -503,11 +509,27 @@ async fn run_in_background<T: Send + 'static>(
     std::thread::Builder::new()
         .name("snapshot-encode".into())
         .spawn(move || {
-            lower_thread_priority();
             let _ = tx.send(f());
         })?;
     rx.await
         .map_err(|_| io::Error::other("the snapshot encoding thread panicked"))
+}
+
+/// Encodes a snapshot of `sequencer` on a thread of its own with `write`: the index is copied
+/// out at the thread's normal priority (tens of milliseconds, during which the live state
+/// copies each index part it writes to that the snapshot still shares: see
+/// [`Sequencer::into_snapshot_writer`]), the rest, sorting and writing, seconds under load, in
+/// the idle class ([`lower_thread_priority`]).
+async fn encode_in_background<T: Send + 'static>(
+    sequencer: Sequencer,
+    write: impl FnOnce(SnapshotWriter) -> T + Send + 'static,
+) -> io::Result<T> {
+    run_in_background(move || {
+        let snapshot = sequencer.into_snapshot_writer();
+        lower_thread_priority();
+        write(snapshot)
+    })
+    .await
 }
 
 /// How much of a snapshot file is written between two syncs of it.
@@ -993,8 +1015,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (last, membership) = (self.meta.last_log_id, self.meta.last_membership.clone());
         let started = std::time::Instant::now();
         let Some(dir) = self.store.dir.clone() else {
-            let blob = run_in_background(move || {
-                encode_blob(last.as_ref(), &membership, sequencer)
+            let blob = encode_in_background(sequencer, move |snapshot| {
+                let mut out = Vec::new();
+                write_blob(last.as_ref(), &membership, snapshot, &mut out).map(|()| out)
             })
             .await??;
             let snapshot = Snapshot {
@@ -1012,9 +1035,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         // Encoded straight into its file (see `SnapshotFile`), durable before openraft learns
         // of it: it purges the log behind a built snapshot.
-        let (written, blob) = run_in_background(move || {
+        let (written, blob) = encode_in_background(sequencer, move |snapshot| {
             let mut file = SnapshotFile::create(&dir)?;
-            write_blob(last.as_ref(), &membership, sequencer, &mut file)?;
+            write_blob(last.as_ref(), &membership, snapshot, &mut file)?;
             let written = file.finish()?;
             let blob = written.map()?;
             Ok::<_, io::Error>((written, blob))
@@ -1191,21 +1214,29 @@ mod tests {
         futures_util::FutureExt::now_or_never(f).expect("state machine futures never wait")
     }
 
-    /// The snapshot encoder runs on a thread of its own in the idle scheduling class (Linux
-    /// lets any thread lower itself to it), and the calling thread keeps its own class.
+    /// The snapshot encoder runs on a thread of its own: it copies the state out in the class
+    /// it was started in, then writes in the idle scheduling class (Linux lets any thread lower
+    /// itself to it); the calling thread keeps its own class.
     #[cfg(target_os = "linux")]
     #[test]
-    fn snapshots_are_encoded_on_an_idle_class_thread_of_their_own() {
+    fn snapshots_are_encoded_on_a_thread_of_their_own_written_in_the_idle_class() {
         // SAFETY: sched_getscheduler reads no memory of ours; pid 0 is the calling thread.
         let policy = || unsafe { libc::sched_getscheduler(0) };
         let caller = policy();
         let here = std::thread::current().id();
-        let (encoder_policy, elsewhere) = on_glommio(run_in_background(move || {
-            (policy(), std::thread::current().id() != here)
-        }))
-        .unwrap();
-        assert_eq!(encoder_policy, libc::SCHED_IDLE);
+        let mut sequencer = Sequencer::default();
+        sequencer.apply_batch(1, 1, batch(&[b"a", b"b"]).as_bytes()).unwrap();
+        let expected = sequencer.snapshot_bytes();
+        let (writer_policy, elsewhere, bytes) =
+            on_glommio(encode_in_background(sequencer, move |snapshot| {
+                let mut out = Vec::new();
+                snapshot.write(&mut out).unwrap();
+                (policy(), std::thread::current().id() != here, out)
+            }))
+            .unwrap();
+        assert_eq!(writer_policy, libc::SCHED_IDLE);
         assert!(elsewhere);
+        assert_eq!(bytes, expected);
         assert_eq!(policy(), caller);
         // A panicking encoder is an error to the builder, not a hang.
         let e: io::Result<()> = on_glommio(run_in_background(|| panic!("encoder bug")));
