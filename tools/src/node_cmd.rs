@@ -43,6 +43,11 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
             eprintln!("baton node: cannot allow transparent huge pages: {e}");
             return ExitCode::from(2);
         }
+    } else if file.huge_pages_at_start {
+        // Until the node has started (see `baton_core::memory`). Best effort, like the default.
+        if let Err(e) = baton_core::memory::set_transparent_huge_pages(true) {
+            eprintln!("baton node: warning: no huge pages at start: {e}");
+        }
     }
     match &file.signing_key_file {
         Some(path) => match baton_core::Signer::load(&base.join(path)) {
@@ -67,6 +72,11 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if !file.transparent_huge_pages {
+        // The start-time tables are allocated and written (the node is started): what is
+        // mapped from now on gets small pages again; the huge pages already in place stay.
+        let _ = baton_core::memory::set_transparent_huge_pages(false);
+    }
     eprintln!(
         "baton node {} listening on {} (cluster {:?}, signer {signer})",
         file.node_id,
@@ -274,6 +284,7 @@ pub fn prepare_cluster(
             shards: Some(shards),
             pin_shards: false,
             transparent_huge_pages: false,
+            huge_pages_at_start: true,
             net_threads: 1,
             bootstrap: true,
             signing_key_file: Some(key_file),

@@ -28,10 +28,18 @@ pub struct NodeFile {
     /// Pin shard k to CPU k. Default false.
     #[serde(default)]
     pub pin_shards: bool,
-    /// Let this node's memory use transparent huge pages. Default false: the allocator's huge
-    /// pages made nodes stall for seconds under overload (`baton_core::memory`).
+    /// Let all of this node's memory use transparent huge pages. Default false: the
+    /// allocator's huge pages, faulted in (2 MiB cleared at a time) as memory is allocated,
+    /// returned and taken again under load, made nodes stall for up to seconds
+    /// (`baton_core::memory`).
     #[serde(default)]
     pub transparent_huge_pages: bool,
+    /// Let the memory a node allocates and writes while it starts (its idempotency index, each
+    /// shard's dedup window, I/O buffers: ~400 MiB of random-access tables) use transparent huge
+    /// pages, and none it allocates later. Default true: fewer TLB misses on every lookup, no
+    /// huge page faults at run time (`baton_core::memory`).
+    #[serde(default = "yes")]
+    pub huge_pages_at_start: bool,
     /// Threads of the QUIC runtime. Default 1.
     #[serde(default = "one")]
     pub net_threads: usize,
@@ -234,6 +242,10 @@ fn default_cluster_id() -> String {
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a configuration file is unusable.

@@ -499,3 +499,51 @@ fn a_client_leaves_a_silent_node_after_its_idle_timeout_and_retries_elsewhere() 
     check_logs_agree_through(&logs, last);
     check_receipts(&logs, &receipts);
 }
+
+/// A field of a `/proc` file made of `Name: value` lines, as its first number.
+fn proc_field(path: &str, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `/proc/vmstat`'s count of huge page faults that fell back to small pages.
+fn thp_fallbacks() -> u64 {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("thp_fault_fallback "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A started node no longer lets new memory use transparent huge pages (`THP_enabled: 0` in its
+/// status, what `prctl(PR_SET_THP_DISABLE)` sets), while the tables it wrote at start (index,
+/// dedup window) sit on huge pages where the system offers them (`madvise` or `always`) and
+/// none of the start's huge page faults fell back to small pages.
+#[cfg(target_os = "linux")]
+#[test]
+fn nodes_keep_their_start_time_huge_pages_and_map_no_more() {
+    let system =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let offered = system.contains("[always]") || system.contains("[madvise]");
+    let dir = tempfile::tempdir().unwrap();
+    let fallbacks = thp_fallbacks();
+    let cluster = ClusterUp::start(dir.path(), 3, free_base_port(3));
+    let no_fallback = thp_fallbacks() == fallbacks;
+    for id in 1..=3 {
+        let pid = cluster.node(id).pid;
+        let enabled = proc_field(&format!("/proc/{pid}/status"), "THP_enabled");
+        assert_eq!(enabled, Some(0), "node {id}: huge pages still allowed");
+        let huge_kib = proc_field(&format!("/proc/{pid}/smaps_rollup"), "AnonHugePages")
+            .expect("smaps_rollup");
+        if offered && no_fallback {
+            // Index (~240 MiB) and dedup window (64 MiB): most of it in 2 MiB pages.
+            assert!(
+                huge_kib >= 128 * 1024,
+                "node {id}: {huge_kib} KiB on huge pages"
+            );
+        }
+    }
+    cluster.stop();
+}

@@ -148,7 +148,19 @@ where
         let shard_hashed = hashed.clone();
         let t = spawn_shard(&config, k, ready_tx.clone(), move |ready| async move {
             let config = shard_config;
-            let batching = batching_shard(config.clone(), k, rx, propose, shard_hashed, control);
+            // Before the shard reports ready: its dedup window is allocated and written with the
+            // rest of the node's start-time memory (`crate::memory`).
+            let batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready.send(Err(NodeError::Config {
+                        reason: format!("shard {k}: {e}"),
+                    }));
+                    return;
+                }
+            };
+            let batching =
+                batching_shard(config.clone(), batcher, rx, propose, shard_hashed, control);
             match raft {
                 Some((
                     raft_config,
@@ -527,20 +539,13 @@ impl ShardState {
 /// and answers each request when all its transactions are resolved.
 async fn batching_shard(
     config: NodeConfig,
-    k: usize,
+    mut batcher: Batcher,
     mut rx: mpsc::Receiver<ShardSubmit>,
     mut propose: mpsc::Sender<Proposal>,
     hashed: HashedBatches,
     control: mpsc::Sender<Control>,
 ) {
     let origin = Instant::now();
-    let mut batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(shard = k, error = %e, "batcher configuration rejected");
-            return;
-        }
-    };
     let state = Rc::new(RefCell::new(ShardState::new(control)));
     loop {
         let msg = match batcher.next_deadline_us() {

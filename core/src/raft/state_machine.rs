@@ -40,8 +40,8 @@ use super::log_store::{
 use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
 use crate::hash::TxHash;
 use crate::sequencer::{
-    KnownHashes, Position, Sequencer, SequencerError, SnapshotError, SnapshotSink,
-    SnapshotWriter, SNAPSHOT_PATCH_WITHIN,
+    KnownHashes, Position, Sequencer, SequencerError, SnapshotError, SnapshotSink, SnapshotWriter,
+    SNAPSHOT_PATCH_WITHIN,
 };
 
 type CommittedLeaderId = openraft::vote::leader_id_std::CommittedLeaderId<u64>;
@@ -647,7 +647,9 @@ impl SnapshotFile {
     }
 
     fn file(&self) -> &std::fs::File {
-        self.file.as_ref().expect("a file outside the O_DIRECT fallback")
+        self.file
+            .as_ref()
+            .expect("a file outside the O_DIRECT fallback")
     }
 
     /// Writes `buf[..filled]` at `flushed` and syncs; padded to the alignment with zeros under
@@ -1051,7 +1053,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // An install may have put a newer snapshot in place since this builder was made; if
         // one reached the disk meanwhile, it stays.
         if newer_exists(&self.current.borrow(), &snapshot.meta)
-            || !self.store.commit(snapshot.meta.last_log_id, written).await?
+            || !self
+                .store
+                .commit(snapshot.meta.last_log_id, written)
+                .await?
         {
             return Ok(snapshot);
         }
@@ -1225,7 +1230,9 @@ mod tests {
         let caller = policy();
         let here = std::thread::current().id();
         let mut sequencer = Sequencer::default();
-        sequencer.apply_batch(1, 1, batch(&[b"a", b"b"]).as_bytes()).unwrap();
+        sequencer
+            .apply_batch(1, 1, batch(&[b"a", b"b"]).as_bytes())
+            .unwrap();
         let expected = sequencer.snapshot_bytes();
         let (writer_policy, elsewhere, bytes) =
             on_glommio(encode_in_background(sequencer, move |snapshot| {
@@ -1300,7 +1307,10 @@ mod tests {
             assert_eq!(BlobSink::crc(&file), BlobSink::crc(&memory), "{len} bytes");
             assert_eq!(SnapshotSink::len(&file), len as u64);
             let written = file.finish().unwrap();
-            assert!(written.map().unwrap() == memory, "{len} bytes differ (mapped)");
+            assert!(
+                written.map().unwrap() == memory,
+                "{len} bytes differ (mapped)"
+            );
             written.install(dir).unwrap();
             let on_disk = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
             assert!(on_disk == memory, "{len} bytes differ");
@@ -1591,7 +1601,10 @@ mod tests {
         .unwrap();
         drop(in_memory);
         assert!(built.snapshot == expected);
-        assert_eq!(std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), expected);
+        assert_eq!(
+            std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(),
+            expected
+        );
 
         // Installed on a follower with a directory: kept on disk only, served the same.
         let mut follower = StateMachine::open(follower_dir.path()).unwrap();
