@@ -594,10 +594,10 @@ impl Sequencer {
     /// snapshot under 2x overload, when the clone held every part until the whole snapshot was
     /// written, seconds later. So the current generation (the one written to) is copied out
     /// first, each part let go as soon as it is read ([`TxIndex::into_entries`]), then the
-    /// previous one (a generation rotating meanwhile regrows the tables a clone holds); the
-    /// caller does this at about normal priority (nice 5), so that it takes tens of milliseconds and the live
-    /// state copies few parts meanwhile, and sorts and writes ([`SnapshotWriter::write`]) at
-    /// the lowest.
+    /// previous one (a generation rotating meanwhile regrows the tables a clone holds). The
+    /// caller does this at about normal priority (nice 5), so that it takes tens of
+    /// milliseconds and the live state copies few parts meanwhile, and sorts and writes
+    /// ([`SnapshotWriter::write`]) at the lowest.
     pub fn into_snapshot_writer(self) -> SnapshotWriter {
         let Sequencer {
             applied,

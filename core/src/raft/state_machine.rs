@@ -169,8 +169,8 @@ fn write_blob<S: BlobSink>(
     encode_membership(membership.membership(), &mut head)
         .map_err(|source| StateMachineError::BlobMeta { source })?;
     if head.len() as u64 + 64 > SNAPSHOT_PATCH_WITHIN {
-        // The sequencer's header must lie where sinks accept patches; a membership of
-        // kilobytes would be a bug elsewhere.
+        // The sequencer's header must lie where sinks accept patches; a membership record
+        // of tens of KiB would be a bug elsewhere.
         return Err(StateMachineError::BlobFraming {
             reason: "membership too large for the blob header",
         });
