@@ -556,6 +556,9 @@ async fn encode_in_background<T: Send + 'static>(
 /// better, and more syncs).
 const SNAPSHOT_SYNC_EVERY_BYTES: usize = 1 << 20;
 
+// `SnapshotFile` keeps the patchable head whole in its first piece.
+const _: () = assert!(SNAPSHOT_PATCH_WITHIN as usize <= SNAPSHOT_SYNC_EVERY_BYTES);
+
 /// Alignment of O_DIRECT writes: offsets, lengths and buffer addresses.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -715,12 +718,11 @@ impl SnapshotFile {
         if self.head_patched {
             let head_len = self.head.len();
             if self.direct {
-                let padded = head_len.next_multiple_of(DIRECT_ALIGN);
-                let out = &mut self.buf.as_mut()[..padded];
-                out[..head_len].copy_from_slice(&self.head);
-                // The bytes after the head up to the alignment: `head` is a whole number of
-                // blocks unless the blob ends inside it, and then those bytes lie past its end.
-                out[head_len..].fill(0);
+                // A patched head went out with a whole first piece: it is all there, a whole
+                // number of blocks.
+                debug_assert_eq!(head_len, SNAPSHOT_PATCH_WITHIN as usize);
+                let out = &mut self.buf.as_mut()[..head_len];
+                out.copy_from_slice(&self.head);
                 self.file.as_ref().expect("open").write_all_at(out, 0)?;
             } else {
                 self.file().write_all_at(&self.head, 0)?;
@@ -777,17 +779,12 @@ impl SnapshotSink for SnapshotFile {
         }
         let (at, end) = (at as usize, end as usize);
         self.head[at..end].copy_from_slice(bytes);
-        if (end as u64) <= self.flushed {
-            self.head_patched = true;
-        } else if (at as u64) >= self.flushed {
-            let from = at - self.flushed as usize;
-            self.buf.as_mut()[from..from + bytes.len()].copy_from_slice(bytes);
+        // Nothing is flushed until a whole piece is, and a piece is longer than the head: the
+        // head is either all in the buffer still or all in the file.
+        if self.flushed == 0 {
+            self.buf.as_mut()[at..end].copy_from_slice(bytes);
         } else {
-            // Straddles the flushed boundary: the head, rewritten at the end, has it all; the
-            // buffer's part is written over later anyway.
             self.head_patched = true;
-            let from = self.flushed as usize - at;
-            self.buf.as_mut()[..bytes.len() - from].copy_from_slice(&bytes[from..]);
         }
         Ok(())
     }
