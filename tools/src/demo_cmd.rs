@@ -10,8 +10,8 @@ use baton_perf::report::{AckLevel, RunConfig, RunResult, Spread};
 use clap::Args;
 
 use crate::node_cmd::{
-    exited_node, log_tails, prepare_cluster, raise_memlock, spawn_node, stop_children,
-    wait_for_leader,
+    exited_node, log_tails, prepare_cluster, raise_memlock, running_threads, spawn_node,
+    stop_children, wait_for_leader,
 };
 
 /// `baton demo`
@@ -170,9 +170,10 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         ))
         .map_err(|e| {
             format!(
-                "{e}\nnode logs are in {}; their last lines:\n{}",
+                "{e}\nnode logs are in {}; their last lines:\n{}\n{}",
                 dir.display(),
-                log_tails(&logs, 8)
+                log_tails(&logs, 8),
+                running_threads(&mut running.children, &logs)
             )
         })?;
     rt.block_on(crate::rollup_cmd::register_rollups(

@@ -489,9 +489,12 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let leader = match started {
         Ok(l) => l,
         Err(e) => {
+            // Where the nodes still running wait, before they are stopped: a node that never
+            // answered shows here what it was blocked in.
+            let threads = running_threads(&mut children, &logs);
             stop_children(&mut children, Duration::from_secs(5));
             eprintln!(
-                "baton cluster up: {e}\nnode logs are in {}; their last lines:\n{}",
+                "baton cluster up: {e}\nnode logs are in {}; their last lines:\n{}\n{threads}",
                 dir.display(),
                 log_tails(&logs, 8)
             );
@@ -572,6 +575,51 @@ pub fn exited_node(children: &mut [Child], logs: &[(u64, PathBuf)]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Each thread of each child still running: name, state, the kernel function it sleeps in,
+/// and its kernel stack where this process may read it (root).
+pub fn running_threads(children: &mut [Child], logs: &[(u64, PathBuf)]) -> String {
+    let mut out = String::new();
+    for (c, (id, _)) in children.iter_mut().zip(logs) {
+        if !matches!(c.try_wait(), Ok(None)) {
+            continue;
+        }
+        out.push_str(&format!("  threads of node {id} (pid {}):\n", c.id()));
+        let tasks = PathBuf::from(format!("/proc/{}/task", c.id()));
+        let Ok(entries) = std::fs::read_dir(&tasks) else {
+            continue;
+        };
+        let mut tids: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        tids.sort();
+        for t in tids {
+            let read = |f: &str| {
+                std::fs::read_to_string(t.join(f))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            // The state is the field after the parenthesized name in `stat`.
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_string();
+            let stack: Vec<String> = read("stack")
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .map(|f| f.split('+').next().unwrap_or(f).to_string())
+                .collect();
+            out.push_str(&format!(
+                "    {} {} {state} in {} [{}]\n",
+                t.file_name().unwrap_or_default().to_string_lossy(),
+                read("comm"),
+                read("wchan"),
+                stack.join(" < ")
+            ));
+        }
+    }
+    out
 }
 
 /// The last `lines` lines of `path`, indented (or why it could not be read).

@@ -83,17 +83,21 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         for id in 1..=3 {
             wait_applied(&cluster.client_of(id), last, WAIT).await;
         }
-        receipts
+        (receipts, last)
     });
+    let (receipts, last) = receipts;
     assert_eq!(receipts.len(), 3 * 33_334);
     let nodes = cluster.stop();
     let logs = read_logs(&nodes);
-    let longest = check_logs_agree(&logs);
+    check_logs_agree(&logs);
+    // Every node holds every entry a receipt names. Not necessarily the same last entry: the
+    // leader seals blocks on its own after the load, and one it appended just before the stop
+    // may have reached only a majority, or only itself.
     for (id, log) in &logs {
-        assert_eq!(
-            log.last_index(),
-            longest.last_index(),
-            "node {id} has the whole log"
+        assert!(
+            log.last_index() >= last,
+            "node {id} ends at {} before the last receipt's entry {last}",
+            log.last_index()
         );
     }
     check_receipts(&logs, &receipts);

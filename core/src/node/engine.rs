@@ -138,7 +138,8 @@ where
         registry.clone(),
         hashed.clone(),
     ));
-    for k in 0..config.shards {
+    let wakes: Vec<Arc<ShardWake>> = (0..config.shards).map(|_| Arc::default()).collect();
+    for (k, wake) in wakes.iter().enumerate() {
         let (tx, rx) = mpsc::channel(config.submit_queue_max);
         shard_txs.push(tx);
         let shard_config = config.clone();
@@ -146,54 +147,82 @@ where
         let control = control_tx.clone();
         let raft = raft_part.take();
         let shard_hashed = hashed.clone();
-        let t = spawn_shard(&config, k, ready_tx.clone(), move |ready| async move {
-            let config = shard_config;
-            // Before the shard reports ready: its dedup window is allocated and written with the
-            // rest of the node's start-time memory (`crate::memory`).
-            let batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = ready.send(Err(NodeError::Config {
-                        reason: format!("shard {k}: {e}"),
-                    }));
-                    return;
-                }
-            };
-            let batching =
-                batching_shard(config.clone(), batcher, rx, propose, shard_hashed, control);
-            match raft {
-                Some((
-                    raft_config,
-                    peers,
-                    propose_tx,
-                    propose_rx,
-                    control_rx,
-                    registry,
-                    hashed,
-                )) => {
-                    let queues = RaftQueues {
+        let t = spawn_shard(
+            &config,
+            k,
+            wake.clone(),
+            ready_tx.clone(),
+            move |ready| async move {
+                let config = shard_config;
+                // Before the shard reports ready: its dedup window is allocated and written with the
+                // rest of the node's start-time memory (`crate::memory`).
+                let batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = ready.send(Err(NodeError::Config {
+                            reason: format!("shard {k}: {e}"),
+                        }));
+                        return;
+                    }
+                };
+                let batching =
+                    batching_shard(config.clone(), batcher, rx, propose, shard_hashed, control);
+                match raft {
+                    Some((
+                        raft_config,
+                        peers,
                         propose_tx,
                         propose_rx,
                         control_rx,
                         registry,
                         hashed,
-                    };
-                    let raft = raft_shard(config, raft_config, peers, queues, ready);
-                    futures_util::future::join(raft, batching).await;
+                    )) => {
+                        let queues = RaftQueues {
+                            propose_tx,
+                            propose_rx,
+                            control_rx,
+                            registry,
+                            hashed,
+                        };
+                        let raft = raft_shard(config, raft_config, peers, queues, ready);
+                        futures_util::future::join(raft, batching).await;
+                    }
+                    None => {
+                        let _ = ready.send(Ok(()));
+                        drop(ready);
+                        batching.await;
+                    }
                 }
-                None => {
-                    let _ = ready.send(Ok(()));
-                    drop(ready);
-                    batching.await;
-                }
-            }
-        })?;
+            },
+        )?;
         threads.push(t);
     }
     drop(ready_tx);
-    for _ in 0..config.shards {
-        // Every shard reports once (an executor that cannot start reports its error).
-        ready_rx.recv().map_err(|_| NodeError::ShuttingDown)??;
+    let mut reported = 0;
+    while reported < config.shards {
+        // Every shard reports once (an executor that cannot start reports its error). Until
+        // then, a shard whose executor sleeps before its lag probe could arm a timer is woken
+        // (`ShardWake`).
+        match ready_rx.recv_timeout(START_WAKE_EVERY) {
+            Ok(r) => {
+                r?;
+                reported += 1;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                for (k, w) in wakes.iter().enumerate() {
+                    if w.wake_if_unarmed() {
+                        tracing::debug!(
+                            node = config.id,
+                            shard = k,
+                            "woke a shard not yet running"
+                        );
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(NodeError::ShuttingDown)
+            }
+        }
     }
     Ok(NodeHandle {
         id: config.id,
@@ -212,6 +241,7 @@ type Ready = std::sync::mpsc::Sender<Result<(), NodeError>>;
 fn spawn_shard<F, Fut>(
     config: &NodeConfig,
     k: usize,
+    wake: Arc<ShardWake>,
     ready: Ready,
     f: F,
 ) -> Result<std::thread::JoinHandle<()>, NodeError>
@@ -236,11 +266,16 @@ where
                 builder = builder.io_memory(io_memory);
             }
             match builder.make() {
-                Ok(ex) => ex.run(async move {
-                    let probe = glommio::spawn_local(lag_probe(k));
-                    f(ready).await;
-                    probe.cancel().await;
-                }),
+                Ok(ex) => {
+                    wake.set_thread();
+                    ex.run(async move {
+                        let probe = glommio::spawn_local(lag_probe(k, wake));
+                        // Let the probe arm its timer before the start's long synchronous work.
+                        yield_once().await;
+                        f(ready).await;
+                        probe.cancel().await;
+                    })
+                }
                 Err(e) => {
                     let source = std::io::Error::other(format!(
                         "glommio executor (locked memory? CPU {k} available?): {e}"
@@ -260,6 +295,93 @@ where
 /// happens between polls, never inside one.
 pub const PREEMPT_EVERY: Duration = Duration::from_millis(2);
 
+/// How often a node that is starting wakes its shards that have not armed their lag probe yet.
+const START_WAKE_EVERY: Duration = Duration::from_millis(50);
+
+/// Wakes a shard's executor from outside while it has no timer of its own.
+///
+/// glommio 0.9 can put an executor to sleep while it has tasks ready to run: when its
+/// preemption timer has already expired at the top of a scheduling round (the thread was off
+/// the CPU for longer than [`PREEMPT_EVERY`]), the round runs nothing and reports "nothing
+/// ran", and the executor parks until some I/O completes or a timer fires. A running shard
+/// always has a timer (its lag probe, every 10 ms), so such a sleep ends within 10 ms; but a
+/// shard that parks before its first task ran has neither timer nor I/O, and sleeps for good.
+/// On 2 loaded cores that left one node of a test cluster silent at start, once in a few
+/// runs of the suite; any signal ended it (a debugger attaching did). Reproduced alone with
+/// three executors started over and over on 2 busy cores: stuck within 100–1,000 starts; with
+/// these wakes, none in 3,000 (docs/performance.md, "A node that never started").
+///
+/// So until a shard's probe has armed its timer, the node's start sends its thread a signal
+/// every [`START_WAKE_EVERY`] (a no-op handler installed without `SA_RESTART`): the sleep
+/// returns `EINTR` and the executor runs its ready tasks.
+#[derive(Default)]
+struct ShardWake {
+    /// The shard's thread id, once its executor is made (0 before).
+    tid: std::sync::atomic::AtomicI32,
+    /// Set when the lag probe first runs: from then on the executor always has a timer.
+    armed: std::sync::atomic::AtomicBool,
+}
+
+/// The signal that wakes a shard (ignored by default; here handled by a no-op).
+const WAKE_SIGNAL: libc::c_int = libc::SIGURG;
+
+impl ShardWake {
+    /// Called on the shard's thread once its executor exists.
+    fn set_thread(&self) {
+        install_wake_handler();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tid.store(tid, std::sync::atomic::Ordering::Release);
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Signals the shard's thread if it has an executor but no armed probe; true if it did.
+    fn wake_if_unarmed(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let tid = self.tid.load(Ordering::Acquire);
+        if tid == 0 || self.armed.load(Ordering::Acquire) {
+            return false;
+        }
+        // SAFETY: tgkill to a thread of this process (the shard's thread runs until the node
+        // stops; the node is still starting here); the signal's handler does nothing.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, WAKE_SIGNAL) == 0 }
+    }
+}
+
+/// Returns to the executor once (other ready tasks run first).
+async fn yield_once() {
+    let mut yielded = false;
+    futures_util::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Installs the no-op handler of [`WAKE_SIGNAL`], once per process, without `SA_RESTART` so
+/// that the executor's sleep (`io_uring_enter`) returns.
+fn install_wake_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn nothing(_: libc::c_int) {}
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe (does nothing).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(WAKE_SIGNAL, &action, std::ptr::null_mut());
+        }
+    });
+}
+
 /// The period of each shard's lag probe: a timer whose lateness is how long the shard did not
 /// get back to its reactor.
 const LAG_PROBE_EVERY: Duration = Duration::from_millis(10);
@@ -269,7 +391,8 @@ const LAG_LOG_AFTER: Duration = Duration::from_millis(50);
 /// Logs when shard `k`'s reactor was not reached for a long time (a task that does not yield,
 /// a blocking call, or the thread starved of CPU): cheap to keep on, and the first thing to
 /// look at when timers fire late.
-async fn lag_probe(k: usize) {
+async fn lag_probe(k: usize, wake: Arc<ShardWake>) {
+    wake.arm();
     loop {
         let before = Instant::now();
         glommio::timer::sleep(LAG_PROBE_EVERY).await;
@@ -837,6 +960,7 @@ async fn raft_shard<F>(
     } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
+    tracing::info!(node = id, dir = %config.data_dir.display(), "opening the log");
     let log_store = match Ls::open(&config.data_dir, config.wal.clone()).await {
         Ok((l, report)) => {
             tracing::info!(node = id, verdict = ?report.verdict, "log recovered");
@@ -1452,6 +1576,104 @@ pub(crate) async fn wait_for(
 mod tests {
     use super::*;
     use crate::batch::BatchHeader;
+
+    /// A thread asleep in a blocking call is woken by `wake_if_unarmed` (the handler is
+    /// installed: the signal's default action, ignore, would not end the sleep), and an armed
+    /// shard is left alone.
+    #[test]
+    fn an_unarmed_shard_is_woken_and_an_armed_one_is_not() {
+        let wake = Arc::new(ShardWake::default());
+        assert!(!wake.wake_if_unarmed(), "no thread yet");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let sleeper = {
+            let wake = wake.clone();
+            std::thread::spawn(move || {
+                wake.set_thread();
+                // SAFETY: pause() only waits for a signal.
+                let rc = unsafe { libc::pause() };
+                let _ = done_tx.send(rc);
+            })
+        };
+        // Until the sleeper has signalled, keep waking it (it may not be in pause() yet).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rc = loop {
+            wake.wake_if_unarmed();
+            match done_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(rc) => break rc,
+                Err(_) => assert!(Instant::now() < deadline, "the wake never ended pause()"),
+            }
+        };
+        assert_eq!(rc, -1, "pause() returns -1 (EINTR) when a handler ran");
+        sleeper.join().unwrap();
+        wake.arm();
+        assert!(!wake.wake_if_unarmed(), "an armed shard is not signalled");
+    }
+
+    /// Soak: shards started over and over on busy CPUs all come up. Before `ShardWake`, an
+    /// executor that parked before its first task ran slept for good: stuck within 100–1,000
+    /// starts of three shards on the 2-core machine.
+    #[test]
+    #[ignore = "soak: 2,000 shard starts on busy CPUs, about a minute"]
+    fn shards_started_on_busy_cpus_all_come_up() {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let config = NodeConfig::new(1, std::env::temp_dir());
+        let started = Instant::now();
+        for round in 0..2_000 {
+            if started.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
+            let wakes: Vec<Arc<ShardWake>> = (0..3).map(|_| Arc::default()).collect();
+            let threads: Vec<_> = (0..3)
+                .map(|k| {
+                    spawn_shard(
+                        &config,
+                        k,
+                        wakes[k].clone(),
+                        ready_tx.clone(),
+                        |ready| async move {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                            let _ = ready.send(Ok(()));
+                        },
+                    )
+                    .unwrap()
+                })
+                .collect();
+            drop(ready_tx);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut reported = 0;
+            while reported < 3 {
+                match ready_rx.recv_timeout(START_WAKE_EVERY) {
+                    Ok(r) => {
+                        r.unwrap();
+                        reported += 1;
+                    }
+                    Err(_) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "round {round}: a shard never ran"
+                        );
+                        wakes.iter().for_each(|w| {
+                            w.wake_if_unarmed();
+                        });
+                    }
+                }
+            }
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        busy.into_iter().for_each(|t| t.join().unwrap());
+    }
 
     /// A shard state with batch 1 sealed over `hashes`, one preconfirmed request waiting on it.
     fn waiting_on(

@@ -878,6 +878,7 @@ impl LogStore {
         opts: WalOptions,
     ) -> Result<(LogStore, RecoveryReport), LogStoreError> {
         let (wal, report) = Wal::open(dir, opts).await.map_err(wal_err("open"))?;
+        tracing::debug!(segments = report.segments, last = ?report.last_index, "WAL opened, loading meta");
         let meta = match wal.load_meta().await.map_err(wal_err("load meta"))? {
             None => StoreMeta::default(),
             Some(bytes) => {
@@ -899,6 +900,7 @@ impl LogStore {
             None => None,
         };
         let last_log_id = last_present.max(meta.last_purged);
+        tracing::debug!(?last_log_id, "meta loaded, finding the last signed batch");
         let shared = Rc::new(Shared {
             wal,
             state: RefCell::new(State {
