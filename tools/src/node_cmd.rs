@@ -609,6 +609,12 @@ pub fn running_threads(children: &mut [Child], logs: &[(u64, PathBuf)]) -> Strin
                 .lines()
                 .filter_map(|l| l.split_whitespace().nth(1))
                 .map(|f| f.split('+').next().unwrap_or(f).to_string())
+                // The system call entry and thread start frames say nothing.
+                .filter(|f| {
+                    !f.starts_with("do_syscall_64")
+                        && !f.starts_with("entry_SYSCALL")
+                        && !f.starts_with("ret_from_fork")
+                })
                 .collect();
             out.push_str(&format!(
                 "    {} {} {state} in {} [{}]\n",
