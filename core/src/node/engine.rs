@@ -154,8 +154,8 @@ where
             ready_tx.clone(),
             move |ready| async move {
                 let config = shard_config;
-                // Before the shard reports ready: its dedup window is allocated and written with the
-                // rest of the node's start-time memory (`crate::memory`).
+                // Before the shard reports ready: its dedup window is allocated and written with
+                // the rest of the node's start-time memory (`crate::memory`).
                 let batcher = match Batcher::new(config.batch, config.dedup_window_txs) {
                     Ok(b) => b,
                     Err(e) => {

@@ -878,7 +878,11 @@ impl LogStore {
         opts: WalOptions,
     ) -> Result<(LogStore, RecoveryReport), LogStoreError> {
         let (wal, report) = Wal::open(dir, opts).await.map_err(wal_err("open"))?;
-        tracing::debug!(segments = report.segments, last = ?report.last_index, "WAL opened, loading meta");
+        tracing::debug!(
+            segments = report.segments,
+            last = ?report.last_index,
+            "WAL opened, loading meta"
+        );
         let meta = match wal.load_meta().await.map_err(wal_err("load meta"))? {
             None => StoreMeta::default(),
             Some(bytes) => {
