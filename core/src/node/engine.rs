@@ -201,22 +201,15 @@ where
     let mut reported = 0;
     while reported < config.shards {
         // Every shard reports once (an executor that cannot start reports its error). Until
-        // then, a shard whose executor sleeps before its lag probe could arm a timer is woken
-        // (`ShardWake`).
+        // then, the shards are woken every START_WAKE_EVERY (`ShardWake`).
         match ready_rx.recv_timeout(START_WAKE_EVERY) {
             Ok(r) => {
                 r?;
                 reported += 1;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                for (k, w) in wakes.iter().enumerate() {
-                    if w.wake_if_unarmed() {
-                        tracing::debug!(
-                            node = config.id,
-                            shard = k,
-                            "woke a shard not yet running"
-                        );
-                    }
+                for w in &wakes {
+                    w.wake();
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
@@ -269,7 +262,7 @@ where
                 Ok(ex) => {
                     wake.set_thread();
                     ex.run(async move {
-                        let probe = glommio::spawn_local(lag_probe(k, wake));
+                        let probe = glommio::spawn_local(lag_probe(k));
                         // Let the probe arm its timer before the start's long synchronous work.
                         yield_once().await;
                         f(ready).await;
@@ -295,10 +288,10 @@ where
 /// happens between polls, never inside one.
 pub const PREEMPT_EVERY: Duration = Duration::from_millis(2);
 
-/// How often a node that is starting wakes its shards that have not armed their lag probe yet.
+/// How often a node that is starting wakes its shards.
 const START_WAKE_EVERY: Duration = Duration::from_millis(50);
 
-/// Wakes a shard's executor from outside while it has no timer of its own.
+/// Wakes a shard's executor from outside while the node starts.
 ///
 /// glommio 0.9 can put an executor to sleep while it has tasks ready to run: when its
 /// preemption timer has already expired at the top of a scheduling round (the thread was off
@@ -309,17 +302,19 @@ const START_WAKE_EVERY: Duration = Duration::from_millis(50);
 /// On 2 loaded cores that left one node of a test cluster silent at start, once in a few
 /// runs of the suite; any signal ended it (a debugger attaching did). Reproduced alone with
 /// three executors started over and over on 2 busy cores: stuck within 100–1,000 starts; with
-/// these wakes, none in 3,000 (docs/performance.md, "A node that never started").
+/// these wakes, none in 3,000 (docs/performance.md, "A node that never started"). A start
+/// stalled once more in the suite with the wakes limited to shards whose probe had not run
+/// yet (the node had opened no log in 8 s), so they now cover the whole start.
 ///
-/// So until a shard's probe has armed its timer, the node's start sends its thread a signal
-/// every [`START_WAKE_EVERY`] (a no-op handler installed without `SA_RESTART`): the sleep
-/// returns `EINTR` and the executor runs its ready tasks.
+/// So until every shard has reported ready, the node's start sends each shard's thread a
+/// signal every [`START_WAKE_EVERY`] (a no-op handler installed without `SA_RESTART`): a sleep
+/// in `io_uring_enter` returns `EINTR` and the executor goes round its loop again (ready
+/// tasks, completions, other threads' wake-ups). glommio takes the `EINTR` in its stride, and
+/// the start's own blocking calls are file-system calls the standard library retries.
 #[derive(Default)]
 struct ShardWake {
     /// The shard's thread id, once its executor is made (0 before).
     tid: std::sync::atomic::AtomicI32,
-    /// Set when the lag probe first runs: from then on the executor always has a timer.
-    armed: std::sync::atomic::AtomicBool,
 }
 
 /// The signal that wakes a shard (ignored by default; here handled by a no-op).
@@ -334,15 +329,10 @@ impl ShardWake {
         self.tid.store(tid, std::sync::atomic::Ordering::Release);
     }
 
-    fn arm(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Signals the shard's thread if it has an executor but no armed probe; true if it did.
-    fn wake_if_unarmed(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let tid = self.tid.load(Ordering::Acquire);
-        if tid == 0 || self.armed.load(Ordering::Acquire) {
+    /// Signals the shard's thread once it has an executor; true if it did.
+    fn wake(&self) -> bool {
+        let tid = self.tid.load(std::sync::atomic::Ordering::Acquire);
+        if tid == 0 {
             return false;
         }
         // SAFETY: tgkill to a thread of this process (the shard's thread runs until the node
@@ -391,8 +381,7 @@ const LAG_LOG_AFTER: Duration = Duration::from_millis(50);
 /// Logs when shard `k`'s reactor was not reached for a long time (a task that does not yield,
 /// a blocking call, or the thread starved of CPU): cheap to keep on, and the first thing to
 /// look at when timers fire late.
-async fn lag_probe(k: usize, wake: Arc<ShardWake>) {
-    wake.arm();
+async fn lag_probe(k: usize) {
     loop {
         let before = Instant::now();
         glommio::timer::sleep(LAG_PROBE_EVERY).await;
@@ -1577,13 +1566,12 @@ mod tests {
     use super::*;
     use crate::batch::BatchHeader;
 
-    /// A thread asleep in a blocking call is woken by `wake_if_unarmed` (the handler is
-    /// installed: the signal's default action, ignore, would not end the sleep), and an armed
-    /// shard is left alone.
+    /// A thread asleep in a blocking call is woken by `wake` (the handler is installed: the
+    /// signal's default action, ignore, would not end the sleep), and the process lives on.
     #[test]
-    fn an_unarmed_shard_is_woken_and_an_armed_one_is_not() {
+    fn a_shard_thread_asleep_is_woken() {
         let wake = Arc::new(ShardWake::default());
-        assert!(!wake.wake_if_unarmed(), "no thread yet");
+        assert!(!wake.wake(), "no thread yet");
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let sleeper = {
             let wake = wake.clone();
@@ -1597,7 +1585,7 @@ mod tests {
         // Until the sleeper has signalled, keep waking it (it may not be in pause() yet).
         let deadline = Instant::now() + Duration::from_secs(10);
         let rc = loop {
-            wake.wake_if_unarmed();
+            wake.wake();
             match done_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(rc) => break rc,
                 Err(_) => assert!(Instant::now() < deadline, "the wake never ended pause()"),
@@ -1605,8 +1593,6 @@ mod tests {
         };
         assert_eq!(rc, -1, "pause() returns -1 (EINTR) when a handler ran");
         sleeper.join().unwrap();
-        wake.arm();
-        assert!(!wake.wake_if_unarmed(), "an armed shard is not signalled");
     }
 
     /// Soak: shards started over and over on busy CPUs all come up. Before `ShardWake`, an
@@ -1664,7 +1650,7 @@ mod tests {
                             "round {round}: a shard never ran"
                         );
                         wakes.iter().for_each(|w| {
-                            w.wake_if_unarmed();
+                            w.wake();
                         });
                     }
                 }
