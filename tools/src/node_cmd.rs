@@ -691,3 +691,41 @@ pub async fn wait_for_leader(
         timeout.as_millis()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running child is reported thread by thread (name and state); an exited one is not.
+    #[test]
+    fn running_threads_reports_the_threads_of_children_still_running() {
+        let mut children = vec![
+            Command::new("sleep").arg("30").spawn().unwrap(),
+            Command::new("true").spawn().unwrap(),
+        ];
+        // `true` has exited once it can be waited for.
+        let _ = children[1].wait();
+        let logs = vec![(1, PathBuf::from("n1.log")), (2, PathBuf::from("n2.log"))];
+        // The sleeper is asleep once its state says so (it may still be starting).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let report = loop {
+            let report = running_threads(&mut children, &logs);
+            if report.contains(" sleep S ") || Instant::now() > deadline {
+                break report;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = children[0].kill();
+        let _ = children[0].wait();
+        let pid = children[0].id();
+        assert!(
+            report.contains(&format!("threads of node 1 (pid {pid})")),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!("    {pid} sleep S in ")),
+            "{report}"
+        );
+        assert!(!report.contains("node 2"), "{report}");
+    }
+}
