@@ -9,7 +9,7 @@ pub mod local_net;
 pub mod peer;
 
 pub use config::{NodeConfig, RaftTimings};
-pub use engine::{start, start_with, Network, Peers};
+pub use engine::{run_local, start, start_with, Network, Peers};
 pub use error::{NodeError, SubmitError};
 pub use handle::{
     BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, NodeHandle, NodeStatus,

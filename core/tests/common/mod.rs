@@ -21,10 +21,7 @@ pub const TEST_POLICY: RollupPolicy = RollupPolicy {
 };
 
 pub fn run<T>(f: impl Future<Output = T>) -> T {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .expect("glommio executor")
-        .run(f)
+    baton_core::node::run_local(f)
 }
 
 /// A cluster of in-process nodes with real WAL directories.
