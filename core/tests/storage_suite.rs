@@ -129,6 +129,7 @@ fn reopened_store_returns_log_state_vote_and_entries() {
             .truncate_after(Some(LogId::new_term_index(4, 35)))
             .await
             .unwrap();
+        store.written_behind().await.unwrap();
         let before = everything(&mut store).await;
         assert_eq!(
             before.0,
@@ -206,6 +207,61 @@ fn reopened_after_purging_everything_continues_after_the_purge_point() {
                 .collect::<Vec<_>>(),
             vec![LogId::new_term_index(2, 21)]
         );
+    });
+}
+
+/// openraft awaits `purge` and `save_committed` in its core loop, so the store answers both at
+/// once and saves them behind (the purge is visible at once; the disk catches up): the purged
+/// entries are gone from reads and the log state when `purge` returns, their segment files and
+/// the saved purge point and committed id follow, and a reopened store agrees.
+#[test]
+fn purge_and_committed_are_seen_at_once_and_saved_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let segments = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".wal")
+            })
+            .count()
+    };
+    GlommioRuntime::new(1).block_on(async {
+        let mut store = open(dir.path()).await;
+        // 4 KiB batches: 60 of them fill several of the small test segments.
+        let big = vec![7u8; 4096];
+        let mut entries = vec![Entry::new_blank(LogId::new_term_index(1, 0))];
+        for i in 1..60u64 {
+            let distinct = i.to_le_bytes();
+            entries.push(normal(1, i, batch(i, &[&big, &distinct])));
+        }
+        append(&mut store, entries.clone()).await;
+        let before = segments(dir.path());
+        assert!(before >= 3, "{before} segments");
+        let purged = LogId::new_term_index(1, 40);
+        store.purge(purged).await.unwrap();
+        assert_eq!(
+            store.get_log_state().await.unwrap(),
+            LogState {
+                last_purged_log_id: Some(purged),
+                last_log_id: Some(LogId::new_term_index(1, 59)),
+            }
+        );
+        let mut reader = store.get_log_reader().await;
+        assert_eq!(
+            reader.try_get_log_entries(0..60).await.unwrap(),
+            entries[41..].to_vec()
+        );
+        let committed = LogId::new_term_index(1, 59);
+        store.save_committed(Some(committed)).await.unwrap();
+        store.written_behind().await.unwrap();
+        assert!(segments(dir.path()) < before);
+        assert_eq!(store.read_committed().await.unwrap(), Some(committed));
+        let seen = everything(&mut store).await;
+        drop((store, reader));
+
+        let mut store = open(dir.path()).await;
+        assert_eq!(everything(&mut store).await, seen);
     });
 }
 

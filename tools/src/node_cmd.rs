@@ -168,6 +168,9 @@ pub struct ClusterUpArgs {
     /// Lower bound of the nodes' randomized election timeout (the upper bound is twice it).
     #[arg(long, default_value_t = crate::node_config::RaftFile::default().election_timeout_min_ms)]
     election_timeout_min_ms: u64,
+    /// Raft log entries between snapshots (each snapshot lets the log before it be purged).
+    #[arg(long, default_value_t = crate::node_config::RaftFile::default().snapshot_every_entries)]
+    snapshot_every_entries: u64,
 }
 
 /// `baton cluster`
@@ -401,6 +404,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let raft = crate::node_config::RaftFile {
         election_timeout_min_ms: args.election_timeout_min_ms,
         election_timeout_max_ms: 2 * args.election_timeout_min_ms,
+        snapshot_every_entries: args.snapshot_every_entries,
         ..Default::default()
     };
     let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards, &raft)

@@ -280,6 +280,9 @@ struct Inner {
     spare_seq: u64,
     /// The background task is writing a spare.
     preparing: bool,
+    /// Purges moving or deleting files and meta saves in flight (they run beside appends; see
+    /// `purge_through`): a shutdown waits for them.
+    file_work: usize,
     /// Spare writing failed once: no more (segments are then preallocated on the write path,
     /// where a real problem surfaces as an error of the log).
     spares_failed: bool,
@@ -380,7 +383,11 @@ impl Inner {
     /// Releases the directory lock once the log is closed (or failed) and nothing is being
     /// written: from then on no instance in this process touches the files.
     fn release_if_done(&mut self) {
-        if (self.closed || self.failed.is_some()) && self.is_idle() && !self.preparing {
+        if (self.closed || self.failed.is_some())
+            && self.is_idle()
+            && !self.preparing
+            && self.file_work == 0
+        {
             self.lock.take();
         }
     }
@@ -548,6 +555,7 @@ impl Wal {
             spares,
             spare_seq,
             preparing: false,
+            file_work: 0,
             spares_failed: false,
             preparer_waker: None,
             spare_waiters: Vec::new(),
@@ -1053,10 +1061,29 @@ impl Wal {
     /// Drops records up to and including `index`: whole segments are deleted (the active one
     /// never, unless `index` is at or past the last index, which empties the log; the next
     /// append must then carry `index + 1`).
+    ///
+    /// A purge that keeps the active segment (nearly every one: the log behind a snapshot)
+    /// touches nothing appends write, so appends go on meanwhile: its segments leave the log at
+    /// once, and their files are renamed into spares or deleted on the blocking thread pool
+    /// (a deleted 64 MiB segment costs the file system milliseconds), then the directory is
+    /// synced. Only segments whose records are all durable go (none is being written); the
+    /// rest go at a later purge. A purge that empties the log closes the append gate and drains
+    /// pending appends first, since it moves the next index. [`WalShutdown::shutdown`] waits
+    /// for purges in flight.
     pub async fn purge_through(&self, index: u64) -> Result<(), WalError> {
-        // Under the gate, with pending appends drained: whether the purge empties the log is
-        // decided on the log as it is, not as it was before the wait.
-        let _gate = self.close_gate_and_drain().await?;
+        let empties_now = {
+            let inner = self.shared.borrow();
+            inner.check_usable()?;
+            inner.next_index == 0 || index + 1 >= inner.next_index
+        };
+        // Under the gate, with pending appends drained, whether the purge empties the log is
+        // decided again on the log as it is then. Without it, nothing is awaited before the
+        // decision below, so it stands.
+        let _gate = if empties_now {
+            Some(self.close_gate_and_drain().await?)
+        } else {
+            None
+        };
         let (removed, stale_through) = {
             let mut inner = self.shared.borrow_mut();
             let last_before = inner.next_index.saturating_sub(1);
@@ -1068,7 +1095,10 @@ impl Wal {
                 inner.durable_index = index;
                 inner.tail = Tail::default();
             } else {
-                while inner.segments.len() > 1 && inner.segments[1].first_index <= index + 1 {
+                // Only segments whose records are all durable: no round is writing to them
+                // (openraft may purge what a quorum holds before this node's own sync).
+                let through = index.min(inner.durable_index);
+                while inner.segments.len() > 1 && inner.segments[1].first_index <= through + 1 {
                     removed.push(inner.segments.pop_front().expect("checked len"));
                 }
             }
@@ -1087,8 +1117,10 @@ impl Wal {
             };
             (removed, stale_through)
         };
+        let _work = FileWork::start(&self.shared);
+        let any_removed = !removed.is_empty();
         let result = async {
-            for seg in &removed {
+            for seg in removed {
                 // Keep it as a spare while there is room (its blocks are written: overwriting
                 // them later costs no extent conversion), else delete it.
                 let spare = {
@@ -1100,10 +1132,18 @@ impl Wal {
                         segment::spare_path(&inner.dir, seq, stale_through)
                     })
                 };
+                // The segment's descriptors close here, before its file is moved or deleted.
+                let (from, created) = (seg.path.clone(), seg.created);
+                drop(seg);
                 match spare {
                     Some(path) => {
-                        std::fs::rename(&seg.path, &path)
-                            .map_err(|e| WalError::io("recycle segment", &seg.path, e))?;
+                        let to = path.clone();
+                        glommio::executor()
+                            .spawn_blocking(move || {
+                                std::fs::rename(&from, &to)
+                                    .map_err(|e| WalError::io("recycle segment", &from, e))
+                            })
+                            .await?;
                         let mut inner = self.shared.borrow_mut();
                         inner.spares.push_back(Spare {
                             path,
@@ -1112,10 +1152,14 @@ impl Wal {
                         inner.stats.spares_recycled += 1;
                         inner.wake_spare_waiters();
                     }
-                    None => remove_segment_file(seg).await?,
+                    None => {
+                        glommio::executor()
+                            .spawn_blocking(move || remove_file_of_segment(&from, created))
+                            .await?
+                    }
                 }
             }
-            if !removed.is_empty() {
+            if any_removed {
                 let directory = self.shared.borrow().directory.clone();
                 directory
                     .sync()
@@ -1169,6 +1213,7 @@ impl Wal {
     pub async fn save_meta(&self, bytes: &[u8]) -> Result<(), WalError> {
         // A closed log may already belong to a new instance in this directory.
         self.shared.borrow().check_usable()?;
+        let _work = FileWork::start(&self.shared);
         let dir = self.dir();
         let bytes = bytes.to_vec();
         glommio::executor()
@@ -1225,7 +1270,7 @@ impl WalShutdown {
     pub async fn shutdown(self) {
         let _ = poll_fn(|cx| {
             let mut inner = self.shared.borrow_mut();
-            if inner.is_idle() || inner.failed.is_some() {
+            if (inner.is_idle() || inner.failed.is_some()) && inner.file_work == 0 {
                 Poll::Ready(())
             } else {
                 inner.waiters.push(cx.waker().clone());
@@ -1827,10 +1872,39 @@ async fn cut_segment(
 }
 
 async fn remove_segment_file(seg: &Segment) -> Result<(), WalError> {
-    match std::fs::remove_file(&seg.path) {
+    remove_file_of_segment(&seg.path, seg.created)
+}
+
+/// Deletes a segment's file; one never created on disk may be missing.
+fn remove_file_of_segment(path: &Path, created: bool) -> Result<(), WalError> {
+    match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !seg.created => Ok(()),
-        Err(e) => Err(WalError::io("remove segment", &seg.path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !created => Ok(()),
+        Err(e) => Err(WalError::io("remove segment", path, e)),
+    }
+}
+
+/// A purge moving or deleting files, or a meta save, counted while it lives (even if it
+/// unwinds), so that a shutdown waits for it and the directory lock is released only after it.
+struct FileWork {
+    shared: Shared,
+}
+
+impl FileWork {
+    fn start(shared: &Shared) -> FileWork {
+        shared.borrow_mut().file_work += 1;
+        FileWork {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for FileWork {
+    fn drop(&mut self) {
+        let mut inner = self.shared.borrow_mut();
+        inner.file_work -= 1;
+        inner.release_if_done();
+        inner.wake_all();
     }
 }
 

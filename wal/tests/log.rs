@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
 use baton_wal::{Verdict, Wal, WalError};
 use common::*;
 
@@ -222,6 +226,45 @@ fn purge_drops_whole_segments_and_can_empty_the_log() {
             (Some(1001), Some(1010))
         );
         check_all(&wal, 1001, 1010, max).await;
+    });
+}
+
+/// A purge that keeps the active segment moves and deletes its files beside appends: an append
+/// made durable while the purge's file work is still under way completes. (Purges used to
+/// close the append gate until their files were gone and the directory synced; on a node that
+/// held up every write for milliseconds after each snapshot.)
+#[test]
+fn appends_go_on_while_a_purge_moves_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 2000;
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        fill(&wal, 1, 300, max).await;
+        let before = segment_count(dir.path());
+        let mut purge = std::pin::pin!(wal.purge_through(150));
+        // One poll: the purge takes its segments out of the log and starts on their files.
+        let polled = std::future::poll_fn(|cx| Poll::Ready(purge.as_mut().poll(cx))).await;
+        assert_eq!(wal.first_index(), Some(151));
+        // The purge is not polled again until these appends are durable: had it kept appends
+        // out, they would wait forever.
+        glommio::timer::timeout(Duration::from_secs(10), async {
+            fill(&wal, 301, 320, max).await;
+            Ok(())
+        })
+        .await
+        .expect("appends waited for the purge");
+        match polled {
+            Poll::Ready(result) => result.unwrap(),
+            Poll::Pending => purge.await.unwrap(),
+        }
+        assert!(segment_count(dir.path()) < before);
+        check_all(&wal, 151, 320, max).await;
+    });
+    run(|| async {
+        let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();
+        assert!(wal.first_index().is_some_and(|first| first <= 151));
+        assert_eq!(wal.last_index(), Some(320));
+        check_all(&wal, 151, 320, max).await;
     });
 }
 

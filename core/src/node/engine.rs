@@ -1214,6 +1214,9 @@ async fn raft_shard<F>(
     server.cancel().await;
     sealer.cancel().await;
     let _ = raft.shutdown().await;
+    // The purge point and committed id openraft asked for last are saved in the background:
+    // let that finish (a failure was logged when it happened).
+    let _ = log_reader.written_behind().await;
     // Tasks of the stopped Raft may still hold the log store: close the WAL so none of them can
     // write again and the directory can be reopened.
     wal_shutdown.shutdown().await;

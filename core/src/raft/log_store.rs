@@ -31,13 +31,17 @@
 //! |---|---|
 //! | `append(entries, cb)` | `append` per entry (buffered, readable at once); a task awaits `durable(last)`, then calls `cb` |
 //! | `truncate_after(id)` | `truncate_after(wal_index(id))` (`truncate_after(0)` for `None`) |
-//! | `purge(id)` | save `last_purged` in the meta blob, then `purge_through(wal_index(id))` |
-//! | `save_vote`, `save_committed` | `save_meta` |
-//! | `get_log_state` | cached last log id (read from the last record at open) and `last_purged` |
+//! | `purge(id)` | in the background: save `last_purged` in the meta blob, then `purge_through(wal_index(id))` (inline when it empties the log) |
+//! | `save_vote` | `save_meta` |
+//! | `save_committed` | in the background, every `COMMITTED_PERSIST_EVERY_ENTRIES` entries: `durable`, then `save_meta` |
+//! | `get_log_state` | cached last log id (read from the last record at open) and the purge point asked for |
 //! | `try_get_log_entries`, `limited_get_log_entries` | `read` per index |
 //!
-//! Every write waits for the flush callbacks of earlier appends first, so writes reach the disk
-//! in the order openraft issued them (e.g. a vote is never durable before an earlier append).
+//! Every write openraft waits for waits for the flush callbacks of earlier appends first, so
+//! those writes reach the disk in the order openraft issued them (e.g. a vote is never durable
+//! before an earlier append). The committed id and the purge point are saved behind openraft's
+//! back by one background writer (`Shared::write_behind`): openraft awaits both inline in its
+//! core loop, and neither has to be durable when it returns.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -226,6 +230,10 @@ pub enum LogStoreError {
         /// Index of the entry.
         got: u64,
     },
+    /// The background writer (committed id and purge point, see `Shared::write_behind`)
+    /// failed; nothing is written after that.
+    #[error("log store background write failed: {0}")]
+    Background(String),
     /// A Raft index with no WAL index (`u64::MAX`).
     #[error("raft index {index} is too large for the WAL")]
     IndexTooLarge {
@@ -670,6 +678,15 @@ struct State {
     /// The newest flush task; each one first awaits its predecessor, so awaiting this one waits
     /// for every append's callback.
     last_flush: Option<JoinHandle<()>>,
+    /// The newest purge point openraft asked for; `meta.last_purged` trails it while the
+    /// background writer saves it and purges the WAL (see [`Shared::write_behind`]).
+    purge_wanted: Option<LogId>,
+    /// The background writer is running.
+    writer_running: bool,
+    /// Woken when the background writer stops.
+    writer_waiters: Vec<std::task::Waker>,
+    /// Why the background writer failed; every later write of the store fails with it.
+    writer_failed: Option<String>,
     /// Encoding buffer reused across appends.
     scratch: Vec<u8>,
     /// This node's id and key, to sign batches in terms it leads.
@@ -683,6 +700,10 @@ struct State {
 struct Shared {
     wal: Wal,
     state: RefCell<State>,
+    /// Held while the meta blob is written: saves of the vote (openraft's, awaited) and of the
+    /// committed id and purge point (the background writer's) take turns, each writing the
+    /// blob as it is when its turn comes, so none undoes another.
+    meta_lock: glommio::sync::Semaphore,
 }
 
 impl Shared {
@@ -690,7 +711,7 @@ impl Shared {
     fn visible(&self) -> Option<(u64, u64)> {
         let first = self.wal.first_index()?.checked_sub(1)?;
         let last = self.wal.last_index()?.checked_sub(1)?;
-        let purged = self.state.borrow().meta.last_purged.map(|p| p.index);
+        let purged = self.state.borrow().purged().map(|p| p.index);
         let first = match purged {
             Some(p) => first.max(p.checked_add(1)?),
             None => first,
@@ -844,7 +865,15 @@ impl Shared {
         }
     }
 
-    async fn save_meta(&self, meta: StoreMeta) -> Result<(), LogStoreError> {
+    /// Writes the meta blob with `change` made to it, durably, in turn with other writers.
+    async fn save_meta(&self, change: impl FnOnce(&mut StoreMeta)) -> Result<(), LogStoreError> {
+        let _turn = self
+            .meta_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| LogStoreError::Background(format!("meta lock: {e}")))?;
+        let mut meta = self.meta();
+        change(&mut meta);
         self.wal
             .save_meta(&meta.encode())
             .await
@@ -853,8 +882,115 @@ impl Shared {
         Ok(())
     }
 
+    /// Fails if the background writer failed.
+    fn check_writer(&self) -> Result<(), LogStoreError> {
+        match &self.state.borrow().writer_failed {
+            Some(why) => Err(LogStoreError::Background(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the background writer unless it runs: it saves the committed id and the purge
+    /// point openraft asked for, then purges the WAL, off openraft's core. openraft awaits
+    /// `save_committed` and `purge` inline in its core loop, so every millisecond they take
+    /// holds up appends, commits and heartbeats of the whole node: a meta save is two fsyncs
+    /// and a rename (1-3 ms), a purge renames or deletes 64 MiB segment files and syncs the
+    /// directory (up to ~10 ms), and every node purges at the same index after its snapshot.
+    /// Neither has to be durable when it returns (openraft requires only that a purge leave
+    /// no hole; the committed id is a hint, see `save_committed_durably`), and a crash between
+    /// the two steps of a purge is finished at open, as before.
+    fn write_behind(self: &Rc<Self>) {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.writer_running || state.writer_failed.is_some() {
+                return;
+            }
+            state.writer_running = true;
+        }
+        let shared = self.clone();
+        // Detached: it ends when there is nothing left to write.
+        drop(GlommioRuntime::spawn(async move {
+            let result = shared.write_behind_loop().await;
+            let mut state = shared.state.borrow_mut();
+            if let Err(e) = result {
+                tracing::error!(error = %e, "log store: background meta save or purge failed");
+                state.writer_failed = Some(e.to_string());
+            }
+            state.writer_running = false;
+            for w in state.writer_waiters.drain(..) {
+                w.wake();
+            }
+        }));
+    }
+
+    async fn write_behind_loop(&self) -> Result<(), LogStoreError> {
+        loop {
+            let (commit, purge) = {
+                let state = self.state.borrow();
+                let commit = state.committed.filter(|c| {
+                    state.meta.committed.is_none_or(|saved| {
+                        c.index >= saved.index.saturating_add(COMMITTED_PERSIST_EVERY_ENTRIES)
+                    })
+                });
+                let purge = state
+                    .purge_wanted
+                    .filter(|p| state.meta.last_purged < Some(*p));
+                (commit, purge)
+            };
+            if commit.is_none() && purge.is_none() {
+                return Ok(());
+            }
+            if let (Some(c), Some(last)) = (commit, self.wal.last_index()) {
+                // The saved value never points past the local durable log.
+                let through = wal_index(c.index)?.min(last);
+                self.wal
+                    .durable(through)
+                    .await
+                    .map_err(wal_err("durable"))?;
+            }
+            // Purge point first: after a crash between the two steps `open` finishes the purge.
+            self.save_meta(|meta| {
+                if let Some(c) = commit {
+                    meta.committed = meta.committed.max(Some(c));
+                }
+                if let Some(p) = purge {
+                    meta.last_purged = meta.last_purged.max(Some(p));
+                }
+            })
+            .await?;
+            if let Some(p) = purge {
+                self.wal
+                    .purge_through(wal_index(p.index)?)
+                    .await
+                    .map_err(wal_err("purge"))?;
+            }
+        }
+    }
+
+    /// Waits until the background writer has stopped (it stops once it has written everything
+    /// asked of it so far).
+    async fn writer_stopped(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.writer_running {
+                state.writer_waiters.push(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await
+    }
+
     fn meta(&self) -> StoreMeta {
         self.state.borrow().meta.clone()
+    }
+}
+
+impl State {
+    /// The purge point as openraft sees it: what it last asked for, saved or not yet.
+    fn purged(&self) -> Option<LogId> {
+        self.meta.last_purged.max(self.purge_wanted)
     }
 }
 
@@ -907,11 +1043,16 @@ impl LogStore {
         tracing::debug!(?last_log_id, "meta loaded, finding the last signed batch");
         let shared = Rc::new(Shared {
             wal,
+            meta_lock: glommio::sync::Semaphore::new(1),
             state: RefCell::new(State {
                 committed: meta.committed,
                 meta,
                 last_log_id,
                 last_flush: None,
+                purge_wanted: None,
+                writer_running: false,
+                writer_waiters: Vec::new(),
+                writer_failed: None,
                 scratch: Vec::new(),
                 signer: None,
                 nonces: None,
@@ -942,6 +1083,14 @@ impl LogStore {
     /// The WAL underneath (stats, directory).
     pub fn wal(&self) -> &Wal {
         &self.shared.wal
+    }
+
+    /// Waits until the committed id and purge point asked for so far are saved and the WAL is
+    /// purged ([`Shared::write_behind`]); fails if that failed. A node does this before it
+    /// closes its log.
+    pub async fn written_behind(&self) -> Result<(), io::Error> {
+        self.shared.writer_stopped().await;
+        Ok(self.shared.check_writer()?)
     }
 
     async fn append_entries<I>(
@@ -1024,29 +1173,41 @@ impl LogStore {
         {
             let mut state = shared.state.borrow_mut();
             if state.last_log_id > last_kept {
-                state.last_log_id = last_kept.max(state.meta.last_purged);
+                state.last_log_id = last_kept.max(state.purged());
             }
         }
         // The last signed batch may have been cut off.
         shared.find_last_signed().await
     }
 
+    /// Purges the log through `log_id` (see [`Shared::write_behind`]): at once in memory, in
+    /// the background on disk. A purge past the last entry (after a snapshot was installed)
+    /// empties the log and moves its next index, so that one is done here, in order after the
+    /// background writer.
     async fn purge_through(&mut self, log_id: LogId) -> Result<(), LogStoreError> {
         let shared = &self.shared;
-        shared.settle().await;
-        let mut meta = shared.meta();
-        if meta.last_purged >= Some(log_id) {
+        shared.check_writer()?;
+        if shared.state.borrow().purged() >= Some(log_id) {
             return Ok(());
         }
         let through = wal_index(log_id.index)?;
-        meta.last_purged = Some(log_id);
-        // Purge point first: after a crash between the two steps `open` finishes the purge.
-        shared.save_meta(meta).await?;
-        shared
-            .wal
-            .purge_through(through)
-            .await
-            .map_err(wal_err("purge"))?;
+        let empties = shared.wal.last_index().is_none_or(|last| through >= last);
+        if empties {
+            shared.writer_stopped().await;
+            shared.check_writer()?;
+            shared.settle().await;
+            shared
+                .save_meta(|meta| meta.last_purged = meta.last_purged.max(Some(log_id)))
+                .await?;
+            shared
+                .wal
+                .purge_through(through)
+                .await
+                .map_err(wal_err("purge"))?;
+        } else {
+            shared.state.borrow_mut().purge_wanted = Some(log_id);
+            shared.write_behind();
+        }
         let mut state = shared.state.borrow_mut();
         state.last_log_id = state.last_log_id.max(Some(log_id));
         Ok(())
@@ -1054,49 +1215,50 @@ impl LogStore {
 
     async fn save_vote_durably(&mut self, vote: &Vote) -> Result<(), LogStoreError> {
         let shared = &self.shared;
+        shared.check_writer()?;
         shared.settle().await;
-        let mut meta = shared.meta();
-        meta.vote = Some(*vote);
-        shared.save_meta(meta).await
+        shared.save_meta(|meta| meta.vote = Some(*vote)).await
     }
 
-    /// Cost: each changed value is a meta save, i.e. a small file write, two fsyncs (file and
-    /// directory) and a rename on glommio's blocking thread pool, about as much as one group
-    /// commit round. openraft calls this whenever the commit index moves, so on a busy leader
-    /// that is about once per replication round. It is saved because an in-memory state machine
-    /// is rebuilt on restart from the last snapshot plus the log up to the saved committed id;
-    /// without it a restarted node could serve state older than what it served before the crash.
-    /// The WAL is first made durable up to the committed index, so the saved value never points
-    /// past the local durable log.
+    /// Records the committed id openraft reports, and has the background writer save it in
+    /// the meta blob once it has moved `COMMITTED_PERSIST_EVERY_ENTRIES` past the saved one.
+    /// It is saved because an in-memory state machine is rebuilt on restart from the last
+    /// snapshot plus the log up to the saved committed id; without it a restarted node could
+    /// serve state older than what it served before the crash. It is a hint (Raft's safety does
+    /// not depend on it: a restarted node learns it again from the leader), already up to that
+    /// many entries old, so it is saved behind openraft's back ([`Shared::write_behind`]):
+    /// each save is a small file write, two fsyncs and a rename, which openraft would otherwise
+    /// wait for in its core loop. The WAL is first made durable up to the committed index, so
+    /// the saved value never points past the local durable log.
     async fn save_committed_durably(
         &mut self,
         committed: Option<LogId>,
     ) -> Result<(), LogStoreError> {
         let shared = &self.shared;
-        shared.state.borrow_mut().committed = committed;
-        let mut meta = shared.meta();
-        // The committed index is a hint for restarts (Raft's safety does not depend on it: a
-        // restarted node learns it again from the leader). Writing META on every commit would
-        // add two fdatasyncs to every write's latency, so it is persisted every
-        // `COMMITTED_PERSIST_EVERY_ENTRIES` entries.
-        let behind = match (meta.committed, committed) {
-            (_, None) => return Ok(()),
-            (None, Some(_)) => u64::MAX,
-            (Some(saved), Some(now)) => now.index.saturating_sub(saved.index),
+        shared.check_writer()?;
+        let due = {
+            let mut state = shared.state.borrow_mut();
+            state.committed = state.committed.max(committed);
+            match (state.meta.committed, committed) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(saved), Some(now)) => {
+                    now.index.saturating_sub(saved.index) >= COMMITTED_PERSIST_EVERY_ENTRIES
+                }
+            }
         };
-        if meta.committed == committed || behind < COMMITTED_PERSIST_EVERY_ENTRIES {
-            return Ok(());
+        if due {
+            shared.write_behind();
         }
-        if let (Some(c), Some(last)) = (committed, shared.wal.last_index()) {
-            let through = wal_index(c.index)?.min(last);
-            shared
-                .wal
-                .durable(through)
-                .await
-                .map_err(wal_err("durable"))?;
-        }
-        meta.committed = committed;
-        shared.save_meta(meta).await
+        Ok(())
+    }
+}
+
+impl LogReader {
+    /// [`LogStore::written_behind`].
+    pub async fn written_behind(&self) -> Result<(), io::Error> {
+        self.shared.writer_stopped().await;
+        Ok(self.shared.check_writer()?)
     }
 }
 
@@ -1127,7 +1289,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let state = self.shared.state.borrow();
         Ok(LogState {
-            last_purged_log_id: state.meta.last_purged,
+            last_purged_log_id: state.purged(),
             last_log_id: state.last_log_id,
         })
     }
