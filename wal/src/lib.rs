@@ -16,6 +16,7 @@ pub mod options;
 pub mod record;
 pub mod recovery;
 pub mod segment;
+pub mod slow_delete;
 pub mod wal;
 
 pub use error::{Corruption, WalError};

@@ -430,6 +430,8 @@ impl Wal {
         let dir =
             &std::fs::canonicalize(dir).map_err(|e| WalError::io("canonicalize dir", dir, e))?;
         let lock = lock_dir(dir)?;
+        // Segments a purge had handed to the deleter when this log last closed.
+        crate::slow_delete::sweep(dir).map_err(|e| WalError::io("sweep trash", dir, e))?;
         probe_filesystem(dir).await?;
         let directory = Directory::open(dir)
             .await
@@ -1152,9 +1154,18 @@ impl Wal {
                         inner.stats.spares_recycled += 1;
                         inner.wake_spare_waiters();
                     }
+                    // Freed a step at a time (`slow_delete`): deleting a 64 MiB segment at once
+                    // stalls the disk's other writers, this log's group commit first.
                     None => {
                         glommio::executor()
-                            .spawn_blocking(move || remove_file_of_segment(&from, created))
+                            .spawn_blocking(move || match crate::slow_delete::remove(&from) {
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !created => {
+                                    Ok(())
+                                }
+                                result => {
+                                    result.map_err(|e| WalError::io("remove segment", &from, e))
+                                }
+                            })
                             .await?
                     }
                 }
@@ -1872,15 +1883,10 @@ async fn cut_segment(
 }
 
 async fn remove_segment_file(seg: &Segment) -> Result<(), WalError> {
-    remove_file_of_segment(&seg.path, seg.created)
-}
-
-/// Deletes a segment's file; one never created on disk may be missing.
-fn remove_file_of_segment(path: &Path, created: bool) -> Result<(), WalError> {
-    match std::fs::remove_file(path) {
+    match std::fs::remove_file(&seg.path) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !created => Ok(()),
-        Err(e) => Err(WalError::io("remove segment", path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !seg.created => Ok(()),
+        Err(e) => Err(WalError::io("remove segment", &seg.path, e)),
     }
 }
 

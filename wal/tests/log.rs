@@ -259,6 +259,17 @@ fn appends_go_on_while_a_purge_moves_its_files() {
         }
         assert!(segment_count(dir.path()) < before);
         check_all(&wal, 151, 320, max).await;
+        // Segments not kept as spares went to the file deleter, which frees them in steps.
+        assert!(baton_wal::slow_delete::wait_idle(Duration::from_secs(30)));
+        let trash = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy()
+                    .ends_with(baton_wal::slow_delete::TRASH_SUFFIX)
+            })
+            .count();
+        assert_eq!(trash, 0);
     });
     run(|| async {
         let (wal, _) = Wal::open(dir.path(), small()).await.unwrap();

@@ -22,7 +22,7 @@
 //! ([`encode_membership`](super::log_store)).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -618,10 +618,35 @@ struct Written {
 
 impl Written {
     /// Renames the file to `SNAPSHOT_FILE` in `dir` and syncs the directory.
+    ///
+    /// The snapshot it replaces (tens of MB) is not freed by the rename: it gets a second name
+    /// first, which the file deleter frees a step at a time once nothing in this process maps
+    /// it ([`baton_wal::slow_delete`]: freeing it at once stalled the disk's other writers,
+    /// the WAL's group commit first, for tens of milliseconds on every node at each snapshot).
     fn install(mut self, dir: &Path) -> io::Result<()> {
-        std::fs::rename(&self.tmp.path, dir.join(SNAPSHOT_FILE))?;
+        let target = dir.join(SNAPSHOT_FILE);
+        let old = match std::fs::metadata(&target) {
+            Ok(meta) => {
+                static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let trash = dir.join(format!(
+                    "{SNAPSHOT_FILE}.old.{}.{n}{}",
+                    std::process::id(),
+                    baton_wal::slow_delete::TRASH_SUFFIX
+                ));
+                std::fs::hard_link(&target, &trash)?;
+                Some((trash, FileKey::of(&meta)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        std::fs::rename(&self.tmp.path, &target)?;
         self.tmp.armed = false;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        if let Some((trash, key)) = old {
+            baton_wal::slow_delete::remove_when(trash, Box::new(move || !key.is_mapped()));
+        }
+        Ok(())
     }
 
     /// The file's bytes, mapped, not read: nothing is in memory until touched.
@@ -635,11 +660,78 @@ impl Written {
 /// one intact), so the mapping stays valid and unchanged for as long as it lives.
 fn map_file(path: &Path) -> io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
-    // SAFETY: see above: nothing of ours writes to or truncates a complete snapshot file.
-    // Something outside baton doing so (an operator editing the data directory) could change
-    // the bytes under us; the blob's checksum is checked before its content is used.
+    let key = FileKey::of(&file.metadata()?);
+    // SAFETY: see above: nothing of ours writes to a complete snapshot file, and the file
+    // deleter truncates a replaced one only once no mapping of it is left ([`FileKey`]).
+    // Something outside baton changing the file (an operator editing the data directory) could
+    // change the bytes under us; the blob's checksum is checked before its content is used.
     let map = unsafe { memmap2::Mmap::map(&file) }?;
-    Ok(Bytes::from_owner(map))
+    Ok(Bytes::from_owner(Mapped::new(map, key)))
+}
+
+/// A file's identity (device, inode), under which its live mappings are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+}
+
+/// Live mappings of snapshot files in this process, by file.
+static MAPPINGS: std::sync::Mutex<BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// Whether some blob of this process still maps the file.
+    fn is_mapped(&self) -> bool {
+        MAPPINGS
+            .lock()
+            .expect("mappings lock")
+            .contains_key(&(self.dev, self.ino))
+    }
+}
+
+/// A mapped snapshot file, counted in [`MAPPINGS`] while it lives.
+struct Mapped {
+    map: memmap2::Mmap,
+    key: FileKey,
+}
+
+impl Mapped {
+    fn new(map: memmap2::Mmap, key: FileKey) -> Mapped {
+        *MAPPINGS
+            .lock()
+            .expect("mappings lock")
+            .entry((key.dev, key.ino))
+            .or_insert(0) += 1;
+        Mapped { map, key }
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        let mut mappings = MAPPINGS.lock().expect("mappings lock");
+        let k = (self.key.dev, self.key.ino);
+        if let Some(n) = mappings.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                mappings.remove(&k);
+            }
+        }
+    }
 }
 
 impl SnapshotFile {
@@ -938,6 +1030,13 @@ impl StateMachine {
     /// A state machine that persists its snapshots in `dir`, starting from the snapshot found
     /// there (if any). openraft then replays the log entries after it.
     pub fn open(dir: &Path) -> Result<Self, StateMachineError> {
+        // Replaced snapshots the file deleter had not freed when this node last stopped.
+        match baton_wal::slow_delete::sweep(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StateMachineError::SnapshotFile { source: e })
+            }
+            _ => {}
+        }
         let sm = StateMachine {
             store: SnapshotStore {
                 dir: Some(dir.to_path_buf()),
@@ -1205,6 +1304,42 @@ mod tests {
     use openraft::Membership;
 
     use super::*;
+
+    /// A snapshot replaced while a blob still maps it stays intact under that mapping (no
+    /// truncation under it: that would be SIGBUS), and is freed once the mapping is gone.
+    #[test]
+    fn a_replaced_snapshot_is_freed_only_once_nothing_maps_it() {
+        use baton_wal::slow_delete;
+        let dir = tempfile::tempdir().unwrap();
+        let blob = |seed: u8| -> Vec<u8> {
+            (0..(3usize << 20))
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect()
+        };
+        let trash = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let name = e.as_ref().unwrap().file_name();
+                    name.to_string_lossy().ends_with(slow_delete::TRASH_SUFFIX)
+                })
+                .count()
+        };
+        persist_snapshot(dir.path(), &blob(1)).unwrap();
+        let first = map_file(&dir.path().join(SNAPSHOT_FILE)).unwrap();
+        persist_snapshot(dir.path(), &blob(2)).unwrap();
+        assert_eq!(trash(), 1);
+        // Still waiting for the mapping to go.
+        assert!(!slow_delete::wait_idle(std::time::Duration::from_millis(
+            300
+        )));
+        assert_eq!(&first[..], &blob(1)[..]);
+        drop(first);
+        assert!(slow_delete::wait_idle(std::time::Duration::from_secs(30)));
+        assert_eq!(trash(), 0);
+        let now = map_file(&dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(&now[..], &blob(2)[..]);
+    }
     use crate::batch::{encode_batch, Batch};
     use crate::raft::types::{BatchBytes, Entry};
     use crate::sequencer::Duplicate;
@@ -1346,6 +1481,9 @@ mod tests {
         let mut file = SnapshotFile::create(dir).unwrap();
         file.put(b"abandoned").unwrap();
         drop(file);
+        assert!(baton_wal::slow_delete::wait_idle(
+            std::time::Duration::from_secs(30)
+        ));
         let names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1371,6 +1509,10 @@ mod tests {
             assert_eq!(on_disk.len(), len);
             assert!(on_disk == blob, "{len} bytes differ");
         }
+        // Replaced snapshots are freed by the file deleter, in the background.
+        assert!(baton_wal::slow_delete::wait_idle(
+            std::time::Duration::from_secs(30)
+        ));
         let names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
