@@ -1620,6 +1620,13 @@ async fn adopt_spare(
 /// queued behind one at the device waits little.
 const SPARE_CHUNK_BYTES: usize = 256 << 10;
 
+/// Most bytes a second the spare writer puts down (2 s for a 64 MiB segment). Written as fast
+/// as the device takes them, the zeros of one spare per node (the nodes of a cluster rotate
+/// segments at the same index) held every node's group commit for 50-90 ms at once on the
+/// development VM. A log that fills segments faster than this does not wait for spares: it
+/// preallocates (see `new_segment`).
+pub const SPARE_WRITE_BYTES_PER_S: u64 = 32 << 20;
+
 /// The spare writer: keeps one spare ready (when spares are on), writing a zero-filled file
 /// when neither a purge nor an earlier write left one.
 async fn preparer(weak: Weak<RefCell<Inner>>) {
@@ -1703,7 +1710,13 @@ async fn write_zero_spare(
             .await
             .map_err(|e| WalError::glommio("preallocate spare", &tmp, e))?;
         let mut pos = 0;
+        let started = std::time::Instant::now();
         while pos < segment_bytes {
+            let due = started
+                + std::time::Duration::from_secs_f64(pos as f64 / SPARE_WRITE_BYTES_PER_S as f64);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                glommio::timer::sleep(wait).await;
+            }
             let stop = weak
                 .upgrade()
                 .is_none_or(|s| s.borrow().closed || s.borrow().failed.is_some());
