@@ -289,6 +289,8 @@ struct Inner {
     preparer_waker: Option<Waker>,
     /// Woken when the background task finishes a spare or stops.
     spare_waiters: Vec<Waker>,
+    /// A rotation is waiting for the spare being written: the writer stops pacing itself.
+    spare_wanted: bool,
     stats: WalStats,
 }
 
@@ -561,6 +563,7 @@ impl Wal {
             spares_failed: false,
             preparer_waker: None,
             spare_waiters: Vec::new(),
+            spare_wanted: false,
             stats: WalStats::default(),
         };
         let report = RecoveryReport {
@@ -1520,13 +1523,16 @@ async fn new_segment(shared: &Shared, path: &Path, first_index: u64) -> Result<D
         let spare = poll_fn(|cx| {
             let mut inner = shared.borrow_mut();
             if let Some(spare) = inner.spares.pop_front() {
+                inner.spare_wanted = false;
                 inner.wake_preparer();
                 return Poll::Ready(Some(spare));
             }
             if inner.preparing && inner.last_round_bytes < SPARE_WAIT_ROUND_BYTES {
+                inner.spare_wanted = true;
                 inner.spare_waiters.push(cx.waker().clone());
                 return Poll::Pending;
             }
+            inner.spare_wanted = false;
             inner.wake_preparer();
             Poll::Ready(None)
         })
@@ -1620,17 +1626,21 @@ async fn adopt_spare(
 /// queued behind one at the device waits little.
 const SPARE_CHUNK_BYTES: usize = 256 << 10;
 
-/// Most bytes a second the spare writer puts down (2 s for a 64 MiB segment). Written as fast
+/// Least of the spare writer's pace: it writes zeros at most this many bytes a second, or twice
+/// the rate the log filled its segments at since the previous spare, if more (2 s for a 64 MiB
+/// segment on a quiet log). Written as fast
 /// as the device takes them, the zeros of one spare per node (the nodes of a cluster rotate
 /// segments at the same index) held every node's group commit for 50-90 ms at once on the
-/// development VM. A log that fills segments faster than this does not wait for spares: it
-/// preallocates (see `new_segment`).
+/// development VM. A rotation that waits for the spare being written (a log whose rounds are
+/// small, see `new_segment`) has the rest written at full speed.
 pub const SPARE_WRITE_BYTES_PER_S: u64 = 32 << 20;
 
 /// The spare writer: keeps one spare ready (when spares are on), writing a zero-filled file
 /// when neither a purge nor an earlier write left one.
 async fn preparer(weak: Weak<RefCell<Inner>>) {
     let mut zeros: Option<Rc<DmaBuffer>> = None;
+    // The log's write rate since the previous spare began (its pace, see below).
+    let mut since: Option<(std::time::Instant, u64)> = None;
     loop {
         let job = poll_fn(|cx| {
             let Some(shared) = weak.upgrade() else {
@@ -1665,7 +1675,17 @@ async fn preparer(weak: Weak<RefCell<Inner>>) {
                 Rc::new(b)
             })
             .clone();
-        let result = write_zero_spare(&weak, &dir, seq, segment_bytes, &directory, zeros).await;
+        // At least twice as fast as the log has been filling segments, so the spare is ready
+        // well before the next rotation needs it.
+        let now = std::time::Instant::now();
+        let written = weak.upgrade().map_or(0, |s| s.borrow().stats.written_bytes);
+        let log_rate = since.map_or(0.0, |(t, w)| {
+            written.saturating_sub(w) as f64 / now.duration_since(t).as_secs_f64().max(0.1)
+        });
+        since = Some((now, written));
+        let pace = (SPARE_WRITE_BYTES_PER_S as f64).max(2.0 * log_rate);
+        let result =
+            write_zero_spare(&weak, &dir, seq, segment_bytes, &directory, zeros, pace).await;
         let Some(shared) = weak.upgrade() else { return };
         let mut inner = shared.borrow_mut();
         inner.preparing = false;
@@ -1697,6 +1717,7 @@ async fn write_zero_spare(
     segment_bytes: u64,
     directory: &Directory,
     zeros: Rc<DmaBuffer>,
+    bytes_per_s: f64,
 ) -> Result<Option<PathBuf>, WalError> {
     let tmp = segment::spare_tmp_path(dir, seq);
     failpoint::hit(points::SPARE_WRITE).map_err(|e| WalError::io("write spare", &tmp, e))?;
@@ -1712,10 +1733,12 @@ async fn write_zero_spare(
         let mut pos = 0;
         let started = std::time::Instant::now();
         while pos < segment_bytes {
-            let due = started
-                + std::time::Duration::from_secs_f64(pos as f64 / SPARE_WRITE_BYTES_PER_S as f64);
+            let wanted = weak.upgrade().is_some_and(|s| s.borrow().spare_wanted);
+            let due = started + std::time::Duration::from_secs_f64(pos as f64 / bytes_per_s);
             if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                glommio::timer::sleep(wait).await;
+                if !wanted {
+                    glommio::timer::sleep(wait).await;
+                }
             }
             let stop = weak
                 .upgrade()
