@@ -1069,9 +1069,9 @@ impl Wal {
     ///
     /// A purge that keeps the active segment (nearly every one: the log behind a snapshot)
     /// touches nothing appends write, so appends go on meanwhile: its segments leave the log at
-    /// once, and their files are renamed into spares or deleted on the blocking thread pool
-    /// (a deleted 64 MiB segment costs the file system milliseconds), then the directory is
-    /// synced. Only segments whose records are all durable go (none is being written); the
+    /// once, and on the blocking thread pool their files are renamed into spares or handed to
+    /// the file deleter ([`crate::slow_delete`]: deleting a 64 MiB segment at once stalls the
+    /// disk's other writers), then the directory is synced. Only segments whose records are all durable go (none is being written); the
     /// rest go at a later purge. A purge that empties the log closes the append gate and drains
     /// pending appends first, since it moves the next index. [`WalShutdown::shutdown`] waits
     /// for purges in flight.
@@ -1628,10 +1628,9 @@ const SPARE_CHUNK_BYTES: usize = 256 << 10;
 
 /// Least of the spare writer's pace: it writes zeros at most this many bytes a second, or twice
 /// the rate the log filled its segments at since the previous spare, if more (2 s for a 64 MiB
-/// segment on a quiet log). Written as fast
-/// as the device takes them, the zeros of one spare per node (the nodes of a cluster rotate
-/// segments at the same index) held every node's group commit for 50-90 ms at once on the
-/// development VM. A rotation that waits for the spare being written (a log whose rounds are
+/// segment on a quiet log). Written as fast as the device takes them, the zeros of one spare per
+/// node (the nodes of a cluster rotate segments at the same index) held every node's group
+/// commit for 50-90 ms at once on the development VM. A rotation that waits for the spare being written (a log whose rounds are
 /// small, see `new_segment`) has the rest written at full speed.
 pub const SPARE_WRITE_BYTES_PER_S: u64 = 32 << 20;
 

@@ -927,11 +927,7 @@ impl Shared {
         loop {
             let (commit, purge) = {
                 let state = self.state.borrow();
-                let commit = state.committed.filter(|c| {
-                    state.meta.committed.is_none_or(|saved| {
-                        c.index >= saved.index.saturating_add(COMMITTED_PERSIST_EVERY_ENTRIES)
-                    })
-                });
+                let commit = state.committed_to_save();
                 let purge = state
                     .purge_wanted
                     .filter(|p| state.meta.last_purged < Some(*p));
@@ -967,6 +963,12 @@ impl Shared {
         }
     }
 
+    /// [`LogStore::written_behind`].
+    async fn written_behind(&self) -> Result<(), LogStoreError> {
+        self.writer_stopped().await;
+        self.check_writer()
+    }
+
     /// Waits until the background writer has stopped (it stops once it has written everything
     /// asked of it so far).
     async fn writer_stopped(&self) {
@@ -991,6 +993,17 @@ impl State {
     /// The purge point as openraft sees it: what it last asked for, saved or not yet.
     fn purged(&self) -> Option<LogId> {
         self.meta.last_purged.max(self.purge_wanted)
+    }
+
+    /// The committed id to save in the meta blob now, if any: the newest one openraft
+    /// reported, once it is `COMMITTED_PERSIST_EVERY_ENTRIES` past the saved one (or none is
+    /// saved yet). Writing META on every commit would add two fsyncs per commit.
+    fn committed_to_save(&self) -> Option<LogId> {
+        self.committed.filter(|c| {
+            self.meta.committed.is_none_or(|saved| {
+                c.index >= saved.index.saturating_add(COMMITTED_PERSIST_EVERY_ENTRIES)
+            })
+        })
     }
 }
 
@@ -1089,8 +1102,7 @@ impl LogStore {
     /// purged ([`Shared::write_behind`]); fails if that failed. A node does this before it
     /// closes its log.
     pub async fn written_behind(&self) -> Result<(), io::Error> {
-        self.shared.writer_stopped().await;
-        Ok(self.shared.check_writer()?)
+        Ok(self.shared.written_behind().await?)
     }
 
     async fn append_entries<I>(
@@ -1239,13 +1251,7 @@ impl LogStore {
         let due = {
             let mut state = shared.state.borrow_mut();
             state.committed = state.committed.max(committed);
-            match (state.meta.committed, committed) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(saved), Some(now)) => {
-                    now.index.saturating_sub(saved.index) >= COMMITTED_PERSIST_EVERY_ENTRIES
-                }
-            }
+            state.committed_to_save().is_some()
         };
         if due {
             shared.write_behind();
@@ -1257,8 +1263,7 @@ impl LogStore {
 impl LogReader {
     /// [`LogStore::written_behind`].
     pub async fn written_behind(&self) -> Result<(), io::Error> {
-        self.shared.writer_stopped().await;
-        Ok(self.shared.check_writer()?)
+        Ok(self.shared.written_behind().await?)
     }
 }
 

@@ -642,13 +642,24 @@ impl Written {
         let old = match std::fs::metadata(&target) {
             Ok(meta) => {
                 static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let trash = dir.join(format!(
-                    "{SNAPSHOT_FILE}.old.{}.{n}{}",
-                    std::process::id(),
-                    baton_wal::slow_delete::TRASH_SUFFIX
-                ));
-                std::fs::hard_link(&target, &trash)?;
+                // A name taken by trash not yet freed (a previous process with the same pid,
+                // as in a container restarted) is skipped.
+                let mut tries = 0;
+                let trash = loop {
+                    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let trash = dir.join(format!(
+                        "{SNAPSHOT_FILE}.old.{}.{n}{}",
+                        std::process::id(),
+                        baton_wal::slow_delete::TRASH_SUFFIX
+                    ));
+                    match std::fs::hard_link(&target, &trash) {
+                        Ok(()) => break trash,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 64 => {
+                            tries += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 Some((trash, FileKey::of(&meta)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -684,14 +695,14 @@ fn map_file(path: &Path) -> io::Result<Bytes> {
 }
 
 /// A file's identity (device, inode), under which its live mappings are counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct FileKey {
     dev: u64,
     ino: u64,
 }
 
 /// Live mappings of snapshot files in this process, by file.
-static MAPPINGS: std::sync::Mutex<BTreeMap<(u64, u64), usize>> =
+static MAPPINGS: std::sync::Mutex<BTreeMap<FileKey, usize>> =
     std::sync::Mutex::new(BTreeMap::new());
 
 impl FileKey {
@@ -705,10 +716,7 @@ impl FileKey {
 
     /// Whether some blob of this process still maps the file.
     fn is_mapped(&self) -> bool {
-        MAPPINGS
-            .lock()
-            .expect("mappings lock")
-            .contains_key(&(self.dev, self.ino))
+        MAPPINGS.lock().expect("mappings lock").contains_key(self)
     }
 }
 
@@ -723,7 +731,7 @@ impl Mapped {
         *MAPPINGS
             .lock()
             .expect("mappings lock")
-            .entry((key.dev, key.ino))
+            .entry(key)
             .or_insert(0) += 1;
         Mapped { map, key }
     }
@@ -738,11 +746,10 @@ impl AsRef<[u8]> for Mapped {
 impl Drop for Mapped {
     fn drop(&mut self) {
         let mut mappings = MAPPINGS.lock().expect("mappings lock");
-        let k = (self.key.dev, self.key.ino);
-        if let Some(n) = mappings.get_mut(&k) {
+        if let Some(n) = mappings.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                mappings.remove(&k);
+                mappings.remove(&self.key);
             }
         }
     }
@@ -1338,6 +1345,28 @@ mod tests {
     use openraft::Membership;
 
     use super::*;
+
+    /// Trash names left by an earlier process with the same pid (a container restarted) do not
+    /// stop a snapshot from replacing another. (Each test runs in a process of its own under
+    /// nextest, so the names taken here are the first this process would pick.)
+    #[test]
+    fn a_snapshot_replaces_another_when_its_trash_names_are_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..3 {
+            let name = format!(
+                "{SNAPSHOT_FILE}.old.{}.{n}{}",
+                std::process::id(),
+                baton_wal::slow_delete::TRASH_SUFFIX
+            );
+            std::fs::write(dir.path().join(name), b"left behind").unwrap();
+        }
+        persist_snapshot(dir.path(), b"first").unwrap();
+        persist_snapshot(dir.path(), b"second").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(),
+            b"second"
+        );
+    }
 
     /// A snapshot replaced while a blob still maps it stays intact under that mapping (no
     /// truncation under it: that would be SIGBUS), and is freed once the mapping is gone.
