@@ -62,6 +62,15 @@ fn sequencer(c: &mut Criterion) {
     });
     // What the Raft shard itself pays for a snapshot: the copy handed to the encoding thread.
     group.bench_function("clone_1M_txs", |b| b.iter(|| black_box(seq.clone())));
+    // What the encoding thread does before it drops to the idle class: the index copied out of
+    // the parts it shares with the live state (at nice 5 on a node, three nodes at once).
+    group.bench_function("snapshot_copy_1M_txs", |b| {
+        b.iter_batched(
+            || seq.clone(),
+            |copy| black_box(copy.into_snapshot_writer()),
+            criterion::BatchSize::LargeInput,
+        )
+    });
     // Fresh batches applied one after another to the same (growing) sequencer; encoding them is
     // not timed.
     group.throughput(Throughput::Elements(BATCH_TXS as u64));

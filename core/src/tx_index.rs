@@ -422,8 +422,35 @@ impl<V: Copy> Iterator for IntoEntries<V> {
             }
             // Done with this part: let it go before the next.
             self.part = None;
+            self.prefetch_ahead();
             self.part = self.parts.next()?;
             self.at = 0;
+        }
+    }
+}
+
+/// How many parts ahead of the one being read [`IntoEntries`] starts loading a part's table
+/// header, and (half as far) its tags and first slots.
+const COPY_PREFETCH_PARTS: usize = 16;
+
+impl<V> IntoEntries<V> {
+    /// Starts the loads the parts a little further on will need: each part is a separate
+    /// allocation, so reading one is a chain of misses (its header, then its tags and slots)
+    /// that a plain walk pays one after the other, part after part (most of a snapshot's copy
+    /// time in `perf annotate`). A hint only: it changes no result.
+    #[inline]
+    fn prefetch_ahead(&self) {
+        let ahead = self.parts.as_slice();
+        if let Some(Some(far)) = ahead.get(COPY_PREFETCH_PARTS) {
+            prefetch(Arc::as_ptr(far).cast());
+        }
+        if let Some(Some(near)) = ahead.get(COPY_PREFETCH_PARTS / 2) {
+            // Its header was asked for a few parts ago.
+            prefetch(near.tags.as_ptr());
+            let slots = near.slots.as_ptr().cast::<u8>();
+            for line in (0..std::mem::size_of_val(&*near.slots)).step_by(64) {
+                prefetch(slots.wrapping_add(line));
+            }
         }
     }
 }
