@@ -282,6 +282,37 @@ fn a_whole_cluster_restart_after_purging_keeps_every_receipt() {
     cluster.stop_and_check(&receipts);
 }
 
+/// With openraft's entry count off, every node still snapshots (and purges behind it) once its
+/// log has grown by `snapshot_log_bytes_min`: the node's own size rule asks through
+/// `Raft::trigger`.
+#[test]
+fn every_node_snapshots_by_log_size_with_the_entry_count_off() {
+    let tweak = |c: &mut NodeConfig| {
+        small_batches(c);
+        c.raft.snapshot_every_entries = 0;
+        c.raft.snapshot_log_bytes_min = 32 << 10;
+        c.raft.snapshot_log_ratio = 0;
+        c.raft.log_entries_kept_after_snapshot = 5;
+    };
+    let cluster = Cluster::start(3, tweak);
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        // ~113 KB of transactions: several times the threshold.
+        let receipts = load(&cluster.nodes[&leader], 0, 100, 10, 4).await;
+        for node in cluster.nodes.values() {
+            let s = node
+                .wait_for(WAIT, |s| {
+                    s.snapshot_index.is_some() && s.purged_index.is_some()
+                })
+                .await
+                .expect("each node snapshots by size and purges behind it");
+            assert!(s.snapshot_index < s.applied_index);
+        }
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}
+
 #[test]
 fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
     let cluster = Cluster::start(3, |_| {});

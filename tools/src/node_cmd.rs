@@ -168,9 +168,14 @@ pub struct ClusterUpArgs {
     /// Lower bound of the nodes' randomized election timeout (the upper bound is twice it).
     #[arg(long, default_value_t = crate::node_config::RaftFile::default().election_timeout_min_ms)]
     election_timeout_min_ms: u64,
-    /// Raft log entries between snapshots (each snapshot lets the log before it be purged).
+    /// Raft log entries after which a snapshot is built (0: never by count); each snapshot
+    /// lets the log before it be purged.
     #[arg(long, default_value_t = crate::node_config::RaftFile::default().snapshot_every_entries)]
     snapshot_every_entries: u64,
+    /// Log bytes after which a snapshot is built (also at least `[raft] snapshot_log_ratio`
+    /// times the last snapshot's size), whichever comes first with the entry count.
+    #[arg(long, default_value_t = crate::node_config::RaftFile::default().snapshot_log_bytes_min)]
+    snapshot_log_bytes_min: u64,
 }
 
 /// `baton cluster`
@@ -405,6 +410,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         election_timeout_min_ms: args.election_timeout_min_ms,
         election_timeout_max_ms: 2 * args.election_timeout_min_ms,
         snapshot_every_entries: args.snapshot_every_entries,
+        snapshot_log_bytes_min: args.snapshot_log_bytes_min,
         ..Default::default()
     };
     let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards, &raft)

@@ -159,8 +159,12 @@ pub struct RaftFile {
     pub election_timeout_min_ms: u64,
     /// Default 400.
     pub election_timeout_max_ms: u64,
-    /// Default 10,000.
+    /// Default 100,000 (0: never by count).
     pub snapshot_every_entries: u64,
+    /// Default 268,435,456 (256 MiB).
+    pub snapshot_log_bytes_min: u64,
+    /// Default 4.
+    pub snapshot_log_ratio: u64,
     /// Default 1,000.
     pub log_entries_kept_after_snapshot: u64,
 }
@@ -173,6 +177,8 @@ impl Default for RaftFile {
             election_timeout_min_ms: t.election_timeout_min_ms,
             election_timeout_max_ms: t.election_timeout_max_ms,
             snapshot_every_entries: t.snapshot_every_entries,
+            snapshot_log_bytes_min: t.snapshot_log_bytes_min,
+            snapshot_log_ratio: t.snapshot_log_ratio,
             log_entries_kept_after_snapshot: t.log_entries_kept_after_snapshot,
         }
     }
@@ -330,6 +336,8 @@ impl NodeFile {
             election_timeout_min_ms: self.raft.election_timeout_min_ms,
             election_timeout_max_ms: self.raft.election_timeout_max_ms,
             snapshot_every_entries: self.raft.snapshot_every_entries,
+            snapshot_log_bytes_min: self.raft.snapshot_log_bytes_min,
+            snapshot_log_ratio: self.raft.snapshot_log_ratio,
             log_entries_kept_after_snapshot: self.raft.log_entries_kept_after_snapshot,
         };
         node.batch.batch_bytes_max = self.batch.batch_bytes_max;

@@ -17,8 +17,16 @@ pub struct RaftTimings {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomized election timeout. Default 400 ms.
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot every this many applied entries. Default 10,000.
+    /// Build a snapshot after this many applied entries since the last (0: never by count).
+    /// Bounds how many entries a restart replays when entries are small. Default 100,000.
     pub snapshot_every_entries: u64,
+    /// Build a snapshot once the log applied since the last one holds at least this many
+    /// bytes, and at least `snapshot_log_ratio` times the last snapshot's size (whichever
+    /// comes first, this or `snapshot_every_entries`). Default 256 MiB.
+    pub snapshot_log_bytes_min: u64,
+    /// See `snapshot_log_bytes_min`: snapshots then write at most 1/ratio of the log's bytes
+    /// (0: the size of the last snapshot does not count). Default 4.
+    pub snapshot_log_ratio: u64,
     /// Entries kept in the log behind a snapshot (for lagging followers). Default 1,000.
     pub log_entries_kept_after_snapshot: u64,
 }
@@ -29,7 +37,9 @@ impl Default for RaftTimings {
             heartbeat_interval_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
-            snapshot_every_entries: 10_000,
+            snapshot_every_entries: 100_000,
+            snapshot_log_bytes_min: 256 << 20,
+            snapshot_log_ratio: 4,
             log_entries_kept_after_snapshot: 1_000,
         }
     }
@@ -117,7 +127,12 @@ impl NodeConfig {
             heartbeat_interval: t.heartbeat_interval_ms,
             election_timeout_min: t.election_timeout_min_ms,
             election_timeout_max: t.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+            // The size rule (`snapshot_log_bytes_min`) is the node's own: the state machine
+            // asks for those snapshots through `Raft::trigger`.
+            snapshot_policy: match t.snapshot_every_entries {
+                0 => openraft::SnapshotPolicy::Never,
+                n => openraft::SnapshotPolicy::LogsSinceLast(n),
+            },
             max_in_snapshot_log_to_keep: t.log_entries_kept_after_snapshot,
             install_snapshot_timeout: Duration::from_secs(10).as_millis() as u64,
             // Replication requests stay below the wire limit even when every batch is full.

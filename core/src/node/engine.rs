@@ -1021,11 +1021,15 @@ async fn raft_shard<F>(
     // Proofs of recently proven batches, for the receipts of their duplicates and reads.
     let proofs = ProofCache::default();
     let wal_shutdown = log_store.wal().shutdown_handle();
-    let sm = match Sm::open(&config.data_dir) {
+    let (sm, mut snapshot_asked) = match Sm::open(&config.data_dir) {
         Ok(sm) => sm
             .with_registry(registry)
             .with_hashed(hashed)
-            .with_reserved_index(),
+            .with_reserved_index()
+            .with_snapshot_by_size(
+                config.raft.snapshot_log_bytes_min,
+                config.raft.snapshot_log_ratio,
+            ),
         Err(e) => {
             let _ = ready.send(Err(fail(e.to_string())));
             return;
@@ -1047,6 +1051,18 @@ async fn raft_shard<F>(
         }
     };
     let server = glommio::spawn_local(serve(raft.clone(), inbound, propose_tx));
+    // Snapshots the state machine asks for by the log's size (openraft's own policy counts
+    // entries). Ends when the state machine is dropped with Raft.
+    let snapshot_by_size = {
+        let raft = raft.clone();
+        glommio::spawn_local(async move {
+            while snapshot_asked.next().await.is_some() {
+                if raft.trigger().snapshot().await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -1213,6 +1229,7 @@ async fn raft_shard<F>(
     }
     server.cancel().await;
     sealer.cancel().await;
+    snapshot_by_size.cancel().await;
     let _ = raft.shutdown().await;
     // The purge point and committed id openraft asked for last are saved in the background:
     // let that finish (a failure was logged when it happened).
