@@ -304,10 +304,15 @@ pub fn check_prefixes(logs: &HashMap<u64, Log>) {
     }
 }
 
-/// First index held in a node's WAL directory (read-only inspection).
+/// First index held in a node's WAL directory, from its segment files' names (0: none). Only
+/// the names: the node may be running, and a purge moves segment files away (to `*.trash`)
+/// while a reader of their contents would be between listing and opening them.
 pub fn wal_first_index(dir: &Path) -> u64 {
-    let ins = baton_wal::inspect(dir).expect("inspect");
-    ins.segments.first().map_or(0, |s| s.name_index)
+    std::fs::read_dir(dir)
+        .expect("the WAL directory")
+        .filter_map(|e| baton_wal::segment::parse_segment_name(e.ok()?.file_name().to_str()?))
+        .min()
+        .unwrap_or(0)
 }
 
 /// Checks the receipts against the logs read back from the nodes' WAL directories.
