@@ -486,8 +486,8 @@ struct SnapshotBySize {
     since: std::cell::Cell<u64>,
     /// Bytes of the last snapshot built or installed (0: none yet).
     last_snapshot_bytes: std::cell::Cell<u64>,
-    /// Asked already, and no snapshot started since.
-    asked: std::cell::Cell<bool>,
+    /// `since` when a snapshot was last asked for (0: not since the last one started).
+    asked_at: std::cell::Cell<u64>,
     /// Where to ask (none: the rule is off).
     ask: RefCell<Option<futures_channel::mpsc::Sender<()>>>,
 }
@@ -502,16 +502,21 @@ impl SnapshotBySize {
         )
     }
 
-    /// Counts an applied entry's bytes; asks for a snapshot when they reach the threshold.
+    /// Counts an applied entry's bytes; asks for a snapshot when they reach the threshold, and
+    /// again after every further eighth of it until one starts (openraft ignores a trigger
+    /// while it is building a snapshot, for instance one its entry count started).
     fn applied(&self, bytes: u64) {
-        self.since.set(self.since.get().saturating_add(bytes));
-        if self.asked.get() || self.since.get() < self.threshold() {
+        let since = self.since.get().saturating_add(bytes);
+        self.since.set(since);
+        let threshold = self.threshold();
+        let asked_at = self.asked_at.get();
+        if since < threshold || (asked_at > 0 && since - asked_at < (threshold / 8).max(1)) {
             return;
         }
         if let Some(ask) = self.ask.borrow_mut().as_mut() {
             // Full: a request is already pending.
             let _ = ask.try_send(());
-            self.asked.set(true);
+            self.asked_at.set(since);
         }
     }
 
@@ -519,7 +524,7 @@ impl SnapshotBySize {
     /// the one after.
     fn captured(&self) {
         self.since.set(0);
-        self.asked.set(false);
+        self.asked_at.set(0);
     }
 
     /// The latest snapshot (built or installed) has `bytes`.
@@ -1708,11 +1713,15 @@ mod tests {
         // A little over 9 entries' bytes (each entry carries 8 more payload bytes): not yet.
         apply(&mut sm, 9);
         assert_eq!(pending(), 0);
-        // The tenth crosses the minimum: one request, however much more is applied.
+        // The tenth crosses the minimum: one request.
         apply(&mut sm, 1);
         assert_eq!(pending(), 1);
-        apply(&mut sm, 30);
+        // No snapshot starts (openraft was busy with another): asked again only once another
+        // eighth of the threshold is applied (an entry here is ~1/10 of it).
+        apply(&mut sm, 1);
         assert_eq!(pending(), 0);
+        apply(&mut sm, 1);
+        assert_eq!(pending(), 1);
         // A snapshot captures the state: counting starts again, and its size now counts.
         let snap =
             on_glommio(async { sm.get_snapshot_builder().await.build_snapshot().await }).unwrap();
@@ -1720,7 +1729,7 @@ mod tests {
         let threshold = (10 * entry_bytes).max(4 * snapshot_bytes);
         assert!(
             threshold > 10 * entry_bytes,
-            "40 transactions' state outweighs 10 entries"
+            "12 transactions' state outweighs 10 entries"
         );
         let below = threshold / (entry_bytes + 8) - 1;
         apply(&mut sm, below);
