@@ -1189,8 +1189,8 @@ impl StateMachine {
 
     /// Asks for a snapshot on the returned receiver whenever the log applied since the last one
     /// holds at least `max(min_bytes, ratio × the last snapshot's bytes)` (the node then calls
-    /// `Raft::trigger().snapshot()`); one request per snapshot, however much more is applied
-    /// before it starts. Without this, only openraft's own policy (entries) makes snapshots.
+    /// `Raft::trigger().snapshot()`), and again after every further eighth of that until a
+    /// snapshot starts. Without this, only openraft's own policy (entries) makes snapshots.
     pub fn with_snapshot_by_size(
         self,
         min_bytes: u64,
