@@ -10,6 +10,8 @@
 //! Frames larger than `FRAME_BYTES_MAX` are refused before any of the body is buffered. The
 //! decoder is pure (bytes in, frames out, no I/O), so it is tested without sockets.
 
+use std::collections::VecDeque;
+
 /// Protocol version carried by every frame.
 pub const WIRE_VERSION: u8 = 2;
 /// Bytes before the body.
@@ -170,12 +172,27 @@ pub fn encode_frame(kind: FrameKind, body: &[u8], out: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
+/// A body's first allocation when its header arrives: the whole body up to this size, beyond
+/// it what has arrived so far (a header alone must not make the node allocate a maximum frame).
+const BODY_RESERVE_BYTES: usize = 256 << 10;
+
 /// Incremental decoder for one stream: feed it bytes as they arrive, take frames out.
+///
+/// Each body is copied once, from the received chunks into a buffer of the body's own size,
+/// and handed out as it is: no buffer of the whole stream that grows, is copied out of and
+/// shifted down frame by frame.
 pub struct FrameDecoder {
-    buf: Vec<u8>,
+    /// The next frame's header bytes received so far (fewer than `FRAME_HEADER_BYTES`).
+    head: Vec<u8>,
+    /// The frame whose header has been read: its kind, body length and body so far.
+    body: Option<(FrameKind, usize, Vec<u8>)>,
+    /// Whole frames not yet taken out, in stream order.
+    ready: VecDeque<Frame>,
+    /// Bytes of the frames in `ready` (headers included).
+    ready_bytes: usize,
     /// Largest frame accepted.
     max: usize,
-    /// Set after an error: the stream is done.
+    /// Set at the first invalid header: returned after the frames before it, then for good.
     failed: Option<ProtocolError>,
 }
 
@@ -194,36 +211,81 @@ impl FrameDecoder {
     /// A decoder accepting frames up to `max` bytes (peer streams: `PEER_FRAME_BYTES_MAX`).
     pub fn with_max(max: usize) -> FrameDecoder {
         FrameDecoder {
-            buf: Vec::new(),
+            head: Vec::with_capacity(FRAME_HEADER_BYTES),
+            body: None,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
             max,
             failed: None,
         }
     }
 
     /// Adds received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.failed.is_none() {
-            self.buf.extend_from_slice(bytes);
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.failed.is_none() {
+            if let Some((_, len, body)) = &mut self.body {
+                let n = (*len - body.len()).min(bytes.len());
+                if body.capacity() - body.len() < n {
+                    // Grows with what arrives, never past the body's length.
+                    let want = (body.capacity() * 2).max(body.len() + n).min(*len);
+                    body.reserve_exact(want - body.len());
+                }
+                body.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                self.take_complete_body();
+                continue;
+            }
+            let n = (FRAME_HEADER_BYTES - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            match check_header(&self.head, self.max) {
+                Err(e) => {
+                    self.failed = Some(e);
+                    self.head = Vec::new();
+                }
+                Ok(Some((kind, len))) => {
+                    self.head.clear();
+                    let first = len.min(BODY_RESERVE_BYTES.max(bytes.len()));
+                    self.body = Some((kind, len, Vec::with_capacity(first)));
+                    self.take_complete_body();
+                }
+                Ok(None) => {}
+            }
         }
     }
 
-    /// Bytes buffered and not yet returned in a frame (never more than one maximum frame).
+    /// Moves the body being read to `ready` if it is whole.
+    fn take_complete_body(&mut self) {
+        if let Some((kind, len, body)) = self.body.take_if(|(_, len, body)| body.len() == *len) {
+            self.ready_bytes += FRAME_HEADER_BYTES + len;
+            self.ready.push_back(Frame { kind, body });
+        }
+    }
+
+    /// Bytes buffered and not yet returned in a frame: at most the frames completed by the
+    /// last push, and one frame's header and part of its body.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        let partial = match &self.body {
+            Some((_, _, body)) => FRAME_HEADER_BYTES + body.len(),
+            None => self.head.len(),
+        };
+        self.ready_bytes + partial
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. After an error every call
-    /// returns that error.
+    /// returns that error (once the frames before the bad one are taken).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        if let Some(e) = self.failed {
-            return Err(e);
+        if let Some(frame) = self.ready.pop_front() {
+            self.ready_bytes -= FRAME_HEADER_BYTES + frame.body.len();
+            return Ok(Some(frame));
         }
-        let result = self.parse();
-        if let Err(e) = result {
-            self.failed = Some(e);
-            self.buf = Vec::new();
+        match self.failed {
+            Some(e) => {
+                self.body = None;
+                Err(e)
+            }
+            None => Ok(None),
         }
-        result
     }
 
     /// Call when the stream ended: an error if it ended inside a frame.
@@ -231,52 +293,48 @@ impl FrameDecoder {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let expected = self.header_len().map_or(4, |len| 4 + len);
-        Err(ProtocolError::Truncated {
-            buffered: self.buf.len(),
-            expected,
-        })
-    }
-
-    fn header_len(&self) -> Option<usize> {
-        let b = self.buf.get(..4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    }
-
-    fn parse(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        let Some(len) = self.header_len() else {
-            return Ok(None);
+        let (buffered, expected) = match &self.body {
+            Some((_, len, body)) => (FRAME_HEADER_BYTES + body.len(), FRAME_HEADER_BYTES + len),
+            None if self.head.is_empty() => return Ok(()),
+            None => {
+                let expected = match self.head.get(..4) {
+                    Some(b) => 4 + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                    None => 4,
+                };
+                (self.head.len(), expected)
+            }
         };
-        // Checked before the body is buffered: a peer cannot make us hold more than a frame.
-        if 4 + len > self.max {
-            return Err(ProtocolError::FrameTooLarge {
-                len: 4 + len,
-                max: self.max,
-            });
-        }
-        if len < 2 {
-            return Err(ProtocolError::FrameTooSmall { len });
-        }
-        if self.buf.len() >= 5 && self.buf[4] != WIRE_VERSION {
+        Err(ProtocolError::Truncated { buffered, expected })
+    }
+}
+
+/// Checks a frame header as far as it has arrived (`head`: up to `FRAME_HEADER_BYTES`); its
+/// kind and body length once it is whole. Every check runs as soon as its byte is there, so a
+/// bad frame is refused before any of its body is buffered.
+fn check_header(head: &[u8], max: usize) -> Result<Option<(FrameKind, usize)>, ProtocolError> {
+    let Some(b) = head.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    if 4 + len > max {
+        return Err(ProtocolError::FrameTooLarge { len: 4 + len, max });
+    }
+    if len < 2 {
+        return Err(ProtocolError::FrameTooSmall { len });
+    }
+    if let Some(&version) = head.get(4) {
+        if version != WIRE_VERSION {
             return Err(ProtocolError::UnsupportedVersion {
-                found: self.buf[4],
+                found: version,
                 supported: WIRE_VERSION,
             });
         }
-        if self.buf.len() >= 6 && FrameKind::from_u8(self.buf[5]).is_none() {
-            return Err(ProtocolError::UnknownKind { kind: self.buf[5] });
-        }
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        let kind = FrameKind::from_u8(self.buf[5]).expect("checked above");
-        let body = self.buf[FRAME_HEADER_BYTES..4 + len].to_vec();
-        self.buf.drain(..4 + len);
-        Ok(Some(Frame { kind, body }))
     }
+    let Some(&kind) = head.get(5) else {
+        return Ok(None);
+    };
+    let kind = FrameKind::from_u8(kind).ok_or(ProtocolError::UnknownKind { kind })?;
+    Ok(Some((kind, len - 2)))
 }
 
 #[cfg(test)]
@@ -394,6 +452,59 @@ mod tests {
             encode_frame(FrameKind::SubmitRequest, &big, &mut Vec::new()),
             Err(ProtocolError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn frames_before_a_bad_header_come_out_before_its_error() {
+        let mut wire = Vec::new();
+        encode_frame(FrameKind::SubmitRequest, b"one", &mut wire).unwrap();
+        encode_frame(FrameKind::StatusRequest, b"", &mut wire).unwrap();
+        wire.extend_from_slice(&[2, 0, 0, 0, WIRE_VERSION, 200]);
+        encode_frame(FrameKind::SubmitRequest, b"after", &mut wire).unwrap();
+        let mut d = FrameDecoder::new();
+        d.push(&wire);
+        let first = d.next_frame().unwrap().unwrap();
+        assert_eq!(
+            (first.kind, first.body.as_slice()),
+            (FrameKind::SubmitRequest, &b"one"[..])
+        );
+        let second = d.next_frame().unwrap().unwrap();
+        assert_eq!(
+            (second.kind, second.body.len()),
+            (FrameKind::StatusRequest, 0)
+        );
+        assert_eq!(
+            d.next_frame(),
+            Err(ProtocolError::UnknownKind { kind: 200 })
+        );
+        assert_eq!(
+            d.next_frame(),
+            Err(ProtocolError::UnknownKind { kind: 200 })
+        );
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn a_body_is_allocated_by_what_arrives_and_never_past_its_length() {
+        // A header alone announcing a 4 MiB body: the decoder holds far less than that.
+        let len = FRAME_BYTES_MAX - FRAME_HEADER_BYTES;
+        let mut d = FrameDecoder::new();
+        d.push(&frame_header(FrameKind::SubmitRequest, len).unwrap());
+        let capacity = |d: &FrameDecoder| d.body.as_ref().map(|(_, _, b)| b.capacity());
+        assert_eq!(capacity(&d), Some(BODY_RESERVE_BYTES));
+        // Fed in 1,200-byte pieces (QUIC packets), the buffer ends exactly the body's size.
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        for piece in body.chunks(1200) {
+            d.push(piece);
+            assert!(capacity(&d).is_none_or(|c| c <= len));
+        }
+        let frame = d.next_frame().unwrap().unwrap();
+        assert_eq!(frame.body.capacity(), len);
+        assert!(frame.body == body);
+        assert_eq!(d.finish(), Ok(()));
+        // A small frame gets its whole body at once.
+        d.push(&frame_header(FrameKind::SubmitRequest, 1000).unwrap());
+        assert_eq!(capacity(&d), Some(1000));
     }
 
     #[test]
