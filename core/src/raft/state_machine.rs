@@ -488,6 +488,10 @@ struct SnapshotBySize {
     last_snapshot_bytes: std::cell::Cell<u64>,
     /// `since` when a snapshot was last asked for (0: not since the last one started).
     asked_at: std::cell::Cell<u64>,
+    /// Bytes applied before `since` starts counting, until the first snapshot: a node-specific
+    /// offset, so that the nodes of a cluster, which apply the same log, do not all build
+    /// their snapshots at the same moment ([`StateMachine::with_snapshot_by_size`]).
+    phase: std::cell::Cell<u64>,
     /// Where to ask (none: the rule is off).
     ask: RefCell<Option<futures_channel::mpsc::Sender<()>>>,
 }
@@ -506,7 +510,10 @@ impl SnapshotBySize {
     /// again after every further eighth of it until one starts (openraft ignores a trigger
     /// while it is building a snapshot, for instance one its entry count started).
     fn applied(&self, bytes: u64) {
-        let since = self.since.get().saturating_add(bytes);
+        let phase = self.phase.get();
+        let skip = phase.min(bytes);
+        self.phase.set(phase - skip);
+        let since = self.since.get().saturating_add(bytes - skip);
         self.since.set(since);
         let threshold = self.threshold();
         let asked_at = self.asked_at.get();
@@ -525,6 +532,7 @@ impl SnapshotBySize {
     fn captured(&self) {
         self.since.set(0);
         self.asked_at.set(0);
+        self.phase.set(0);
     }
 
     /// The latest snapshot (built or installed) has `bytes`.
@@ -1191,14 +1199,21 @@ impl StateMachine {
     /// holds at least `max(min_bytes, ratio × the last snapshot's bytes)` (the node then calls
     /// `Raft::trigger().snapshot()`), and again after every further eighth of that until a
     /// snapshot starts. Without this, only openraft's own policy (entries) makes snapshots.
+    ///
+    /// The first `phase_bytes` applied do not count, until the first snapshot: every node
+    /// applies the same log, and with the same rule all of them would build their snapshots at
+    /// once, each a burst of CPU and disk writes; a phase per node (the node passes a few eighths
+    /// of `min_bytes` by its id) keeps them apart for good, as each counts anew from its own.
     pub fn with_snapshot_by_size(
         self,
         min_bytes: u64,
         ratio: u64,
+        phase_bytes: u64,
     ) -> (Self, futures_channel::mpsc::Receiver<()>) {
         let (tx, rx) = futures_channel::mpsc::channel(1);
         self.by_size.min_bytes.set(min_bytes);
         self.by_size.ratio.set(ratio);
+        self.by_size.phase.set(phase_bytes);
         *self.by_size.ask.borrow_mut() = Some(tx);
         (self, rx)
     }
@@ -1691,7 +1706,7 @@ mod tests {
     fn snapshots_are_asked_for_by_the_log_size_against_the_last_snapshot() {
         let payload = vec![7u8; 100];
         let entry_bytes = batch(&[&payload]).as_bytes().len() as u64;
-        let (mut sm, mut asked) = StateMachine::new().with_snapshot_by_size(10 * entry_bytes, 4);
+        let (mut sm, mut asked) = StateMachine::new().with_snapshot_by_size(10 * entry_bytes, 4, 0);
         let mut next = 0u64;
         let mut apply = |sm: &mut StateMachine, n: u64| {
             let entries = (0..n)
@@ -1741,7 +1756,7 @@ mod tests {
         apply(&mut sm, 2);
         assert_eq!(pending(), 1);
         // An installed snapshot counts the same way: its size sets the threshold.
-        let mut follower = StateMachine::new().with_snapshot_by_size(1, 1);
+        let mut follower = StateMachine::new().with_snapshot_by_size(1, 1, 0);
         let (ref mut f, ref mut f_asked) = follower;
         run(f.install_snapshot(&snap.meta, snap.snapshot.clone())).unwrap();
         let small = Entry::new_normal(LogId::new_term_index(1, next + 1), batch(&[b"one"]));
@@ -1750,6 +1765,39 @@ mod tests {
             f_asked.try_recv().is_err(),
             "one small entry < the snapshot's size"
         );
+    }
+
+    /// A node's phase delays its first size-rule snapshot by that many bytes of log, and only
+    /// the first: from a snapshot on it counts like any other node, from its own snapshot.
+    #[test]
+    fn the_snapshot_phase_delays_only_the_first_size_rule_snapshot() {
+        let entry = |i: u64| {
+            let p = [&[7u8; 100][..], &i.to_le_bytes()[..]].concat();
+            Entry::new_normal(LogId::new_term_index(1, i), batch(&[&p]))
+        };
+        let entry_bytes = match &entry(1).payload {
+            EntryPayload::Normal(b) => b.as_bytes().len() as u64,
+            _ => unreachable!(),
+        };
+        let min = 10 * entry_bytes;
+        let (mut plain, mut plain_asked) = StateMachine::new().with_snapshot_by_size(min, 0, 0);
+        let (mut phased, mut phased_asked) =
+            StateMachine::new().with_snapshot_by_size(min, 0, 3 * entry_bytes);
+        let mut asked_after =
+            |sm: &mut StateMachine, asked: &mut futures_channel::mpsc::Receiver<()>, from: u64| {
+                (from..from + 40).find(|i| {
+                    run(apply_all(sm, vec![entry(*i)])).unwrap();
+                    asked.try_recv().is_ok()
+                })
+            };
+        assert_eq!(asked_after(&mut plain, &mut plain_asked, 1), Some(10));
+        assert_eq!(asked_after(&mut phased, &mut phased_asked, 1), Some(13));
+        // Each builds its snapshot; from there both count the same distance.
+        for sm in [&mut plain, &mut phased] {
+            on_glommio(async { sm.get_snapshot_builder().await.build_snapshot().await }).unwrap();
+        }
+        assert_eq!(asked_after(&mut plain, &mut plain_asked, 11), Some(20));
+        assert_eq!(asked_after(&mut phased, &mut phased_asked, 14), Some(23));
     }
 
     /// The builder captures the state when it is made; applies after that (while the blob is
