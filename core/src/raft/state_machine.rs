@@ -1783,7 +1783,7 @@ mod tests {
         let (mut plain, mut plain_asked) = StateMachine::new().with_snapshot_by_size(min, 0, 0);
         let (mut phased, mut phased_asked) =
             StateMachine::new().with_snapshot_by_size(min, 0, 3 * entry_bytes);
-        let mut asked_after =
+        let asked_after =
             |sm: &mut StateMachine, asked: &mut futures_channel::mpsc::Receiver<()>, from: u64| {
                 (from..from + 40).find(|i| {
                     run(apply_all(sm, vec![entry(*i)])).unwrap();
