@@ -313,6 +313,86 @@ fn every_node_snapshots_by_log_size_with_the_entry_count_off() {
     cluster.stop_and_check(&receipts);
 }
 
+/// `f`'s output, or `None` if it takes longer than `limit`.
+async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
+    use futures_util::future::{select, Either};
+    let (f, sleep) = (
+        std::pin::pin!(f),
+        std::pin::pin!(glommio::timer::sleep(limit)),
+    );
+    match select(f, sleep).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
+}
+
+/// A storage error stops openraft's core for good. The node says so (`failed`) instead of
+/// running on as a member that takes no part; the others go on; stopped and started again, it
+/// recovers from its log and catches up, and no receipt is lost. The fault is real: a
+/// directory where the follower's snapshot file would be created.
+#[test]
+fn a_node_whose_storage_fails_says_so_and_recovers_when_restarted() {
+    let tweak = |c: &mut NodeConfig| {
+        small_batches(c);
+        c.raft.snapshot_every_entries = 0;
+        c.raft.snapshot_log_bytes_min = 32 << 10;
+        c.raft.snapshot_log_ratio = 0;
+    };
+    let mut cluster = Cluster::start(3, tweak);
+    let (leader, broken) = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+        (leader, follower)
+    });
+    // The snapshot file's temporary name is SNAPSHOT.tmp.<pid>.<n>, n counting the process's
+    // snapshots; all of this follower's first ones fail.
+    let blockers: Vec<_> = (0..256)
+        .map(|n| {
+            let path = cluster
+                .dir_of(broken)
+                .join(format!("SNAPSHOT.tmp.{}.{n}", std::process::id()));
+            std::fs::create_dir(&path).unwrap();
+            path
+        })
+        .collect();
+    let mut receipts = run(async {
+        let mut receipts = load(&cluster.nodes[&leader], 0, 100, 10, 4).await;
+        let reason = within(WAIT, cluster.nodes[&broken].failed())
+            .await
+            .expect("the broken follower reports its failure")
+            .expect("a failure, not a normal shutdown");
+        assert!(reason.contains("napshot"), "{reason}");
+        let status = cluster.nodes[&broken]
+            .status()
+            .await
+            .expect("still answers");
+        assert_eq!(status.role, Role::Shutdown, "{status:?}");
+        // The leader and the other follower are a majority: commits go on.
+        let more = load(&cluster.nodes[&leader], 10_000, 50, 10, 4).await;
+        receipts.extend(more);
+        receipts
+    });
+    run(cluster.nodes[&broken].shutdown());
+    cluster.nodes[&broken].join();
+    cluster.stopped.push(broken);
+    for path in blockers {
+        std::fs::remove_dir(path).unwrap();
+    }
+    cluster.restart(broken);
+    run(async {
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        let s = cluster.nodes[&broken]
+            .wait_for(WAIT, move |s| {
+                s.applied_index >= Some(last) && s.snapshot_index.is_some()
+            })
+            .await
+            .expect("the restarted node catches up and snapshots");
+        assert_eq!(s.role, Role::Follower);
+        receipts.extend(load(&cluster.nodes[&leader], 20_000, 20, 10, 4).await);
+    });
+    cluster.stop_and_check(&receipts);
+}
+
 #[test]
 fn submissions_to_a_follower_are_refused_with_a_leader_hint() {
     let cluster = Cluster::start(3, |_| {});

@@ -84,15 +84,28 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
         file.cluster_id
     );
     let (tx, rx) = std::sync::mpsc::channel();
+    let failed = tx.clone();
     node.runtime().spawn(async move {
         let signal = wait_for_stop_signal().await;
-        let _ = tx.send(signal);
+        let _ = tx.send(Err(signal));
     });
-    let signal = rx.recv().unwrap_or("runtime stopped");
-    eprintln!("baton node {}: {signal}, shutting down", file.node_id);
+    let handle = node.handle().clone();
+    node.runtime().spawn(async move {
+        if let Some(reason) = handle.failed().await {
+            let _ = failed.send(Ok(reason));
+        }
+    });
+    // A node whose Raft core failed (a storage error) stops and exits 1, so that whatever
+    // supervises it restarts it: it then recovers from its log, or fails to start and says why.
+    let (reason, code) = match rx.recv() {
+        Ok(Ok(failure)) => (format!("Raft core failed ({failure})"), ExitCode::from(1)),
+        Ok(Err(signal)) => (signal.to_string(), ExitCode::SUCCESS),
+        Err(_) => ("runtime stopped".to_string(), ExitCode::SUCCESS),
+    };
+    eprintln!("baton node {}: {reason}, shutting down", file.node_id);
     node.shutdown();
     eprintln!("baton node {}: stopped", file.node_id);
-    ExitCode::SUCCESS
+    code
 }
 
 /// Resolves on SIGTERM or SIGINT.

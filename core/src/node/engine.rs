@@ -122,6 +122,7 @@ where
         reason: e.to_string(),
     })?);
     let (control_tx, control_rx) = mpsc::channel(64);
+    let (fatal_tx, fatal_rx) = futures_channel::oneshot::channel();
     let (propose_tx, propose_rx) = mpsc::channel(config.propose_queue_max);
     let mut shard_txs = Vec::new();
     let mut threads = Vec::new();
@@ -137,6 +138,7 @@ where
         control_rx,
         registry.clone(),
         hashed.clone(),
+        fatal_tx,
     ));
     let wakes: Vec<Arc<ShardWake>> = (0..config.shards).map(|_| Arc::default()).collect();
     for (k, wake) in wakes.iter().enumerate() {
@@ -176,6 +178,7 @@ where
                         control_rx,
                         registry,
                         hashed,
+                        fatal,
                     )) => {
                         let queues = RaftQueues {
                             propose_tx,
@@ -183,6 +186,7 @@ where
                             control_rx,
                             registry,
                             hashed,
+                            fatal,
                         };
                         let raft = raft_shard(config, raft_config, peers, queues, ready);
                         futures_util::future::join(raft, batching).await;
@@ -224,6 +228,7 @@ where
         threads: Arc::new(Mutex::new(threads)),
         signer: config.signer.address(),
         registry,
+        fatal: futures_util::FutureExt::shared(fatal_rx),
     })
 }
 
@@ -982,6 +987,8 @@ struct RaftQueues {
     registry: crate::raft::state_machine::RollupRegistry,
     /// Hashes of the batches this node's shards built, for the state machine.
     hashed: HashedBatches,
+    /// Told why, if the Raft core stops on its own.
+    fatal: futures_channel::oneshot::Sender<String>,
 }
 
 /// Log bytes a node applies before its size rule starts counting towards its first snapshot:
@@ -1010,6 +1017,7 @@ async fn raft_shard<F>(
         mut control_rx,
         registry,
         hashed,
+        fatal,
     } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
@@ -1068,6 +1076,34 @@ async fn raft_shard<F>(
             while snapshot_asked.next().await.is_some() {
                 if raft.trigger().snapshot().await.is_err() {
                     break;
+                }
+            }
+        })
+    };
+    // A storage error stops openraft's core for good, and the node with it: it says why (once,
+    // here, instead of an error per incoming request) to whoever runs it.
+    let core_watch = {
+        use openraft::async_runtime::WatchReceiver;
+        let mut metrics = raft.metrics();
+        glommio::spawn_local(async move {
+            loop {
+                let stopped = match &metrics.borrow_watched().running_state {
+                    Ok(()) => None,
+                    Err(openraft::error::Fatal::Stopped) => return,
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(reason) = stopped {
+                    tracing::error!(
+                        node = id,
+                        %reason,
+                        "the Raft core stopped: this node no longer takes part; restart it (it \
+                         recovers from its log)"
+                    );
+                    let _ = fatal.send(reason);
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
                 }
             }
         })
@@ -1240,6 +1276,7 @@ async fn raft_shard<F>(
     sealer.cancel().await;
     snapshot_by_size.cancel().await;
     let _ = raft.shutdown().await;
+    core_watch.cancel().await;
     // The purge point and committed id openraft asked for last are saved in the background:
     // let that finish (a failure was logged when it happened).
     let _ = log_reader.written_behind().await;

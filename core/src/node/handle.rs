@@ -278,6 +278,8 @@ pub struct NodeHandle {
     pub(crate) signer: Address,
     /// Rollups registered as of the applied state.
     pub(crate) registry: RollupRegistry,
+    /// Why the Raft core stopped on its own, once it has ([`NodeHandle::failed`]).
+    pub(crate) fatal: futures_util::future::Shared<oneshot::Receiver<String>>,
 }
 
 /// Which shard owns a transaction: a cheap hash of its bytes, so the same transaction always
@@ -595,6 +597,16 @@ impl NodeHandle {
             s.clone().close_channel();
         }
         self.control.clone().close_channel();
+    }
+
+    /// Resolves with the reason when the node's Raft core stopped on its own: a storage error
+    /// (a WAL write or sync, a snapshot file) that openraft treats as fatal. Such a node no
+    /// longer takes part in the cluster and answers every submission `ShuttingDown`; stop it
+    /// ([`shutdown`](NodeHandle::shutdown)) and start it again, which recovers from its log
+    /// (`baton node` does the first and exits with status 1). Resolves with `None` once the
+    /// node has shut down normally.
+    pub async fn failed(&self) -> Option<String> {
+        self.fatal.clone().await.ok()
     }
 
     /// Blocks until every shard thread has exited (after [`shutdown`](NodeHandle::shutdown)).
