@@ -282,16 +282,21 @@ fn a_whole_cluster_restart_after_purging_keeps_every_receipt() {
     cluster.stop_and_check(&receipts);
 }
 
+/// Small batches, and snapshots by the log's size only, every 32 KiB of it.
+fn snapshots_by_size_only(c: &mut NodeConfig) {
+    small_batches(c);
+    c.raft.snapshot_every_entries = 0;
+    c.raft.snapshot_log_bytes_min = 32 << 10;
+    c.raft.snapshot_log_ratio = 0;
+}
+
 /// With openraft's entry count off, every node still snapshots (and purges behind it) once its
 /// log has grown by `snapshot_log_bytes_min`: the node's own size rule asks through
 /// `Raft::trigger`.
 #[test]
 fn every_node_snapshots_by_log_size_with_the_entry_count_off() {
     let tweak = |c: &mut NodeConfig| {
-        small_batches(c);
-        c.raft.snapshot_every_entries = 0;
-        c.raft.snapshot_log_bytes_min = 32 << 10;
-        c.raft.snapshot_log_ratio = 0;
+        snapshots_by_size_only(c);
         c.raft.log_entries_kept_after_snapshot = 5;
     };
     let cluster = Cluster::start(3, tweak);
@@ -332,13 +337,7 @@ async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> 
 /// directory where the follower's snapshot file would be created.
 #[test]
 fn a_node_whose_storage_fails_says_so_and_recovers_when_restarted() {
-    let tweak = |c: &mut NodeConfig| {
-        small_batches(c);
-        c.raft.snapshot_every_entries = 0;
-        c.raft.snapshot_log_bytes_min = 32 << 10;
-        c.raft.snapshot_log_ratio = 0;
-    };
-    let mut cluster = Cluster::start(3, tweak);
+    let mut cluster = Cluster::start(3, snapshots_by_size_only);
     let (leader, broken) = run(async {
         let leader = cluster.wait_leader(WAIT).await;
         let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
