@@ -390,7 +390,11 @@ pub fn spawn_node(config: &Path, log: &Path) -> std::io::Result<Child> {
 
 /// Sends SIGTERM to every child, waits up to `grace`, then SIGKILLs what is left.
 pub fn stop_children(children: &mut [Child], grace: Duration) {
-    for c in children.iter() {
+    for c in children.iter_mut() {
+        // One already reaped is not signalled: its pid may belong to another process by now.
+        if !matches!(c.try_wait(), Ok(None)) {
+            continue;
+        }
         // SAFETY: kill(2) with a pid we spawned and have not reaped.
         unsafe {
             libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
@@ -560,7 +564,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     let signal = rt.block_on(async {
         tokio::select! {
             s = signals.recv() => s,
-            _ = watch_children_exit(&info) => "every node exited",
+            _ = watch_children_exit(&mut children, &info) => "every node exited",
         }
     });
     eprintln!("baton cluster up: {signal}, stopping the nodes");
@@ -568,16 +572,25 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves when every node process has exited (they were killed from outside).
-async fn watch_children_exit(info: &ClusterInfo) {
+/// Resolves when every node process has exited (killed from outside, or stopped on its own: a
+/// node whose storage fails exits 1); says so for each as it happens, with its exit status.
+async fn watch_children_exit(children: &mut [Child], info: &ClusterInfo) {
+    let mut reported = vec![false; children.len()];
     loop {
-        let alive = info
-            .nodes
-            .iter()
-            // SAFETY: signal 0 only checks that the process exists.
-            .filter(|n| unsafe { libc::kill(n.pid as libc::pid_t, 0) } == 0)
-            .count();
-        if alive == 0 {
+        for ((c, n), done) in children.iter_mut().zip(&info.nodes).zip(&mut reported) {
+            if *done {
+                continue;
+            }
+            if let Ok(Some(status)) = c.try_wait() {
+                *done = true;
+                eprintln!(
+                    "baton cluster up: node {} exited ({status}); see {}",
+                    n.id,
+                    n.log.display()
+                );
+            }
+        }
+        if reported.iter().all(|&d| d) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

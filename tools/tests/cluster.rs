@@ -551,3 +551,43 @@ fn nodes_keep_their_start_time_huge_pages_and_map_no_more() {
     }
     cluster.stop();
 }
+
+/// `cluster up` says when a node process exits, each as it happens, and ends by itself (status
+/// 0) once every one has.
+#[test]
+fn cluster_up_reports_each_node_that_exits_and_ends_after_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("cluster-up.err");
+    let err = std::fs::File::create(&err_path).unwrap();
+    let mut cluster = ClusterUp::start_to(
+        &dir.path().join("c"),
+        3,
+        free_base_port(3),
+        &[],
+        std::process::Stdio::from(err),
+    );
+    let said = |what: &str| std::fs::read_to_string(&err_path).unwrap().contains(what);
+    let wait_until = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !said(what) {
+            assert!(Instant::now() < deadline, "cluster up never said {what:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    cluster.kill(1);
+    wait_until("node 1 exited (signal: 9 (SIGKILL))");
+    assert!(!said("node 2 exited") && !said("every node exited"));
+    cluster.kill(2);
+    cluster.kill(3);
+    wait_until("every node exited");
+    assert!(said("node 2 exited") && said("node 3 exited"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = cluster.process.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "cluster up did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}

@@ -86,6 +86,17 @@ impl ClusterUp {
 
     /// [`ClusterUp::start`] with more `cluster up` arguments.
     pub fn start_with(dir: &Path, nodes: u64, base_port: u16, extra: &[&str]) -> ClusterUp {
+        Self::start_to(dir, nodes, base_port, extra, Stdio::inherit())
+    }
+
+    /// [`ClusterUp::start_with`] with `cluster up`'s own stderr going to `stderr`.
+    pub fn start_to(
+        dir: &Path,
+        nodes: u64,
+        base_port: u16,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> ClusterUp {
         let mut process = Command::new(BATON)
             .args(["cluster", "up", "--json", "--nodes", &nodes.to_string()])
             .args(extra)
@@ -94,7 +105,7 @@ impl ClusterUp {
             .args(["--base-port", &base_port.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn baton cluster up");
         let stdout = process.stdout.take().expect("piped");
