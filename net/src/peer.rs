@@ -43,6 +43,11 @@ use crate::stream::{write_frame, write_frame_chunks, FrameReader, StreamError};
 
 /// Replication requests encoded and waiting for the QUIC writer, per session.
 const APPEND_QUEUE_MAX: usize = 64;
+/// Bytes of those requests, at most: a follower that falls behind under overload holds the
+/// leader's encoded requests (each a copy of its entries read from the log) only up to this, not
+/// `APPEND_QUEUE_MAX` requests of up to `APPEND_BYTES_MAX` each; openraft reads further entries
+/// once the writer has handed earlier ones to QUIC. One request of the largest size fits.
+const APPEND_QUEUE_BYTES_MAX: usize = baton_core::raft::wire::APPEND_BYTES_MAX;
 /// How long a replication request that carries no entries, only the leader's commit index,
 /// waits for the next request of its session before it is sent alone. openraft sends one as soon
 /// as an entry commits, and with little load no entry follows it at once: each then cost a round
@@ -495,13 +500,14 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
                     .await
                     .map_err(|e| rpc_error(e, RPCTypes::AppendEntries, from, target, ttl))?
             };
-            let (req_tx, req_rx) = mpsc::channel::<Vec<Bytes>>(APPEND_QUEUE_MAX);
+            let (req_tx, req_rx) = mpsc::channel::<QueuedRequest>(APPEND_QUEUE_MAX);
             let (res_tx, res_rx) = mpsc::channel(APPEND_QUEUE_MAX);
             links
                 .rt
                 .spawn(replicate(links.clone(), target, conn, req_rx, res_tx));
             // Encode on this (the Raft) shard: the batch bytes are shared with the log.
-            glommio::spawn_local(encode_requests(input, req_tx, COMMIT_ONLY_HOLD)).detach();
+            let budget = Arc::new(tokio::sync::Semaphore::new(APPEND_QUEUE_BYTES_MAX));
+            glommio::spawn_local(encode_requests(input, req_tx, COMMIT_ONLY_HOLD, budget)).detach();
             let out = res_rx.map(
                 move |r: Result<StreamAppendResult<TypeConfig>, PeerError>| {
                     r.map_err(|e| {
@@ -579,9 +585,18 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
     }
 }
 
-/// Feeds a replication session's requests, encoded, to its QUIC writer.
-async fn encode_requests<S>(mut input: S, mut out: mpsc::Sender<Vec<Bytes>>, hold: Duration)
-where
+/// An encoded replication request and its share of the session's byte budget, given back
+/// when the writer has handed it to QUIC.
+type QueuedRequest = (Vec<Bytes>, tokio::sync::OwnedSemaphorePermit);
+
+/// Feeds a replication session's requests, encoded, to its QUIC writer, holding at most
+/// `budget`'s bytes queued (a request larger than the whole budget takes all of it).
+async fn encode_requests<S>(
+    mut input: S,
+    mut out: mpsc::Sender<QueuedRequest>,
+    hold: Duration,
+    budget: Arc<tokio::sync::Semaphore>,
+) where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
 {
     let mut next = input.next().await;
@@ -608,7 +623,12 @@ where
                 next = item;
             }
         }
-        if out.send(chunks).await.is_err() || ended {
+        let bytes: usize = chunks.iter().map(Bytes::len).sum();
+        let want = bytes.clamp(1, APPEND_QUEUE_BYTES_MAX) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
+            return;
+        };
+        if out.send((chunks, permit)).await.is_err() || ended {
             return;
         }
         if next.is_none() {
@@ -623,7 +643,7 @@ async fn replicate(
     links: Arc<PeerLinks>,
     target: u64,
     conn: quinn::Connection,
-    mut requests: mpsc::Receiver<Vec<Bytes>>,
+    mut requests: mpsc::Receiver<QueuedRequest>,
     mut results: mpsc::Sender<Result<StreamAppendResult<TypeConfig>, PeerError>>,
 ) {
     let began = std::time::Instant::now();
@@ -640,11 +660,12 @@ async fn replicate(
     let writer = {
         let sent = sent.clone();
         tokio::spawn(async move {
-            while let Some(chunks) = requests.next().await {
+            while let Some((chunks, permit)) = requests.next().await {
                 if let Err(e) = write_frame_chunks(&mut send, FrameKind::RaftAppend, chunks).await {
                     tracing::debug!(target, error = %e, "replication stream write failed");
                     return;
                 }
+                drop(permit);
                 sent.fetch_add(1, Ordering::Release);
             }
             let _ = send.finish();
@@ -856,8 +877,8 @@ mod tests {
                 let (input, requests) = mpsc::unbounded();
                 let (out, mut written) = mpsc::channel(16);
                 let hold = Duration::from_secs(30);
-                glommio::spawn_local(encode_requests(requests, out, hold)).detach();
-                let decoded = |chunks: Vec<Bytes>| {
+                glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
+                let decoded = |(chunks, _permit): QueuedRequest| {
                     let body: Vec<u8> = chunks.concat();
                     wire::decode_append(&body).expect("decodes")
                 };
@@ -885,12 +906,60 @@ mod tests {
                 let (input, requests) = mpsc::unbounded();
                 let (out, mut written) = mpsc::channel(16);
                 let hold = Duration::from_millis(5);
-                glommio::spawn_local(encode_requests(requests, out, hold)).detach();
+                glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
                 let sent = Instant::now();
                 input.unbounded_send(append(2, 2, false)).unwrap();
                 let alone = decoded(written.next().await.unwrap());
                 assert_eq!(alone.leader_commit, Some(LogId::new_term_index(1, 2)));
                 assert!(sent.elapsed() >= hold);
+            });
+    }
+
+    fn budget() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(APPEND_QUEUE_BYTES_MAX))
+    }
+
+    /// Requests queued for the writer hold the session's byte budget until the writer takes
+    /// them: past it, the encoder stops pulling requests from openraft (so reading entries).
+    #[test]
+    fn queued_replication_requests_are_bounded_in_bytes() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(async {
+                let (input, requests) = mpsc::unbounded();
+                let (out, mut written) = mpsc::channel(64);
+                let one = wire::encode_append(&append(1, 0, true))
+                    .unwrap()
+                    .iter()
+                    .map(Bytes::len)
+                    .sum::<usize>();
+                // Room for two requests of this size, not three.
+                let budget = Arc::new(tokio::sync::Semaphore::new(2 * one + one / 2));
+                glommio::spawn_local(encode_requests(
+                    requests,
+                    out,
+                    Duration::from_millis(1),
+                    budget.clone(),
+                ))
+                .detach();
+                for i in 0..4 {
+                    input.unbounded_send(append(1, i, true)).unwrap();
+                }
+                let first = written.next().await.unwrap();
+                let second = written.next().await.unwrap();
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                assert!(written.try_recv().is_err(), "the third waits for room");
+                // The writer handed the first to QUIC: room for one more, and only one.
+                drop(first);
+                let third = written.next().await.unwrap();
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                assert!(written.try_recv().is_err(), "the fourth waits for room");
+                drop((second, third));
+                let fourth = written.next().await.unwrap();
+                assert_eq!(budget.available_permits(), 2 * one + one / 2 - one);
+                drop(fourth);
+                assert_eq!(budget.available_permits(), 2 * one + one / 2);
             });
     }
 }
