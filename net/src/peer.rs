@@ -869,50 +869,47 @@ mod tests {
     /// out once the hold is over; requests with entries never wait, and the order never changes.
     #[test]
     fn a_commit_only_request_waits_briefly_for_the_next_and_never_reorders() {
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .expect("executor")
-            .run(async {
-                // A long hold here, so that "held" does not depend on how fast this runs.
-                let (input, requests) = mpsc::unbounded();
-                let (out, mut written) = mpsc::channel(16);
-                let hold = Duration::from_secs(30);
-                glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
-                let decoded = |(chunks, _permit): QueuedRequest| {
-                    let body: Vec<u8> = chunks.concat();
-                    wire::decode_append(&body).expect("decodes")
-                };
-                // An append with an entry goes at once.
-                input.unbounded_send(append(1, 0, true)).unwrap();
-                let first = decoded(written.next().await.unwrap());
-                assert_eq!(first.entries.len(), 1);
-                // A commit-only request followed later by an append: nothing is written until
-                // the append comes, then both, in order.
-                input.unbounded_send(append(1, 1, false)).unwrap();
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                assert!(written.try_recv().is_err(), "held for the next request");
-                input.unbounded_send(append(2, 1, true)).unwrap();
-                let commit = decoded(written.next().await.unwrap());
-                assert!(commit.entries.is_empty());
-                assert_eq!(commit.leader_commit, Some(LogId::new_term_index(1, 1)));
-                let next = decoded(written.next().await.unwrap());
-                assert_eq!(next.entries.len(), 1);
-                // The session ends when openraft's stream does, a held request still written.
-                input.unbounded_send(append(2, 2, false)).unwrap();
-                drop(input);
-                assert!(decoded(written.next().await.unwrap()).entries.is_empty());
-                assert!(written.next().await.is_none());
-                // With nothing after it, a commit-only request goes alone once the hold is over.
-                let (input, requests) = mpsc::unbounded();
-                let (out, mut written) = mpsc::channel(16);
-                let hold = Duration::from_millis(5);
-                glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
-                let sent = Instant::now();
-                input.unbounded_send(append(2, 2, false)).unwrap();
-                let alone = decoded(written.next().await.unwrap());
-                assert_eq!(alone.leader_commit, Some(LogId::new_term_index(1, 2)));
-                assert!(sent.elapsed() >= hold);
-            });
+        baton_core::node::run_local(async {
+            // A long hold here, so that "held" does not depend on how fast this runs.
+            let (input, requests) = mpsc::unbounded();
+            let (out, mut written) = mpsc::channel(16);
+            let hold = Duration::from_secs(30);
+            glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
+            let decoded = |(chunks, _permit): QueuedRequest| {
+                let body: Vec<u8> = chunks.concat();
+                wire::decode_append(&body).expect("decodes")
+            };
+            // An append with an entry goes at once.
+            input.unbounded_send(append(1, 0, true)).unwrap();
+            let first = decoded(written.next().await.unwrap());
+            assert_eq!(first.entries.len(), 1);
+            // A commit-only request followed later by an append: nothing is written until
+            // the append comes, then both, in order.
+            input.unbounded_send(append(1, 1, false)).unwrap();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert!(written.try_recv().is_err(), "held for the next request");
+            input.unbounded_send(append(2, 1, true)).unwrap();
+            let commit = decoded(written.next().await.unwrap());
+            assert!(commit.entries.is_empty());
+            assert_eq!(commit.leader_commit, Some(LogId::new_term_index(1, 1)));
+            let next = decoded(written.next().await.unwrap());
+            assert_eq!(next.entries.len(), 1);
+            // The session ends when openraft's stream does, a held request still written.
+            input.unbounded_send(append(2, 2, false)).unwrap();
+            drop(input);
+            assert!(decoded(written.next().await.unwrap()).entries.is_empty());
+            assert!(written.next().await.is_none());
+            // With nothing after it, a commit-only request goes alone once the hold is over.
+            let (input, requests) = mpsc::unbounded();
+            let (out, mut written) = mpsc::channel(16);
+            let hold = Duration::from_millis(5);
+            glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
+            let sent = Instant::now();
+            input.unbounded_send(append(2, 2, false)).unwrap();
+            let alone = decoded(written.next().await.unwrap());
+            assert_eq!(alone.leader_commit, Some(LogId::new_term_index(1, 2)));
+            assert!(sent.elapsed() >= hold);
+        });
     }
 
     fn budget() -> Arc<tokio::sync::Semaphore> {
@@ -923,43 +920,40 @@ mod tests {
     /// them: past it, the encoder stops pulling requests from openraft (so reading entries).
     #[test]
     fn queued_replication_requests_are_bounded_in_bytes() {
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .expect("executor")
-            .run(async {
-                let (input, requests) = mpsc::unbounded();
-                let (out, mut written) = mpsc::channel(64);
-                let one = wire::encode_append(&append(1, 0, true))
-                    .unwrap()
-                    .iter()
-                    .map(Bytes::len)
-                    .sum::<usize>();
-                // Room for two requests of this size, not three.
-                let budget = Arc::new(tokio::sync::Semaphore::new(2 * one + one / 2));
-                glommio::spawn_local(encode_requests(
-                    requests,
-                    out,
-                    Duration::from_millis(1),
-                    budget.clone(),
-                ))
-                .detach();
-                for i in 0..4 {
-                    input.unbounded_send(append(1, i, true)).unwrap();
-                }
-                let first = written.next().await.unwrap();
-                let second = written.next().await.unwrap();
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                assert!(written.try_recv().is_err(), "the third waits for room");
-                // The writer handed the first to QUIC: room for one more, and only one.
-                drop(first);
-                let third = written.next().await.unwrap();
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                assert!(written.try_recv().is_err(), "the fourth waits for room");
-                drop((second, third));
-                let fourth = written.next().await.unwrap();
-                assert_eq!(budget.available_permits(), 2 * one + one / 2 - one);
-                drop(fourth);
-                assert_eq!(budget.available_permits(), 2 * one + one / 2);
-            });
+        baton_core::node::run_local(async {
+            let (input, requests) = mpsc::unbounded();
+            let (out, mut written) = mpsc::channel(64);
+            let one = wire::encode_append(&append(1, 0, true))
+                .unwrap()
+                .iter()
+                .map(Bytes::len)
+                .sum::<usize>();
+            // Room for two requests of this size, not three.
+            let budget = Arc::new(tokio::sync::Semaphore::new(2 * one + one / 2));
+            glommio::spawn_local(encode_requests(
+                requests,
+                out,
+                Duration::from_millis(1),
+                budget.clone(),
+            ))
+            .detach();
+            for i in 0..4 {
+                input.unbounded_send(append(1, i, true)).unwrap();
+            }
+            let first = written.next().await.unwrap();
+            let second = written.next().await.unwrap();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert!(written.try_recv().is_err(), "the third waits for room");
+            // The writer handed the first to QUIC: room for one more, and only one.
+            drop(first);
+            let third = written.next().await.unwrap();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert!(written.try_recv().is_err(), "the fourth waits for room");
+            drop((second, third));
+            let fourth = written.next().await.unwrap();
+            assert_eq!(budget.available_permits(), 2 * one + one / 2 - one);
+            drop(fourth);
+            assert_eq!(budget.available_permits(), 2 * one + one / 2);
+        });
     }
 }
