@@ -557,37 +557,52 @@ fn nodes_keep_their_start_time_huge_pages_and_map_no_more() {
 #[test]
 fn cluster_up_reports_each_node_that_exits_and_ends_after_the_last() {
     let dir = tempfile::tempdir().unwrap();
-    let err_path = dir.path().join("cluster-up.err");
-    let err = std::fs::File::create(&err_path).unwrap();
     let mut cluster = ClusterUp::start_to(
-        &dir.path().join("c"),
+        dir.path(),
         3,
         free_base_port(3),
         &[],
-        std::process::Stdio::from(err),
+        std::process::Stdio::piped(),
     );
-    let said = |what: &str| std::fs::read_to_string(&err_path).unwrap().contains(what);
-    let wait_until = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !said(what) {
-            assert!(Instant::now() < deadline, "cluster up never said {what:?}");
-            std::thread::sleep(Duration::from_millis(50));
+    // cluster up's stderr, line by line; the channel closes when it exits.
+    let stderr = cluster.process.stderr.take().expect("piped");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
         }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let wait_for = |what: &str, seen: &mut Vec<String>| {
+        while !seen.iter().any(|l| l.contains(what)) {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("cluster up never said {what:?} ({e}): {seen:?}"));
+            seen.push(line);
+        }
+        // And whatever else it has said by now.
+        seen.extend(lines.try_iter());
     };
+    let said = |what: &str, seen: &[String]| seen.iter().any(|l| l.contains(what));
     cluster.kill(1);
-    wait_until("node 1 exited (signal: 9 (SIGKILL))");
-    assert!(!said("node 2 exited") && !said("every node exited"));
+    wait_for("node 1 exited (signal: 9 (SIGKILL))", &mut seen);
+    assert!(!said("node 2 exited", &seen) && !said("every node exited", &seen));
     cluster.kill(2);
     cluster.kill(3);
-    wait_until("every node exited");
-    assert!(said("node 2 exited") && said("node 3 exited"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = cluster.process.try_wait().unwrap() {
-            break status;
+    wait_for("every node exited", &mut seen);
+    assert!(said("node 2 exited", &seen) && said("node 3 exited", &seen));
+    // Its stderr closes when it exits.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("cluster up did not end ({e}): {seen:?}"),
         }
-        assert!(Instant::now() < deadline, "cluster up did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+    let status = cluster.process.wait().unwrap();
     assert!(status.success(), "{status}");
 }

@@ -1071,10 +1071,10 @@ impl Wal {
     /// touches nothing appends write, so appends go on meanwhile: its segments leave the log at
     /// once, and on the blocking thread pool their files are renamed into spares or handed to
     /// the file deleter ([`crate::slow_delete`]: deleting a 64 MiB segment at once stalls the
-    /// disk's other writers), then the directory is synced. Only segments whose records are all durable go (none is being written); the
-    /// rest go at a later purge. A purge that empties the log closes the append gate and drains
-    /// pending appends first, since it moves the next index. [`WalShutdown::shutdown`] waits
-    /// for purges in flight.
+    /// disk's other writers), then the directory is synced. Only segments whose records are all
+    /// durable go (none is being written); the rest go at a later purge. A purge that empties
+    /// the log closes the append gate and drains pending appends first, since it moves the next
+    /// index. [`WalShutdown::shutdown`] waits for purges in flight.
     pub async fn purge_through(&self, index: u64) -> Result<(), WalError> {
         let empties_now = {
             let inner = self.shared.borrow();
@@ -1630,8 +1630,9 @@ const SPARE_CHUNK_BYTES: usize = 256 << 10;
 /// the rate the log filled its segments at since the previous spare, if more (2 s for a 64 MiB
 /// segment on a quiet log). Written as fast as the device takes them, the zeros of one spare per
 /// node (the nodes of a cluster rotate segments at the same index) held every node's group
-/// commit for 50-90 ms at once on the development VM. A rotation that waits for the spare being written (a log whose rounds are
-/// small, see `new_segment`) has the rest written at full speed.
+/// commit for 50-90 ms at once on the development VM. A rotation that waits for the spare
+/// being written (a log whose rounds are small, see `new_segment`) has the rest written at full
+/// speed.
 pub const SPARE_WRITE_BYTES_PER_S: u64 = 32 << 20;
 
 /// The spare writer: keeps one spare ready (when spares are on), writing a zero-filled file

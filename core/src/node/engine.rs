@@ -1081,7 +1081,9 @@ async fn raft_shard<F>(
         })
     };
     // A storage error stops openraft's core for good, and the node with it: it says why (once,
-    // here, instead of an error per incoming request) to whoever runs it.
+    // here, instead of an error per incoming request) to whoever runs it. openraft reports the
+    // stop only in its metrics, so this task is polled at each metrics update (a local task on
+    // this shard reading one field: no thread is woken for it).
     let core_watch = {
         use openraft::async_runtime::WatchReceiver;
         let mut metrics = raft.metrics();
