@@ -91,6 +91,8 @@ pub struct SealedBatch {
     pub merkle_root: [u8; 32],
     /// The Merkle tree over `tx_hashes`, for receipts' inclusion paths.
     pub tree: MerkleTree,
+    /// When its first transaction was pushed (the `now_us` of that push).
+    pub opened_us: u64,
 }
 
 /// The batch under construction.
@@ -351,6 +353,7 @@ impl Batcher {
             tx_hashes,
             merkle_root: root,
             tree,
+            opened_us: building.first_push_us,
         });
         self.next_seq += 1;
     }

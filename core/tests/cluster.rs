@@ -608,6 +608,65 @@ fn followers_forward_to_the_leader_and_follow_it_through_a_failover() {
     cluster.stop_and_check(&receipts);
 }
 
+/// Every stage of the sequencing path is timed: on the leader for what clients hand it and
+/// what a follower forwards, on the forwarding follower for its own requests and its WAL
+/// appends of the replicated log. A request's `total` spans its `queue`.
+#[test]
+fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
+    use baton_core::node::Stage;
+    let cluster = Cluster::start_forwarding(3, |_| {});
+    let receipts = run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        for n in cluster.nodes.values() {
+            n.wait_for(WAIT, move |s| s.leader == Some(leader))
+                .await
+                .expect("every node knows the leader");
+            // A window of its own, from here.
+            n.stages();
+        }
+        let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+        let mut receipts = load(&cluster.nodes[&leader], 0, 20, 10, 2).await;
+        receipts.extend(load(&cluster.nodes[&follower], 100_000, 20, 10, 2).await);
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        cluster.wait_all_applied(last, WAIT).await;
+
+        let shards = NodeConfig::new(1, "unused").shards as u64;
+        for (id, what) in [(leader, "leader"), (follower, "follower")] {
+            let report = cluster.nodes[&id].stages();
+            let stage = |s: Stage| report.get(s);
+            // Each request reaches each shard its transactions map to once.
+            let (queue, total) = (stage(Stage::Queue), stage(Stage::Total));
+            assert!(
+                (20..=20 * shards).contains(&queue.count),
+                "{what}: {report}"
+            );
+            assert_eq!(total.count, queue.count, "{what}: {report}");
+            // No request is answered before it left the queue (1% histogram resolution).
+            assert!(total.max_us * 101 / 100 >= queue.max_us, "{what}: {report}");
+            for s in [
+                Stage::Batching,
+                Stage::ToRaft,
+                Stage::Preconfirm,
+                Stage::Commit,
+                Stage::Answer,
+                Stage::Wal,
+            ] {
+                assert!(stage(s).count > 0, "{what}: no {}: {report}", s.name());
+            }
+            // A batch is answered only after it was sealed (an answer may still be finishing
+            // as its last receipt wakes the client: at most the 2 requests in flight, on each
+            // shard).
+            let (sealed, answered) = (stage(Stage::Batching).count, stage(Stage::Answer).count);
+            assert!(
+                answered <= sealed && sealed <= answered + 2 * shards,
+                "{what}: {report}"
+            );
+        }
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}
+
 /// Preconfirmed receipts come from the leader's signature before the commit, through the
 /// leader and through a forwarding follower; they verify offline, and the committed receipt of
 /// the same transaction names the same position and signed header.

@@ -29,6 +29,7 @@ use crate::node::handle::{
 };
 use crate::node::local_net::LocalRouter;
 use crate::node::peer::{serve, Forwarder, Proposal, Rpc};
+use crate::node::stages::{Stage, Stages, STAGE_REPORT_INTERVAL};
 use crate::raft::state_machine::HashedBatches;
 use crate::raft::types::SealTicket;
 use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
@@ -130,6 +131,7 @@ where
     // Shard 0 also runs Raft: it takes these.
     let registry = crate::raft::state_machine::RollupRegistry::default();
     let hashed = HashedBatches::default();
+    let stages = Stages::default();
     let mut raft_part = Some((
         raft_config,
         peers,
@@ -139,6 +141,7 @@ where
         registry.clone(),
         hashed.clone(),
         fatal_tx,
+        stages.clone(),
     ));
     let wakes: Vec<Arc<ShardWake>> = (0..config.shards).map(|_| Arc::default()).collect();
     for (k, wake) in wakes.iter().enumerate() {
@@ -149,6 +152,7 @@ where
         let control = control_tx.clone();
         let raft = raft_part.take();
         let shard_hashed = hashed.clone();
+        let shard_stages = stages.clone();
         let t = spawn_shard(
             &config,
             k,
@@ -167,8 +171,15 @@ where
                         return;
                     }
                 };
-                let batching =
-                    batching_shard(config.clone(), batcher, rx, propose, shard_hashed, control);
+                let batching = batching_shard(
+                    config.clone(),
+                    batcher,
+                    rx,
+                    propose,
+                    shard_hashed,
+                    control,
+                    shard_stages,
+                );
                 match raft {
                     Some((
                         raft_config,
@@ -179,6 +190,7 @@ where
                         registry,
                         hashed,
                         fatal,
+                        stages,
                     )) => {
                         let queues = RaftQueues {
                             propose_tx,
@@ -187,6 +199,7 @@ where
                             registry,
                             hashed,
                             fatal,
+                            stages,
                         };
                         let raft = raft_shard(config, raft_config, peers, queues, ready);
                         futures_util::future::join(raft, batching).await;
@@ -229,6 +242,7 @@ where
         signer: config.signer.address(),
         registry,
         fatal: futures_util::FutureExt::shared(fatal_rx),
+        stages,
     })
 }
 
@@ -469,6 +483,9 @@ struct Request {
     reply: Option<SubmitReply>,
     /// When its transactions are answered.
     ack: AckLevel,
+    /// The node's stages and when the request was handed to the shard: its
+    /// [`Stage::Total`] is recorded once its last slot is answered (`None`: not measured).
+    timing: Option<(Stages, Instant)>,
 }
 
 impl Request {
@@ -489,6 +506,10 @@ impl Request {
                     .drain(..)
                     .map(|r| r.expect("all filled"))
                     .collect();
+                // Recorded first: whoever the reply wakes finds it counted.
+                if let Some((stages, since)) = &self.timing {
+                    stages.record_since(Stage::Total, *since);
+                }
                 let _ = reply.send(results);
             }
         }
@@ -538,6 +559,10 @@ struct ShardState {
     unsigned: usize,
     /// To ask the Raft shard for receipts of transactions committed in other batches.
     control: mpsc::Sender<Control>,
+    /// The node's stage latencies.
+    stages: Stages,
+    /// What the batcher's microsecond times count from.
+    origin: Instant,
 }
 
 /// The receipt of the transaction at `offset` of the batch with `tree` and `seal`.
@@ -590,7 +615,7 @@ fn answer(
 }
 
 impl ShardState {
-    fn new(control: mpsc::Sender<Control>) -> ShardState {
+    fn new(control: mpsc::Sender<Control>, stages: Stages, origin: Instant) -> ShardState {
         ShardState {
             waiting: HashMap::new(),
             recent: HashMap::new(),
@@ -600,6 +625,8 @@ impl ShardState {
             in_flight: 0,
             unsigned: 0,
             control,
+            stages,
+            origin,
         }
     }
 
@@ -717,9 +744,10 @@ async fn batching_shard(
     mut propose: mpsc::Sender<Proposal>,
     hashed: HashedBatches,
     control: mpsc::Sender<Control>,
+    stages: Stages,
 ) {
     let origin = Instant::now();
-    let state = Rc::new(RefCell::new(ShardState::new(control)));
+    let state = Rc::new(RefCell::new(ShardState::new(control, stages, origin)));
     loop {
         let msg = match batcher.next_deadline_us() {
             None => rx.next().await,
@@ -792,11 +820,14 @@ fn accept(
     origin: Instant,
 ) {
     let n = msg.txs.len();
+    let stages = state.borrow().stages.clone();
+    stages.record_since(Stage::Queue, msg.queued_at);
     let request = Rc::new(RefCell::new(Request {
         results: (0..n).map(|_| None).collect(),
         remaining: n,
         reply: Some(msg.reply),
         ack: msg.ack,
+        timing: Some((stages, msg.queued_at)),
     }));
     if n == 0 {
         request
@@ -925,6 +956,13 @@ async fn dispatch(
     hashed: &HashedBatches,
 ) {
     let seq = b.seq;
+    let sealed_at = Instant::now();
+    let stages = {
+        let st = state.borrow();
+        let opened = Duration::from_micros(now_us(st.origin).saturating_sub(b.opened_us));
+        st.stages.record(Stage::Batching, opened);
+        st.stages.clone()
+    };
     let (ticket, sealed) = SealTicket::new();
     let bytes = BatchBytes::from_aligned(b.bytes);
     // The state machine applies this batch (wherever it is sequenced) with the hashes found here.
@@ -947,6 +985,7 @@ async fn dispatch(
         bytes: bytes.with_ticket(ticket),
         reply: tx,
         forwarded: false,
+        sealed_at,
     };
     if propose.send(proposal).await.is_err() {
         state
@@ -961,6 +1000,7 @@ async fn dispatch(
             futures_util::pin_mut!(rx);
             match futures_util::future::select(sealed, &mut rx).await {
                 futures_util::future::Either::Left((Ok(seal), _)) => {
+                    stages.record_since(Stage::Preconfirm, sealed_at);
                     state.borrow_mut().preconfirm(seq, seal);
                     rx.await
                 }
@@ -969,7 +1009,9 @@ async fn dispatch(
             }
         };
         let result = result.unwrap_or(Err(SubmitError::ShuttingDown));
+        let answering = Instant::now();
         state.borrow_mut().resolve(seq, result);
+        stages.record_since(Stage::Answer, answering);
     })
     .detach();
 }
@@ -989,6 +1031,23 @@ struct RaftQueues {
     hashed: HashedBatches,
     /// Told why, if the Raft core stops on its own.
     fatal: futures_channel::oneshot::Sender<String>,
+    /// The node's stage latencies.
+    stages: Stages,
+}
+
+/// Logs the node's stage window every [`STAGE_REPORT_INTERVAL`] while the target
+/// `baton_core::stages` is enabled at `info` (windows with nothing recorded are not logged).
+/// When it is off, windows are left to [`crate::node::NodeHandle::stages`].
+async fn report_stages(id: u64, stages: Stages) {
+    loop {
+        glommio::timer::sleep(STAGE_REPORT_INTERVAL).await;
+        if tracing::enabled!(target: "baton_core::stages", tracing::Level::INFO) {
+            let report = stages.take();
+            if !report.is_empty() {
+                tracing::info!(target: "baton_core::stages", node = id, "{report}");
+            }
+        }
+    }
 }
 
 /// Log bytes a node applies before its size rule starts counting towards its first snapshot:
@@ -1018,6 +1077,7 @@ async fn raft_shard<F>(
         registry,
         hashed,
         fatal,
+        stages,
     } = queues;
     let id = config.id;
     let fail = |reason: String| NodeError::Raft { id, reason };
@@ -1033,6 +1093,7 @@ async fn raft_shard<F>(
         }
     };
     log_store.set_signer(id, config.signer.clone());
+    log_store.set_stages(stages.clone());
     let log_reader = log_store.reader();
     // Proofs of recently proven batches, for the receipts of their duplicates and reads.
     let proofs = ProofCache::default();
@@ -1126,9 +1187,11 @@ async fn raft_shard<F>(
         config.signer.clone(),
         (lease_wait, commit_wait),
     ));
+    let reporter = glommio::spawn_local(report_stages(id, stages.clone()));
     let proposer = {
         let forwarder = forwarder.clone();
         let raft = raft.clone();
+        let stages = stages.clone();
         glommio::spawn_local(async move {
             while let Some(p) = propose_rx.next().await {
                 let Ok(permit) = in_flight.acquire_static_permit(1).await else {
@@ -1136,9 +1199,13 @@ async fn raft_shard<F>(
                 };
                 let raft = raft.clone();
                 let forwarder = forwarder.clone().filter(|_| !p.forwarded);
+                let stages = stages.clone();
+                stages.record_since(Stage::ToRaft, p.sealed_at);
                 glommio::spawn_local(async move {
                     let waits = (lease_wait, commit_wait);
+                    let started = Instant::now();
                     let result = sequence(&raft, forwarder, p.bytes, waits).await;
+                    stages.record_since(Stage::Commit, started);
                     let _ = p.reply.send(result);
                     drop(permit);
                 })
@@ -1286,6 +1353,7 @@ async fn raft_shard<F>(
     // write again and the directory can be reopened.
     wal_shutdown.shutdown().await;
     proposer.cancel().await;
+    reporter.cancel().await;
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(());
     }
@@ -1795,13 +1863,14 @@ mod tests {
         oneshot::Receiver<Vec<Result<Receipt, SubmitError>>>,
     ) {
         let (control, _) = mpsc::channel(1);
-        let mut st = ShardState::new(control);
+        let mut st = ShardState::new(control, Stages::default(), Instant::now());
         let (reply, answered) = oneshot::channel();
         let request = Rc::new(RefCell::new(Request {
             results: vec![None],
             remaining: 1,
             reply: Some(reply),
             ack: AckLevel::Preconfirmed,
+            timing: None,
         }));
         st.in_flight += 1;
         st.unsigned += 1;

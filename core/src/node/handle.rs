@@ -116,6 +116,8 @@ pub(crate) struct ShardSubmit {
     /// When the transactions are answered.
     pub ack: AckLevel,
     pub reply: SubmitReply,
+    /// When the caller handed them over ([`super::Stage::Queue`], [`super::Stage::Total`]).
+    pub queued_at: std::time::Instant,
 }
 
 /// Requests to the Raft shard.
@@ -280,6 +282,8 @@ pub struct NodeHandle {
     pub(crate) registry: RollupRegistry,
     /// Why the Raft core stopped on its own, once it has ([`NodeHandle::failed`]).
     pub(crate) fatal: futures_util::future::Shared<oneshot::Receiver<String>>,
+    /// Stage latencies ([`NodeHandle::stages`]).
+    pub(crate) stages: super::Stages,
 }
 
 /// Which shard owns a transaction: a cheap hash of its bytes, so the same transaction always
@@ -297,6 +301,13 @@ impl NodeHandle {
     /// Address of this node's signing key (what its batch and block signatures recover to).
     pub fn signer(&self) -> Address {
         self.signer
+    }
+
+    /// How long each stage of the sequencing path took since the last call (or the node's
+    /// start), and a new window from now ([`super::stages`]). The node's reporter takes windows
+    /// too while `baton_core::stages` logs at `info`.
+    pub fn stages(&self) -> super::StageReport {
+        self.stages.take()
     }
 
     /// Sequences `txs`; resolves when each is committed (or failed), one result per
@@ -366,6 +377,7 @@ impl NodeHandle {
                     txs: group,
                     ack,
                     reply: tx,
+                    queued_at: std::time::Instant::now(),
                 })
                 .await
                 .is_err()

@@ -7,6 +7,7 @@ pub mod error;
 pub mod handle;
 pub mod local_net;
 pub mod peer;
+pub mod stages;
 
 pub use config::{NodeConfig, RaftTimings};
 pub use engine::{run_local, start, start_with, Network, Peers};
@@ -17,3 +18,4 @@ pub use handle::{
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
+pub use stages::{Stage, StageReport, StageSummary, Stages};

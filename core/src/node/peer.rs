@@ -90,6 +90,8 @@ pub(crate) struct Proposal {
     pub(crate) reply: oneshot::Sender<Result<Committed, SubmitError>>,
     /// Came from a follower: propose here or fail, never forward again.
     pub(crate) forwarded: bool,
+    /// When its shard sealed it, or it arrived from a follower ([`super::Stage::ToRaft`]).
+    pub(crate) sealed_at: std::time::Instant,
 }
 
 /// Serves the RPCs queued for one node until its queue closes. Runs on the node's Raft shard;
@@ -146,6 +148,7 @@ pub(crate) async fn serve<SM>(
                         bytes,
                         reply: tx,
                         forwarded: true,
+                        sealed_at: std::time::Instant::now(),
                     };
                     let r = match propose.send(p).await {
                         Ok(()) => rx.await.unwrap_or(Err(SubmitError::ShuttingDown)),

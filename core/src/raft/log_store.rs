@@ -59,6 +59,7 @@ use rkyv::util::AlignedVec;
 use super::runtime::{GlommioRuntime, JoinHandle};
 use super::types::{BatchBytes, Entry, LogId, SealTicket, TypeConfig};
 use crate::batch::{access_batch_unchecked, BatchHeader};
+use crate::node::stages::{Stage, Stages};
 use crate::receipt::{SignedHeader, SignedHeaderError, SIGNED_HEADER_BYTES};
 use crate::sign::{NoncePool, Signer};
 
@@ -695,6 +696,8 @@ struct State {
     nonces: Option<NoncePool>,
     /// Digest and time of the last signed batch in the log (the next one's `prev_batch_hash`).
     last_signed: Option<([u8; 32], u64)>,
+    /// Where each append's time to durability is recorded ([`Stage::Wal`]), if anywhere.
+    stages: Option<Stages>,
 }
 
 struct Shared {
@@ -1070,6 +1073,7 @@ impl LogStore {
                 signer: None,
                 nonces: None,
                 last_signed: None,
+                stages: None,
             }),
         });
         shared.find_last_signed().await?;
@@ -1084,6 +1088,12 @@ impl LogStore {
         if state.nonces.is_none() {
             state.nonces = NoncePool::spawn(format!("baton-{id}-nonce"), NONCES_READY);
         }
+    }
+
+    /// Records each append's time from the call to its records being durable in `stages`
+    /// ([`Stage::Wal`]).
+    pub fn set_stages(&self, stages: Stages) {
+        self.shared.state.borrow_mut().stages = Some(stages);
     }
 
     /// A reader of this log, e.g. to fetch a committed batch for a receipt.
@@ -1114,6 +1124,7 @@ impl LogStore {
         I: IntoIterator<Item = Entry>,
     {
         let shared = &self.shared;
+        let started = std::time::Instant::now();
         let mut last_wal = None;
         let mut buf = std::mem::take(&mut shared.state.borrow_mut().scratch);
         let result = async {
@@ -1150,6 +1161,7 @@ impl LogStore {
         // Durability is awaited on a task, so `append` returns once the entries are readable
         // and openraft can send them to followers while the group commit syncs.
         let durable = last_wal.map(|w| shared.wal.durable(w));
+        let stages = shared.state.borrow().stages.clone();
         let previous = shared.state.borrow_mut().last_flush.take();
         let handle = GlommioRuntime::spawn(async move {
             if let Some(previous) = previous {
@@ -1164,6 +1176,9 @@ impl LogStore {
                     })
                 }),
             };
+            if let (Some(stages), true) = (&stages, result.is_ok()) {
+                stages.record_since(Stage::Wal, started);
+            }
             callback.io_completed(result);
         });
         shared.state.borrow_mut().last_flush = Some(handle);

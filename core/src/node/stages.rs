@@ -1,0 +1,261 @@
+//! Where a node's time goes, stage by stage.
+//!
+//! Each stage of the sequencing path records how long it took into a latency histogram of the
+//! node's ([`Stages`]): per request, per batch, or per WAL append, as each [`Stage`] says. The
+//! shards, the Raft shard and the log store record into the same histograms (a mutex taken once
+//! per request or batch, never per transaction). A window runs until [`Stages::take`] ends it
+//! and starts the next: [`crate::node::NodeHandle::stages`] does, and so does the node's
+//! reporter, which logs the window every [`STAGE_REPORT_INTERVAL`] at `info` under the target
+//! `baton_core::stages` when that target is enabled (`RUST_LOG=warn,baton_core::stages=info`).
+//!
+//! The stages nest rather than add up: a request's `total` spans its `queue`, its batch's
+//! `batching`, `to_raft`, `commit` and `answer`; `commit` spans the leader's `wal` and the
+//! followers' (replication, their WAL appends, the commit, the apply). docs/operations.md says
+//! how to read them.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// How often a node logs its stage window (when `baton_core::stages` is enabled at `info`).
+pub const STAGE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Longest duration a histogram tells apart (longer ones are counted at this value).
+const STAGE_MAX_US: u64 = 60_000_000;
+
+/// One stage of the path a submission takes through a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Per request: from the network thread handing a request's transactions to a shard to the
+    /// shard taking them (the shard's submission queue).
+    Queue,
+    /// Per batch: from the first transaction the shard put in the batch to its seal (the
+    /// linger, or filling up).
+    Batching,
+    /// Per batch: from its seal to the Raft shard starting to sequence it (the proposal queue);
+    /// for a batch a follower forwarded, from its arrival at the leader.
+    ToRaft,
+    /// Per batch: from its seal to the leader's signed header reaching the shard (its
+    /// preconfirmation).
+    Preconfirm,
+    /// Per batch: from the Raft shard starting to sequence it to its outcome: on the leader the
+    /// Raft write (WAL, replication, commit, apply); on a follower the forward to the leader and
+    /// back.
+    Commit,
+    /// Per batch: the shard building the receipts of its transactions once its outcome is in.
+    Answer,
+    /// Per WAL append (any node): from the append to its records being durable (group commit).
+    Wal,
+    /// Per request: from the network thread handing it to a shard to its last receipt.
+    Total,
+}
+
+impl Stage {
+    /// Every stage, in the order of the path.
+    pub const ALL: [Stage; 8] = [
+        Stage::Queue,
+        Stage::Batching,
+        Stage::ToRaft,
+        Stage::Preconfirm,
+        Stage::Commit,
+        Stage::Answer,
+        Stage::Wal,
+        Stage::Total,
+    ];
+
+    /// The stage's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Batching => "batching",
+            Stage::ToRaft => "to_raft",
+            Stage::Preconfirm => "preconfirm",
+            Stage::Commit => "commit",
+            Stage::Answer => "answer",
+            Stage::Wal => "wal",
+            Stage::Total => "total",
+        }
+    }
+
+    fn slot(self) -> usize {
+        Stage::ALL
+            .iter()
+            .position(|&s| s == self)
+            .expect("every stage is in ALL")
+    }
+}
+
+/// A node's stage histograms (cheap to clone: all clones record into the same window).
+#[derive(Clone)]
+pub struct Stages(Arc<Mutex<Window>>);
+
+struct Window {
+    started: Instant,
+    histograms: Vec<Histogram<u64>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Two significant digits: 1% resolution from 1 µs to a minute, a few KiB each.
+    Histogram::new_with_bounds(1, STAGE_MAX_US, 2).expect("valid histogram bounds")
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            started: Instant::now(),
+            histograms: Stage::ALL.iter().map(|_| histogram()).collect(),
+        }
+    }
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages(Arc::new(Mutex::new(Window::new())))
+    }
+}
+
+impl fmt::Debug for Stages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Stages")
+    }
+}
+
+impl Stages {
+    /// Records that `stage` took `took`.
+    pub fn record(&self, stage: Stage, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.histograms[stage.slot()].saturating_record(us.clamp(1, STAGE_MAX_US));
+    }
+
+    /// Records that `stage` took from `since` until now.
+    pub fn record_since(&self, stage: Stage, since: Instant) {
+        self.record(stage, since.elapsed());
+    }
+
+    /// Ends the current window and returns its summary; the next window starts now.
+    pub fn take(&self) -> StageReport {
+        let old = {
+            let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *w, Window::new())
+        };
+        let window = old.started.elapsed();
+        let stages = Stage::ALL
+            .iter()
+            .zip(&old.histograms)
+            .map(|(&stage, h)| StageSummary {
+                stage,
+                count: h.len(),
+                p50_us: h.value_at_quantile(0.50),
+                p90_us: h.value_at_quantile(0.90),
+                p99_us: h.value_at_quantile(0.99),
+                max_us: h.max(),
+            })
+            .collect();
+        StageReport { window, stages }
+    }
+}
+
+/// One stage's latencies over a window, in microseconds (0 when nothing was recorded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageSummary {
+    /// The stage.
+    pub stage: Stage,
+    /// How many were recorded (requests, batches or appends: see [`Stage`]).
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Longest.
+    pub max_us: u64,
+}
+
+/// Every stage's latencies over one window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageReport {
+    /// How long the window ran.
+    pub window: Duration,
+    /// One summary per stage, in [`Stage::ALL`]'s order.
+    pub stages: Vec<StageSummary>,
+}
+
+impl StageReport {
+    /// The summary of `stage`.
+    pub fn get(&self, stage: Stage) -> StageSummary {
+        self.stages[stage.slot()]
+    }
+
+    /// Whether anything was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.stages.iter().all(|s| s.count == 0)
+    }
+}
+
+/// `window 10.0 s; queue n=1200 p50=12 p90=30 p99=80 max=310 us; ...` (stages recorded only).
+impl fmt::Display for StageReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "window {:.1} s", self.window.as_secs_f64())?;
+        for s in self.stages.iter().filter(|s| s.count > 0) {
+            write!(
+                f,
+                "; {} n={} p50={} p90={} p99={} max={} us",
+                s.stage.name(),
+                s.count,
+                s.p50_us,
+                s.p90_us,
+                s.p99_us,
+                s.max_us
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_summarizes_what_was_recorded_and_the_next_starts_empty() {
+        let stages = Stages::default();
+        for us in 1..=100 {
+            stages.record(Stage::Commit, Duration::from_micros(us * 10));
+        }
+        stages.record(Stage::Wal, Duration::from_millis(3));
+        let other = stages.clone();
+        other.record(Stage::Wal, Duration::from_millis(5));
+
+        let report = stages.take();
+        let commit = report.get(Stage::Commit);
+        assert_eq!(commit.count, 100);
+        // Two significant digits: within 1% of the exact percentiles.
+        assert!((495..=505).contains(&commit.p50_us), "{commit:?}");
+        assert!((980..=1000).contains(&commit.p99_us), "{commit:?}");
+        assert!((995..=1005).contains(&commit.max_us), "{commit:?}");
+        let wal = report.get(Stage::Wal);
+        assert_eq!(wal.count, 2);
+        assert!((4950..=5050).contains(&wal.max_us), "{wal:?}");
+        assert_eq!(report.get(Stage::Queue).count, 0);
+        let line = report.to_string();
+        assert!(line.contains("; commit n=100 p50="), "{line}");
+        assert!(!line.contains("queue"), "{line}");
+
+        let next = stages.take();
+        assert!(next.is_empty(), "{next:?}");
+    }
+
+    #[test]
+    fn durations_past_the_range_are_counted_at_its_end() {
+        let stages = Stages::default();
+        stages.record(Stage::Total, Duration::from_secs(3600));
+        stages.record(Stage::Total, Duration::ZERO);
+        let total = stages.take().get(Stage::Total);
+        assert_eq!(total.count, 2);
+        assert!(total.max_us >= STAGE_MAX_US * 99 / 100, "{total:?}");
+    }
+}
