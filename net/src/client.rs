@@ -17,14 +17,17 @@ use std::time::{Duration, Instant};
 
 use baton_core::command::{Command, RollupPolicy};
 use baton_core::encrypted::KEY_BYTES;
-use baton_core::node::{CommandReceipt, Consistency, NodeStatus, Read, Receipt, SubmitError};
+use baton_core::node::{
+    CommandReceipt, Consistency, NodeStatus, Read, Receipt, StageReport, SubmitError,
+};
 use baton_core::AckLevel;
 use baton_core::{Transaction, TxHash};
 use tokio::sync::oneshot;
 
 use crate::frame::FrameKind;
 use crate::msg::{
-    ErrorCode, ErrorMsg, MsgError, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
+    ErrorCode, ErrorMsg, MsgError, StagesRequest, StagesResponse, StatusRequest, StatusResponse,
+    SubmitRequest, SubmitResponse,
 };
 use crate::rollup_msg::{
     Answer, BlockEvent, CommandRequest, CommandResponse, Query, ReadRequest, ReadResponse,
@@ -636,6 +639,26 @@ impl Client {
             )
             .await?;
         Ok(response.status)
+    }
+
+    /// The stage latencies of the node the client is connected to, over the window this call
+    /// ends (since the previous call, by anyone, or the node's start; see
+    /// `baton_core::node::stages`).
+    pub async fn stages(&self) -> Result<StageReport, ClientError> {
+        let response = self
+            .call(
+                FrameKind::StagesRequest,
+                FrameKind::StagesResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    StagesRequest { request_id }.encode(&mut body);
+                    body
+                },
+                StagesResponse::decode,
+                |_| None,
+            )
+            .await?;
+        Ok(response.report)
     }
 
     /// One request answered by one frame of kind `want`, retried (with backoff, within the

@@ -48,6 +48,10 @@ pub enum FrameKind {
     SubscribeRequest = 10,
     /// Node → client: one block of a subscription.
     BlockEvent = 11,
+    /// Client → node: the node's stage latencies since the last such request.
+    StagesRequest = 12,
+    /// Node → client: the stage latencies.
+    StagesResponse = 13,
     /// Peer → peer: Raft AppendEntries.
     RaftAppend = 64,
     /// Peer → peer: Raft vote.
@@ -89,6 +93,8 @@ impl FrameKind {
             9 => ReadResponse,
             10 => SubscribeRequest,
             11 => BlockEvent,
+            12 => StagesRequest,
+            13 => StagesResponse,
             64 => RaftAppend,
             65 => RaftVote,
             66 => RaftSnapshot,

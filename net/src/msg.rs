@@ -12,7 +12,10 @@
 //! decoder refuses it with a typed error. A sender holding user input (the client) checks the
 //! limits first; a body over the frame limit is refused by `frame_header` before it is sent.
 
-use baton_core::node::{Committed, Member, NodeStatus, PeerProgress, Receipt, Role, SubmitError};
+use baton_core::node::{
+    Committed, Member, NodeStatus, PeerProgress, Receipt, Role, Stage, StageReport, StageSummary,
+    SubmitError,
+};
 use baton_core::receipt::{PROOF_PATH_MAX, SIGNED_HEADER_BYTES};
 use baton_core::{
     AckLevel, Address, SignedHeader, SubmitRejection, Transaction, TxHash, TxKind, BATCH_BYTES_MAX,
@@ -914,6 +917,94 @@ impl StatusResponse {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Stages
+
+/// Client → node: the node's stage latencies since the previous such request (or the node's
+/// start, or its stage logger's last window); the node starts a new window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagesRequest {
+    /// Client-chosen id, echoed in the response.
+    pub request_id: u64,
+}
+
+impl StagesRequest {
+    /// Appends `[u64 request_id]`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "stages request");
+        let request_id = r.u64()?;
+        r.finish()?;
+        Ok(Self { request_id })
+    }
+}
+
+/// Node → client: its stage latencies over the window the request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagesResponse {
+    /// The request's id.
+    pub request_id: u64,
+    /// The window's latencies.
+    pub report: StageReport,
+}
+
+/// Most stages a response may carry (a decoder's bound; a node sends [`Stage::ALL`]).
+const STAGES_MAX: usize = 64;
+/// Bytes of one encoded stage.
+const STAGE_BYTES: usize = 1 + 5 * 8;
+
+impl StagesResponse {
+    /// Appends `[u64 request_id][u64 window_us][u32 n]{[u8 stage][u64 count][u64 p50_us][u64
+    /// p90_us][u64 p99_us][u64 max_us]}`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.request_id);
+        put_u64(
+            out,
+            u64::try_from(self.report.window.as_micros()).unwrap_or(u64::MAX),
+        );
+        put_u32(out, len_u32(self.report.stages.len()));
+        for s in &self.report.stages {
+            out.push(s.stage.code());
+            for v in [s.count, s.p50_us, s.p90_us, s.p99_us, s.max_us] {
+                put_u64(out, v);
+            }
+        }
+    }
+
+    /// Decodes a body. Stages this client does not know (a newer node's) are skipped.
+    pub fn decode(body: &[u8]) -> Result<Self, MsgError> {
+        let mut r = Reader::new(body, "stages response");
+        let request_id = r.u64()?;
+        let window = std::time::Duration::from_micros(r.u64()?);
+        let n = r.count("stages", STAGES_MAX, STAGE_BYTES)?;
+        let mut stages = Vec::with_capacity(n);
+        for _ in 0..n {
+            let code = r.u8()?;
+            let [count, p50_us, p90_us, p99_us, max_us] =
+                [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
+            if let Some(stage) = Stage::from_code(code) {
+                stages.push(StageSummary {
+                    stage,
+                    count,
+                    p50_us,
+                    p90_us,
+                    p99_us,
+                    max_us,
+                });
+            }
+        }
+        r.finish()?;
+        Ok(Self {
+            request_id,
+            report: StageReport { window, stages },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Error
 
 /// What went wrong with a request (or a connection), in an [`ErrorMsg`].
@@ -1381,6 +1472,16 @@ mod tests {
                 |b| StatusResponse::decode(b).is_ok(),
             ),
             (
+                "stages request",
+                encoded(|o| StagesRequest { request_id: 1 }.encode(o)),
+                |b| StagesRequest::decode(b).is_ok(),
+            ),
+            (
+                "stages response",
+                encoded(|o| sample_stages().encode(o)),
+                |b| StagesResponse::decode(b).is_ok(),
+            ),
+            (
                 "error",
                 encoded(|o| {
                     ErrorMsg {
@@ -1627,6 +1728,59 @@ mod tests {
                 what: OVERLOADED_UNKNOWN
             }
         );
+    }
+
+    fn sample_stages() -> StagesResponse {
+        StagesResponse {
+            request_id: 5,
+            report: StageReport {
+                window: std::time::Duration::from_micros(10_000_123),
+                stages: Stage::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &stage)| {
+                        let i = i as u64;
+                        StageSummary {
+                            stage,
+                            count: 1000 + i,
+                            p50_us: 10 * i,
+                            p90_us: 20 * i,
+                            p99_us: 30 * i,
+                            max_us: u64::MAX - i,
+                        }
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn stages_round_trip_and_unknown_stages_are_skipped() {
+        let req = StagesRequest { request_id: 9 };
+        assert_eq!(
+            StagesRequest::decode(&encoded(|o| req.encode(o))).unwrap(),
+            req
+        );
+        let resp = sample_stages();
+        assert_eq!(
+            StagesResponse::decode(&encoded(|o| resp.encode(o))).unwrap(),
+            resp
+        );
+        // A newer node's stage this client does not know: skipped, the rest kept.
+        let mut body = encoded(|o| resp.encode(o));
+        let n = resp.report.stages.len();
+        body[16..20].copy_from_slice(&(n as u32 + 1).to_le_bytes());
+        body.push(200);
+        body.extend_from_slice(&[7; 40]);
+        let decoded = StagesResponse::decode(&body).unwrap();
+        assert_eq!(decoded, resp);
+        // A count past the bound is refused before anything is allocated for it.
+        let mut huge = encoded(|o| resp.encode(o));
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            StagesResponse::decode(&huge),
+            Err(MsgError::TooMany { .. })
+        ));
     }
 
     #[test]
@@ -1957,6 +2111,8 @@ mod tests {
             let _ = SubmitResponse::decode(&bytes);
             let _ = StatusRequest::decode(&bytes);
             let _ = StatusResponse::decode(&bytes);
+            let _ = StagesRequest::decode(&bytes);
+            let _ = StagesResponse::decode(&bytes);
             let _ = ErrorMsg::decode(&bytes);
             let _ = Hello::decode(&bytes);
             let _ = decode_forward_request(&bytes);

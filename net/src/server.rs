@@ -21,8 +21,8 @@ use rkyv::util::AlignedVec;
 
 use crate::frame::{Frame, FrameKind, ProtocolError};
 use crate::msg::{
-    ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, StatusRequest,
-    StatusResponse, SubmitRequest, SubmitResponse,
+    ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, StagesRequest,
+    StagesResponse, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
 };
 use crate::rollup_msg::{
     Answer, BlockEvent, CommandRequest, CommandResponse, Query, ReadRequest, ReadResponse,
@@ -356,6 +356,17 @@ async fn client_request(node: &NodeHandle, frame: Frame) -> (FrameKind, Vec<u8>)
                 }
                 Err(e) => error_frame(req.request_id, ErrorCode::ShuttingDown, e.to_string()),
             },
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        FrameKind::StagesRequest => match StagesRequest::decode(&frame.body) {
+            Ok(req) => {
+                StagesResponse {
+                    request_id: req.request_id,
+                    report: node.stages(),
+                }
+                .encode(&mut body);
+                (FrameKind::StagesResponse, body)
+            }
             Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
         },
         FrameKind::CommandRequest => match CommandRequest::decode(&frame.body) {

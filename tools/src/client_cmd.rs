@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use baton_core::node::NodeStatus;
+use baton_core::node::{NodeStatus, StageReport};
 use baton_core::{AckLevel, Transaction, TxKind};
 use baton_net::{Client, ClientOptions};
 use clap::Args;
@@ -322,9 +322,28 @@ pub struct StatusArgs {
     /// request/response that involves no consensus).
     #[arg(long, default_value_t = 1)]
     repeat: u32,
+    /// Also print each node's stage latencies since the last such request (or its start), and
+    /// start a new window (docs/operations.md, "Stage latencies").
+    #[arg(long)]
+    stages: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A stage report as JSON: the window and, per stage, its count and percentiles in µs.
+pub fn stages_json(r: &StageReport) -> serde_json::Value {
+    json!({
+        "window_s": r.window.as_secs_f64(),
+        "stages": r.stages.iter().map(|s| json!({
+            "stage": s.stage.name(),
+            "count": s.count,
+            "p50_us": s.p50_us,
+            "p90_us": s.p90_us,
+            "p99_us": s.p99_us,
+            "max_us": s.max_us,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The status as JSON.
@@ -367,6 +386,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
             o.attempts_max = 2;
             o.call_budget_ms = 3_000;
             let mut rtts_us = Vec::new();
+            let mut stages = None;
             let status = match Client::new(o) {
                 Ok(c) => {
                     let mut last = c.status().await.map_err(|e| e.to_string());
@@ -374,6 +394,9 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         let sent = Instant::now();
                         last = c.status().await.map_err(|e| e.to_string());
                         rtts_us.push(sent.elapsed().as_micros() as u64);
+                    }
+                    if args.stages && last.is_ok() {
+                        stages = Some(c.stages().await.map_err(|e| e.to_string()));
                     }
                     last
                 }
@@ -386,14 +409,29 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     rtts_us.len()
                 );
             }
-            match status {
-                Ok(s) => {
+            match (status, stages) {
+                (Ok(_), Some(Err(err))) => {
+                    failed = true;
+                    if !args.json {
+                        println!("{e}: stages unavailable: {err}");
+                    }
+                    all.push(json!({"endpoint": e.to_string(), "error": err}));
+                }
+                (Ok(s), stages) => {
+                    let stages = stages.and_then(Result::ok);
                     if !args.json {
                         print_status(*e, &s);
+                        if let Some(r) = &stages {
+                            println!("    stages: {r}");
+                        }
                     }
-                    all.push(json!({"endpoint": e.to_string(), "status": status_json(&s)}));
+                    let mut node = json!({"endpoint": e.to_string(), "status": status_json(&s)});
+                    if let Some(r) = &stages {
+                        node["stages"] = stages_json(r);
+                    }
+                    all.push(node);
                 }
-                Err(err) => {
+                (Err(err), _) => {
                     failed = true;
                     if !args.json {
                         println!("{e}: unreachable: {err}");

@@ -87,6 +87,42 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
     });
     let (receipts, last) = receipts;
     assert_eq!(receipts.len(), 3 * 33_334);
+    // Every node timed the requests it took and its WAL appends; the leader also every batch
+    // it sequenced, its own and the followers' forwarded ones.
+    let out = std::process::Command::new(BATON)
+        .args(["status", "--stages", "--json", "--cluster"])
+        .arg(&cluster.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |node: &serde_json::Value, stage: &str| {
+        node["stages"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .map_or(0, |s| s["count"].as_u64().unwrap())
+    };
+    let mut batches_sealed = 0;
+    for node in all.as_array().unwrap() {
+        // 33,334 transactions in requests of 100: 334 requests, each reaching one or more shards.
+        assert!(count(node, "queue") >= 334, "{node}");
+        assert_eq!(count(node, "total"), count(node, "queue"), "{node}");
+        assert!(count(node, "wal") > 0, "{node}");
+        batches_sealed += count(node, "batching");
+    }
+    let leader = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["status"]["role"] == "leader")
+        .expect("a leader");
+    assert!(count(leader, "commit") >= batches_sealed, "{leader}");
     let nodes = cluster.stop();
     let logs = read_logs(&nodes);
     check_logs_agree(&logs);

@@ -79,6 +79,16 @@ impl Stage {
         }
     }
 
+    /// The stage's number on the wire (its place in [`Stage::ALL`]).
+    pub fn code(self) -> u8 {
+        self.slot() as u8
+    }
+
+    /// The stage numbered `code`, if there is one.
+    pub fn from_code(code: u8) -> Option<Stage> {
+        Stage::ALL.get(usize::from(code)).copied()
+    }
+
     fn slot(self) -> usize {
         Stage::ALL
             .iter()
@@ -185,9 +195,21 @@ pub struct StageReport {
 }
 
 impl StageReport {
-    /// The summary of `stage`.
+    /// The summary of `stage` (all zero if the report has none).
     pub fn get(&self, stage: Stage) -> StageSummary {
-        self.stages[stage.slot()]
+        let none = StageSummary {
+            stage,
+            count: 0,
+            p50_us: 0,
+            p90_us: 0,
+            p99_us: 0,
+            max_us: 0,
+        };
+        self.stages
+            .iter()
+            .find(|s| s.stage == stage)
+            .copied()
+            .unwrap_or(none)
     }
 
     /// Whether anything was recorded.
@@ -247,6 +269,15 @@ mod tests {
 
         let next = stages.take();
         assert!(next.is_empty(), "{next:?}");
+    }
+
+    #[test]
+    fn every_stage_has_a_distinct_code_and_back() {
+        for (i, &s) in Stage::ALL.iter().enumerate() {
+            assert_eq!(usize::from(s.code()), i);
+            assert_eq!(Stage::from_code(s.code()), Some(s));
+        }
+        assert_eq!(Stage::from_code(Stage::ALL.len() as u8), None);
     }
 
     #[test]
