@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_core::node::SubmitError;
-use baton_core::node::{NodeStatus, Role};
+use baton_core::node::{NodeStatus, Role, StageReport};
 use baton_net::{Client, ClientError, ClientOptions};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use crate::driver;
 use crate::gen::TxGen;
 use crate::recorder::{Outcome, Recorder, Window};
-use crate::report::{Errors, Machine, NodeFacts, RunConfig, RunResult, Spread, Throughput};
+use crate::report::{
+    Errors, Machine, NodeFacts, NodeStages, RunConfig, RunResult, Spread, Throughput,
+};
 
 /// The cluster a run drives.
 #[derive(Clone, Debug)]
@@ -124,6 +126,20 @@ pub async fn statuses(cluster: &Cluster) -> Result<Vec<Result<NodeStatus, String
         c.close().await;
     }
     Ok(out)
+}
+
+/// Each node's stage latencies since the last such request, which ends that window and starts
+/// the next (`None` where the node did not answer: older nodes do not know the request).
+pub async fn stage_reports(cluster: &Cluster) -> Vec<Option<StageReport>> {
+    let Ok(clients) = status_clients(cluster) else {
+        return vec![None; cluster.endpoints.len()];
+    };
+    let mut out = Vec::new();
+    for c in &clients {
+        out.push(c.stages().await.ok());
+        c.close().await;
+    }
+    out
 }
 
 /// The resident set size of process `pid`, bytes.
@@ -245,32 +261,41 @@ pub async fn run(
         rss.clone(),
         progress,
     ));
-    let unsent = match config.rate_tx_per_s {
-        None => {
-            driver::closed_loop(
-                start,
-                config.connections,
-                config.in_flight,
-                submit,
-                recorder.clone(),
-            )
-            .await;
-            0
-        }
-        Some(rate) => {
-            let stats = driver::open_loop(
-                start,
-                driver::Pacer::Thread,
-                rate / batch as f64,
-                config.connections,
-                config.outstanding_max,
-                submit,
-                recorder.clone(),
-            )
-            .await;
-            stats.unsent
+    // The nodes' stage windows start as the measured window does (after the warm-up).
+    let window_opened = async {
+        let warmup = Duration::from_secs_f64(config.warmup_s.max(0.0));
+        tokio::time::sleep_until((start + warmup).into()).await;
+        stage_reports(cluster).await
+    };
+    let load = async {
+        match config.rate_tx_per_s {
+            None => {
+                driver::closed_loop(
+                    start,
+                    config.connections,
+                    config.in_flight,
+                    submit,
+                    recorder.clone(),
+                )
+                .await;
+                0
+            }
+            Some(rate) => {
+                let stats = driver::open_loop(
+                    start,
+                    driver::Pacer::Thread,
+                    rate / batch as f64,
+                    config.connections,
+                    config.outstanding_max,
+                    submit,
+                    recorder.clone(),
+                )
+                .await;
+                stats.unsent
+            }
         }
     };
+    let (unsent, _) = tokio::join!(load, window_opened);
     watcher.abort();
     let _ = watcher.await;
     if progress == Progress::Line {
@@ -281,6 +306,7 @@ pub async fn run(
     }
 
     let after = statuses(cluster).await?;
+    let stages = stage_reports(cluster).await;
     let mut rec = recorder.lock().expect("recorder lock");
     rec.record_unsent(unsent, batch as u64);
     let (tx, bytes) = rec.ok();
@@ -290,7 +316,8 @@ pub async fn run(
         .iter()
         .zip(&cluster.endpoints)
         .zip(rss)
-        .map(|((s, e), rss)| match s {
+        .zip(stages)
+        .map(|(((s, e), rss), stages)| match s {
             Ok(s) => NodeFacts {
                 endpoint: e.to_string(),
                 id: Some(s.id),
@@ -299,6 +326,7 @@ pub async fn run(
                 applied_index: s.applied_index,
                 committed_index: s.committed_index,
                 rss_max_bytes: rss,
+                stages: stages.as_ref().map(NodeStages::of),
             },
             Err(err) => NodeFacts {
                 endpoint: e.to_string(),
@@ -308,6 +336,7 @@ pub async fn run(
                 applied_index: None,
                 committed_index: None,
                 rss_max_bytes: rss,
+                stages: None,
             },
         })
         .collect();

@@ -172,6 +172,58 @@ pub struct NodeFacts {
     pub committed_index: Option<u64>,
     /// Largest resident set size seen during the run, bytes (local node processes only).
     pub rss_max_bytes: Option<u64>,
+    /// The node's stage latencies from the end of the warm-up to the end of the run (absent
+    /// when it did not answer, or in results of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<NodeStages>,
+}
+
+/// A node's stage latencies over the measured window (docs/operations.md, "Stage latencies").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStages {
+    /// How long the node's window ran, seconds.
+    pub window_s: f64,
+    /// Per stage, in the order of the path.
+    pub stages: Vec<StageFacts>,
+}
+
+/// One stage's latencies, microseconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageFacts {
+    /// Stage name (`queue`, `batching`, `to_raft`, `preconfirm`, `commit`, `answer`, `wal`,
+    /// `total`).
+    pub stage: String,
+    /// How many were timed.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Longest.
+    pub max_us: u64,
+}
+
+impl NodeStages {
+    /// From a node's report.
+    pub fn of(r: &baton_core::node::StageReport) -> NodeStages {
+        NodeStages {
+            window_s: r.window.as_secs_f64(),
+            stages: r
+                .stages
+                .iter()
+                .map(|s| StageFacts {
+                    stage: s.stage.name().to_string(),
+                    count: s.count,
+                    p50_us: s.p50_us,
+                    p90_us: s.p90_us,
+                    p99_us: s.p99_us,
+                    max_us: s.max_us,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Throughput of the measured window.
@@ -351,6 +403,36 @@ impl RunResult {
                 n.rss_max_bytes
                     .map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
             );
+        }
+        let timed: Vec<_> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.stages.as_ref().map(|st| (n, st)))
+            .collect();
+        if let Some((_, first)) = timed.first() {
+            let _ = writeln!(
+                s,
+                "\nStage latencies in the nodes over the measured window, ms, p50 / p99 \
+                 (count; docs/operations.md, \"Stage latencies\"):\n"
+            );
+            let names: Vec<&str> = first.stages.iter().map(|f| f.stage.as_str()).collect();
+            let _ = writeln!(s, "| node | {} |", names.join(" | "));
+            let _ = writeln!(s, "|---|{}", "---|".repeat(names.len()));
+            for (n, st) in timed {
+                let cells: Vec<String> = names
+                    .iter()
+                    .map(|name| match st.stages.iter().find(|f| f.stage == *name) {
+                        Some(f) if f.count > 0 => format!(
+                            "{:.2} / {:.2} ({})",
+                            f.p50_us as f64 / 1e3,
+                            f.p99_us as f64 / 1e3,
+                            f.count
+                        ),
+                        _ => "-".to_string(),
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {} {} | {} |", opt(n.id), n.role, cells.join(" | "));
+            }
         }
         s
     }

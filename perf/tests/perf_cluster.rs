@@ -130,6 +130,32 @@ fn check_result(v: &serde_json::Value, mode: &str, seconds: usize) {
     for n in nodes {
         assert!(n["rss_max_bytes"].as_u64().unwrap() > 1 << 20, "{n}");
         assert!(n["committed_index"].as_u64().unwrap() > 0);
+        // Every node appended to its WAL in the window, which ran about as long as the
+        // measured one (plus the drain of the last requests); the nodes that got requests
+        // (all, or the leader) timed them.
+        let stages = &n["stages"];
+        let window = stages["window_s"].as_f64().unwrap();
+        assert!(window >= seconds as f64 * 0.9, "{n}");
+        let stage = |name: &str| {
+            stages["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["stage"] == name)
+                .unwrap_or_else(|| panic!("no {name} in {n}"))
+                .clone()
+        };
+        let took_requests = v["config"]["spread"] != "leader" || n["role"] == "leader";
+        for name in ["queue", "total", "wal"] {
+            let s = stage(name);
+            if name != "wal" && !took_requests {
+                assert_eq!(s["count"].as_u64(), Some(0), "{name}: {n}");
+                continue;
+            }
+            assert!(s["count"].as_u64().unwrap() > 0, "{name}: {n}");
+            assert!(s["p50_us"].as_u64().unwrap() <= s["p99_us"].as_u64().unwrap());
+            assert!(s["p99_us"].as_u64().unwrap() <= s["max_us"].as_u64().unwrap());
+        }
     }
 }
 
@@ -173,6 +199,7 @@ fn closed_and_open_loop_runs_against_a_real_cluster_produce_consistent_results()
     assert_eq!(v["config"]["tx"]["encrypted_pct"], 25);
     let summary = std::fs::read_to_string(&md).unwrap();
     assert!(summary.contains("| submit → committed |"), "{summary}");
+    assert!(summary.contains("| node | queue | batching |"), "{summary}");
     assert!(stdout.contains("closed loop: 3 connections × 4 requests in flight"));
 
     let open = dir.path().join("open.json");
