@@ -264,7 +264,7 @@ pub async fn run(
     // The nodes' stage windows start as the measured window does (after the warm-up).
     let window_opened = async {
         let warmup = Duration::from_secs_f64(config.warmup_s.max(0.0));
-        tokio::time::sleep_until((start + warmup).into()).await;
+        tokio::time::sleep_until(start + warmup).await;
         stage_reports(cluster).await
     };
     let load = async {
