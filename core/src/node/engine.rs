@@ -820,6 +820,10 @@ fn accept(
     origin: Instant,
 ) {
     let n = msg.txs.len();
+    if n == 0 {
+        let _ = msg.reply.send(Vec::new());
+        return;
+    }
     let stages = state.borrow().stages.clone();
     stages.record_since(Stage::Queue, msg.queued_at);
     let request = Rc::new(RefCell::new(Request {
@@ -829,14 +833,6 @@ fn accept(
         ack: msg.ack,
         timing: Some((stages, msg.queued_at)),
     }));
-    if n == 0 {
-        request
-            .borrow_mut()
-            .reply
-            .take()
-            .map(|r| r.send(Vec::new()));
-        return;
-    }
     // Hashed together, several per permutation (keccak_many). A transaction over the size
     // limit is refused by the batcher before its hash is used, so it is not hashed here.
     let mut hashes = Vec::with_capacity(n);
