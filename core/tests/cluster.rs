@@ -616,11 +616,23 @@ fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
     use baton_core::node::Stage;
     let cluster = Cluster::start_forwarding(3, |_| {});
     let receipts = run(async {
-        let leader = cluster.wait_leader(WAIT).await;
+        // A leader every node knows (a contested first election on a busy machine can move
+        // the lead once more).
+        let mut leader = None;
+        for _ in 0..5 {
+            let candidate = cluster.wait_leader(WAIT).await;
+            let mut agreed = true;
+            for n in cluster.nodes.values() {
+                let known = move |s: &baton_core::node::NodeStatus| s.leader == Some(candidate);
+                agreed &= n.wait_for(Duration::from_secs(5), known).await.is_ok();
+            }
+            if agreed {
+                leader = Some(candidate);
+                break;
+            }
+        }
+        let leader = leader.expect("every node knows the leader");
         for n in cluster.nodes.values() {
-            n.wait_for(WAIT, move |s| s.leader == Some(leader))
-                .await
-                .expect("every node knows the leader");
             // A window of its own, from here.
             n.stages();
         }
@@ -643,14 +655,10 @@ fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
             assert_eq!(total.count, queue.count, "{what}: {report}");
             // No request is answered before it left the queue (1% histogram resolution).
             assert!(total.max_us * 101 / 100 >= queue.max_us, "{what}: {report}");
-            for s in [
-                Stage::Batching,
-                Stage::ToRaft,
-                Stage::Preconfirm,
-                Stage::Commit,
-                Stage::Answer,
-                Stage::Wal,
-            ] {
+            for s in Stage::ALL
+                .into_iter()
+                .filter(|s| ![Stage::Queue, Stage::Total].contains(s))
+            {
                 assert!(stage(s).count > 0, "{what}: no {}: {report}", s.name());
             }
             // A batch is answered only after it was sealed (an answer may still be finishing

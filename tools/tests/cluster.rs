@@ -89,17 +89,14 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
     assert_eq!(receipts.len(), 3 * 33_334);
     // Every node timed the requests it took and its WAL appends; the leader also every batch
     // it sequenced, its own and the followers' forwarded ones.
-    let out = std::process::Command::new(BATON)
-        .args(["status", "--stages", "--json", "--cluster"])
-        .arg(&cluster.dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = baton_ok(&[
+        "status".as_ref(),
+        "--stages".as_ref(),
+        "--json".as_ref(),
+        "--cluster".as_ref(),
+        cluster.dir.as_os_str(),
+    ]);
+    let all: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let count = |node: &serde_json::Value, stage: &str| {
         node["stages"]["stages"]
             .as_array()

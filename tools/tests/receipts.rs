@@ -61,25 +61,18 @@ fn receipts_from_leader_and_follower_verify_offline() {
     });
 
     // The command line: submit --json, then verify against cluster.json.
-    let out = Command::new(BATON)
-        .args([
-            "submit",
-            "--json",
-            "--ack",
-            "preconfirmed",
-            "--text",
-            "receipt-cli",
-        ])
-        .arg("--cluster")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let receipt = String::from_utf8(out.stdout).unwrap();
+    let args = [
+        "submit",
+        "--json",
+        "--ack",
+        "preconfirmed",
+        "--text",
+        "receipt-cli",
+        "--cluster",
+    ];
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    args.push(dir.path().as_os_str());
+    let receipt = String::from_utf8(baton_ok(&args)).unwrap();
     let file = dir.path().join("receipt.json");
     std::fs::write(&file, &receipt).unwrap();
     let verify = |file: &std::path::Path| {

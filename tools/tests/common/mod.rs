@@ -15,6 +15,17 @@ use baton_net::{Client, ClientOptions};
 
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
+/// Runs `baton ARGS…`; fails the test, with its stderr, unless it exits 0. Its stdout.
+pub fn baton_ok(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let out = Command::new(BATON).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "baton {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A range of `n` consecutive free UDP ports on 127.0.0.1, outside the kernel's ephemeral range
 /// (where any client socket could take one before the node binds it), spread by process id so
 /// concurrent test processes do not collide.
