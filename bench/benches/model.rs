@@ -111,6 +111,16 @@ fn model(c: &mut Criterion) {
         b.iter(|| black_box(MerkleTree::new(black_box(&tx_hashes)).root()))
     });
     group.finish();
+
+    // A size that is not a power of two, as most sealed batches are (their levels hold more
+    // than 2n - 1 nodes: promoted unpaired nodes).
+    let some = &tx_hashes[..1000];
+    let mut group = c.benchmark_group("merkle_tree_1000");
+    group.throughput(Throughput::Elements(some.len() as u64));
+    group.bench_function("txs", |b| {
+        b.iter(|| black_box(MerkleTree::new(black_box(some)).root()))
+    });
+    group.finish();
 }
 
 criterion_group! {

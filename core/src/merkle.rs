@@ -245,6 +245,19 @@ fn build_levels(nodes: &mut Vec<[u8; 32]>, mut level_end: impl FnMut(usize)) {
     }
 }
 
+/// Nodes of the tree over `n` leaves, every level's: a level of `m` nodes has `⌈m/2⌉` above it
+/// (an unpaired last node is promoted), so up to `2n - 1 + log2(n)`. A tree reserving only `2n`
+/// (as it did) grew, copying itself, whenever promotions pushed it past that: 1,000 leaves make
+/// 2,001 nodes.
+fn tree_len(n: usize) -> usize {
+    let (mut total, mut level) = (n, n);
+    while level > 1 {
+        level = level.div_ceil(2);
+        total += level;
+    }
+    total
+}
+
 /// Largest power of two strictly less than `n`; `n` must be at least 2.
 fn split_point(n: usize) -> usize {
     debug_assert!(n >= 2);
@@ -331,10 +344,10 @@ pub struct MerkleTree {
 }
 
 impl MerkleTree {
-    /// Builds the tree over `tx_hashes` (about `2n` hashes of memory).
+    /// Builds the tree over `tx_hashes` (about `2n` hashes of memory, allocated once).
     pub fn new(tx_hashes: &[TxHash]) -> Self {
         let count = tx_hashes.len();
-        let mut nodes = Vec::with_capacity(count.saturating_mul(2));
+        let mut nodes = Vec::with_capacity(tree_len(count));
         crate::keccak_many::leaf_hashes(tx_hashes, &mut nodes);
         let mut level_starts = vec![0, count];
         build_levels(&mut nodes, |end| level_starts.push(end));
@@ -393,6 +406,19 @@ mod tests {
 
     fn leaves(tx_hashes: &[TxHash]) -> Vec<[u8; 32]> {
         tx_hashes.iter().map(leaf_hash).collect()
+    }
+
+    #[test]
+    fn a_tree_is_allocated_once_at_its_exact_size() {
+        for n in [0, 1, 2, 3, 5, 7, 1000, 1023, 1024, 1025, 4097] {
+            let tree = MerkleTree::new(&hashes(n));
+            assert_eq!(tree.nodes.len(), tree_len(n), "{n} leaves");
+            // `Vec::with_capacity` allocates exactly what it is asked for: a tree that had
+            // outgrown its reservation would have doubled it.
+            assert_eq!(tree.nodes.capacity(), tree.nodes.len(), "{n} leaves");
+        }
+        assert_eq!(tree_len(1000), 2001);
+        assert_eq!(tree_len(1024), 2047);
     }
 
     #[test]
