@@ -25,31 +25,33 @@ pub const STAGE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest duration a histogram tells apart (longer ones are counted at this value).
 const STAGE_MAX_US: u64 = 60_000_000;
 
-/// One stage of the path a submission takes through a node.
+/// One stage of the path a submission takes through a node. Its discriminant is its place in
+/// [`Stage::ALL`] and its number on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum Stage {
     /// Per request: from the network thread handing a request's transactions to a shard to the
     /// shard taking them (the shard's submission queue).
-    Queue,
+    Queue = 0,
     /// Per batch: from the first transaction the shard put in the batch to its seal (the
     /// linger, or filling up).
-    Batching,
+    Batching = 1,
     /// Per batch: from its seal to the Raft shard starting to sequence it (the proposal queue);
     /// for a batch a follower forwarded, from its arrival at the leader.
-    ToRaft,
+    ToRaft = 2,
     /// Per batch: from its seal to the leader's signed header reaching the shard (its
     /// preconfirmation).
-    Preconfirm,
+    Preconfirm = 3,
     /// Per batch: from the Raft shard starting to sequence it to its outcome: on the leader the
     /// Raft write (WAL, replication, commit, apply); on a follower the forward to the leader and
     /// back.
-    Commit,
+    Commit = 4,
     /// Per batch: the shard building the receipts of its transactions once its outcome is in.
-    Answer,
+    Answer = 5,
     /// Per WAL append (any node): from the append to its records being durable (group commit).
-    Wal,
+    Wal = 6,
     /// Per request: from the network thread handing it to a shard to its last receipt.
-    Total,
+    Total = 7,
 }
 
 impl Stage {
@@ -81,7 +83,7 @@ impl Stage {
 
     /// The stage's number on the wire (its place in [`Stage::ALL`]).
     pub fn code(self) -> u8 {
-        self.slot() as u8
+        self as u8
     }
 
     /// The stage numbered `code`, if there is one.
@@ -90,10 +92,7 @@ impl Stage {
     }
 
     fn slot(self) -> usize {
-        Stage::ALL
-            .iter()
-            .position(|&s| s == self)
-            .expect("every stage is in ALL")
+        usize::from(self.code())
     }
 }
 
@@ -147,9 +146,11 @@ impl Stages {
 
     /// Ends the current window and returns its summary; the next window starts now.
     pub fn take(&self) -> StageReport {
+        // The next window's histograms are allocated before the lock is taken.
+        let next = Window::new();
         let old = {
             let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *w, Window::new())
+            std::mem::replace(&mut *w, next)
         };
         let window = old.started.elapsed();
         let stages = Stage::ALL
