@@ -643,8 +643,33 @@ fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
         cluster.wait_all_applied(last, WAIT).await;
 
         let shards = NodeConfig::new(1, "unused").shards as u64;
-        for (id, what) in [(leader, "leader"), (follower, "follower")] {
-            let report = cluster.nodes[&id].stages();
+        let reports: Vec<_> = [leader, follower]
+            .iter()
+            .map(|id| cluster.nodes[id].stages())
+            .collect();
+        // Every entry the leader sequenced in the window was applied on both nodes.
+        let sequenced = reports[0].get(Stage::Commit).count;
+        for ((report, what), appends) in reports
+            .iter()
+            .zip(["leader", "follower"])
+            .zip([false, true])
+        {
+            assert!(
+                report.get(Stage::Apply).count >= sequenced,
+                "{what}: {report}"
+            );
+            // Only a follower answers replication requests.
+            assert_eq!(
+                report.get(Stage::Append).count > 0,
+                appends,
+                "{what}: {report}"
+            );
+            // The network layer's stages: none without it.
+            for s in [Stage::Replicate, Stage::Respond] {
+                assert_eq!(report.get(s).count, 0, "{what}: {report}");
+            }
+        }
+        for (report, what) in reports.iter().zip(["leader", "follower"]) {
             let stage = |s: Stage| report.get(s);
             // Each request reaches each shard its transactions map to once.
             let (queue, total) = (stage(Stage::Queue), stage(Stage::Total));
@@ -655,10 +680,16 @@ fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
             assert_eq!(total.count, queue.count, "{what}: {report}");
             // No request is answered before it left the queue (1% histogram resolution).
             assert!(total.max_us * 101 / 100 >= queue.max_us, "{what}: {report}");
-            for s in Stage::ALL
-                .into_iter()
-                .filter(|s| ![Stage::Queue, Stage::Total].contains(s))
-            {
+            for s in Stage::ALL.into_iter().filter(|s| {
+                ![
+                    Stage::Queue,
+                    Stage::Total,
+                    Stage::Append,
+                    Stage::Replicate,
+                    Stage::Respond,
+                ]
+                .contains(s)
+            }) {
                 assert!(stage(s).count > 0, "{what}: no {}: {report}", s.name());
             }
             // A batch is answered only after it was sealed (an answer may still be finishing

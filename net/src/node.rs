@@ -159,6 +159,7 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
             return Err(e.into());
         }
     };
+    links.set_stages(node.stage_recorder());
     let ctx = Arc::new(ServerContext {
         node: node.clone(),
         node_id: id,

@@ -11,14 +11,14 @@
 //!   (batch bytes are shared, not copied) into a bounded channel, a tokio task writes them
 //!   pipelined and another reads the in-order results.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use baton_core::node::{Committed, Forwarder, SubmitError};
+use baton_core::node::{Committed, Forwarder, Stage, Stages, SubmitError};
 use baton_core::raft::wire::{self, WireError};
 use baton_core::raft::{BatchBytes, SnapshotBlob, TypeConfig};
 use bytes::Bytes;
@@ -139,6 +139,8 @@ pub struct PeerLinks {
     node_id: u64,
     rt: tokio::runtime::Handle,
     conns: Mutex<HashMap<u64, quinn::Connection>>,
+    /// The node's stage histograms ([`Stage::Replicate`]), once the node is up.
+    stages: std::sync::OnceLock<Stages>,
 }
 
 impl PeerLinks {
@@ -158,7 +160,14 @@ impl PeerLinks {
             node_id,
             rt,
             conns: Mutex::new(HashMap::new()),
+            stages: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records replication rounds into `stages` from now on (the node's, known once it started;
+    /// sessions opened before record from then on too).
+    pub fn set_stages(&self, stages: Stages) {
+        let _ = self.stages.set(stages);
     }
 
     /// The open connection to `target`, or a new one (hello exchanged). Runs on tokio.
@@ -585,9 +594,10 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
     }
 }
 
-/// An encoded replication request and its share of the session's byte budget, given back
-/// when the writer has handed it to QUIC.
-type QueuedRequest = (Vec<Bytes>, tokio::sync::OwnedSemaphorePermit);
+/// An encoded replication request, its share of the session's byte budget (given back when
+/// the writer has handed it to QUIC), and whether it carries entries (its round is timed:
+/// [`Stage::Replicate`]).
+type QueuedRequest = (Vec<Bytes>, tokio::sync::OwnedSemaphorePermit, bool);
 
 /// Feeds a replication session's requests, encoded, to its QUIC writer, holding at most
 /// `budget`'s bytes queued (a request larger than the whole budget takes all of it).
@@ -628,7 +638,7 @@ async fn encode_requests<S>(
         let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
             return;
         };
-        if out.send((chunks, permit)).await.is_err() || ended {
+        if out.send((chunks, permit, !commit_only)).await.is_err() || ended {
             return;
         }
         if next.is_none() {
@@ -656,11 +666,18 @@ async fn replicate(
     };
     let opened_us = began.elapsed().as_micros() as u64;
     let sent = Arc::new(AtomicU64::new(0));
+    // When each request written and not yet answered started out (`None`: not timed).
+    let written = Arc::new(Mutex::new(VecDeque::<Option<Instant>>::new()));
     let send_id = send.id();
     let writer = {
         let sent = sent.clone();
+        let written = written.clone();
         tokio::spawn(async move {
-            while let Some((chunks, permit)) = requests.next().await {
+            while let Some((chunks, permit, timed)) = requests.next().await {
+                written
+                    .lock()
+                    .expect("written lock")
+                    .push_back(timed.then(Instant::now));
                 if let Err(e) = write_frame_chunks(&mut send, FrameKind::RaftAppend, chunks).await {
                     tracing::debug!(target, error = %e, "replication stream write failed");
                     return;
@@ -698,6 +715,12 @@ async fn replicate(
             Err(e) => Err(e.into()),
         };
         received += 1;
+        let at = written.lock().expect("written lock").pop_front();
+        if let Some(Some(at)) = at {
+            if let Some(stages) = links.stages.get() {
+                stages.record_since(Stage::Replicate, at);
+            }
+        }
         if received == 1 {
             tracing::trace!(
                 target: "baton_net::hops",
@@ -875,9 +898,12 @@ mod tests {
             let (out, mut written) = mpsc::channel(16);
             let hold = Duration::from_secs(30);
             glommio::spawn_local(encode_requests(requests, out, hold, budget())).detach();
-            let decoded = |(chunks, _permit): QueuedRequest| {
+            // A request's round is timed exactly when it carries entries.
+            let decoded = |(chunks, _permit, timed): QueuedRequest| {
                 let body: Vec<u8> = chunks.concat();
-                wire::decode_append(&body).expect("decodes")
+                let req = wire::decode_append(&body).expect("decodes");
+                assert_eq!(timed, !req.entries.is_empty());
+                req
             };
             // An append with an entry goes at once.
             input.unbounded_send(append(1, 0, true)).unwrap();

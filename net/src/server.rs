@@ -7,10 +7,10 @@
 //! never reaches the log; one client's garbage does not disturb other streams or connections.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_core::command::Command;
-use baton_core::node::{Consistency, Read, SubmitError};
+use baton_core::node::{Consistency, Read, Stage, SubmitError};
 use baton_core::node::{NodeHandle, Rpc};
 use baton_core::raft::wire;
 use baton_core::raft::{BatchBytes, SealTicket};
@@ -188,6 +188,7 @@ async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
 // Clients
 
 async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
+    tokio::spawn(crate::peer::log_stats(conn.clone(), 0, "client"));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -233,9 +234,9 @@ async fn client_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
-    let (out_tx, mut out_rx) =
-        tokio::sync::mpsc::channel::<(FrameKind, Vec<u8>)>(RESPONSES_QUEUED_MAX);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Outgoing>(RESPONSES_QUEUED_MAX);
     let writer_ctx = ctx.clone();
+    let stages = ctx.node.stage_recorder();
     // Set when the stream can no longer be written: block subscriptions stop.
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer_closed = closed.clone();
@@ -257,10 +258,16 @@ async fn client_stream(
                     continue;
                 }
             };
-            let Some((kind, body)) = next else { break };
-            if !broken && write_frame(&mut send, kind, &body).await.is_err() {
-                broken = true;
-                writer_closed.store(true, std::sync::atomic::Ordering::Release);
+            let Some((kind, body, answered)) = next else {
+                break;
+            };
+            if !broken {
+                if write_frame(&mut send, kind, &body).await.is_err() {
+                    broken = true;
+                    writer_closed.store(true, std::sync::atomic::Ordering::Release);
+                } else if let Some(answered) = answered {
+                    stages.record_since(Stage::Respond, answered);
+                }
             }
             writer_ctx.in_flight.leave();
         }
@@ -276,11 +283,8 @@ async fn client_stream(
                 // The stream's framing is broken: say why, stop reading it.
                 tracing::debug!(error = %e, "client stream: protocol error");
                 ctx.in_flight.enter();
-                if out_tx
-                    .send(error_frame(0, protocol_code(&e), e.to_string()))
-                    .await
-                    .is_err()
-                {
+                let (kind, body) = error_frame(0, protocol_code(&e), e.to_string());
+                if out_tx.send((kind, body, None)).await.is_err() {
                     ctx.in_flight.leave();
                 }
                 reader.stop(close_code::PROTOCOL);
@@ -316,9 +320,10 @@ async fn client_stream(
         };
         ctx.in_flight.enter();
         tokio::spawn(async move {
-            let response = client_request(&ctx.node, frame).await;
+            let mut answered = None;
+            let (kind, body) = client_request(&ctx.node, frame, &mut answered).await;
             drop(admitted);
-            if out.send(response).await.is_err() {
+            if out.send((kind, body, answered)).await.is_err() {
                 ctx.in_flight.leave();
             }
             drop(permit);
@@ -328,13 +333,23 @@ async fn client_stream(
     let _ = writer.await;
 }
 
-async fn client_request(node: &NodeHandle, frame: Frame) -> (FrameKind, Vec<u8>) {
+/// A response for a client stream's writer, with the instant a submission's receipts were all
+/// in ([`Stage::Respond`] runs from there to the response written).
+type Outgoing = (FrameKind, Vec<u8>, Option<Instant>);
+
+/// Answers one client request; for a submission, sets `answered` once its receipts are in.
+async fn client_request(
+    node: &NodeHandle,
+    frame: Frame,
+    answered: &mut Option<Instant>,
+) -> (FrameKind, Vec<u8>) {
     let request_id = request_id_of(&frame.body);
     let mut body = Vec::new();
     match frame.kind {
         FrameKind::SubmitRequest => match SubmitRequest::decode(&frame.body) {
             Ok(req) => {
                 let results = node.submit_with(req.txs, req.ack).await;
+                *answered = Some(Instant::now());
                 SubmitResponse {
                     request_id: req.request_id,
                     results,
@@ -457,14 +472,14 @@ const SUBSCRIPTION_POLL: Duration = Duration::from_secs(1);
 async fn subscription(
     ctx: &ServerContext,
     frame: Frame,
-    out: tokio::sync::mpsc::Sender<(FrameKind, Vec<u8>)>,
+    out: tokio::sync::mpsc::Sender<Outgoing>,
     closed: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let send = |frame: (FrameKind, Vec<u8>)| {
+    let send = |(kind, body): (FrameKind, Vec<u8>)| {
         ctx.in_flight.enter();
         let out = out.clone();
         async move {
-            let sent = out.send(frame).await.is_ok();
+            let sent = out.send((kind, body, None)).await.is_ok();
             if !sent {
                 ctx.in_flight.leave();
             }

@@ -146,9 +146,24 @@ fn check_result(v: &serde_json::Value, mode: &str, seconds: usize) {
                 .clone()
         };
         let took_requests = v["config"]["spread"] != "leader" || n["role"] == "leader";
-        for name in ["queue", "total", "wal"] {
+        let leads = n["role"] == "leader";
+        for name in [
+            "queue",
+            "total",
+            "respond",
+            "wal",
+            "apply",
+            "replicate",
+            "append",
+        ] {
             let s = stage(name);
-            if name != "wal" && !took_requests {
+            let recorded = match name {
+                "queue" | "total" | "respond" => took_requests,
+                "replicate" => leads,
+                "append" => !leads,
+                _ => true,
+            };
+            if !recorded {
                 assert_eq!(s["count"].as_u64(), Some(0), "{name}: {n}");
                 continue;
             }

@@ -111,6 +111,15 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         assert!(count(node, "queue") >= 334, "{node}");
         assert_eq!(count(node, "total"), count(node, "queue"), "{node}");
         assert!(count(node, "wal") > 0, "{node}");
+        // Each request's answer was written back by the network thread (once per request,
+        // where `queue` counts a request once per shard it reached).
+        let respond = count(node, "respond");
+        assert!((334..=count(node, "queue")).contains(&respond), "{node}");
+        assert!(count(node, "apply") > 0, "{node}");
+        // Replication rounds are timed by the leader, their appends by the followers.
+        let leads = node["status"]["role"] == "leader";
+        assert_eq!(count(node, "replicate") > 0, leads, "{node}");
+        assert_eq!(count(node, "append") > 0, !leads, "{node}");
         batches_sealed += count(node, "batching");
     }
     let leader = all
@@ -120,6 +129,10 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         .find(|n| n["status"]["role"] == "leader")
         .expect("a leader");
     assert!(count(leader, "commit") >= batches_sealed, "{leader}");
+    // Every entry reaches both followers: at least one round each per batch (a round carries
+    // one or more entries).
+    assert!(count(leader, "apply") >= batches_sealed, "{leader}");
+    assert!(count(leader, "replicate") >= 2, "{leader}");
     let nodes = cluster.stop();
     let logs = read_logs(&nodes);
     check_logs_agree(&logs);

@@ -1098,6 +1098,7 @@ async fn raft_shard<F>(
         Ok(sm) => sm
             .with_registry(registry)
             .with_hashed(hashed)
+            .with_stages(stages.clone())
             .with_reserved_index()
             .with_snapshot_by_size(
                 config.raft.snapshot_log_bytes_min,
@@ -1124,7 +1125,7 @@ async fn raft_shard<F>(
             return;
         }
     };
-    let server = glommio::spawn_local(serve(raft.clone(), inbound, propose_tx));
+    let server = glommio::spawn_local(serve(raft.clone(), inbound, propose_tx, stages.clone()));
     // Snapshots the state machine asks for by the log's size (openraft's own policy counts
     // entries). Ends when the state machine is dropped with Raft.
     let snapshot_by_size = {

@@ -310,6 +310,12 @@ impl NodeHandle {
         self.stages.take()
     }
 
+    /// The node's stage histograms, for a layer around it (the network's) to record its own
+    /// stages into ([`super::Stage::Replicate`], [`super::Stage::Respond`]).
+    pub fn stage_recorder(&self) -> super::Stages {
+        self.stages.clone()
+    }
+
     /// Sequences `txs`; resolves when each is committed (or failed), one result per
     /// transaction, in request order.
     pub async fn submit(&self, txs: Vec<Transaction>) -> Vec<Result<Receipt, SubmitError>> {

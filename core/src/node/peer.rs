@@ -2,7 +2,10 @@
 //! ([`Rpc`], fed by the in-process router or by the QUIC layer), and a [`Forwarder`] that hands a
 //! follower's sealed batches to the leader.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
+use std::time::Instant;
 
 use futures_channel::{mpsc, oneshot};
 use futures_util::future::LocalBoxFuture;
@@ -18,6 +21,7 @@ use openraft::Raft;
 
 use crate::node::error::SubmitError;
 use crate::node::handle::Committed;
+use crate::node::stages::{Stage, Stages};
 use crate::raft::{BatchBytes, SnapshotBlob, TypeConfig};
 
 /// Requests one node may have queued from all others before senders wait.
@@ -100,6 +104,7 @@ pub(crate) async fn serve<SM>(
     raft: Raft<TypeConfig, SM>,
     mut rx: mpsc::Receiver<Rpc>,
     propose: mpsc::Sender<Proposal>,
+    stages: Stages,
 ) where
     SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotBlob>,
 {
@@ -119,16 +124,36 @@ pub(crate) async fn serve<SM>(
         };
         let raft = raft.clone();
         let mut propose = propose.clone();
+        let stages = stages.clone();
         glommio::spawn_local(async move {
             let _permit = permit;
             match rpc {
                 Rpc::Append(req, reply) => {
-                    let _ = reply.send(raft.append_entries(req).await);
+                    let started = (!req.entries.is_empty()).then(Instant::now);
+                    let r = raft.append_entries(req).await;
+                    if let Some(started) = started {
+                        stages.record_since(Stage::Append, started);
+                    }
+                    let _ = reply.send(r);
                 }
                 Rpc::StreamAppend(requests, mut results) => {
+                    // One result per request, in order: each request's arrival waits here for
+                    // its result ([`Stage::Append`]; `None`: no entries, not timed).
+                    let arrived = Rc::new(RefCell::new(VecDeque::new()));
+                    let requests = {
+                        let arrived = arrived.clone();
+                        requests.map(move |req: AppendEntriesRequest<TypeConfig>| {
+                            let at = (!req.entries.is_empty()).then(Instant::now);
+                            arrived.borrow_mut().push_back(at);
+                            req
+                        })
+                    };
                     let out = raft.stream_append(requests);
                     futures_util::pin_mut!(out);
                     while let Some(r) = out.next().await {
+                        if let Some(Some(at)) = arrived.borrow_mut().pop_front() {
+                            stages.record_since(Stage::Append, at);
+                        }
                         let failed = !matches!(r, Ok(Ok(_)));
                         let r = r.map_err(|fatal| fatal.to_string());
                         if results.send(r).await.is_err() || failed {
@@ -148,7 +173,7 @@ pub(crate) async fn serve<SM>(
                         bytes,
                         reply: tx,
                         forwarded: true,
-                        sealed_at: std::time::Instant::now(),
+                        sealed_at: Instant::now(),
                     };
                     let r = match propose.send(p).await {
                         Ok(()) => rx.await.unwrap_or(Err(SubmitError::ShuttingDown)),

@@ -9,9 +9,10 @@
 //! `baton_core::stages` when that target is enabled (`RUST_LOG=warn,baton_core::stages=info`).
 //!
 //! The stages nest rather than add up: a request's `total` spans its `queue`, its batch's
-//! `batching`, `to_raft`, `commit` and `answer`; `commit` spans the leader's `wal` and the
-//! followers' (replication, their WAL appends, the commit, the apply). docs/operations.md says
-//! how to read them.
+//! `batching`, `to_raft`, `commit` and `answer`; on the leader `commit` spans its own `wal` in
+//! parallel with `replicate` (each follower's round: the network both ways and the follower's
+//! `append`, which spans the follower's `wal`), then the commit and the leader's `apply`; the
+//! network thread's `respond` follows `total`. docs/operations.md says how to read them.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,9 @@ pub const STAGE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest duration a histogram tells apart (longer ones are counted at this value).
 const STAGE_MAX_US: u64 = 60_000_000;
 
-/// One stage of the path a submission takes through a node. Its discriminant is its place in
-/// [`Stage::ALL`] and its number on the wire.
+/// One stage of the path a submission takes through a node. Its discriminant is its number
+/// on the wire and its slot in a window; [`Stage::ALL`] lists the stages in the order of the
+/// path instead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Stage {
@@ -52,19 +54,39 @@ pub enum Stage {
     Wal = 6,
     /// Per request: from the network thread handing it to a shard to its last receipt.
     Total = 7,
+    /// Per replication request carrying entries, on the leader (over QUIC): from the network
+    /// thread starting to write it to a follower to that follower's answer (the network both
+    /// ways and the follower's `append`).
+    Replicate = 8,
+    /// Per replication request carrying entries, on a follower: from its arrival on the Raft
+    /// shard to its answer (Raft's checks, the WAL append and its durability).
+    Append = 9,
+    /// Per entry (any node): the state machine applying it (indexing its transactions, sealing
+    /// blocks, answering the leader's waiting write).
+    Apply = 10,
+    /// Per request, on the network thread: from the request's last receipt to its answer
+    /// written to the client's QUIC stream (encoding, flow control).
+    Respond = 11,
 }
 
+/// How many stages there are.
+const STAGE_COUNT: usize = 12;
+
 impl Stage {
-    /// Every stage, in the order of the path.
-    pub const ALL: [Stage; 8] = [
+    /// Every stage, in the order of the path (not of their codes).
+    pub const ALL: [Stage; STAGE_COUNT] = [
         Stage::Queue,
         Stage::Batching,
         Stage::ToRaft,
         Stage::Preconfirm,
         Stage::Commit,
-        Stage::Answer,
         Stage::Wal,
+        Stage::Replicate,
+        Stage::Append,
+        Stage::Apply,
+        Stage::Answer,
         Stage::Total,
+        Stage::Respond,
     ];
 
     /// The stage's name in reports.
@@ -78,17 +100,35 @@ impl Stage {
             Stage::Answer => "answer",
             Stage::Wal => "wal",
             Stage::Total => "total",
+            Stage::Replicate => "replicate",
+            Stage::Append => "append",
+            Stage::Apply => "apply",
+            Stage::Respond => "respond",
         }
     }
 
-    /// The stage's number on the wire (its place in [`Stage::ALL`]).
+    /// The stage's number on the wire.
     pub fn code(self) -> u8 {
         self as u8
     }
 
     /// The stage numbered `code`, if there is one.
     pub fn from_code(code: u8) -> Option<Stage> {
-        Stage::ALL.get(usize::from(code)).copied()
+        Some(match code {
+            0 => Stage::Queue,
+            1 => Stage::Batching,
+            2 => Stage::ToRaft,
+            3 => Stage::Preconfirm,
+            4 => Stage::Commit,
+            5 => Stage::Answer,
+            6 => Stage::Wal,
+            7 => Stage::Total,
+            8 => Stage::Replicate,
+            9 => Stage::Append,
+            10 => Stage::Apply,
+            11 => Stage::Respond,
+            _ => return None,
+        })
     }
 
     fn slot(self) -> usize {
@@ -114,7 +154,7 @@ impl Window {
     fn new() -> Window {
         Window {
             started: Instant::now(),
-            histograms: Stage::ALL.iter().map(|_| histogram()).collect(),
+            histograms: (0..STAGE_COUNT).map(|_| histogram()).collect(),
         }
     }
 }
@@ -155,8 +195,8 @@ impl Stages {
         let window = old.started.elapsed();
         let stages = Stage::ALL
             .iter()
-            .zip(&old.histograms)
-            .map(|(&stage, h)| StageSummary {
+            .map(|&stage| (stage, &old.histograms[stage.slot()]))
+            .map(|(stage, h)| StageSummary {
                 stage,
                 count: h.len(),
                 p50_us: h.value_at_quantile(0.50),
@@ -274,11 +314,31 @@ mod tests {
 
     #[test]
     fn every_stage_has_a_distinct_code_and_back() {
-        for (i, &s) in Stage::ALL.iter().enumerate() {
-            assert_eq!(usize::from(s.code()), i);
+        let mut codes: Vec<u8> = Stage::ALL.iter().map(|s| s.code()).collect();
+        for &s in &Stage::ALL {
             assert_eq!(Stage::from_code(s.code()), Some(s));
         }
-        assert_eq!(Stage::from_code(Stage::ALL.len() as u8), None);
+        codes.sort_unstable();
+        // Every code from 0 on is a stage, each once: a window has a slot for each.
+        assert_eq!(codes, (0..STAGE_COUNT as u8).collect::<Vec<_>>());
+        assert_eq!(Stage::from_code(STAGE_COUNT as u8), None);
+        let mut names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), STAGE_COUNT);
+    }
+
+    #[test]
+    fn a_report_lists_the_stages_in_path_order_whatever_their_codes() {
+        let stages = Stages::default();
+        stages.record(Stage::Respond, Duration::from_micros(40));
+        stages.record(Stage::Apply, Duration::from_micros(70));
+        let report = stages.take();
+        let order: Vec<Stage> = report.stages.iter().map(|s| s.stage).collect();
+        assert_eq!(order, Stage::ALL);
+        assert_eq!(report.get(Stage::Respond).count, 1);
+        assert!((69..=71).contains(&report.get(Stage::Apply).max_us));
+        assert_eq!(report.get(Stage::Replicate).count, 0);
     }
 
     #[test]

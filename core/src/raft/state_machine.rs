@@ -39,6 +39,7 @@ use super::log_store::{
 };
 use super::types::{ApplyResult, LogId, SnapshotBlob, TypeConfig};
 use crate::hash::TxHash;
+use crate::node::stages::{Stage, Stages};
 use crate::sequencer::{
     KnownHashes, Position, Sequencer, SequencerError, SnapshotError, SnapshotSink, SnapshotWriter,
     SNAPSHOT_PATCH_WITHIN,
@@ -467,6 +468,8 @@ pub struct StateMachine {
     store: SnapshotStore,
     /// When the log has grown enough, next to the state, to be worth a snapshot.
     by_size: Rc<SnapshotBySize>,
+    /// Where each entry's apply time is recorded ([`Stage::Apply`]), if anywhere.
+    stages: Option<Stages>,
 }
 
 /// Asks for a snapshot once the log applied since the last one holds at least
@@ -1218,6 +1221,12 @@ impl StateMachine {
         (self, rx)
     }
 
+    /// Records how long each entry's apply takes in `stages` ([`Stage::Apply`]).
+    pub fn with_stages(mut self, stages: Stages) -> Self {
+        self.stages = Some(stages);
+        self
+    }
+
     /// Applies batches found in `hashed` with the hashes kept there.
     pub fn with_hashed(self, hashed: HashedBatches) -> Self {
         self.state.borrow_mut().hashed = hashed;
@@ -1358,12 +1367,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            let started = std::time::Instant::now();
             let result = self.state.borrow_mut().apply(&entry)?;
             if let EntryPayload::Normal(b) = &entry.payload {
                 self.by_size.applied(b.as_bytes().len() as u64);
             }
             if let Some(responder) = responder {
                 responder.send(result);
+            }
+            if let Some(stages) = &self.stages {
+                stages.record_since(Stage::Apply, started);
             }
         }
         Ok(())
