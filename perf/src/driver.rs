@@ -166,6 +166,10 @@ where
         let (submit, recorder) = (submit.clone(), recorder.clone());
         let connection = (i % connections.max(1) as u64) as usize;
         inflight.spawn(async move {
+            recorder
+                .lock()
+                .expect("recorder lock")
+                .record_start(intended, us_since(start));
             let outcome = submit(connection, i).await;
             let done = us_since(start);
             drop(permit);

@@ -358,6 +358,7 @@ pub async fn run(
         },
         latency_ms: [(config.ack.name().to_string(), rec.latency())].into(),
         latency_per_second_ms: rec.per_second_latency(),
+        client_send_lag_ms: rec.send_lag(),
         errors: Errors {
             tx: rec.failed(),
             by_type: rec.errors().iter().map(|(k, v)| (k.clone(), *v)).collect(),

@@ -104,6 +104,9 @@ pub struct Recorder {
     /// Everything answered so far, warm-up included (for progress lines).
     live_ok_tx: u64,
     live_failed_tx: u64,
+    /// Open loop: how late the client started each measured request against its schedule
+    /// (its own queueing, part of every latency it reports), per request.
+    send_lag: Histogram<u64>,
 }
 
 impl Recorder {
@@ -121,7 +124,25 @@ impl Recorder {
             per_second_latency: Vec::new(),
             live_ok_tx: 0,
             live_failed_tx: 0,
+            send_lag: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds"),
         }
+    }
+
+    /// Records that the request intended at `intended_us` started at `started_us` (open loop;
+    /// requests intended outside the window are not measured).
+    pub fn record_start(&mut self, intended_us: u64, started_us: u64) {
+        if intended_us < self.window.from_us || intended_us >= self.window.until_us {
+            return;
+        }
+        let lag = started_us
+            .saturating_sub(intended_us)
+            .clamp(1, LATENCY_US_MAX);
+        self.send_lag.record(lag).expect("clamped into range");
+    }
+
+    /// Open loop: how late the measured requests started (per request; empty in closed loop).
+    pub fn send_lag(&self) -> Option<LatencySummary> {
+        (!self.send_lag.is_empty()).then(|| summarize(&self.send_lag))
     }
 
     /// Records a request intended at `intended_us` and answered at `done_us`.
@@ -316,6 +337,20 @@ mod tests {
         assert_eq!(l.curve.first().unwrap()[0], 0.0);
         assert_eq!(l.curve.last().unwrap()[0], 100.0);
         assert!(l.curve.windows(2).all(|w| w[0][1] <= w[1][1]));
+    }
+
+    #[test]
+    fn send_lag_is_measured_per_request_inside_the_window_only() {
+        let mut r = Recorder::new(Window::new(1_000_000, 1_000_000));
+        assert_eq!(r.send_lag(), None, "nothing started: no lag reported");
+        r.record_start(500_000, 900_000); // warm-up
+        r.record_start(1_000_000, 1_000_000); // on time
+        r.record_start(1_500_000, 1_503_000); // 3 ms late
+        r.record_start(2_000_000, 2_100_000); // after the window
+        let lag = r.send_lag().expect("two measured");
+        assert_eq!(lag.count, 2);
+        assert!((lag.max - 3.0).abs() < 0.01, "{lag:?}");
+        assert!(lag.p50 <= 0.002, "{lag:?}");
     }
 
     #[test]

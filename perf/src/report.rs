@@ -276,6 +276,11 @@ pub struct RunResult {
     /// The same latency for the requests intended in each second of the window.
     #[serde(default)]
     pub latency_per_second_ms: Vec<SecondLatency>,
+    /// Open loop: how late the client itself started the measured requests against their
+    /// schedule, per request (its own queueing, included in every latency above); `None` in
+    /// closed loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_send_lag_ms: Option<LatencySummary>,
     /// Errors.
     pub errors: Errors,
 }
@@ -354,6 +359,13 @@ impl RunResult {
             let _ = writeln!(
                 s,
                 "| submit → {level} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
+            );
+        }
+        if let Some(l) = &self.client_send_lag_ms {
+            let _ = writeln!(
+                s,
+                "| client's own send lag (per request) | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
             );
         }
@@ -474,6 +486,7 @@ pub(crate) fn sample_result(achieved: f64, p99: f64, failed: u64) -> RunResult {
             ..Default::default()
         },
         latency_per_second_ms: vec![],
+        client_send_lag_ms: None,
         latency_ms: [(
             "committed".to_string(),
             LatencySummary {

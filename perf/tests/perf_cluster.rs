@@ -87,6 +87,18 @@ fn perf(args: &[&str]) -> (bool, String) {
 
 fn check_result(v: &serde_json::Value, mode: &str, seconds: usize) {
     assert_eq!(v["config"]["rate_tx_per_s"].is_null(), mode == "closed");
+    // The open loop reports its own lag behind its schedule, one count per measured request.
+    let lag = &v["client_send_lag_ms"];
+    if mode == "closed" {
+        assert!(lag.is_null(), "{lag}");
+    } else {
+        let requests = v["throughput"]["requests"].as_u64().unwrap();
+        assert!(lag["count"].as_u64().unwrap() >= requests, "{lag}");
+        assert!(
+            lag["p50"].as_f64().unwrap() <= lag["max"].as_f64().unwrap(),
+            "{lag}"
+        );
+    }
     let t = &v["throughput"];
     let tx = t["tx"].as_u64().unwrap();
     assert!(tx > 0, "some transactions sequenced");
