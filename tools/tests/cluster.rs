@@ -116,10 +116,14 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         let respond = count(node, "respond");
         assert!((334..=count(node, "queue")).contains(&respond), "{node}");
         assert!(count(node, "apply") > 0, "{node}");
-        // Replication rounds are timed by the leader, their appends by the followers.
-        let leads = node["status"]["role"] == "leader";
-        assert_eq!(count(node, "replicate") > 0, leads, "{node}");
-        assert_eq!(count(node, "append") > 0, !leads, "{node}");
+        // Replication rounds are timed by the leader, their appends by the followers (the
+        // window began at the node's start: a first election that moved the lead once more
+        // leaves a node some of both, so only what its role now implies is checked).
+        if node["status"]["role"] == "leader" {
+            assert!(count(node, "replicate") > 0, "{node}");
+        } else {
+            assert!(count(node, "append") > 0, "{node}");
+        }
         batches_sealed += count(node, "batching");
     }
     let leader = all
