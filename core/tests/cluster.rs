@@ -658,12 +658,11 @@ fn every_stage_of_the_path_is_timed_on_the_leader_and_a_forwarding_follower() {
                 report.get(Stage::Apply).count >= sequenced,
                 "{what}: {report}"
             );
-            // Only a follower answers replication requests.
-            assert_eq!(
-                report.get(Stage::Append).count > 0,
-                appends,
-                "{what}: {report}"
-            );
+            // A follower answers replication requests (a leader only would after losing the
+            // lead, which this test does not assert against).
+            if appends {
+                assert!(report.get(Stage::Append).count > 0, "{what}: {report}");
+            }
             // The network layer's stages: none without it.
             for s in [Stage::Replicate, Stage::Respond] {
                 assert_eq!(report.get(s).count, 0, "{what}: {report}");
