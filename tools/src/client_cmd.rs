@@ -402,13 +402,14 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                 }
                 Err(e) => Err(e.to_string()),
             };
-            if !rtts_us.is_empty() {
+            let round_trip = (!rtts_us.is_empty()).then(|| {
                 let [p50, p99] = percentiles_us(&mut rtts_us, [0.5, 0.99]);
                 eprintln!(
                     "{e}: status round trip p50 {p50} us, p99 {p99} us ({} requests)",
                     rtts_us.len()
                 );
-            }
+                json!({"count": rtts_us.len(), "p50_us": p50, "p99_us": p99})
+            });
             match (status, stages) {
                 (Ok(_), Some(Err(err))) => {
                     failed = true;
@@ -428,6 +429,9 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     let mut node = json!({"endpoint": e.to_string(), "status": status_json(&s)});
                     if let Some(r) = &stages {
                         node["stages"] = stages_json(r);
+                    }
+                    if let Some(rt) = &round_trip {
+                        node["round_trip"] = rt.clone();
                     }
                     all.push(node);
                 }

@@ -92,6 +92,8 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
     let stdout = baton_ok(&[
         "status".as_ref(),
         "--stages".as_ref(),
+        "--repeat".as_ref(),
+        "5".as_ref(),
         "--json".as_ref(),
         "--cluster".as_ref(),
         cluster.dir.as_os_str(),
@@ -107,6 +109,10 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
     };
     let mut batches_sealed = 0;
     for node in all.as_array().unwrap() {
+        // Four timed status round trips (the first request is not timed).
+        let rt = &node["round_trip"];
+        assert_eq!(rt["count"], 4, "{node}");
+        assert!(rt["p50_us"].as_u64().unwrap() <= rt["p99_us"].as_u64().unwrap());
         // 33,334 transactions in requests of 100: 334 requests, each reaching one or more shards.
         assert!(count(node, "queue") >= 334, "{node}");
         assert_eq!(count(node, "total"), count(node, "queue"), "{node}");
