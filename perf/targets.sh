@@ -62,14 +62,20 @@ cluster_down() {
   up_pid=
   rm -rf "$work/cluster"
 }
-# perf_run LABEL ARGS...: one baton-perf run on a fresh cluster, its JSON kept as LABEL.json
-# (a failed run, e.g. overload's expected client backlog, still writes its result).
+# perf_run LABEL ARGS...: one baton-perf run on a fresh cluster, its JSON kept as LABEL.json.
+# Exit 1 (some transactions failed, e.g. overload's expected client backlog) still wrote a
+# result that the table judges; anything else (bad arguments, no cluster) stops the script.
 perf_run() {
-  local label=$1
+  local label=$1 rc=0
   shift
   cluster_up
-  "$P" run --cluster "$work/cluster" --quiet --out "$out/$label.json" "$@" >"$out/$label.md" || true
+  "$P" run --cluster "$work/cluster" --quiet --out "$out/$label.json" "$@" >"$out/$label.md" || rc=$?
   cluster_down
+  if [ "$rc" -gt 1 ]; then
+    echo "baton-perf run $label failed (exit $rc); cluster log:" >&2
+    tail -20 "$work/up.log" >&2
+    exit "$rc"
+  fi
   echo "  $label done" >&2
 }
 

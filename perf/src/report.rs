@@ -190,8 +190,7 @@ pub struct NodeStages {
 /// One stage's latencies, microseconds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageFacts {
-    /// Stage name (`queue`, `batching`, `to_raft`, `preconfirm`, `commit`, `answer`, `wal`,
-    /// `total`).
+    /// Stage name (`baton_core::node::Stage::name`: `queue`, `batching`, … `respond`).
     pub stage: String,
     /// How many were timed.
     pub count: u64,

@@ -331,19 +331,10 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// A stage report as JSON: the window and, per stage, its count and percentiles in µs.
+/// A stage report as JSON, in the shape `baton-perf` writes for each node: the window and, per
+/// stage, its count and percentiles in µs.
 pub fn stages_json(r: &StageReport) -> serde_json::Value {
-    json!({
-        "window_s": r.window.as_secs_f64(),
-        "stages": r.stages.iter().map(|s| json!({
-            "stage": s.stage.name(),
-            "count": s.count,
-            "p50_us": s.p50_us,
-            "p90_us": s.p90_us,
-            "p99_us": s.p99_us,
-            "max_us": s.max_us,
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(baton_perf::report::NodeStages::of(r)).expect("plain numbers and names")
 }
 
 /// The status as JSON.
