@@ -13,6 +13,7 @@
 //! - [`block`]: per-rollup block headers (signed) and block metadata, [`rollups`]: the
 //!   per-rollup state (registrations, pending transactions, blocks, reveals), [`command`]: the
 //!   control commands that drive it through the log,
+//! - [`cpus`]: the CPUs a node may pin its threads to,
 //! - [`sign`]: leader signatures (secp256k1, Ethereum-style recoverable) and addresses,
 //! - [`limits`]: every size limit, [`error`]: `ModelError`,
 //! - [`raft`]: openraft on glommio: the runtime adapter and baton's `TypeConfig`.
@@ -26,6 +27,7 @@ pub mod batch;
 pub mod batcher;
 pub mod block;
 pub mod command;
+pub mod cpus;
 pub mod encrypted;
 pub mod error;
 pub mod hash;

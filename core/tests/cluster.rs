@@ -487,17 +487,48 @@ fn bad_configurations_are_refused_at_start_without_hanging() {
             r.err()
         );
     }
-    // A shard pinned to a CPU that does not exist: its executor cannot start; start reports it.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut c = NodeConfig::new(2, dir.path().join("b"));
-    c.shards = cpus + 1;
-    c.pin_shards = true;
-    let r = baton_core::node::start(c, baton_core::node::Network::Local(router));
+    // Shards pinned to CPUs the process may not run on, to too few CPUs, or two to one CPU:
+    // refused before any thread starts, with the reason.
+    let allowed = baton_core::cpus::allowed().expect("affinity mask");
+    let outside = allowed.last().unwrap() + 1;
+    for (shards, cpus, says) in [
+        (
+            1,
+            vec![outside],
+            format!("CPU {outside} is not one this process may run on"),
+        ),
+        (2, vec![allowed[0]], "names 1 CPUs for 2 shards".to_string()),
+        (
+            2,
+            vec![allowed[0], allowed[0]],
+            format!("CPU {} twice", allowed[0]),
+        ),
+    ] {
+        let mut c = NodeConfig::new(2, dir.path().join("b"));
+        c.shards = shards;
+        c.shard_cpus = Some(cpus);
+        let r = baton_core::node::start(c, baton_core::node::Network::Local(router.clone()));
+        assert!(
+            matches!(&r, Err(baton_core::node::NodeError::Config { reason }) if reason.contains(&says)),
+            "{:?}",
+            r.err()
+        );
+    }
+    // A shard pinned to an allowed CPU runs there.
+    let mut c = NodeConfig::new(3, dir.path().join("c"));
+    c.shards = 1;
+    c.shard_cpus = Some(vec![*allowed.last().unwrap()]);
+    let node = baton_core::node::start(c, baton_core::node::Network::Local(router))
+        .expect("a node pinned to an allowed CPU starts");
+    // Threads the shard starts (glommio's blocking pool) carry its name and its mask.
+    let seen = thread_cpus("baton-3-s0");
+    let want = baton_core::cpus::list(&[*allowed.last().unwrap()]);
     assert!(
-        matches!(r, Err(baton_core::node::NodeError::Spawn { .. })),
-        "{:?}",
-        r.err()
+        !seen.is_empty() && seen.iter().all(|c| *c == want),
+        "{seen:?}, want {want}"
     );
+    run(node.shutdown());
+    node.join();
 }
 
 #[test]
@@ -886,4 +917,24 @@ async fn submit_until_committed(
         statuses.push(n.status().await);
     }
     panic!("writes did not resume within {timeout:?}: {last:?}; nodes {statuses:?}");
+}
+
+/// `Cpus_allowed_list` of every thread of this process named `name`.
+fn thread_cpus(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push(l.trim().to_string());
+        }
+    }
+    out
 }

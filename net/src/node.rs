@@ -45,6 +45,9 @@ pub struct NetNodeConfig {
     pub tls: TlsPaths,
     /// Threads of the network runtime (1: a current-thread runtime). Default 1.
     pub net_threads: usize,
+    /// CPUs the network runtime's threads are pinned to (all of them share the set; each in
+    /// the process's affinity mask, [`baton_core::cpus`]). Default empty: not pinned.
+    pub net_cpus: Vec<usize>,
     /// Client submission bytes (request frames) admitted and not yet answered, node-wide;
     /// past it client streams are not read until answers free room (`server::Admission`).
     /// Default [`CLIENT_BYTES_IN_FLIGHT_MAX_DEFAULT`].
@@ -83,10 +86,12 @@ pub struct NetNode {
     local_addr: SocketAddr,
 }
 
-/// Starts the network runtime on its own thread and returns its handle.
+/// Starts the network runtime on its own thread and returns its handle. Its threads are
+/// pinned to `cpus` unless that is empty.
 fn start_runtime(
     id: u64,
     threads: usize,
+    cpus: &[usize],
 ) -> Result<
     (
         tokio::runtime::Handle,
@@ -95,14 +100,28 @@ fn start_runtime(
     ),
     NetNodeError,
 > {
+    let cpus = cpus.to_vec();
+    let pin = move || {
+        if cpus.is_empty() {
+            return;
+        }
+        // The CPUs were checked against the process's mask at start; this only fails if the
+        // mask shrank since.
+        if let Err(e) = baton_core::cpus::pin_current_thread(&cpus) {
+            tracing::warn!(node = id, cpus = %baton_core::cpus::list(&cpus), error = %e,
+                "network thread not pinned");
+        }
+    };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
     } else {
+        let pin = pin.clone();
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name(format!("baton-{id}-net"))
+            .on_thread_start(pin)
             .enable_all()
             .build()?
     };
@@ -111,6 +130,8 @@ fn start_runtime(
     let thread = std::thread::Builder::new()
         .name(format!("baton-{id}-net"))
         .spawn(move || {
+            // A current-thread runtime runs its tasks on this thread.
+            pin();
             rt.block_on(async move {
                 let _ = stop_rx.await;
             });
@@ -131,7 +152,21 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
     let server_config = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
     let peer_config =
         tls::peer_client_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
-    let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads)?;
+    if !config.net_cpus.is_empty() {
+        let allowed = baton_core::cpus::allowed()?;
+        baton_core::cpus::check("net_cpus", &config.net_cpus, false, &allowed)
+            .map_err(|reason| NetNodeError::Config { reason })?;
+    }
+    let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads, &config.net_cpus)?;
+    if config.node.shard_cpus.is_some() || !config.net_cpus.is_empty() {
+        let show = |c: Option<&Vec<usize>>| c.map_or("any".to_string(), |c| format!("{c:?}"));
+        tracing::info!(
+            node = id,
+            shard_cpus = %show(config.node.shard_cpus.as_ref()),
+            net_cpus = %show(Some(&config.net_cpus).filter(|c| !c.is_empty())),
+            "threads pinned"
+        );
+    }
     let endpoint = {
         let _guard = rt.enter();
         crate::udp::endpoint(config.listen, Some(server_config))?

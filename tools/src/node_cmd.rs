@@ -304,6 +304,8 @@ pub fn prepare_cluster(
             data_dir: dir.join(format!("node-{id}")),
             shards: Some(shards),
             pin_shards: false,
+            shard_cpus: None,
+            net_cpus: Vec::new(),
             transparent_huge_pages: false,
             huge_pages_at_start: true,
             net_threads: 1,

@@ -22,12 +22,20 @@ pub struct NodeFile {
     pub listen_addr: SocketAddr,
     /// WAL and snapshot directory. Required (relative paths are relative to the file).
     pub data_dir: PathBuf,
-    /// Glommio shards. Default: available cores.
+    /// Glommio shards. Default: as many as `shard_cpus` names, else available cores.
     #[serde(default)]
     pub shards: Option<usize>,
-    /// Pin shard k to CPU k. Default false.
+    /// Pin shard k to CPU k. Default false. `shard_cpus` names the CPUs instead.
     #[serde(default)]
     pub pin_shards: bool,
+    /// The CPU of each shard (shard k on the k-th; distinct, one per shard). Default: none,
+    /// shards not pinned (or CPU k with `pin_shards`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_cpus: Option<Vec<usize>>,
+    /// CPUs the QUIC runtime's threads are pinned to (they share the set). Default empty: not
+    /// pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_cpus: Vec<usize>,
     /// Let all of this node's memory use transparent huge pages. Default false: the
     /// allocator's huge pages, faulted in (2 MiB cleared at a time) as memory is allocated,
     /// returned and taken again under load, made nodes stall for up to seconds
@@ -315,6 +323,25 @@ impl NodeFile {
         if let Err(reason) = file.wal.options().and_then(|_| file.wal.check_io_memory()) {
             return Err(invalid(format!("wal: {reason}")));
         }
+        if let Some(cpus) = &file.shard_cpus {
+            if file.pin_shards {
+                return Err(invalid(
+                    "set pin_shards (shard k on CPU k) or shard_cpus, not both".into(),
+                ));
+            }
+            if cpus.is_empty() {
+                return Err(invalid(
+                    "shard_cpus is empty: leave it out to not pin".into(),
+                ));
+            }
+            if file.shards.is_some_and(|n| n != cpus.len()) {
+                return Err(invalid(format!(
+                    "shard_cpus names {} CPUs for shards = {}: one per shard",
+                    cpus.len(),
+                    file.shards.unwrap_or_default()
+                )));
+            }
+        }
         if file.limits.client_bytes_in_flight_max == 0 {
             return Err(invalid(
                 "limits.client_bytes_in_flight_max must be at least 1".into(),
@@ -330,7 +357,14 @@ impl NodeFile {
         if let Some(s) = self.shards {
             node.shards = s;
         }
-        node.pin_shards = self.pin_shards;
+        // Checked by `load` (a CPU outside this machine's mask is refused when the node starts).
+        node.shard_cpus = match &self.shard_cpus {
+            Some(cpus) => {
+                node.shards = cpus.len();
+                Some(cpus.clone())
+            }
+            None => self.pin_shards.then(|| (0..node.shards).collect()),
+        };
         node.raft = RaftTimings {
             heartbeat_interval_ms: self.raft.heartbeat_interval_ms,
             election_timeout_min_ms: self.raft.election_timeout_min_ms,
@@ -368,6 +402,7 @@ impl NodeFile {
                 key: resolve(base, &self.tls.key),
             },
             net_threads: self.net_threads,
+            net_cpus: self.net_cpus.clone(),
             client_bytes_in_flight_max: self.limits.client_bytes_in_flight_max,
             bootstrap,
         }
@@ -379,10 +414,19 @@ mod tests {
     use super::*;
 
     fn file_with(limits: &str) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
+        file_with_top("", limits)
+    }
+
+    /// A file with `top` among its top-level keys and `tables` at its end.
+    fn file_with_top(
+        top: &str,
+        tables: &str,
+    ) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
+        let limits = tables;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
         let text = format!(
-            "node_id = 1\nlisten_addr = \"127.0.0.1:7100\"\ndata_dir = \"data\"\n\
+            "{top}node_id = 1\nlisten_addr = \"127.0.0.1:7100\"\ndata_dir = \"data\"\n\
              [tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
              [[peers]]\nid = 1\naddr = \"127.0.0.1:7100\"\n{limits}"
         );
@@ -451,6 +495,43 @@ mod tests {
                     f,
                     Err(ConfigError::Invalid { .. }) | Err(ConfigError::Parse { .. })
                 ),
+                "{bad}: {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_placement_comes_from_shard_cpus_or_pin_shards_and_contradictions_are_refused() {
+        let placement = |top: &str| {
+            let (dir, f) = file_with_top(top, "");
+            let c = f
+                .unwrap_or_else(|e| panic!("{top}: {e}"))
+                .to_config(dir.path());
+            (c.node.shards, c.node.shard_cpus, c.net_cpus)
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(placement(""), (cores, None, vec![]));
+        assert_eq!(
+            placement("pin_shards = true\nshards = 2\n"),
+            (2, Some(vec![0, 1]), vec![])
+        );
+        // The shard count follows the CPU list; net threads may share a shard's CPU.
+        assert_eq!(
+            placement("shard_cpus = [3, 1]\nnet_cpus = [0, 1]\n"),
+            (2, Some(vec![3, 1]), vec![0, 1])
+        );
+        assert_eq!(
+            placement("shards = 1\nshard_cpus = [5]\n"),
+            (1, Some(vec![5]), vec![])
+        );
+        for (bad, says) in [
+            ("shards = 3\nshard_cpus = [1, 2]\n", "2 CPUs for shards = 3"),
+            ("pin_shards = true\nshard_cpus = [1]\n", "not both"),
+            ("shard_cpus = []\n", "empty"),
+        ] {
+            let (_dir, f) = file_with_top(bad, "");
+            assert!(
+                matches!(&f, Err(ConfigError::Invalid { reason, .. }) if reason.contains(says)),
                 "{bad}: {f:?}"
             );
         }

@@ -662,3 +662,93 @@ fn cluster_up_reports_each_node_that_exits_and_ends_after_the_last() {
     let status = cluster.process.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `Cpus_allowed_list` of each thread of process `pid` named `name`.
+fn thread_cpus(pid: u32, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            if let Some(l) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            {
+                out.push(l.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Rewrites the node.toml at `path` with `shard_cpus` and `net_cpus` set.
+fn place(path: &std::path::Path, shard_cpus: &[usize], net_cpus: &[usize]) {
+    let mut file: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let list = |c: &[usize]| toml::Value::Array(c.iter().map(|&c| (c as i64).into()).collect());
+    file.insert("shard_cpus".into(), list(shard_cpus));
+    file.insert("net_cpus".into(), list(net_cpus));
+    file.remove("shards");
+    std::fs::write(path, toml::to_string(&file).unwrap()).unwrap();
+}
+
+/// `shard_cpus` and `net_cpus` in node.toml pin a real node's shard and QUIC threads; a CPU
+/// the process may not run on stops the node at start with the reason.
+#[test]
+fn a_node_runs_its_threads_on_the_cpus_its_config_names() {
+    let allowed = baton_core::cpus::allowed().expect("affinity mask");
+    let (shard_cpu, net_cpu) = (*allowed.last().unwrap(), allowed[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ClusterUp::start(dir.path(), 1, free_base_port(1));
+    let config = cluster.node(1).config.clone();
+    cluster.kill(1);
+    place(&config, &[shard_cpu], &[net_cpu]);
+    cluster.restart(1);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = cluster.client_of(1);
+        leader_seen_by(&client, WAIT).await;
+    });
+    let pid = cluster.node(1).pid;
+    let list = baton_core::cpus::list;
+    // Threads a pinned one starts (glommio's blocking pool) carry its name and its mask.
+    for (name, cpu) in [("baton-1-s0", shard_cpu), ("baton-1-net", net_cpu)] {
+        let seen = thread_cpus(pid, name);
+        assert!(
+            !seen.is_empty() && seen.iter().all(|c| *c == list(&[cpu])),
+            "{name}: {seen:?}, want {cpu}"
+        );
+    }
+    cluster.kill(1);
+
+    let outside = allowed.last().unwrap() + 1;
+    place(&config, &[outside], &[net_cpu]);
+    let mut node = std::process::Command::new(BATON)
+        .arg("node")
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn baton node");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = node.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a node with a bad CPU did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "shard_cpus: CPU {outside} is not one this process may run on"
+        )),
+        "{err}"
+    );
+    cluster.stop();
+}

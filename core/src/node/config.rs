@@ -54,8 +54,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Shards (glommio executors, one thread each). Default: available cores.
     pub shards: usize,
-    /// Pin shard k to CPU k (bare metal). Default false (tests run many nodes per machine).
-    pub pin_shards: bool,
+    /// The CPU each shard is pinned to (shard k on `shard_cpus[k]`; one per shard, distinct,
+    /// each in the process's affinity mask: [`crate::cpus`]). Default `None`: shards float
+    /// (tests and local clusters run many nodes per machine). Bare metal: one core per shard.
+    pub shard_cpus: Option<Vec<usize>>,
     /// When shards seal batches.
     pub batch: BatchPolicy,
     /// Seal at once, without lingering, when none of the shard's batches is waiting for its
@@ -94,7 +96,7 @@ impl NodeConfig {
             id,
             data_dir: data_dir.into(),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            pin_shards: false,
+            shard_cpus: None,
             batch: BatchPolicy::default(),
             seal_when_idle: true,
             dedup_window_txs: 1 << 20,

@@ -101,6 +101,22 @@ where
     config.batch.validate().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?;
+    if let Some(cpus) = &config.shard_cpus {
+        if cpus.len() != config.shards {
+            return Err(NodeError::Config {
+                reason: format!(
+                    "shard_cpus names {} CPUs for {} shards: one per shard",
+                    cpus.len(),
+                    config.shards
+                ),
+            });
+        }
+        let allowed = crate::cpus::allowed().map_err(|e| NodeError::Config {
+            reason: format!("shard_cpus: cannot read this process's CPU mask: {e}"),
+        })?;
+        crate::cpus::check("shard_cpus", cpus, true, &allowed)
+            .map_err(|reason| NodeError::Config { reason })?;
+    }
     // A sealed batch must fit in one WAL record, behind the log store's entry prefix.
     let entry_max = config.batch.batch_bytes_max
         + crate::raft::log_store::ENTRY_PREFIX_BYTES
@@ -261,11 +277,8 @@ where
     F: FnOnce(Ready) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    let placement = if config.pin_shards {
-        Placement::Fixed(k)
-    } else {
-        Placement::Unbound
-    };
+    let cpu = config.shard_cpus.as_ref().map(|cpus| cpus[k]);
+    let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
     let name = format!("baton-{}-s{k}", config.id);
     let io_memory = config.wal_io_memory_bytes;
     std::thread::Builder::new()
@@ -291,7 +304,9 @@ where
                 }
                 Err(e) => {
                     let source = std::io::Error::other(format!(
-                        "glommio executor (locked memory? CPU {k} available?): {e}"
+                        "glommio executor (locked memory?{}): {e}",
+                        cpu.map(|c| format!(" CPU {c} available?"))
+                            .unwrap_or_default()
                     ));
                     let _ = ready.send(Err(NodeError::Spawn { shard: k, source }));
                 }
