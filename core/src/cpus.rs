@@ -6,10 +6,42 @@
 //! (docs/performance.md, "Tuning knobs"). Every CPU named must be in the process's affinity mask
 //! (`taskset`, cgroup cpusets): a node refuses to start otherwise, with the allowed list in the
 //! error, rather than failing in a thread later.
+//!
+//! A thread inherits its creator's mask, so helper threads a pinned shard starts for work that
+//! must stay off the shard's core (the nonce pool, the snapshot encoder) call
+//! [`release_current_thread`] first: they go back to the mask the node started with
+//! ([`remember_start_mask`]).
 
 use std::io;
+use std::sync::OnceLock;
 
-/// The CPUs this process may run on (its affinity mask), ascending.
+/// The mask of the thread that started the node, before any pinning.
+static START_MASK: OnceLock<Vec<usize>> = OnceLock::new();
+
+/// Records the calling thread's mask as the one helper threads go back to. Called by the node
+/// before it starts its threads; only the first call records.
+pub fn remember_start_mask() {
+    if START_MASK.get().is_none() {
+        if let Ok(mask) = allowed() {
+            let _ = START_MASK.set(mask);
+        }
+    }
+}
+
+/// Puts the calling thread back on the mask recorded by [`remember_start_mask`] (nothing when
+/// none was recorded, or when the thread already has it). Errors are the caller's to log.
+pub fn release_current_thread() -> io::Result<()> {
+    let Some(start) = START_MASK.get() else {
+        return Ok(());
+    };
+    if allowed()? == *start {
+        return Ok(());
+    }
+    pin_current_thread(start)
+}
+
+/// The CPUs the calling thread may run on (its affinity mask, the process's unless the thread
+/// was pinned), ascending.
 pub fn allowed() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
     unsafe {
@@ -143,5 +175,24 @@ mod tests {
         assert_eq!(super::allowed().unwrap(), allowed);
         assert!(pin_current_thread(&[]).is_err());
         assert!(pin_current_thread(&[1 << 20]).is_err());
+    }
+
+    #[test]
+    fn a_released_thread_goes_back_to_the_start_mask() {
+        remember_start_mask();
+        let start = START_MASK.get().expect("recorded").clone();
+        let target = *start.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            pin_current_thread(&[target]).expect("pin");
+            std::thread::spawn(|| {
+                release_current_thread().expect("release");
+                allowed().expect("mask")
+            })
+            .join()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, start);
     }
 }

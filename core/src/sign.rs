@@ -378,7 +378,13 @@ impl NoncePool {
         let filler = shared.clone();
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || filler.fill())
+            .spawn(move || {
+                // Started from the Raft shard: not on its core when that one is pinned.
+                if let Err(e) = crate::cpus::release_current_thread() {
+                    tracing::warn!(error = %e, "nonce thread stays on its shard's CPU");
+                }
+                filler.fill()
+            })
             .ok()?;
         Some(NoncePool { shared })
     }

@@ -515,17 +515,23 @@ fn bad_configurations_are_refused_at_start_without_hanging() {
         );
     }
     // A shard pinned to an allowed CPU runs there.
-    let mut c = NodeConfig::new(3, dir.path().join("c"));
+    // An id no other test's node has: under `cargo test` the tests share this process.
+    let mut c = NodeConfig::new(93, dir.path().join("c"));
     c.shards = 1;
     c.shard_cpus = Some(vec![*allowed.last().unwrap()]);
     let node = baton_core::node::start(c, baton_core::node::Network::Local(router))
         .expect("a node pinned to an allowed CPU starts");
     // Threads the shard starts (glommio's blocking pool) carry its name and its mask.
-    let seen = thread_cpus("baton-3-s0");
+    let seen = thread_cpus("baton-93-s0");
     let want = baton_core::cpus::list(&[*allowed.last().unwrap()]);
     assert!(
         !seen.is_empty() && seen.iter().all(|c| *c == want),
         "{seen:?}, want {want}"
+    );
+    // The nonce pool's thread, started by the pinned shard, is back on the whole mask.
+    assert_eq!(
+        thread_cpus("baton-93-nonce"),
+        vec![baton_core::cpus::list(&allowed)]
     );
     run(node.shutdown());
     node.join();

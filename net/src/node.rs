@@ -152,21 +152,18 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
     let server_config = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
     let peer_config =
         tls::peer_client_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    // Both placements are checked before the first thread starts.
+    config
+        .node
+        .check_shard_cpus()
+        .map_err(|reason| NetNodeError::Config { reason })?;
+    baton_core::cpus::remember_start_mask();
     if !config.net_cpus.is_empty() {
         let allowed = baton_core::cpus::allowed()?;
         baton_core::cpus::check("net_cpus", &config.net_cpus, false, &allowed)
             .map_err(|reason| NetNodeError::Config { reason })?;
     }
     let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads, &config.net_cpus)?;
-    if config.node.shard_cpus.is_some() || !config.net_cpus.is_empty() {
-        let show = |c: Option<&Vec<usize>>| c.map_or("any".to_string(), |c| format!("{c:?}"));
-        tracing::info!(
-            node = id,
-            shard_cpus = %show(config.node.shard_cpus.as_ref()),
-            net_cpus = %show(Some(&config.net_cpus).filter(|c| !c.is_empty())),
-            "threads pinned"
-        );
-    }
     let endpoint = {
         let _guard = rt.enter();
         crate::udp::endpoint(config.listen, Some(server_config))?
@@ -195,6 +192,15 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
         }
     };
     links.set_stages(node.stage_recorder());
+    if config.node.shard_cpus.is_some() || !config.net_cpus.is_empty() {
+        let show = |c: Option<&Vec<usize>>| c.map_or("any".to_string(), |c| format!("{c:?}"));
+        tracing::info!(
+            node = id,
+            shard_cpus = %show(config.node.shard_cpus.as_ref()),
+            net_cpus = %show(Some(&config.net_cpus).filter(|c| !c.is_empty())),
+            "threads pinned"
+        );
+    }
     let ctx = Arc::new(ServerContext {
         node: node.clone(),
         node_id: id,

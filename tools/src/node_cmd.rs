@@ -305,7 +305,7 @@ pub fn prepare_cluster(
             shards: Some(shards),
             pin_shards: false,
             shard_cpus: None,
-            net_cpus: Vec::new(),
+            net_cpus: None,
             transparent_huge_pages: false,
             huge_pages_at_start: true,
             net_threads: 1,

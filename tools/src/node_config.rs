@@ -32,10 +32,10 @@ pub struct NodeFile {
     /// shards not pinned (or CPU k with `pin_shards`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_cpus: Option<Vec<usize>>,
-    /// CPUs the QUIC runtime's threads are pinned to (they share the set). Default empty: not
+    /// CPUs the QUIC runtime's threads are pinned to (they share the set). Default: none, not
     /// pinned.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub net_cpus: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_cpus: Option<Vec<usize>>,
     /// Let all of this node's memory use transparent huge pages. Default false: the
     /// allocator's huge pages, faulted in (2 MiB cleared at a time) as memory is allocated,
     /// returned and taken again under load, made nodes stall for up to seconds
@@ -342,6 +342,9 @@ impl NodeFile {
                 )));
             }
         }
+        if file.net_cpus.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid("net_cpus is empty: leave it out to not pin".into()));
+        }
         if file.limits.client_bytes_in_flight_max == 0 {
             return Err(invalid(
                 "limits.client_bytes_in_flight_max must be at least 1".into(),
@@ -402,7 +405,7 @@ impl NodeFile {
                 key: resolve(base, &self.tls.key),
             },
             net_threads: self.net_threads,
-            net_cpus: self.net_cpus.clone(),
+            net_cpus: self.net_cpus.clone().unwrap_or_default(),
             client_bytes_in_flight_max: self.limits.client_bytes_in_flight_max,
             bootstrap,
         }
@@ -528,6 +531,7 @@ mod tests {
             ("shards = 3\nshard_cpus = [1, 2]\n", "2 CPUs for shards = 3"),
             ("pin_shards = true\nshard_cpus = [1]\n", "not both"),
             ("shard_cpus = []\n", "empty"),
+            ("net_cpus = []\n", "empty"),
         ] {
             let (_dir, f) = file_with_top(bad, "");
             assert!(

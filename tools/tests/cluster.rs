@@ -711,12 +711,17 @@ fn a_node_runs_its_threads_on_the_cpus_its_config_names() {
     });
     let pid = cluster.node(1).pid;
     let list = baton_core::cpus::list;
-    // Threads a pinned one starts (glommio's blocking pool) carry its name and its mask.
-    for (name, cpu) in [("baton-1-s0", shard_cpu), ("baton-1-net", net_cpu)] {
+    // Threads a pinned one starts (glommio's blocking pool) carry its name and its mask; the
+    // nonce pool's, started by the Raft shard to keep work off it, has the process's mask.
+    for (name, cpus) in [
+        ("baton-1-s0", vec![shard_cpu]),
+        ("baton-1-net", vec![net_cpu]),
+        ("baton-1-nonce", allowed.clone()),
+    ] {
         let seen = thread_cpus(pid, name);
         assert!(
-            !seen.is_empty() && seen.iter().all(|c| *c == list(&[cpu])),
-            "{name}: {seen:?}, want {cpu}"
+            !seen.is_empty() && seen.iter().all(|c| *c == list(&cpus)),
+            "{name}: {seen:?}, want {cpus:?}"
         );
     }
     cluster.kill(1);

@@ -55,7 +55,7 @@ pub struct NodeConfig {
     /// Shards (glommio executors, one thread each). Default: available cores.
     pub shards: usize,
     /// The CPU each shard is pinned to (shard k on `shard_cpus[k]`; one per shard, distinct,
-    /// each in the process's affinity mask: [`crate::cpus`]). Default `None`: shards float
+    /// each in the starting thread's affinity mask: [`crate::cpus`]). Default `None`: shards float
     /// (tests and local clusters run many nodes per machine). Bare metal: one core per shard.
     pub shard_cpus: Option<Vec<usize>>,
     /// When shards seal batches.
@@ -109,6 +109,24 @@ impl NodeConfig {
             wal_io_memory_bytes: baton_wal::IO_MEMORY_BYTES,
             signer: Signer::random(),
         }
+    }
+
+    /// Checks `shard_cpus`: one CPU per shard, distinct, each in the calling thread's mask
+    /// ([`crate::cpus`]). The reason says which rule broke.
+    pub fn check_shard_cpus(&self) -> Result<(), String> {
+        let Some(cpus) = &self.shard_cpus else {
+            return Ok(());
+        };
+        if cpus.len() != self.shards {
+            return Err(format!(
+                "shard_cpus names {} CPUs for {} shards: one per shard",
+                cpus.len(),
+                self.shards
+            ));
+        }
+        let allowed = crate::cpus::allowed()
+            .map_err(|e| format!("shard_cpus: cannot read this process's CPU mask: {e}"))?;
+        crate::cpus::check("shard_cpus", cpus, true, &allowed)
     }
 
     /// Entries per replication request: as many full batches as fit in

@@ -101,22 +101,10 @@ where
     config.batch.validate().map_err(|e| NodeError::Config {
         reason: e.to_string(),
     })?;
-    if let Some(cpus) = &config.shard_cpus {
-        if cpus.len() != config.shards {
-            return Err(NodeError::Config {
-                reason: format!(
-                    "shard_cpus names {} CPUs for {} shards: one per shard",
-                    cpus.len(),
-                    config.shards
-                ),
-            });
-        }
-        let allowed = crate::cpus::allowed().map_err(|e| NodeError::Config {
-            reason: format!("shard_cpus: cannot read this process's CPU mask: {e}"),
-        })?;
-        crate::cpus::check("shard_cpus", cpus, true, &allowed)
-            .map_err(|reason| NodeError::Config { reason })?;
-    }
+    config
+        .check_shard_cpus()
+        .map_err(|reason| NodeError::Config { reason })?;
+    crate::cpus::remember_start_mask();
     // A sealed batch must fit in one WAL record, behind the log store's entry prefix.
     let entry_max = config.batch.batch_bytes_max
         + crate::raft::log_store::ENTRY_PREFIX_BYTES

@@ -586,6 +586,10 @@ async fn run_in_background<T: Send + 'static>(
     std::thread::Builder::new()
         .name("snapshot-encode".into())
         .spawn(move || {
+            // Started from the Raft shard: not on its core when that one is pinned.
+            if let Err(e) = crate::cpus::release_current_thread() {
+                tracing::warn!(error = %e, "snapshot encoder stays on its shard's CPU");
+            }
             let _ = tx.send(f());
         })?;
     rx.await
