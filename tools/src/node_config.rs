@@ -540,4 +540,24 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_operations_guide_example_loads_as_it_reads() {
+        let guide = include_str!("../../docs/operations.md");
+        let start = guide
+            .find("```toml\nnode_id = 1\ncluster_id = \"prod-a\"")
+            .expect("the example node.toml in docs/operations.md")
+            + "```toml\n".len();
+        let text = &guide[start..start + guide[start..].find("```").expect("its end")];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node-1.toml");
+        std::fs::write(&path, text).expect("write");
+        let c = NodeFile::load(&path)
+            .expect("the example loads")
+            .to_config(dir.path());
+        assert_eq!(c.node.shards, 6);
+        assert_eq!(c.node.shard_cpus, Some(vec![2, 3, 4, 5, 6, 7]));
+        assert_eq!(c.net_cpus, vec![1]);
+        assert_eq!(c.cluster_id, "prod-a");
+    }
 }
