@@ -129,6 +129,28 @@ pub fn list(cpus: &[usize]) -> String {
     out.join(",")
 }
 
+/// The `Cpus_allowed_list` (the kernel's list format, as [`list`] writes it) of each thread of
+/// process `pid` named `name`: how to see where a node's threads may run (`baton-N-s0`,
+/// `baton-N-net`, `baton-N-nonce`). Threads that exit while being read are skipped.
+pub fn thread_cpu_lists(pid: u32, name: &str) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push(l.trim().to_string());
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,15 +184,23 @@ mod tests {
         let allowed = allowed().expect("sched_getaffinity");
         assert!(!allowed.is_empty());
         let target = *allowed.last().unwrap();
-        let seen = std::thread::spawn(move || {
-            pin_current_thread(&[target]).expect("pin");
-            // A thread it starts inherits the mask.
-            let child = std::thread::spawn(super::allowed).join().unwrap();
-            (super::allowed().expect("mask"), child.expect("child mask"))
-        })
-        .join()
-        .unwrap();
-        assert_eq!(seen, (vec![target], vec![target]));
+        let seen = std::thread::Builder::new()
+            .name("cpus-pin-test".into())
+            .spawn(move || {
+                pin_current_thread(&[target]).expect("pin");
+                // A thread it starts inherits the mask.
+                let child = std::thread::spawn(super::allowed).join().unwrap();
+                let shown = thread_cpu_lists(std::process::id(), "cpus-pin-test").expect("/proc");
+                (
+                    super::allowed().expect("mask"),
+                    child.expect("child mask"),
+                    shown,
+                )
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(seen, (vec![target], vec![target], vec![list(&[target])]));
         // This thread was not touched.
         assert_eq!(super::allowed().unwrap(), allowed);
         assert!(pin_current_thread(&[]).is_err());

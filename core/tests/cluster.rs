@@ -522,6 +522,7 @@ fn bad_configurations_are_refused_at_start_without_hanging() {
     let node = baton_core::node::start(c, baton_core::node::Network::Local(router))
         .expect("a node pinned to an allowed CPU starts");
     // Threads the shard starts (glommio's blocking pool) carry its name and its mask.
+    let thread_cpus = |name| baton_core::cpus::thread_cpu_lists(std::process::id(), name).unwrap();
     let seen = thread_cpus("baton-93-s0");
     let want = baton_core::cpus::list(&[*allowed.last().unwrap()]);
     assert!(
@@ -923,24 +924,4 @@ async fn submit_until_committed(
         statuses.push(n.status().await);
     }
     panic!("writes did not resume within {timeout:?}: {last:?}; nodes {statuses:?}");
-}
-
-/// `Cpus_allowed_list` of every thread of this process named `name`.
-fn thread_cpus(name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
-        let task = task.expect("task").path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        if let Some(l) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        {
-            out.push(l.trim().to_string());
-        }
-    }
-    out
 }

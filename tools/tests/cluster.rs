@@ -663,25 +663,6 @@ fn cluster_up_reports_each_node_that_exits_and_ends_after_the_last() {
     assert!(status.success(), "{status}");
 }
 
-/// `Cpus_allowed_list` of each thread of process `pid` named `name`.
-fn thread_cpus(pid: u32, name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
-        let task = task.expect("task").path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-            if let Some(l) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            {
-                out.push(l.trim().to_string());
-            }
-        }
-    }
-    out
-}
-
 /// Rewrites the node.toml at `path` with `shard_cpus` and `net_cpus` set.
 fn place(path: &std::path::Path, shard_cpus: &[usize], net_cpus: &[usize]) {
     let mut file: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
@@ -718,7 +699,7 @@ fn a_node_runs_its_threads_on_the_cpus_its_config_names() {
         ("baton-1-net", vec![net_cpu]),
         ("baton-1-nonce", allowed.clone()),
     ] {
-        let seen = thread_cpus(pid, name);
+        let seen = baton_core::cpus::thread_cpu_lists(pid, name).unwrap();
         assert!(
             !seen.is_empty() && seen.iter().all(|c| *c == list(&cpus)),
             "{name}: {seen:?}, want {cpus:?}"
