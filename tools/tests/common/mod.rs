@@ -256,16 +256,52 @@ impl ClusterUp {
                 if c.try_wait().unwrap().is_some() {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "processes did not stop on SIGTERM"
-                );
+                if Instant::now() >= deadline {
+                    let report: Vec<String> = self.nodes.iter().map(stuck_report).collect();
+                    panic!(
+                        "processes did not stop on SIGTERM within 60 s:\n{}",
+                        report.join("\n")
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
         self.stopped = true;
         std::mem::take(&mut self.nodes)
     }
+}
+
+/// For a failed stop: whether node `n`'s process still runs, where each of its threads waits
+/// (`/proc/PID/task/*/wchan`), and the end of its log.
+fn stuck_report(n: &NodeInfo) -> String {
+    let mut out = format!("node {} (pid {}):", n.id, n.pid);
+    match std::fs::read_dir(format!("/proc/{}/task", n.pid)) {
+        Err(_) => out.push_str(" exited\n"),
+        Ok(tasks) => {
+            out.push_str(" still running\n");
+            for task in tasks.flatten() {
+                let path = task.path();
+                let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+                let state = read("status")
+                    .lines()
+                    .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "  thread {} {:?}: {state}, waiting in {}\n",
+                    task.file_name().to_string_lossy(),
+                    read("comm").trim_end(),
+                    read("wchan"),
+                ));
+            }
+        }
+    }
+    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    out.push_str("  log tail:\n");
+    for l in &lines[lines.len().saturating_sub(30)..] {
+        out.push_str(&format!("    {l}\n"));
+    }
+    out
 }
 
 /// `n` distinct transactions whose payloads start with `tag`.
