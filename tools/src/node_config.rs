@@ -416,8 +416,8 @@ impl NodeFile {
 mod tests {
     use super::*;
 
-    fn file_with(limits: &str) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
-        file_with_top("", limits)
+    fn file_with(tables: &str) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
+        file_with_top("", tables)
     }
 
     /// A file with `top` among its top-level keys and `tables` at its end.
@@ -425,13 +425,12 @@ mod tests {
         top: &str,
         tables: &str,
     ) -> (tempfile::TempDir, Result<NodeFile, ConfigError>) {
-        let limits = tables;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
         let text = format!(
             "{top}node_id = 1\nlisten_addr = \"127.0.0.1:7100\"\ndata_dir = \"data\"\n\
              [tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
-             [[peers]]\nid = 1\naddr = \"127.0.0.1:7100\"\n{limits}"
+             [[peers]]\nid = 1\naddr = \"127.0.0.1:7100\"\n{tables}"
         );
         std::fs::write(&path, text).expect("write");
         let loaded = NodeFile::load(&path);
