@@ -18,13 +18,15 @@ use std::time::{Duration, Instant};
 use baton_core::command::{Command, RollupPolicy};
 use baton_core::encrypted::KEY_BYTES;
 use baton_core::node::{
-    CommandReceipt, Consistency, NodeStatus, Read, Receipt, StageReport, SubmitError,
+    CommandReceipt, Consistency, MemberChange, MembershipChanged, MembershipRejection, NodeStatus,
+    Read, Receipt, StageReport, SubmitError,
 };
 use baton_core::AckLevel;
 use baton_core::{Transaction, TxHash};
 use tokio::sync::oneshot;
 
 use crate::frame::FrameKind;
+use crate::member_msg::{MemberRequest, MemberResponse};
 use crate::msg::{
     ErrorCode, ErrorMsg, MsgError, StagesRequest, StagesResponse, StatusRequest, StatusResponse,
     SubmitRequest, SubmitResponse,
@@ -292,6 +294,7 @@ fn retryable(e: &SubmitError) -> bool {
             | SubmitError::Overloaded { .. }
             | SubmitError::CommitTimeout { .. }
             | SubmitError::ShuttingDown
+            | SubmitError::Membership(MembershipRejection::InProgress)
     )
 }
 
@@ -672,8 +675,22 @@ impl Client {
         decode: impl Fn(&[u8]) -> Result<T, MsgError>,
         retry: impl Fn(&T) -> Option<&SubmitError>,
     ) -> Result<T, ClientError> {
-        let started = Instant::now();
         let budget = Duration::from_millis(self.inner.options.call_budget_ms);
+        self.call_within(budget, kind, want, body, decode, retry)
+            .await
+    }
+
+    /// [`Client::call`] with its own time budget.
+    async fn call_within<T>(
+        &self,
+        budget: Duration,
+        kind: FrameKind,
+        want: FrameKind,
+        body: impl Fn(u64) -> Vec<u8>,
+        decode: impl Fn(&[u8]) -> Result<T, MsgError>,
+        retry: impl Fn(&T) -> Option<&SubmitError>,
+    ) -> Result<T, ClientError> {
+        let started = Instant::now();
         let mut last = String::new();
         let mut attempts = 0;
         while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
@@ -742,6 +759,41 @@ impl Client {
                 },
                 CommandResponse::decode,
                 |r: &CommandResponse| r.result.as_ref().err(),
+            )
+            .await?;
+        response.result.map_err(ClientError::NotSequenced)
+    }
+
+    /// Changes the cluster's membership through the leader (`baton admin member`): adds a
+    /// node (as a learner, then, once it has caught up with the leader's log within
+    /// `catch_up`, as a voter if asked) or removes one. Needs a client certificate
+    /// ([`ClientOptions::identity`]): without one the node answers
+    /// [`MembershipRejection::Unauthenticated`]. The call's budget is the client's plus
+    /// `catch_up`. Asking again after a timeout is safe: a change already made answers with
+    /// the membership as it is (index 0).
+    pub async fn change_members(
+        &self,
+        change: MemberChange,
+        catch_up: Duration,
+    ) -> Result<MembershipChanged, ClientError> {
+        let budget = Duration::from_millis(self.inner.options.call_budget_ms) + catch_up;
+        let response = self
+            .call_within(
+                budget,
+                FrameKind::MemberRequest,
+                FrameKind::MemberResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    MemberRequest {
+                        request_id,
+                        change: change.clone(),
+                        catch_up,
+                    }
+                    .encode(&mut body);
+                    body
+                },
+                MemberResponse::decode,
+                |r: &MemberResponse| r.result.as_ref().err(),
             )
             .await?;
         response.result.map_err(ClientError::NotSequenced)

@@ -52,6 +52,10 @@ pub enum FrameKind {
     StagesRequest = 12,
     /// Node → client: the stage latencies.
     StagesResponse = 13,
+    /// Client → node: a membership change (add or remove a node; needs a client certificate).
+    MemberRequest = 14,
+    /// Node → client: the membership after the change, or why it was refused.
+    MemberResponse = 15,
     /// Peer → peer: Raft AppendEntries.
     RaftAppend = 64,
     /// Peer → peer: Raft vote.
@@ -95,6 +99,8 @@ impl FrameKind {
             11 => BlockEvent,
             12 => StagesRequest,
             13 => StagesResponse,
+            14 => MemberRequest,
+            15 => MemberResponse,
             64 => RaftAppend,
             65 => RaftVote,
             66 => RaftSnapshot,

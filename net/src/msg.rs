@@ -325,6 +325,7 @@ const UNKNOWN_ROLLUP: u8 = 8;
 const MALFORMED_CIPHERTEXT: u8 = 9;
 const COMMAND_REFUSED: u8 = 10;
 const READ_TIMEOUT: u8 = 11;
+const MEMBERSHIP_REFUSED: u8 = 12;
 
 const EMPTY_TX: u8 = 1;
 const TX_TOO_LARGE: u8 = 2;
@@ -381,6 +382,10 @@ pub fn encode_submit_error(e: &SubmitError, out: &mut Vec<u8>) {
             out.push(READ_TIMEOUT);
             put_u64(out, *min_index);
             put_option_u64(out, *applied);
+        }
+        SubmitError::Membership(rejection) => {
+            out.push(MEMBERSHIP_REFUSED);
+            crate::member_msg::encode_rejection(rejection, out);
         }
     }
 }
@@ -444,6 +449,7 @@ pub fn decode_submit_error(r: &mut Reader<'_>) -> Result<SubmitError, MsgError> 
             min_index: r.u64()?,
             applied: r.option_u64("read applied index")?,
         },
+        MEMBERSHIP_REFUSED => SubmitError::Membership(crate::member_msg::decode_rejection(r)?),
         value => {
             return Err(MsgError::BadTag {
                 what: "submit error",
@@ -851,12 +857,7 @@ impl StatusResponse {
         ] {
             put_option_u64(out, v);
         }
-        put_u32(out, len_u32(s.members.len()));
-        for m in &s.members {
-            put_u64(out, m.id);
-            put_str(out, &m.addr);
-            out.push(u8::from(m.voter));
-        }
+        put_members(out, &s.members);
         put_u32(out, len_u32(s.replication.len()));
         for p in &s.replication {
             put_u64(out, p.id);
@@ -878,15 +879,7 @@ impl StatusResponse {
         let applied_index = r.option_u64("applied index")?;
         let snapshot_index = r.option_u64("snapshot index")?;
         let purged_index = r.option_u64("purged index")?;
-        let n = r.count("status members", STATUS_MEMBERS_MAX, MEMBER_MIN_BYTES)?;
-        let mut members = Vec::with_capacity(n);
-        for _ in 0..n {
-            members.push(Member {
-                id: r.u64()?,
-                addr: r.str("member address", MEMBER_ADDR_BYTES_MAX)?.to_owned(),
-                voter: r.flag("member voter")?,
-            });
-        }
+        let members = read_members(&mut r)?;
         let n = r.count("status replication", STATUS_MEMBERS_MAX, PROGRESS_MIN_BYTES)?;
         let mut replication = Vec::with_capacity(n);
         for _ in 0..n {
@@ -914,6 +907,30 @@ impl StatusResponse {
             },
         })
     }
+}
+
+/// Appends `[u32 n]{[u64 id][u32 len][addr][u8 voter]}`.
+pub(crate) fn put_members(out: &mut Vec<u8>, members: &[Member]) {
+    put_u32(out, len_u32(members.len()));
+    for m in members {
+        put_u64(out, m.id);
+        put_str(out, &m.addr);
+        out.push(u8::from(m.voter));
+    }
+}
+
+/// Reads what [`put_members`] wrote (at most [`STATUS_MEMBERS_MAX`]).
+pub(crate) fn read_members(r: &mut Reader<'_>) -> Result<Vec<Member>, MsgError> {
+    let n = r.count("members", STATUS_MEMBERS_MAX, MEMBER_MIN_BYTES)?;
+    let mut members = Vec::with_capacity(n);
+    for _ in 0..n {
+        members.push(Member {
+            id: r.u64()?,
+            addr: r.str("member address", MEMBER_ADDR_BYTES_MAX)?.to_owned(),
+            voter: r.flag("member voter")?,
+        });
+    }
+    Ok(members)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1301,6 +1318,11 @@ mod tests {
                 tx_hash: TxHash([4; 32]),
             }),
         ];
+        errors.extend(
+            crate::member_msg::every_rejection()
+                .into_iter()
+                .map(SubmitError::Membership),
+        );
         for what in OVERLOADED_WHATS.iter().chain([&OVERLOADED_UNKNOWN]) {
             errors.push(SubmitError::Overloaded { what });
         }

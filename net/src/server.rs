@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_core::command::Command;
-use baton_core::node::{Consistency, Read, Stage, SubmitError};
+use baton_core::node::{Consistency, MembershipRejection, Read, Stage, SubmitError};
 use baton_core::node::{NodeHandle, Rpc};
 use baton_core::raft::wire;
 use baton_core::raft::{BatchBytes, SealTicket};
@@ -20,6 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use rkyv::util::AlignedVec;
 
 use crate::frame::{Frame, FrameKind, ProtocolError};
+use crate::member_msg::{MemberRequest, MemberResponse};
 use crate::msg::{
     ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, StagesRequest,
     StagesResponse, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
@@ -189,10 +190,13 @@ async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
 
 async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
     tokio::spawn(crate::peer::log_stats(conn.clone(), 0, "client"));
+    // A client that presented a certificate (rustls checked that it chains to the cluster CA)
+    // is an operator: it may change the membership.
+    let operator = conn.peer_identity().is_some();
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(client_stream(ctx.clone(), send, recv));
+                tokio::spawn(client_stream(ctx.clone(), send, recv, operator));
             }
             Err(e) => {
                 tracing::debug!(remote = %conn.remote_address(), error = %e, "client connection ended");
@@ -233,6 +237,7 @@ async fn client_stream(
     ctx: Arc<ServerContext>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
+    operator: bool,
 ) {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Outgoing>(RESPONSES_QUEUED_MAX);
     let writer_ctx = ctx.clone();
@@ -321,7 +326,7 @@ async fn client_stream(
         ctx.in_flight.enter();
         tokio::spawn(async move {
             let mut answered = None;
-            let (kind, body) = client_request(&ctx.node, frame, &mut answered).await;
+            let (kind, body) = client_request(&ctx.node, frame, &mut answered, operator).await;
             drop(admitted);
             if out.send((kind, body, answered)).await.is_err() {
                 ctx.in_flight.leave();
@@ -338,10 +343,12 @@ async fn client_stream(
 type Outgoing = (FrameKind, Vec<u8>, Option<Instant>);
 
 /// Answers one client request; for a submission, sets `answered` once its receipts are in.
+/// `operator`: the connection presented a client certificate (membership changes need one).
 async fn client_request(
     node: &NodeHandle,
     frame: Frame,
     answered: &mut Option<Instant>,
+    operator: bool,
 ) -> (FrameKind, Vec<u8>) {
     let request_id = request_id_of(&frame.body);
     let mut body = Vec::new();
@@ -402,6 +409,29 @@ async fn client_request(
                 }
                 .encode(&mut body);
                 (FrameKind::CommandResponse, body)
+            }
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        FrameKind::MemberRequest => match MemberRequest::decode(&frame.body) {
+            Ok(req) => {
+                let result = if operator {
+                    let change = req.change.clone();
+                    let result = node.change_members(req.change, req.catch_up).await;
+                    match &result {
+                        Ok(done) => tracing::info!(?change, index = done.index, members = ?done.members, "membership changed"),
+                        Err(e) => tracing::info!(?change, error = %e, "membership change not made"),
+                    }
+                    result
+                } else {
+                    tracing::warn!(change = ?req.change, "refused membership change: no client certificate");
+                    Err(SubmitError::Membership(MembershipRejection::Unauthenticated))
+                };
+                MemberResponse {
+                    request_id: req.request_id,
+                    result,
+                }
+                .encode(&mut body);
+                (FrameKind::MemberResponse, body)
             }
             Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
         },

@@ -84,6 +84,7 @@ fn submit_error_type(e: &SubmitError) -> &'static str {
         SubmitError::MalformedCiphertext { .. } => "malformed ciphertext",
         SubmitError::Command(_) => "command refused",
         SubmitError::ReadTimeout { .. } => "read timeout",
+        SubmitError::Membership(_) => "membership refused",
     }
 }
 

@@ -1318,6 +1318,15 @@ async fn raft_shard<F>(
                 })
                 .detach();
             }
+            Control::ChangeMembers(change, catch_up, reply) => {
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let r =
+                        super::members::change_members(&raft, change, catch_up, commit_wait).await;
+                    let _ = reply.send(r);
+                })
+                .detach();
+            }
             Control::ReadIndex(reply) => {
                 let raft = raft.clone();
                 glommio::spawn_local(async move {

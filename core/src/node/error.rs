@@ -48,9 +48,48 @@ pub enum SubmitError {
         min_index: u64,
         applied: Option<u64>,
     },
+    /// A membership change was refused; see [`MembershipRejection`].
+    #[error("membership change refused: {0}")]
+    Membership(MembershipRejection),
     /// The node is stopping or stopped.
     #[error("the node is shutting down")]
     ShuttingDown,
+}
+
+/// Why a membership change (`NodeHandle::change_members`) was refused. Except for
+/// `CatchUpTimeout`, nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipRejection {
+    /// The client connection presented no certificate from the cluster CA (checked by the
+    /// network layer: membership changes are for operators only).
+    #[error("membership changes need a client certificate from the cluster CA")]
+    Unauthenticated,
+    /// The address is not `host:port` with a port in 1..=65535.
+    #[error("address {addr:?} is not host:port")]
+    BadAddress { addr: String },
+    /// Node ids start at 1.
+    #[error("node id 0 is not valid")]
+    BadId,
+    /// The node is already a member under another address. Changing a member's address in
+    /// place could let two processes act as one voter: remove it, then add it anew.
+    #[error("node {id} is already a member at {addr}; remove it first")]
+    AddressMismatch { id: u64, addr: String },
+    /// The node is not in the membership.
+    #[error("node {id} is not a member")]
+    NotAMember { id: u64 },
+    /// Removing the only voter would leave nobody to decide anything.
+    #[error("node {id} is the last voter")]
+    LastVoter { id: u64 },
+    /// A new node did not catch up with the leader's log within the wait. It stays a learner
+    /// (it keeps replicating); asking again resumes, removing it undoes the addition.
+    #[error("node {id} did not catch up within {waited_ms} ms; it stays a learner")]
+    CatchUpTimeout { id: u64, waited_ms: u64 },
+    /// Another membership change has not finished yet; retry when it has.
+    #[error("another membership change is in progress")]
+    InProgress,
+    /// Raft refused the change for another reason (its words).
+    #[error("{reason}")]
+    Refused { reason: String },
 }
 
 /// Why a node could not start or be driven.

@@ -75,6 +75,38 @@ pub struct NodeStatus {
     pub signer: Address,
 }
 
+/// A change of the cluster's membership (`NodeHandle::change_members`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add node `id`, reachable by its peers at `addr`: first as a learner, which the leader
+    /// brings up to date (by snapshot if its log was purged), then, if `voter`, as a voter.
+    /// Asking again for a node that is already a member at `addr` resumes (or does nothing).
+    Add {
+        /// The new node's id (not 0).
+        id: u64,
+        /// Where its peers dial it (`host:port`).
+        addr: String,
+        /// Make it a voter once caught up (else it stays a learner: it replicates and serves
+        /// reads, and does not count towards a majority).
+        voter: bool,
+    },
+    /// Remove node `id` (voter or learner). Removing the leader makes it hand leadership to
+    /// the most up-to-date voter once the change commits.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+}
+
+/// What a membership change left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipChanged {
+    /// Log index of the membership entry that holds the change (0 when nothing had to change).
+    pub index: u64,
+    /// The membership the leader has then, in id order.
+    pub members: Vec<Member>,
+}
+
 /// A member of the cluster configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
@@ -160,6 +192,12 @@ pub(crate) enum Control {
         Consistency,
         std::time::Duration,
         oneshot::Sender<Result<Read<Option<TxInfo>>, SubmitError>>,
+    ),
+    /// A membership change (leader only); the duration bounds a new node's catch-up.
+    ChangeMembers(
+        MemberChange,
+        std::time::Duration,
+        oneshot::Sender<Result<MembershipChanged, SubmitError>>,
     ),
     /// The leader's read index (for a follower's linearizable read).
     ReadIndex(oneshot::Sender<Result<u64, SubmitError>>),
@@ -427,6 +465,20 @@ impl NodeHandle {
     /// answered with its [`SubmitError::Command`] rejection without reaching the log.
     pub async fn command(&self, command: Command) -> Result<CommandReceipt, SubmitError> {
         self.ask(|reply| Control::Command(command, reply)).await
+    }
+
+    /// Changes the cluster's membership (leader only: a follower answers `NotLeader` with its
+    /// hint). An addition waits up to `catch_up` for the new node to replicate the leader's log
+    /// before making it a voter; each membership entry must then commit as any write does.
+    /// Answers once the new membership is committed, or with a
+    /// [`SubmitError::Membership`] rejection.
+    pub async fn change_members(
+        &self,
+        change: MemberChange,
+        catch_up: std::time::Duration,
+    ) -> Result<MembershipChanged, SubmitError> {
+        self.ask(|reply| Control::ChangeMembers(change, catch_up, reply))
+            .await
     }
 
     /// Registers a rollup through the log.

@@ -1,6 +1,7 @@
 //! The node engine: shards, the Raft shard, and the `NodeHandle` other threads use.
 
 mod blocks;
+mod members;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -11,10 +12,10 @@ pub mod stages;
 
 pub use config::{NodeConfig, RaftTimings};
 pub use engine::{run_local, start, start_with, Network, Peers};
-pub use error::{NodeError, SubmitError};
+pub use error::{MembershipRejection, NodeError, SubmitError};
 pub use handle::{
-    BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, NodeHandle, NodeStatus,
-    PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
+    BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, MemberChange,
+    MembershipChanged, NodeHandle, NodeStatus, PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
