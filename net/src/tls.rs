@@ -113,6 +113,14 @@ pub enum TlsError {
         what: &'static str,
         source: rustls::Error,
     },
+    /// A certificate made with the CA key in a directory does not verify against the CA
+    /// certificate there: the CA was made for another cluster id (or the files do not match).
+    #[error("a certificate signed with the CA key does not verify against {ca} (is the cluster id {cluster_id:?} the CA's?): {source}")]
+    NotFromCa {
+        ca: PathBuf,
+        cluster_id: String,
+        source: rustls::Error,
+    },
     /// The client certificate verifier could not be built.
     #[error("building the client certificate verifier: {0}")]
     ClientVerifier(VerifierBuilderError),
@@ -300,22 +308,7 @@ pub fn generate(out_dir: &Path, opts: &CertOptions) -> Result<CertFiles, TlsErro
         (files.ca_key.clone(), ca_key.serialize_pem(), true),
     ];
     for (id, cert_path, key_path) in &files.nodes {
-        let what = format!("node {id}'s certificate");
-        // The node's identity name binds the certificate to its node id (checked against the
-        // id a peer announces in its hello); the client certificate has none.
-        let mut node_sans = sans.clone();
-        let identity = node_identity_name(*id);
-        node_sans.push(SanType::DnsName(identity.as_str().try_into().map_err(
-            |source| TlsError::InvalidSan {
-                san: identity.clone(),
-                source,
-            },
-        )?));
-        let params = leaf_params(opts, &format!("baton node {id}"), node_sans, true)?;
-        let key = new_key(&what)?;
-        let cert = params
-            .signed_by(&key, &ca, &ca_key)
-            .map_err(rcgen_err(&what))?;
+        let (cert, key) = node_cert(opts, &sans, *id, &ca, &ca_key)?;
         outputs.push((cert_path.clone(), cert.pem(), false));
         outputs.push((key_path.clone(), key.serialize_pem(), true));
     }
@@ -335,6 +328,81 @@ pub fn generate(out_dir: &Path, opts: &CertOptions) -> Result<CertFiles, TlsErro
         write_new(path, contents.as_bytes(), *private)?;
     }
     Ok(files)
+}
+
+/// Node `id`'s certificate and key, signed by `ca`. The node's identity name binds the
+/// certificate to its node id (checked against the id a peer announces in its hello); the
+/// client certificate has none.
+fn node_cert(
+    opts: &CertOptions,
+    sans: &[SanType],
+    id: u64,
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
+    let what = format!("node {id}'s certificate");
+    let mut node_sans = sans.to_vec();
+    let identity = node_identity_name(id);
+    node_sans.push(SanType::DnsName(identity.as_str().try_into().map_err(
+        |source| TlsError::InvalidSan {
+            san: identity.clone(),
+            source,
+        },
+    )?));
+    let params = leaf_params(opts, &format!("baton node {id}"), node_sans, true)?;
+    let key = new_key(&what)?;
+    let cert = params
+        .signed_by(&key, ca, ca_key)
+        .map_err(rcgen_err(&what))?;
+    Ok((cert, key))
+}
+
+/// Makes a certificate and key for node `id` (1..=[`NODES_MAX`]) in `dir`, signed by the
+/// cluster CA already there (`ca.pem`, `ca.key`, as [`generate`] wrote them): for a node that
+/// joins a running cluster. `opts.cluster_id` must be the one the CA was made for (rcgen cannot
+/// read a certificate back, so the CA's name is made again from it, with the CA's own key); the
+/// new certificate is verified against `ca.pem` before anything is written, so a wrong cluster
+/// id is refused. `opts.nodes` is not used. Refuses to overwrite existing files.
+pub fn issue_node(dir: &Path, id: u64, opts: &CertOptions) -> Result<(PathBuf, PathBuf), TlsError> {
+    CertOptions { nodes: 1, ..opts.clone() }.validate()?;
+    if id == 0 || id > NODES_MAX {
+        return Err(TlsError::InvalidOption {
+            option: "node id",
+            value: id.to_string(),
+            why: "must be 1 to 1024",
+        });
+    }
+    let (cert_path, key_path) = node_files(dir, id);
+    for path in [&cert_path, &key_path] {
+        if path.symlink_metadata().is_ok() {
+            return Err(TlsError::Exists { path: path.clone() });
+        }
+    }
+    let (ca_cert_path, ca_key_path) = ca_files(dir);
+    let ca_key_pem = String::from_utf8(read_pem(&ca_key_path)?).map_err(|_| TlsError::NoKey {
+        path: ca_key_path.clone(),
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(rcgen_err("reading the CA key"))?;
+    let ca = ca_params(opts)?
+        .self_signed(&ca_key)
+        .map_err(rcgen_err("the CA certificate"))?;
+    let (cert, key) = node_cert(opts, &node_sans(&opts.extra_sans)?, id, &ca, &ca_key)?;
+
+    // The CA on disk must accept the new certificate.
+    let roots = Arc::new(load_roots(&ca_cert_path)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(TlsError::ClientVerifier)?;
+    verifier
+        .verify_client_cert(cert.der(), &[], rustls_pki_types::UnixTime::now())
+        .map_err(|source| TlsError::NotFromCa {
+            ca: ca_cert_path.clone(),
+            cluster_id: opts.cluster_id.clone(),
+            source,
+        })?;
+    write_new(&cert_path, cert.pem().as_bytes(), false)?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+    Ok((cert_path, key_path))
 }
 
 fn rcgen_err(what: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
@@ -713,6 +781,41 @@ mod tests {
             Some((&files.client_cert, &files.client_key)),
         )
         .expect("client config with identity");
+    }
+
+    /// A node certificate issued later by the CA on disk verifies like the first ones and names
+    /// its node; a wrong cluster id or an existing file is refused before anything is written.
+    #[test]
+    fn issue_node_signs_with_the_existing_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = CertOptions::new("prod-a", 3);
+        generate(dir.path(), &opts).expect("generate");
+
+        let wrong = issue_node(dir.path(), 4, &CertOptions::new("prod-b", 1));
+        assert!(matches!(wrong, Err(TlsError::NotFromCa { .. })), "{wrong:?}");
+        assert!(!node_files(dir.path(), 4).0.exists());
+        assert!(!node_files(dir.path(), 4).1.exists());
+
+        let (cert, key) = issue_node(dir.path(), 4, &opts).expect("issue node 4");
+        assert_eq!((cert.clone(), key.clone()), node_files(dir.path(), 4));
+        assert_eq!(mode(&key), 0o600);
+        let chain = load_certs(&cert).expect("cert");
+        let identity: Box<dyn std::any::Any> = Box::new(chain);
+        assert!(is_node_certificate(identity.as_ref(), 4));
+        assert!(!is_node_certificate(identity.as_ref(), 3));
+        // Usable as a node's identity with the cluster's CA.
+        let (ca, _) = ca_files(dir.path());
+        server_config(&ca, &cert, &key).expect("server config");
+        peer_client_config(&ca, &cert, &key).expect("peer config");
+
+        assert!(matches!(
+            issue_node(dir.path(), 4, &opts),
+            Err(TlsError::Exists { .. })
+        ));
+        assert!(matches!(
+            issue_node(dir.path(), 0, &opts),
+            Err(TlsError::InvalidOption { .. })
+        ));
     }
 
     #[test]
