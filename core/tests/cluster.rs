@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use baton_core::node::{NodeConfig, NodeHandle, Receipt, Role};
+use baton_core::node::{
+    MemberChange, MembershipRejection, NodeConfig, NodeHandle, Receipt, Role, SubmitError,
+};
 use baton_core::{Transaction, TxHash, TxKind};
 use common::*;
 
@@ -239,6 +241,181 @@ fn a_follower_far_behind_catches_up_by_snapshot_after_the_leader_purged() {
         );
     });
     cluster.stop_and_check(&receipts);
+}
+
+/// A node added while the cluster runs, after the leader purged the log it would need, is brought
+/// up to date by snapshot and becomes a voter; the refusals are typed and change nothing; a
+/// node that never answers stays a learner after the catch-up wait and can be removed; removing
+/// the leader hands leadership to another voter, and the cluster goes on without it.
+#[test]
+fn members_are_added_and_removed_while_the_cluster_runs() {
+    let tweak = |c: &mut NodeConfig| {
+        small_batches(c);
+        c.raft.snapshot_every_entries = 50;
+        c.raft.log_entries_kept_after_snapshot = 10;
+        c.wal = baton_wal::WalOptions::small_for_tests();
+        c.batch.batch_bytes_max = 8 << 10;
+    };
+    let mut cluster = Cluster::start(3, tweak);
+    let leader = run(cluster.wait_leader(WAIT));
+    let mut receipts = run(async {
+        let receipts = load(&cluster.nodes[&leader], 0, 100, 10, 4).await;
+        cluster.nodes[&leader]
+            .wait_for(WAIT, |s| s.purged_index.is_some_and(|i| i > 20))
+            .await
+            .expect("the leader snapshots and purges the head of its log");
+        receipts
+    });
+    cluster.start_node(4, tweak);
+    let (new_leader, more) = run(async {
+        let l = &cluster.nodes[&leader];
+        let follower = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+        let add4 = MemberChange::Add {
+            id: 4,
+            addr: "127.0.0.1:1004".into(),
+            voter: true,
+        };
+        assert_eq!(
+            cluster.nodes[&follower]
+                .change_members(add4.clone(), WAIT)
+                .await,
+            Err(SubmitError::NotLeader {
+                leader_hint: Some(leader)
+            })
+        );
+        let refused = |r| Err(SubmitError::Membership(r));
+        let bad = [
+            (
+                MemberChange::Add {
+                    id: 0,
+                    addr: "h:1".into(),
+                    voter: true,
+                },
+                MembershipRejection::BadId,
+            ),
+            (
+                MemberChange::Add {
+                    id: 4,
+                    addr: "127.0.0.1".into(),
+                    voter: true,
+                },
+                MembershipRejection::BadAddress {
+                    addr: "127.0.0.1".into(),
+                },
+            ),
+            (
+                MemberChange::Add {
+                    id: 2,
+                    addr: "127.0.0.1:1002".into(),
+                    voter: true,
+                },
+                MembershipRejection::AddressMismatch {
+                    id: 2,
+                    addr: "node2".into(),
+                },
+            ),
+            (
+                MemberChange::Remove { id: 9 },
+                MembershipRejection::NotAMember { id: 9 },
+            ),
+        ];
+        for (change, why) in bad {
+            assert_eq!(l.change_members(change, WAIT).await, refused(why));
+        }
+        let before = l.status().await.unwrap().members;
+        assert_eq!(before.len(), 3);
+
+        let added = l
+            .change_members(add4.clone(), WAIT)
+            .await
+            .expect("node 4 added");
+        assert!(added.index > 0);
+        assert_eq!(added.members.len(), 4);
+        assert!(added.members.iter().all(|m| m.voter), "{added:?}");
+        let s4 = cluster.nodes[&4].status().await.unwrap();
+        assert!(
+            s4.snapshot_index.is_some(),
+            "node 4 caught up by snapshot: {s4:?}"
+        );
+        assert_eq!(s4.members, added.members, "node 4 knows the membership");
+        // Asking again changes nothing.
+        let again = l.change_members(add4, WAIT).await.expect("again");
+        assert_eq!((again.index, again.members), (0, added.members.clone()));
+
+        // Node 5 never runs: it stays a learner once the wait is over, and can be removed.
+        let add5 = MemberChange::Add {
+            id: 5,
+            addr: "127.0.0.1:1005".into(),
+            voter: true,
+        };
+        assert_eq!(
+            l.change_members(add5, Duration::from_millis(300)).await,
+            refused(MembershipRejection::CatchUpTimeout {
+                id: 5,
+                waited_ms: 300
+            })
+        );
+        let members = l.status().await.unwrap().members;
+        assert!(members.iter().any(|m| m.id == 5 && !m.voter), "{members:?}");
+        let removed = l.change_members(MemberChange::Remove { id: 5 }, WAIT).await;
+        assert_eq!(removed.expect("node 5 removed").members, added.members);
+
+        // The new voter takes part: a quorum of 3 of 4 now includes it.
+        let more = load(l, 10_000, 50, 10, 4).await;
+        let last = more.iter().map(|r| r.index()).max().unwrap();
+        cluster.nodes[&4]
+            .wait_for(WAIT, move |s| s.applied_index >= Some(last))
+            .await
+            .expect("node 4 applies");
+
+        // Remove the leader: it hands over to another voter and leaves.
+        let gone = l
+            .change_members(MemberChange::Remove { id: leader }, WAIT)
+            .await
+            .expect("leader removed");
+        assert_eq!(gone.members.len(), 3);
+        assert!(gone.members.iter().all(|m| m.id != leader && m.voter));
+        let s = cluster.nodes[&4]
+            .wait_for(WAIT, move |s| {
+                s.leader.is_some_and(|l| l != leader) && s.members.len() == 3
+            })
+            .await
+            .expect("a new leader among the remaining voters");
+        let new_leader = s.leader.unwrap();
+        cluster.nodes[&new_leader]
+            .wait_for(WAIT, |s| s.role == Role::Leader)
+            .await
+            .expect("it leads");
+        let more2 = load(&cluster.nodes[&new_leader], 20_000, 50, 10, 4).await;
+        (new_leader, [more, more2].concat())
+    });
+    assert_ne!(new_leader, leader);
+    receipts.extend(more);
+    // The removed node gets nothing new, and the others have snapshotted and purged past its
+    // log's end (no entry left in common to compare): it leaves the final checks.
+    run(cluster.nodes[&leader].shutdown());
+    cluster.nodes[&leader].join();
+    cluster.stopped.push(leader);
+    cluster.left.push(leader);
+    cluster.stop_and_check(&receipts);
+}
+
+/// The last voter cannot be removed.
+#[test]
+fn the_last_voter_stays() {
+    let cluster = Cluster::start(1, |_| {});
+    run(async {
+        let leader = cluster.wait_leader(WAIT).await;
+        assert_eq!(
+            cluster.nodes[&leader]
+                .change_members(MemberChange::Remove { id: leader }, WAIT)
+                .await,
+            Err(SubmitError::Membership(MembershipRejection::LastVoter {
+                id: leader
+            }))
+        );
+    });
+    cluster.stop_and_check(&[]);
 }
 
 #[test]

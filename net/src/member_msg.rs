@@ -286,7 +286,11 @@ mod tests {
             },
         ];
         let mut results = vec![Ok(MembershipChanged { index: 42, members })];
-        results.extend(every_rejection().into_iter().map(|r| Err(SubmitError::Membership(r))));
+        results.extend(
+            every_rejection()
+                .into_iter()
+                .map(|r| Err(SubmitError::Membership(r))),
+        );
         results.push(Err(SubmitError::NotLeader {
             leader_hint: Some(2),
         }));

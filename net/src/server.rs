@@ -418,13 +418,17 @@ async fn client_request(
                     let change = req.change.clone();
                     let result = node.change_members(req.change, req.catch_up).await;
                     match &result {
-                        Ok(done) => tracing::info!(?change, index = done.index, members = ?done.members, "membership changed"),
+                        Ok(done) => {
+                            tracing::info!(?change, index = done.index, members = ?done.members, "membership changed")
+                        }
                         Err(e) => tracing::info!(?change, error = %e, "membership change not made"),
                     }
                     result
                 } else {
                     tracing::warn!(change = ?req.change, "refused membership change: no client certificate");
-                    Err(SubmitError::Membership(MembershipRejection::Unauthenticated))
+                    Err(SubmitError::Membership(
+                        MembershipRejection::Unauthenticated,
+                    ))
                 };
                 MemberResponse {
                     request_id: req.request_id,

@@ -364,7 +364,11 @@ fn node_cert(
 /// new certificate is verified against `ca.pem` before anything is written, so a wrong cluster
 /// id is refused. `opts.nodes` is not used. Refuses to overwrite existing files.
 pub fn issue_node(dir: &Path, id: u64, opts: &CertOptions) -> Result<(PathBuf, PathBuf), TlsError> {
-    CertOptions { nodes: 1, ..opts.clone() }.validate()?;
+    CertOptions {
+        nodes: 1,
+        ..opts.clone()
+    }
+    .validate()?;
     if id == 0 || id > NODES_MAX {
         return Err(TlsError::InvalidOption {
             option: "node id",
@@ -792,7 +796,10 @@ mod tests {
         generate(dir.path(), &opts).expect("generate");
 
         let wrong = issue_node(dir.path(), 4, &CertOptions::new("prod-b", 1));
-        assert!(matches!(wrong, Err(TlsError::NotFromCa { .. })), "{wrong:?}");
+        assert!(
+            matches!(wrong, Err(TlsError::NotFromCa { .. })),
+            "{wrong:?}"
+        );
         assert!(!node_files(dir.path(), 4).0.exists());
         assert!(!node_files(dir.path(), 4).1.exists());
 

@@ -26,6 +26,13 @@ pub struct Target {
     /// The cluster CA certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// A client certificate to present (membership changes need one; with `--cluster`, the
+    /// cluster's client certificate is presented).
+    #[arg(long, requires = "key", conflicts_with = "cluster")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, requires = "cert", conflicts_with = "cluster")]
+    key: Option<PathBuf>,
 }
 
 impl Target {
@@ -39,14 +46,18 @@ impl Target {
                 let info: ClusterInfo =
                     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
                 let endpoints = info.nodes.iter().map(|n| n.addr).collect();
-                Ok(ClientOptions::new(endpoints, info.ca_cert))
+                let mut options = ClientOptions::new(endpoints, info.ca_cert);
+                options.identity = Some((info.client_cert, info.client_key));
+                Ok(options)
             }
             None => {
                 let ca = self.ca.clone().ok_or("--ca (or --cluster) is required")?;
                 if self.endpoints.is_empty() {
                     return Err("--endpoints (or --cluster) is required".into());
                 }
-                Ok(ClientOptions::new(self.endpoints.clone(), ca))
+                let mut options = ClientOptions::new(self.endpoints.clone(), ca);
+                options.identity = self.cert.clone().zip(self.key.clone());
+                Ok(options)
             }
         }
     }

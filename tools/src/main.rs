@@ -7,6 +7,7 @@ mod certs_cmd;
 mod client_cmd;
 mod demo_cmd;
 mod keys_cmd;
+mod member_cmd;
 mod node_cmd;
 mod node_config;
 mod rollup_cmd;

@@ -35,6 +35,11 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: RollupCommand,
     },
+    /// Cluster membership: add, remove and list nodes.
+    Member {
+        #[command(subcommand)]
+        command: crate::member_cmd::MemberCommand,
+    },
 }
 
 /// `baton admin rollup`
@@ -94,7 +99,7 @@ impl ReadOpts {
     fn client(&self) -> Result<Client, String> {
         let mut options = self.target.options()?;
         if let Some(node) = self.node {
-            options = ClientOptions::new(vec![node], options.ca_cert.clone());
+            options.endpoints = vec![node];
         }
         Client::new(options).map_err(|e| e.to_string())
     }
@@ -182,7 +187,7 @@ pub struct BlocksArgs {
 }
 
 /// A client of `target`, made inside `rt` (the QUIC endpoint needs a runtime).
-fn connect(rt: &tokio::runtime::Runtime, target: &Target) -> Result<Client, String> {
+pub(crate) fn connect(rt: &tokio::runtime::Runtime, target: &Target) -> Result<Client, String> {
     let _in_runtime = rt.enter();
     Client::new(target.options()?).map_err(|e| e.to_string())
 }
@@ -194,7 +199,7 @@ fn parse_hash(s: &str) -> Result<TxHash, String> {
     Ok(TxHash(out))
 }
 
-fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("baton {what}: {e}");
     ExitCode::from(1)
 }
@@ -292,6 +297,7 @@ pub fn run_admin(command: AdminCommand) -> ExitCode {
         AdminCommand::Rollup {
             command: RollupCommand::List(a),
         } => list(a),
+        AdminCommand::Member { command } => crate::member_cmd::run(command),
     }
 }
 

@@ -193,10 +193,24 @@ mod tests {
 
     #[test]
     fn addresses_must_be_host_and_port() {
-        for ok in ["127.0.0.1:7001", "[::1]:7001", "node-4.example:65535", "h:1"] {
+        for ok in [
+            "127.0.0.1:7001",
+            "[::1]:7001",
+            "node-4.example:65535",
+            "h:1",
+        ] {
             assert!(is_host_port(ok), "{ok}");
         }
-        for bad in ["", "127.0.0.1", ":7001", "h:0", "h:65536", "h:x", "a b:1", "h:"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            ":7001",
+            "h:0",
+            "h:65536",
+            "h:x",
+            "a b:1",
+            "h:",
+        ] {
             assert!(!is_host_port(bad), "{bad}");
         }
     }

@@ -1,12 +1,12 @@
 //! The node engine: shards, the Raft shard, and the `NodeHandle` other threads use.
 
 mod blocks;
-mod members;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod handle;
 pub mod local_net;
+mod members;
 pub mod peer;
 pub mod stages;
 
