@@ -63,7 +63,11 @@ pub struct NodeFile {
     pub signing_key_file: Option<PathBuf>,
     /// TLS files. Required.
     pub tls: TlsFile,
-    /// Every member of the cluster, this node included. Required.
+    /// The cluster's first members, this node included: the initial membership with
+    /// `bootstrap = true` (required then). A node that joins a running cluster (`bootstrap =
+    /// false`, added with `baton admin member add`) needs none: the membership comes from the
+    /// leader's log.
+    #[serde(default)]
     pub peers: Vec<PeerFile>,
     /// Raft timings.
     #[serde(default)]
@@ -308,9 +312,9 @@ impl NodeFile {
         if file.node_id == 0 {
             return Err(invalid("node_id must be at least 1".into()));
         }
-        if !file.peers.iter().any(|p| p.id == file.node_id) {
+        if file.bootstrap && !file.peers.iter().any(|p| p.id == file.node_id) {
             return Err(invalid(format!(
-                "peers must list this node (id {})",
+                "with bootstrap = true, peers must list this node (id {})",
                 file.node_id
             )));
         }
@@ -435,6 +439,31 @@ mod tests {
         std::fs::write(&path, text).expect("write");
         let loaded = NodeFile::load(&path);
         (dir, loaded)
+    }
+
+    /// A node that joins a running cluster lists no peers; a bootstrapping one must list
+    /// itself.
+    #[test]
+    fn peers_are_needed_only_to_bootstrap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let text = |bootstrap: bool| {
+            format!(
+                "node_id = 4\nlisten_addr = \"127.0.0.1:7103\"\ndata_dir = \"data\"\n\
+                 bootstrap = {bootstrap}\n\
+                 [tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n"
+            )
+        };
+        std::fs::write(&path, text(false)).expect("write");
+        let f = NodeFile::load(&path).expect("a joining node needs no peers");
+        assert!(f.peers.is_empty());
+        assert!(f.to_config(dir.path()).bootstrap.is_none());
+        std::fs::write(&path, text(true)).expect("write");
+        let f = NodeFile::load(&path);
+        assert!(
+            matches!(&f, Err(ConfigError::Invalid { reason, .. }) if reason.contains("peers must list this node")),
+            "{f:?}"
+        );
     }
 
     #[test]

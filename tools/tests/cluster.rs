@@ -738,3 +738,207 @@ fn a_node_runs_its_threads_on_the_cpus_its_config_names() {
     );
     cluster.stop();
 }
+
+/// [`baton_ok`] with string arguments.
+fn baton_ok_str<S: AsRef<str>>(args: &[S]) -> Vec<u8> {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref().as_ref()).collect();
+    baton_ok(&args)
+}
+
+/// Runs `baton ARGS…`, which must exit 1; its stderr.
+fn baton_fails<S: AsRef<str>>(args: &[S]) -> String {
+    let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+    let out = std::process::Command::new(BATON)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "baton {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A fourth node joins a running cluster of node processes: its certificate comes from the
+/// cluster's CA (`baton certs --add-node`), it starts with `bootstrap = false` and no peers, and
+/// `baton admin member add` makes it a voter once it has caught up. A client without a
+/// certificate may not change the membership. `baton admin member remove` of the leader hands
+/// leadership to another voter, and clients go on through the nodes left. The logs agree and
+/// every receipt is in them once.
+#[test]
+fn a_node_joins_a_running_cluster_and_the_leader_is_removed() {
+    use baton_core::node::{MemberChange, MembershipRejection, SubmitError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_base_port(4);
+    let rt = runtime();
+    let mut cluster = ClusterUp::start(dir.path(), 3, port);
+    let mut receipts = rt.block_on(async {
+        let client = cluster.client_from(1);
+        let r = load(&client, "a", 0, 3_000, 50, 4).await;
+        client.close().await;
+        r
+    });
+
+    // Node 4: a certificate from the cluster's CA, a signing key, a config with no peers.
+    let d = cluster.dir.clone();
+    let certs = d.join("certs");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    baton_ok_str(&["certs", "--out", &s(&certs), "--add-node", "4"]);
+    let key = d.join("node-4.key");
+    baton_ok_str(&["keygen", "--out", &s(&key)]);
+    let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", port + 3).parse().unwrap();
+    let config = d.join("node-4.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\ncluster_id = \"baton-local\"\nlisten_addr = \"{addr4}\"\n\
+             data_dir = \"{}\"\nshards = 1\nsigning_key_file = \"{}\"\n\
+             [tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            s(&d.join("node-4")),
+            s(&key),
+            s(&certs.join("ca.pem")),
+            s(&certs.join("node-4.pem")),
+            s(&certs.join("node-4.key")),
+        ),
+    )
+    .unwrap();
+    cluster.nodes.push(NodeInfo {
+        id: 4,
+        addr: addr4,
+        pid: 0,
+        config,
+        data_dir: d.join("node-4"),
+        log: d.join("node-4.log"),
+    });
+    cluster.restart(4);
+
+    let add4 = MemberChange::Add {
+        id: 4,
+        addr: addr4.to_string(),
+        voter: true,
+    };
+    let leader = rt.block_on(async {
+        // No client certificate: refused, typed.
+        let anonymous = cluster.client_from(1);
+        let refused = anonymous
+            .change_members(add4.clone(), Duration::from_secs(60))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(baton_net::ClientError::NotSequenced(
+                    SubmitError::Membership(MembershipRejection::Unauthenticated)
+                ))
+            ),
+            "{refused:?}"
+        );
+        let s = anonymous.status().await.unwrap();
+        assert_eq!(s.members.len(), 3, "nothing changed: {s:?}");
+        anonymous.close().await;
+        s.leader.unwrap()
+    });
+    let cluster_dir = s(&d);
+    let added = baton_ok_str(&[
+        "admin",
+        "member",
+        "add",
+        "--cluster",
+        &cluster_dir,
+        "--id",
+        "4",
+        "--addr",
+        &addr4.to_string(),
+        "--json",
+    ]);
+    let added: serde_json::Value = serde_json::from_slice(&added).unwrap();
+    assert!(added["index"].as_u64().unwrap() > 0, "{added}");
+    let members = added["members"].as_array().unwrap();
+    assert_eq!(members.len(), 4, "{added}");
+    assert!(members.iter().all(|m| m["voter"] == true), "{added}");
+
+    // Node 4 has the log and serves; submissions through it commit.
+    let more = rt.block_on(async {
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        let s = wait_applied(&cluster.client_of(4), last, WAIT).await;
+        assert_eq!(s.members.len(), 4);
+        let client = cluster.client_from(4);
+        let r = load(&client, "b", 0, 2_000, 50, 4).await;
+        client.close().await;
+        r
+    });
+    receipts.extend(more);
+
+    // Remove the leader, through every endpoint the operator knows (node 4 included).
+    let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let target = [
+        "--endpoints".to_string(),
+        endpoints.join(","),
+        "--ca".into(),
+        s(&certs.join("ca.pem")),
+        "--cert".into(),
+        s(&certs.join("client.pem")),
+        "--key".into(),
+        s(&certs.join("client.key")),
+    ];
+    let mut remove: Vec<String> = ["admin", "member", "remove", "--json", "--id"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    remove.push(leader.to_string());
+    remove.extend(target.iter().cloned());
+    let removed = baton_ok_str(&remove);
+    let removed: serde_json::Value = serde_json::from_slice(&removed).unwrap();
+    let members = removed["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{removed}");
+    assert!(members.iter().all(|m| m["id"] != leader), "{removed}");
+    // A node that is not a member: a typed refusal, exit 1.
+    let mut bad: Vec<String> = ["admin", "member", "remove", "--id", "99"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    bad.extend(target.iter().cloned());
+    let err = baton_fails(&bad);
+    assert!(err.contains("node 99 is not a member"), "{err}");
+
+    let stayed: Vec<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|&id| id != leader)
+        .collect();
+    let more = rt.block_on(async {
+        let s = wait_status(&cluster.client_of(4), WAIT, |s| {
+            s.leader.is_some_and(|l| l != leader) && s.members.len() == 3
+        })
+        .await;
+        assert!(stayed.contains(&s.leader.unwrap()), "{s:?}");
+        let client = cluster.client_from(stayed[0]);
+        let r = load(&client, "c", 0, 2_000, 50, 4).await;
+        let last = r.iter().map(|r| r.index()).max().unwrap();
+        for &id in &stayed {
+            wait_applied(&cluster.client_of(id), last, WAIT).await;
+        }
+        client.close().await;
+        r
+    });
+    receipts.extend(more);
+    let listed = baton_ok_str(&[
+        "admin",
+        "member",
+        "list",
+        "--json",
+        "--endpoints",
+        &addr4.to_string(),
+        "--ca",
+        &s(&certs.join("ca.pem")),
+    ]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    let ids: Vec<u64> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, stayed, "{listed}");
+
+    let nodes = cluster.stop();
+    let logs = read_logs(&nodes);
+    check_logs_agree(&logs);
+    check_receipts(&logs, &receipts);
+}
