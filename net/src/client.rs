@@ -44,7 +44,9 @@ pub const CLIENT_IDLE_TIMEOUT_MS: u64 = 1_000;
 /// How a client connects and retries.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Nodes to try, in order (any node of the cluster serves clients).
+    /// Nodes to try, in order (any node of the cluster serves clients). When a node names a
+    /// leader that is not among them (a node added to the membership since), the client adds
+    /// the leader's address from the membership, if it is of the same IP family.
     pub endpoints: Vec<SocketAddr>,
     /// The cluster CA certificate the nodes' certificates must chain to.
     pub ca_cert: PathBuf,
@@ -282,10 +284,45 @@ struct Inner {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
-    /// Index into `options.endpoints` of the node to try next.
+    /// `options.endpoints`, then leaders' addresses learned from `NotLeader` hints.
+    endpoints: Mutex<Vec<SocketAddr>>,
+    /// Index into `endpoints` of the node to try next.
     next_endpoint: AtomicUsize,
     next_request: AtomicU64,
 }
+
+impl Inner {
+    /// The endpoints now (the configured ones, then learned leaders).
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        self.endpoints.lock().expect("endpoints lock").clone()
+    }
+
+    /// The endpoint to try next.
+    fn next_addr(&self) -> SocketAddr {
+        let eps = self.endpoints.lock().expect("endpoints lock");
+        eps[self.next_endpoint.load(Ordering::Relaxed) % eps.len()]
+    }
+
+    /// The index of `addr` among the endpoints, adding it if the client can reach it from its
+    /// socket (bound like the first configured endpoint: same family, loopback to loopback).
+    fn learn(&self, addr: SocketAddr) -> Option<usize> {
+        let mut eps = self.endpoints.lock().expect("endpoints lock");
+        if let Some(at) = eps.iter().position(|e| *e == addr) {
+            return Some(at);
+        }
+        let first = self.options.endpoints[0];
+        let reachable = first.is_ipv6() == addr.is_ipv6()
+            && (!first.ip().is_loopback() || addr.ip().is_loopback());
+        if !reachable || eps.len() >= ENDPOINTS_LEARNED_MAX + self.options.endpoints.len() {
+            return None;
+        }
+        eps.push(addr);
+        Some(eps.len() - 1)
+    }
+}
+
+/// Most leader addresses a client adds to its configured endpoints.
+const ENDPOINTS_LEARNED_MAX: usize = 64;
 
 fn retryable(e: &SubmitError) -> bool {
     matches!(
@@ -333,6 +370,7 @@ impl Client {
         let endpoint = crate::udp::endpoint(bind, None)?;
         Ok(Client {
             inner: Arc::new(Inner {
+                endpoints: Mutex::new(options.endpoints.clone()),
                 options,
                 endpoint,
                 config,
@@ -357,8 +395,7 @@ impl Client {
             }
         }
         *slot = None;
-        let eps = &self.inner.options.endpoints;
-        let addr = eps[self.inner.next_endpoint.load(Ordering::Relaxed) % eps.len()];
+        let addr = self.inner.next_addr();
         let timeout = Duration::from_millis(self.inner.options.connect_timeout_ms);
         let connect = async {
             let conn = self
@@ -396,7 +433,7 @@ impl Client {
                 s.conn.close(0u32.into(), b"failing over");
             }
         }
-        let eps = &self.inner.options.endpoints;
+        let eps = self.inner.endpoints();
         let current = eps.iter().position(|e| *e == addr).unwrap_or(0);
         let _ = self.inner.next_endpoint.compare_exchange(
             current,
@@ -406,8 +443,9 @@ impl Client {
         );
     }
 
-    /// Moves the client to node `leader` (a `NotLeader` hint) if its address, as the cluster
-    /// membership gives it, is one of the configured endpoints.
+    /// Moves the client to node `leader` (a `NotLeader` hint), at its address as the cluster
+    /// membership gives it; an address the client did not know is added to its endpoints if
+    /// the client's socket can reach it (same IP family; loopback only from loopback).
     async fn prefer_leader(&self, leader: u64) {
         let Some(session) = self.inner.session.lock().await.clone() else {
             return;
@@ -424,14 +462,14 @@ impl Client {
         let Ok(status) = StatusResponse::decode(&answer) else {
             return;
         };
-        let eps = &self.inner.options.endpoints;
         let target = status
             .status
             .members
             .iter()
             .find(|m| m.id == leader)
             .and_then(|m| m.addr.parse::<SocketAddr>().ok())
-            .and_then(|addr| eps.iter().position(|e| *e == addr));
+            .and_then(|addr| self.inner.learn(addr));
+        let eps = self.inner.endpoints();
         if let Some(at) = target {
             if eps[at] != session.addr {
                 self.inner.next_endpoint.store(at, Ordering::Relaxed);
@@ -460,9 +498,7 @@ impl Client {
         let session = match session {
             Ok(s) => s,
             Err(e) => {
-                let eps = &self.inner.options.endpoints;
-                let at = self.inner.next_endpoint.load(Ordering::Relaxed) % eps.len();
-                self.fail_over(eps[at]).await;
+                self.fail_over(self.inner.next_addr()).await;
                 return Err(e);
             }
         };
@@ -927,10 +963,7 @@ impl BlockStream {
                         Ok(r) => self.reader.insert(r),
                         Err(e) => {
                             last = e.to_string();
-                            let eps = &self.client.inner.options.endpoints;
-                            let at =
-                                self.client.inner.next_endpoint.load(Ordering::Relaxed) % eps.len();
-                            self.client.fail_over(eps[at]).await;
+                            self.client.fail_over(self.client.inner.next_addr()).await;
                             continue;
                         }
                     }

@@ -865,6 +865,22 @@ fn a_node_joins_a_running_cluster_and_the_leader_is_removed() {
         r
     });
     receipts.extend(more);
+    // A client that knows node 4 alone reaches the leader for a command only the leader runs:
+    // it learns the leader's address from node 4's membership.
+    let ca = s(&certs.join("ca.pem"));
+    let registered = baton_ok_str(&[
+        "admin",
+        "rollup",
+        "add",
+        "--id",
+        "7",
+        "--endpoints",
+        &addr4.to_string(),
+        "--ca",
+        &ca,
+    ]);
+    let registered = String::from_utf8_lossy(&registered);
+    assert!(registered.contains("rollup 7 registered"), "{registered}");
 
     // Remove the leader, through every endpoint the operator knows (node 4 included).
     let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
