@@ -28,11 +28,11 @@ pub struct Target {
     ca: Option<PathBuf>,
     /// A client certificate to present (membership changes need one; with `--cluster`, the
     /// cluster's client certificate is presented).
-    #[arg(long, requires = "key", conflicts_with = "cluster")]
-    cert: Option<PathBuf>,
+    #[arg(long, requires = "client_key", conflicts_with = "cluster")]
+    client_cert: Option<PathBuf>,
     /// The client certificate's private key.
-    #[arg(long, requires = "cert", conflicts_with = "cluster")]
-    key: Option<PathBuf>,
+    #[arg(long, requires = "client_cert", conflicts_with = "cluster")]
+    client_key: Option<PathBuf>,
 }
 
 impl Target {
@@ -56,7 +56,7 @@ impl Target {
                     return Err("--endpoints (or --cluster) is required".into());
                 }
                 let mut options = ClientOptions::new(self.endpoints.clone(), ca);
-                options.identity = self.cert.clone().zip(self.key.clone());
+                options.identity = self.client_cert.clone().zip(self.client_key.clone());
                 Ok(options)
             }
         }

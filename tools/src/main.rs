@@ -110,3 +110,14 @@ fn main() -> std::process::ExitCode {
         Command::Blocks(args) => rollup_cmd::run_blocks(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand (a flag name used twice in one
+    /// command, a `requires` naming no argument…), which otherwise only panic when that
+    /// subcommand runs.
+    #[test]
+    fn every_command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

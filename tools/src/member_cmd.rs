@@ -1,6 +1,6 @@
 //! `baton admin member add|remove|list`: change and show the cluster's membership through the
 //! leader. Changes need a client certificate from the cluster CA (`--cluster DIR` presents the
-//! cluster's; else `--cert`/`--key`).
+//! cluster's; else `--client-cert`/`--client-key`).
 
 use std::process::ExitCode;
 use std::time::Duration;

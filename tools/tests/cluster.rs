@@ -889,9 +889,9 @@ fn a_node_joins_a_running_cluster_and_the_leader_is_removed() {
         endpoints.join(","),
         "--ca".into(),
         s(&certs.join("ca.pem")),
-        "--cert".into(),
+        "--client-cert".into(),
         s(&certs.join("client.pem")),
-        "--key".into(),
+        "--client-key".into(),
         s(&certs.join("client.key")),
     ];
     let mut remove: Vec<String> = ["admin", "member", "remove", "--json", "--id"]

@@ -150,6 +150,12 @@ async fn bounded(
             ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)) => {
                 SubmitError::Membership(MembershipRejection::InProgress)
             }
+            // A leader just elected has not committed an entry of its term yet: not ready to
+            // lead a change, as a leader without its lease is not ready to write (the client
+            // retries).
+            ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::UncommittedLeaderLog(_),
+            ) => SubmitError::NotLeader { leader_hint: None },
             ClientWriteError::ChangeMembershipError(e) => {
                 SubmitError::Membership(MembershipRejection::Refused {
                     reason: e.to_string(),
