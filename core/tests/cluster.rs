@@ -400,6 +400,41 @@ fn members_are_added_and_removed_while_the_cluster_runs() {
     cluster.stop_and_check(&receipts);
 }
 
+/// A follower that died for good is removed while it is down (the two others are a majority of
+/// the old and the new membership), and a fresh node takes its place; the cluster goes on.
+#[test]
+fn a_dead_follower_is_removed_and_replaced() {
+    let mut cluster = Cluster::start(3, small_batches);
+    let leader = run(cluster.wait_leader(WAIT));
+    let dead = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+    let mut receipts = run(load(&cluster.nodes[&leader], 0, 20, 10, 4));
+    run(cluster.nodes[&dead].shutdown());
+    cluster.nodes[&dead].join();
+    cluster.stopped.push(dead);
+    cluster.left.push(dead);
+    cluster.start_node(4, small_batches);
+    let more = run(async {
+        let l = &cluster.nodes[&leader];
+        let removed = l
+            .change_members(MemberChange::Remove { id: dead }, WAIT)
+            .await
+            .expect("the dead follower is removed");
+        assert_eq!(removed.members.len(), 2);
+        let add4 = MemberChange::Add {
+            id: 4,
+            addr: "127.0.0.1:1004".into(),
+            voter: true,
+        };
+        let added = l.change_members(add4, WAIT).await.expect("node 4 added");
+        let ids: Vec<u64> = added.members.iter().map(|m| m.id).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.contains(&4) && !ids.contains(&dead), "{ids:?}");
+        load(l, 10_000, 20, 10, 4).await
+    });
+    receipts.extend(more);
+    cluster.stop_and_check(&receipts);
+}
+
 /// The last voter cannot be removed.
 #[test]
 fn the_last_voter_stays() {
