@@ -332,15 +332,27 @@ fn members_are_added_and_removed_while_the_cluster_runs() {
         assert!(added.index > 0);
         assert_eq!(added.members.len(), 4);
         assert!(added.members.iter().all(|m| m.voter), "{added:?}");
-        let s4 = cluster.nodes[&4].status().await.unwrap();
+        let members = added.members.clone();
+        let s4 = cluster.nodes[&4]
+            .wait_for(WAIT, move |s| s.members == members)
+            .await
+            .expect("node 4 knows the membership");
         assert!(
             s4.snapshot_index.is_some(),
             "node 4 caught up by snapshot: {s4:?}"
         );
-        assert_eq!(s4.members, added.members, "node 4 knows the membership");
-        // Asking again changes nothing.
+        // Asking again changes nothing; a voter is not made a learner.
         let again = l.change_members(add4, WAIT).await.expect("again");
         assert_eq!((again.index, again.members), (0, added.members.clone()));
+        let demote = MemberChange::Add {
+            id: 4,
+            addr: "127.0.0.1:1004".into(),
+            voter: false,
+        };
+        assert_eq!(
+            l.change_members(demote, WAIT).await,
+            refused(MembershipRejection::AlreadyVoter { id: 4 })
+        );
 
         // Node 5 never runs: it stays a learner once the wait is over, and can be removed.
         let add5 = MemberChange::Add {
@@ -375,6 +387,9 @@ fn members_are_added_and_removed_while_the_cluster_runs() {
             .expect("leader removed");
         assert_eq!(gone.members.len(), 3);
         assert!(gone.members.iter().all(|m| m.id != leader && m.voter));
+        l.wait_for(WAIT, |s| s.role != Role::Leader)
+            .await
+            .expect("the removed leader stops leading");
         let s = cluster.nodes[&4]
             .wait_for(WAIT, move |s| {
                 s.leader.is_some_and(|l| l != leader) && s.members.len() == 3
@@ -420,12 +435,21 @@ fn a_dead_follower_is_removed_and_replaced() {
             .await
             .expect("the dead follower is removed");
         assert_eq!(removed.members.len(), 2);
-        let add4 = MemberChange::Add {
+        // First as a learner, then promoted.
+        let add4 = |voter| MemberChange::Add {
             id: 4,
             addr: "127.0.0.1:1004".into(),
-            voter: true,
+            voter,
         };
-        let added = l.change_members(add4, WAIT).await.expect("node 4 added");
+        let learner = l.change_members(add4(false), WAIT).await.expect("learner");
+        assert!(learner.index > removed.index, "{learner:?}");
+        assert!(learner.members.iter().any(|m| m.id == 4 && !m.voter));
+        let added = l
+            .change_members(add4(true), WAIT)
+            .await
+            .expect("node 4 added");
+        assert!(added.index > learner.index);
+        assert!(added.members.iter().all(|m| m.voter), "{added:?}");
         let ids: Vec<u64> = added.members.iter().map(|m| m.id).collect();
         assert_eq!(ids.len(), 3);
         assert!(ids.contains(&4) && !ids.contains(&dead), "{ids:?}");

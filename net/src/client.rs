@@ -19,7 +19,7 @@ use baton_core::command::{Command, RollupPolicy};
 use baton_core::encrypted::KEY_BYTES;
 use baton_core::node::{
     CommandReceipt, Consistency, MemberChange, MembershipChanged, MembershipRejection, NodeStatus,
-    Read, Receipt, StageReport, SubmitError,
+    Read, Receipt, Role, StageReport, SubmitError,
 };
 use baton_core::AckLevel;
 use baton_core::{Transaction, TxHash};
@@ -462,11 +462,16 @@ impl Client {
         let Ok(status) = StatusResponse::decode(&answer) else {
             return;
         };
-        let target = status
-            .status
-            .members
-            .iter()
-            .find(|m| m.id == leader)
+        let named = status.status.members.iter().find(|m| m.id == leader);
+        let names_itself = leader == status.status.id && status.status.role != Role::Leader;
+        if names_itself || named.is_none() {
+            // A node that names itself while refusing (a leader removed from the membership
+            // keeps its last vote), or a leader outside its own membership, knows no better:
+            // try the next node.
+            self.fail_over(session.addr).await;
+            return;
+        }
+        let target = named
             .and_then(|m| m.addr.parse::<SocketAddr>().ok())
             .and_then(|addr| self.inner.learn(addr));
         let eps = self.inner.endpoints();
@@ -802,11 +807,12 @@ impl Client {
 
     /// Changes the cluster's membership through the leader (`baton admin member`): adds a
     /// node (as a learner, then, once it has caught up with the leader's log within
-    /// `catch_up`, as a voter if asked) or removes one. Needs a client certificate
-    /// ([`ClientOptions::identity`]): without one the node answers
+    /// `catch_up`, as a voter if asked) or removes one. Needs the cluster's client certificate
+    /// ([`ClientOptions::identity`]): without one, or with a node's, the node answers
     /// [`MembershipRejection::Unauthenticated`]. The call's budget is the client's plus
-    /// `catch_up`. Asking again after a timeout is safe: a change already made answers with
-    /// the membership as it is (index 0).
+    /// `catch_up`. A `CommitTimeout` is returned, not retried: the change may still complete;
+    /// asking again is safe (an addition already made answers with the membership as it is,
+    /// index 0; a removal already made answers `NotAMember`).
     pub async fn change_members(
         &self,
         change: MemberChange,
@@ -829,7 +835,14 @@ impl Client {
                     body
                 },
                 MemberResponse::decode,
-                |r: &MemberResponse| r.result.as_ref().err(),
+                // Not retried: a `CommitTimeout` (the change may still complete, on the leader's
+                // own task) goes back to the caller, who asks again knowing it.
+                |r: &MemberResponse| {
+                    r.result
+                        .as_ref()
+                        .err()
+                        .filter(|e| !matches!(e, SubmitError::CommitTimeout { .. }))
+                },
             )
             .await?;
         response.result.map_err(ClientError::NotSequenced)

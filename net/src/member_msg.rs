@@ -11,7 +11,7 @@ use crate::msg::{
 };
 
 /// Longest wait for a new node to catch up a request may ask for (10 minutes).
-pub const CATCH_UP_MS_MAX: u64 = 600_000;
+pub const CATCH_UP_MS_MAX: u64 = baton_core::node::CATCH_UP_MAX.as_millis() as u64;
 /// Longest reason string in a `Refused` rejection, in bytes.
 pub const REFUSED_REASON_BYTES_MAX: usize = 1024;
 
@@ -149,6 +149,7 @@ const LAST_VOTER: u8 = 6;
 const CATCH_UP_TIMEOUT: u8 = 7;
 const IN_PROGRESS: u8 = 8;
 const REFUSED: u8 = 9;
+const ALREADY_VOTER: u8 = 10;
 
 /// Appends `[u8 code]` and the rejection's fields (strings cut to their bounds).
 pub(crate) fn encode_rejection(r: &MembershipRejection, out: &mut Vec<u8>) {
@@ -163,6 +164,10 @@ pub(crate) fn encode_rejection(r: &MembershipRejection, out: &mut Vec<u8>) {
             out.push(ADDRESS_MISMATCH);
             put_u64(out, *id);
             put_str_cut(out, addr, MEMBER_ADDR_BYTES_MAX);
+        }
+        MembershipRejection::AlreadyVoter { id } => {
+            out.push(ALREADY_VOTER);
+            put_u64(out, *id);
         }
         MembershipRejection::NotAMember { id } => {
             out.push(NOT_A_MEMBER);
@@ -198,6 +203,7 @@ pub(crate) fn decode_rejection(r: &mut Reader<'_>) -> Result<MembershipRejection
             addr: r.str("member address", MEMBER_ADDR_BYTES_MAX)?.to_owned(),
         },
         NOT_A_MEMBER => MembershipRejection::NotAMember { id: r.u64()? },
+        ALREADY_VOTER => MembershipRejection::AlreadyVoter { id: r.u64()? },
         LAST_VOTER => MembershipRejection::LastVoter { id: r.u64()? },
         CATCH_UP_TIMEOUT => MembershipRejection::CatchUpTimeout {
             id: r.u64()?,
@@ -232,6 +238,7 @@ pub(crate) fn every_rejection() -> Vec<MembershipRejection> {
             addr: "127.0.0.1:7004".into(),
         },
         MembershipRejection::NotAMember { id: 9 },
+        MembershipRejection::AlreadyVoter { id: 2 },
         MembershipRejection::LastVoter { id: 1 },
         MembershipRejection::CatchUpTimeout {
             id: 4,

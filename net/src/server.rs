@@ -191,8 +191,10 @@ async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
 async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
     tokio::spawn(crate::peer::log_stats(conn.clone(), 0, "client"));
     // A client that presented a certificate (rustls checked that it chains to the cluster CA)
-    // is an operator: it may change the membership.
-    let operator = conn.peer_identity().is_some();
+    // other than a node's is an operator: it may change the membership.
+    let operator = conn
+        .peer_identity()
+        .is_some_and(|id| !crate::tls::names_a_node(id.as_ref()));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -425,7 +427,7 @@ async fn client_request(
                     }
                     result
                 } else {
-                    tracing::warn!(change = ?req.change, "refused membership change: no client certificate");
+                    tracing::warn!(change = ?req.change, "refused membership change: no client certificate, or a node's");
                     Err(SubmitError::Membership(
                         MembershipRejection::Unauthenticated,
                     ))

@@ -444,6 +444,28 @@ pub fn is_node_certificate(identity: &dyn std::any::Any, id: u64) -> bool {
     cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
+/// True when the certificate chain a client presented (`quinn::Connection::peer_identity`,
+/// verified by rustls) is a node's: its leaf names some `node-<id>.baton`. Membership changes are
+/// refused to node certificates, so that a node's key (which every node host holds, and which
+/// stays valid after the node is removed) cannot change the membership.
+pub fn names_a_node(identity: &dyn std::any::Any) -> bool {
+    let Some(chain) = identity.downcast_ref::<Vec<CertificateDer<'static>>>() else {
+        return false;
+    };
+    let Some(leaf) = chain.first() else {
+        return false;
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return false;
+    };
+    // Classifying a certificate already verified, not verifying a name.
+    cert.valid_dns_names().any(|n| {
+        n.strip_prefix("node-")
+            .and_then(|rest| rest.strip_suffix(".baton"))
+            .is_some_and(|id| id.parse::<u64>().is_ok())
+    })
+}
+
 /// 127.0.0.1, ::1, localhost, then the extra names (IP if it parses, else DNS).
 fn node_sans(extra: &[String]) -> Result<Vec<SanType>, TlsError> {
     let mut sans = vec![
@@ -810,6 +832,10 @@ mod tests {
         let identity: Box<dyn std::any::Any> = Box::new(chain);
         assert!(is_node_certificate(identity.as_ref(), 4));
         assert!(!is_node_certificate(identity.as_ref(), 3));
+        assert!(names_a_node(identity.as_ref()));
+        let client: Box<dyn std::any::Any> =
+            Box::new(load_certs(&client_files(dir.path()).0).expect("client cert"));
+        assert!(!names_a_node(client.as_ref()));
         // Usable as a node's identity with the cluster's CA.
         let (ca, _) = ca_files(dir.path());
         server_config(&ca, &cert, &key).expect("server config");

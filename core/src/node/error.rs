@@ -60,9 +60,9 @@ pub enum SubmitError {
 /// `CatchUpTimeout`, nothing changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipRejection {
-    /// The client connection presented no certificate from the cluster CA (checked by the
-    /// network layer: membership changes are for operators only).
-    #[error("membership changes need a client certificate from the cluster CA")]
+    /// The client connection presented no certificate from the cluster CA, or a node's
+    /// (checked by the network layer: membership changes are for operators only).
+    #[error("membership changes need the cluster's client certificate (not a node's)")]
     Unauthenticated,
     /// The address is not `host:port` with a port in 1..=65535.
     #[error("address {addr:?} is not host:port")]
@@ -74,6 +74,10 @@ pub enum MembershipRejection {
     /// place could let two processes act as one voter: remove it, then add it anew.
     #[error("node {id} is already a member at {addr}; remove it first")]
     AddressMismatch { id: u64, addr: String },
+    /// The node is a voter; asked to add it as a learner. Demoting is not supported: remove
+    /// it, then add it as a learner.
+    #[error("node {id} is a voter; remove it first to make it a learner")]
+    AlreadyVoter { id: u64 },
     /// The node is not in the membership.
     #[error("node {id} is not a member")]
     NotAMember { id: u64 },

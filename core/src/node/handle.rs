@@ -75,6 +75,9 @@ pub struct NodeStatus {
     pub signer: Address,
 }
 
+/// Longest wait for a new member to catch up (`NodeHandle::change_members` uses at most this).
+pub const CATCH_UP_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A change of the cluster's membership (`NodeHandle::change_members`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemberChange {
@@ -469,7 +472,8 @@ impl NodeHandle {
 
     /// Changes the cluster's membership (leader only: a follower answers `NotLeader` with its
     /// hint). An addition waits up to `catch_up` for the new node to replicate the leader's log
-    /// before making it a voter; each membership entry must then commit as any write does.
+    /// (at most [`CATCH_UP_MAX`]) before making it a voter; each membership entry must then
+    /// commit within the node's commit wait.
     /// Answers once the new membership is committed, or with a
     /// [`SubmitError::Membership`] rejection.
     pub async fn change_members(
@@ -477,6 +481,7 @@ impl NodeHandle {
         change: MemberChange,
         catch_up: std::time::Duration,
     ) -> Result<MembershipChanged, SubmitError> {
+        let catch_up = catch_up.min(CATCH_UP_MAX);
         self.ask(|reply| Control::ChangeMembers(change, catch_up, reply))
             .await
     }

@@ -14,7 +14,7 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::blocks::tokio_free_timeout;
 use super::engine::{status_of, wait_for, Raft};
-use super::handle::{Member, MemberChange, MembershipChanged, NodeStatus};
+use super::handle::{Member, MemberChange, MembershipChanged, NodeStatus, Role};
 use crate::node::error::{MembershipRejection, SubmitError};
 use crate::raft::TypeConfig;
 
@@ -25,12 +25,23 @@ pub(crate) async fn change_members(
     catch_up: Duration,
     commit_wait: Duration,
 ) -> Result<MembershipChanged, SubmitError> {
-    let status = status_of(raft);
     if !raft.is_leader() {
+        let status = status_of(raft);
         return Err(SubmitError::NotLeader {
-            leader_hint: status.leader,
+            // A removed leader that stepped down still names itself: no use to a client.
+            leader_hint: status.leader.filter(|l| *l != status.id),
         });
     }
+    // A change cut short (its leader lost, or its second entry never written) leaves a joint
+    // membership; finish it first, so that what follows starts from one configuration.
+    if is_joint(raft) {
+        let flatten = ChangeMembers::AddVoterIds(BTreeSet::new());
+        run_write(raft, commit_wait, move |r| async move {
+            r.change_membership(flatten, false).await
+        })
+        .await?;
+    }
+    let status = status_of(raft);
     let refuse = |r| Err(SubmitError::Membership(r));
     match change {
         MemberChange::Add { id, addr, voter } => {
@@ -40,6 +51,7 @@ pub(crate) async fn change_members(
             if !is_host_port(&addr) {
                 return refuse(MembershipRejection::BadAddress { addr });
             }
+            let mut written = None;
             match status.members.iter().find(|m| m.id == id) {
                 Some(m) if m.addr != addr => {
                     return refuse(MembershipRejection::AddressMismatch {
@@ -47,20 +59,30 @@ pub(crate) async fn change_members(
                         addr: m.addr.clone(),
                     })
                 }
-                Some(m) if m.voter || !voter => return Ok(unchanged(status)),
+                Some(m) if m.voter && !voter => {
+                    return refuse(MembershipRejection::AlreadyVoter { id })
+                }
+                Some(m) if m.voter == voter => return Ok(unchanged(status)),
                 // A learner at that address, to be promoted: it must be caught up first.
                 Some(_) => {}
                 None => {
                     let node = BasicNode { addr };
-                    bounded(raft.add_learner(id, node, false), commit_wait).await?;
+                    let added = run_write(raft, commit_wait, move |r| async move {
+                        r.add_learner(id, node, false).await
+                    })
+                    .await?;
+                    written = Some(added);
                 }
             }
             wait_caught_up(raft, id, catch_up).await?;
             if !voter {
-                return Ok(current(raft, None));
+                return Ok(current(raft, written));
             }
             let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-            let written = bounded(raft.change_membership(add, false), commit_wait).await?;
+            let written = run_write(raft, commit_wait, move |r| async move {
+                r.change_membership(add, false).await
+            })
+            .await?;
             Ok(current(raft, Some(written)))
         }
         MemberChange::Remove { id } => {
@@ -77,23 +99,39 @@ pub(crate) async fn change_members(
             };
             // `retain = false`: a removed voter leaves the membership instead of staying on as a
             // learner.
-            let written = bounded(raft.change_membership(change, false), commit_wait).await?;
+            let written = run_write(raft, commit_wait, move |r| async move {
+                r.change_membership(change, false).await
+            })
+            .await?;
             Ok(current(raft, Some(written)))
         }
     }
 }
 
+/// Whether the leader's membership is joint (two configurations).
+fn is_joint(raft: &Raft) -> bool {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    m.membership_config.membership().get_joint_config().len() > 1
+}
+
+/// Longest member address accepted, in bytes (the wire's bound on a member address).
+pub const MEMBER_ADDR_BYTES_MAX: usize = 1024;
+
 /// `host:port` with a non-empty host and a port in 1..=65535 (the host is resolved when
-/// dialing, as for the configured peers).
+/// dialing, as for the configured peers); an IPv6 literal in brackets.
 fn is_host_port(addr: &str) -> bool {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => {
-            !host.is_empty()
-                && !host.chars().any(char::is_whitespace)
-                && port.parse::<u16>().is_ok_and(|p| p != 0)
-        }
-        None => false,
+    if addr.len() > MEMBER_ADDR_BYTES_MAX {
+        return false;
     }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    };
+    host_ok && !host.chars().any(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
 fn unchanged(status: NodeStatus) -> MembershipChanged {
@@ -130,15 +168,29 @@ type Written = (u64, Option<Membership>);
 type WriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
 type WriteError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
 
-/// Awaits a membership write for at most `wait`, mapping openraft's refusals.
-async fn bounded(
-    write: impl std::future::Future<Output = Result<WriteResponse, WriteError>>,
-    wait: Duration,
-) -> Result<Written, SubmitError> {
-    let Some(result) = tokio_free_timeout(write, wait).await else {
+/// Runs a membership write on a task of its own, to its end, and awaits its outcome for at most
+/// `wait`, mapping openraft's refusals. Its own task because openraft's `change_membership`
+/// writes the joint entry, awaits its commit, then writes the uniform one from the caller's
+/// future: a future dropped between the two would leave the cluster in joint consensus.
+async fn run_write<F, W>(raft: &Raft, wait: Duration, write: W) -> Result<Written, SubmitError>
+where
+    W: FnOnce(Raft) -> F + 'static,
+    F: std::future::Future<Output = Result<WriteResponse, WriteError>> + 'static,
+{
+    let (tx, rx) = futures_channel::oneshot::channel();
+    let raft = raft.clone();
+    glommio::spawn_local(async move {
+        let _ = tx.send(write(raft).await);
+    })
+    .detach();
+    let Some(result) = tokio_free_timeout(rx, wait).await else {
         return Err(SubmitError::CommitTimeout {
             waited_ms: wait.as_millis() as u64,
         });
+    };
+    // The task was dropped: its executor (the node) is stopping.
+    let Ok(result) = result else {
+        return Err(SubmitError::ShuttingDown);
     };
     match result {
         Ok(resp) => Ok((resp.log_id.index, resp.membership)),
@@ -174,14 +226,15 @@ async fn bounded(
 async fn wait_caught_up(raft: &Raft, id: u64, wait: Duration) -> Result<(), SubmitError> {
     let target = status_of(raft).last_log_index.unwrap_or(0);
     let caught_up = move |s: &NodeStatus| {
-        s.role != super::handle::Role::Leader
+        s.role != Role::Leader
             || s.replication
                 .iter()
                 .any(|p| p.id == id && p.matched_index.is_some_and(|m| m >= target))
     };
     match wait_for(raft, Box::new(caught_up), wait).await {
-        Ok(s) if s.role == super::handle::Role::Leader => Ok(()),
-        Ok(s) | Err(s) if s.role != super::handle::Role::Leader => Err(SubmitError::NotLeader {
+        Ok(s) if s.role == Role::Leader => Ok(()),
+        Ok(s) | Err(s) if s.role == Role::Shutdown => Err(SubmitError::ShuttingDown),
+        Ok(s) | Err(s) if s.role != Role::Leader => Err(SubmitError::NotLeader {
             leader_hint: s.leader.filter(|l| *l != s.id),
         }),
         _ => Err(SubmitError::Membership(

@@ -16,6 +16,7 @@ pub use error::{MembershipRejection, NodeError, SubmitError};
 pub use handle::{
     BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, MemberChange,
     MembershipChanged, NodeHandle, NodeStatus, PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
+    CATCH_UP_MAX,
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
