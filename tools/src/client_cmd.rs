@@ -475,9 +475,11 @@ fn print_status(endpoint: SocketAddr, s: &NodeStatus) {
             .last_log_index
             .unwrap_or(0)
             .saturating_sub(p.matched_index.unwrap_or(0));
+        let learner = s.members.iter().any(|m| m.id == p.id && !m.voter);
         println!(
-            "    peer {} matched {} lag {lag}",
+            "    peer {}{} matched {} lag {lag}",
             p.id,
+            if learner { " (learner)" } else { "" },
             opt(p.matched_index)
         );
     }
