@@ -113,6 +113,36 @@ fn nodes_with_two_shards_route_batch_and_agree() {
     cluster.stop_and_check(&receipts);
 }
 
+/// A leader asked to stop hands leadership to an up-to-date voter before it stops: by the time
+/// its shutdown returns, another node already leads (an election after it stopped would take at
+/// least the election timeout, 150 ms, after its heartbeats ended).
+#[test]
+fn a_stopping_leader_hands_over_before_it_stops() {
+    let mut cluster = Cluster::start(3, |_| {});
+    let (old, receipts) = run(async {
+        let old = cluster.wait_leader(WAIT).await;
+        let mut receipts = load(&cluster.nodes[&old], 0, 20, 20, 4).await;
+        let term = cluster.nodes[&old].status().await.unwrap().term;
+        cluster.nodes[&old].shutdown().await;
+        let mut leaders = Vec::new();
+        for (&id, node) in &cluster.nodes {
+            if id != old {
+                let s = node.status().await.unwrap();
+                if s.role == Role::Leader {
+                    assert!(s.term > term, "{s:?}");
+                    leaders.push(id);
+                }
+            }
+        }
+        assert_eq!(leaders.len(), 1, "another node leads as the old one stops");
+        receipts.extend(load(&cluster.nodes[&leaders[0]], 10_000, 20, 20, 4).await);
+        (old, receipts)
+    });
+    cluster.nodes[&old].join();
+    cluster.stopped.push(old);
+    cluster.stop_and_check(&receipts);
+}
+
 #[test]
 fn a_stopped_leader_is_replaced_and_the_cluster_continues() {
     let mut cluster = Cluster::start(3, |_| {});

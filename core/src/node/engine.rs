@@ -1346,7 +1346,11 @@ async fn raft_shard<F>(
             }
         }
     }
-    // Asked to stop, or every handle is gone.
+    // Asked to stop, or every handle is gone. A leader first hands leadership to a voter that
+    // is up to date, so that writes go on after one round instead of an election timeout.
+    if shutdown_reply.is_some() {
+        hand_over(&raft, lease_wait).await;
+    }
     if let Some(on_stop) = on_stop {
         on_stop();
     }
@@ -1365,6 +1369,47 @@ async fn raft_shard<F>(
     reporter.cancel().await;
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(());
+    }
+}
+
+/// If this node leads and another voter exists, asks openraft to transfer leadership to the
+/// voter whose log matches furthest, and waits (at most `wait`) until another node leads. The
+/// node keeps serving meanwhile. Returns the new leader, if there is one in time.
+async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Option<u64> {
+    let status = status_of(raft);
+    if status.role != Role::Leader {
+        return None;
+    }
+    let voters: Vec<u64> = status
+        .members
+        .iter()
+        .filter(|m| m.voter && m.id != status.id)
+        .map(|m| m.id)
+        .collect();
+    let to = status
+        .replication
+        .iter()
+        .filter(|p| voters.contains(&p.id))
+        .max_by_key(|p| p.matched_index)?
+        .id;
+    tracing::info!(to, "stopping: handing leadership over");
+    raft.trigger().transfer_leader(to).await.ok()?;
+    let me = status.id;
+    let led = wait_for(
+        raft,
+        Box::new(move |s| s.role != Role::Leader && s.leader.is_some_and(|l| l != me)),
+        wait,
+    )
+    .await;
+    match led {
+        Ok(s) => {
+            tracing::info!(leader = ?s.leader, "leadership handed over");
+            s.leader
+        }
+        Err(s) => {
+            tracing::warn!(role = ?s.role, leader = ?s.leader, "no other leader in time; stopping anyway");
+            None
+        }
     }
 }
 
