@@ -79,6 +79,8 @@ pub enum FrameKind {
     /// Leader → follower, on a `Forward` stream before its `ForwardResponse`: the leader signed
     /// the forwarded batch (its preconfirmation).
     ForwardSealed = 74,
+    /// Leader → follower: take over leadership now (the leader is stopping).
+    RaftTransferLeader = 75,
 }
 
 impl FrameKind {
@@ -112,6 +114,7 @@ impl FrameKind {
             72 => ReadIndex,
             73 => ReadIndexResponse,
             74 => ForwardSealed,
+            75 => RaftTransferLeader,
             _ => return None,
         })
     }

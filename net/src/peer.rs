@@ -32,8 +32,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
 
@@ -551,6 +551,27 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
             )
             .await?;
         match wire::decode_vote_response(&body).map_err(|e| self.decode_err(e))? {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.remote(e)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut body = Vec::new();
+        wire::encode_transfer_leader_request(&req, &mut body);
+        let body = self
+            .unary(
+                RPCTypes::TransferLeader,
+                option.hard_ttl(),
+                FrameKind::RaftTransferLeader,
+                vec![Bytes::from(body)],
+            )
+            .await?;
+        match wire::decode_transfer_leader_response(&body).map_err(|e| self.decode_err(e))? {
             Ok(r) => Ok(r),
             Err(e) => Err(self.remote(e)),
         }

@@ -718,6 +718,7 @@ async fn peer_stream(
     let result = match first.kind {
         FrameKind::RaftAppend => serve_append(first, reader, send, inbound).await,
         FrameKind::RaftVote => serve_vote(first, &mut send, inbound).await,
+        FrameKind::RaftTransferLeader => serve_transfer_leader(first, &mut send, inbound).await,
         FrameKind::RaftSnapshot => serve_snapshot(first, reader, &mut send, inbound).await,
         FrameKind::Forward => serve_forward(first, &mut send, inbound).await,
         FrameKind::ReadIndex => serve_read_index(first, &mut send, inbound).await,
@@ -871,6 +872,26 @@ async fn serve_vote(
     let r = rx.await.map_err(|_| ServeError::NodeGone)?;
     let mut body = Vec::new();
     wire::encode_vote_response(&r.map_err(|e| e.to_string()), &mut body);
+    respond(send, FrameKind::RaftResponse, &body).await
+}
+
+async fn serve_transfer_leader(
+    first: Frame,
+    send: &mut quinn::SendStream,
+    mut inbound: mpsc::Sender<Rpc>,
+) -> Result<(), ServeError> {
+    let req = match wire::decode_transfer_leader_request(&first.body) {
+        Ok(r) => r,
+        Err(e) => return refuse(send, 0, ErrorCode::Malformed, e.to_string()).await,
+    };
+    let (tx, rx) = oneshot::channel();
+    inbound
+        .send(Rpc::TransferLeader(req, tx))
+        .await
+        .map_err(|_| ServeError::NodeGone)?;
+    let r = rx.await.map_err(|_| ServeError::NodeGone)?;
+    let mut body = Vec::new();
+    wire::encode_transfer_leader_response(&r.map_err(|e| e.to_string()), &mut body);
     respond(send, FrameKind::RaftResponse, &body).await
 }
 

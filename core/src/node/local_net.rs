@@ -15,7 +15,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
 
@@ -199,6 +200,17 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(RPCTypes::Vote, option.hard_ttl(), |r| Rpc::Vote(rpc, r))
             .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RPCTypes::TransferLeader, option.hard_ttl(), |r| {
+            Rpc::TransferLeader(req, r)
+        })
+        .await
     }
 
     async fn full_snapshot(

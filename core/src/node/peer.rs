@@ -13,8 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{Fatal, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::Raft;
@@ -54,6 +54,11 @@ pub enum Rpc {
     Vote(
         VoteRequest<TypeConfig>,
         Reply<VoteResponse<TypeConfig>, RaftError<TypeConfig>>,
+    ),
+    /// A leader hands leadership to this node (it stops soon): campaign at once.
+    TransferLeader(
+        TransferLeaderRequest<TypeConfig>,
+        Reply<TransferLeaderResponse<TypeConfig>, Fatal<TypeConfig>>,
     ),
     /// A whole snapshot.
     Snapshot(
@@ -116,7 +121,11 @@ pub(crate) async fn serve<SM>(
         // must not queue behind bulk work, sessions live long (one per follower), and forwards
         // are bounded by each follower's proposals in flight. The rest share the permits.
         let permit = match rpc {
-            Rpc::Vote(..) | Rpc::StreamAppend(..) | Rpc::Forward(..) | Rpc::ReadIndex(..) => None,
+            Rpc::Vote(..)
+            | Rpc::TransferLeader(..)
+            | Rpc::StreamAppend(..)
+            | Rpc::Forward(..)
+            | Rpc::ReadIndex(..) => None,
             Rpc::Append(..) | Rpc::Snapshot(..) => match handlers.acquire_static_permit(1).await {
                 Ok(p) => Some(p),
                 Err(_) => break,
@@ -163,6 +172,9 @@ pub(crate) async fn serve<SM>(
                 }
                 Rpc::Vote(req, reply) => {
                     let _ = reply.send(raft.vote(req).await);
+                }
+                Rpc::TransferLeader(req, reply) => {
+                    let _ = reply.send(raft.handle_transfer_leader(req).await);
                 }
                 Rpc::Snapshot(vote, snapshot, reply) => {
                     let _ = reply.send(raft.install_full_snapshot(vote, snapshot).await);

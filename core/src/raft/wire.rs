@@ -10,8 +10,8 @@
 
 use bytes::Bytes;
 use openraft::raft::{
-    AppendEntriesRequest, SnapshotResponse, StreamAppendError, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, SnapshotResponse, StreamAppendError, StreamAppendResult,
+    TransferLeaderError, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::EntryPayload;
 
@@ -410,6 +410,82 @@ pub fn decode_vote_response(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Transfer leader
+
+const TRANSFER_VOTE_CHANGED: u8 = 2;
+const TRANSFER_LOG_NOT_FLUSHED: u8 = 3;
+
+/// Appends a transfer-leader request: `[from_leader vote][u64 to][last_log_id]`.
+pub fn encode_transfer_leader_request(req: &TransferLeaderRequest<TypeConfig>, out: &mut Vec<u8>) {
+    encode_vote(req.from_leader(), out);
+    out.extend_from_slice(&req.to_node_id().to_le_bytes());
+    encode_log_id(req.last_log_id(), out);
+}
+
+/// Decodes what [`encode_transfer_leader_request`] wrote.
+pub fn decode_transfer_leader_request(
+    body: &[u8],
+) -> Result<TransferLeaderRequest<TypeConfig>, WireError> {
+    let mut r = Reader::new(body, "transfer leader request");
+    let from = decode_vote(&mut r)?;
+    let to = r.u64()?;
+    let last_log_id = decode_log_id(&mut r)?;
+    finish(r, TransferLeaderRequest::new(from, to, last_log_id))
+}
+
+/// Appends a transfer-leader response: `[u8 0]` accepted, `[u8 2][vote expected][vote actual]`
+/// refused (vote changed), `[u8 3][log id expected][log id actual]` refused (log not flushed),
+/// or `[u8 1][u32 len][utf-8]` (remote fatal error).
+pub fn encode_transfer_leader_response(
+    r: &Result<TransferLeaderResponse<TypeConfig>, String>,
+    out: &mut Vec<u8>,
+) {
+    match r {
+        Ok(Ok(())) => out.push(RESPONSE_OK),
+        Ok(Err(TransferLeaderError::VoteChanged { expected, actual })) => {
+            out.push(TRANSFER_VOTE_CHANGED);
+            encode_vote(expected, out);
+            encode_vote(actual, out);
+        }
+        Ok(Err(TransferLeaderError::LogNotFlushed { expected, actual })) => {
+            out.push(TRANSFER_LOG_NOT_FLUSHED);
+            encode_log_id(expected.as_ref(), out);
+            encode_log_id(actual.as_ref(), out);
+        }
+        Err(message) => {
+            out.push(REMOTE_ERROR);
+            encode_error(message, out);
+        }
+    }
+}
+
+/// Decodes what [`encode_transfer_leader_response`] wrote.
+pub fn decode_transfer_leader_response(
+    body: &[u8],
+) -> Result<Result<TransferLeaderResponse<TypeConfig>, String>, WireError> {
+    let mut r = Reader::new(body, "transfer leader response");
+    let value = match r.u8()? {
+        RESPONSE_OK => Ok(Ok(())),
+        TRANSFER_VOTE_CHANGED => Ok(Err(TransferLeaderError::VoteChanged {
+            expected: decode_vote(&mut r)?,
+            actual: decode_vote(&mut r)?,
+        })),
+        TRANSFER_LOG_NOT_FLUSHED => Ok(Err(TransferLeaderError::LogNotFlushed {
+            expected: decode_log_id(&mut r)?,
+            actual: decode_log_id(&mut r)?,
+        })),
+        REMOTE_ERROR => Err(decode_error(&mut r)?),
+        value => {
+            return Err(WireError::BadTag {
+                what: "transfer leader response",
+                value,
+            })
+        }
+    };
+    finish(r, value)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Snapshot
 
 /// Appends a snapshot header: `[vote][last_log_id][membership log id][membership][u64
@@ -757,6 +833,35 @@ mod tests {
             encode_snapshot_response(&r, &mut body);
             assert_eq!(decode_snapshot_response(&body).unwrap(), r);
         }
+
+        for req in [
+            TransferLeaderRequest::new(committed_vote(4, 2), 3, Some(log_id(4, 90))),
+            TransferLeaderRequest::new(Vote::new(1, 1), 2, None),
+        ] {
+            let mut body = Vec::new();
+            encode_transfer_leader_request(&req, &mut body);
+            let back = decode_transfer_leader_request(&body).unwrap();
+            assert_eq!(
+                (back.from_leader(), back.to_node_id(), back.last_log_id()),
+                (req.from_leader(), req.to_node_id(), req.last_log_id())
+            );
+        }
+        for r in [
+            Ok(Ok(())),
+            Ok(Err(TransferLeaderError::VoteChanged {
+                expected: committed_vote(4, 2),
+                actual: Vote::new(5, 3),
+            })),
+            Ok(Err(TransferLeaderError::LogNotFlushed {
+                expected: Some(log_id(4, 90)),
+                actual: None,
+            })),
+            Err("stopped".to_string()),
+        ] {
+            let mut body = Vec::new();
+            encode_transfer_leader_response(&r, &mut body);
+            assert_eq!(decode_transfer_leader_response(&body).unwrap(), r);
+        }
     }
 
     #[test]
@@ -919,6 +1024,8 @@ mod tests {
             let _ = decode_append_result(&bytes);
             let _ = decode_vote_request(&bytes);
             let _ = decode_vote_response(&bytes);
+            let _ = decode_transfer_leader_request(&bytes);
+            let _ = decode_transfer_leader_response(&bytes);
             let _ = decode_snapshot_header(&bytes);
             let _ = decode_snapshot_response(&bytes);
 

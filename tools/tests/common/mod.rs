@@ -198,26 +198,33 @@ impl ClusterUp {
     /// SIGKILLs node `id`'s process and waits (bounded) until it has exited, so its port and
     /// WAL directory are free for a restart.
     pub fn kill(&self, id: u64) {
+        self.signal(id, libc::SIGKILL);
+        self.wait_exit(id, Duration::from_secs(10));
+    }
+
+    /// Waits until node `id`'s process has exited (a process this test has not reaped: the
+    /// cluster up process or the test reaps it), at most `limit`.
+    pub fn wait_exit(&self, id: u64, limit: Duration) {
         let pid = self.node(id).pid;
-        // SAFETY: pidfd_open(2) and kill(2) on a pid of a node process this test started; the
-        // pidfd is polled (it becomes readable when the process exits) and closed here.
+        // SAFETY: pidfd_open(2) on a pid of a node process this test started; the pidfd is
+        // polled (it becomes readable when the process exits) and closed here.
         unsafe {
             let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as libc::c_int;
-            let rc = libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            assert_eq!(rc, 0, "kill node {id} (pid {pid})");
-            if fd >= 0 {
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                let ready = libc::poll(&mut p, 1, 10_000);
-                libc::close(fd);
-                assert_eq!(
-                    ready, 1,
-                    "node {id} (pid {pid}) did not exit within 10 s of SIGKILL"
-                );
+            if fd < 0 {
+                // Already gone (and reaped).
+                return;
             }
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ready = libc::poll(&mut p, 1, limit.as_millis() as libc::c_int);
+            libc::close(fd);
+            assert_eq!(
+                ready, 1,
+                "node {id} (pid {pid}) did not exit within {limit:?}"
+            );
         }
     }
 
