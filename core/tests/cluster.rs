@@ -489,6 +489,52 @@ fn a_dead_follower_is_removed_and_replaced() {
     cluster.stop_and_check(&receipts);
 }
 
+/// A follower removed while it runs never learns it was removed (the leader stops replicating to
+/// it first), so it keeps calling elections; the members refuse its votes while they hear from
+/// their leader: the leader and its term stay, and writes go on.
+#[test]
+fn a_removed_follower_left_running_does_not_disturb_the_cluster() {
+    let mut cluster = Cluster::start(3, small_batches);
+    let leader = run(cluster.wait_leader(WAIT));
+    let removed = *cluster.nodes.keys().find(|&&id| id != leader).unwrap();
+    let receipts = run(async {
+        let l = &cluster.nodes[&leader];
+        let mut receipts = load(l, 0, 20, 10, 4).await;
+        let gone = l
+            .change_members(MemberChange::Remove { id: removed }, WAIT)
+            .await
+            .expect("follower removed");
+        assert_eq!(gone.members.len(), 2);
+        let term = l.status().await.unwrap().term;
+        // Well past its election timeouts (150-300 ms), it calls elections the whole time;
+        // writes go on meanwhile, paced (each receipt is checked on every node at the end).
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let mut from = 10_000;
+        while std::time::Instant::now() < until {
+            receipts.extend(load(l, from, 1, 10, 1).await);
+            from += 10;
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        let s = l.status().await.unwrap();
+        assert_eq!((s.role, s.term), (Role::Leader, term), "{s:?}");
+        let other = cluster
+            .nodes
+            .keys()
+            .find(|&&id| id != leader && id != removed);
+        let s = cluster.nodes[other.unwrap()].status().await.unwrap();
+        assert_eq!((s.leader, s.term), (Some(leader), term), "{s:?}");
+        // It did campaign meanwhile (what this test is about), and was ignored.
+        let r = cluster.nodes[&removed].status().await.unwrap();
+        assert!(r.term > term && r.role != Role::Leader, "{r:?}");
+        receipts
+    });
+    run(cluster.nodes[&removed].shutdown());
+    cluster.nodes[&removed].join();
+    cluster.stopped.push(removed);
+    cluster.left.push(removed);
+    cluster.stop_and_check(&receipts);
+}
+
 /// The last voter cannot be removed.
 #[test]
 fn the_last_voter_stays() {
