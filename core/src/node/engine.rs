@@ -1386,12 +1386,29 @@ async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Opt
         .filter(|m| m.voter && m.id != status.id)
         .map(|m| m.id)
         .collect();
-    let to = status
+    // Only a voter heard from lately (a heartbeat answered within a quarter of `wait`, half the
+    // longest election timeout): when the whole cluster stops, the others are gone already and
+    // waiting for one of them to take over would only delay this node's stop.
+    let heard = {
+        use openraft::async_runtime::WatchReceiver;
+        let m = raft.metrics().borrow_watched().clone();
+        m.heartbeat
+            .iter()
+            .flatten()
+            .filter(|(_, at)| at.as_ref().is_some_and(|t| t.elapsed() < wait / 4))
+            .map(|(id, _)| *id)
+            .collect::<Vec<u64>>()
+    };
+    let Some(to) = status
         .replication
         .iter()
-        .filter(|p| voters.contains(&p.id))
-        .max_by_key(|p| p.matched_index)?
-        .id;
+        .filter(|p| voters.contains(&p.id) && heard.contains(&p.id))
+        .max_by_key(|p| p.matched_index)
+        .map(|p| p.id)
+    else {
+        tracing::info!("stopping: no voter heard from lately to hand leadership to");
+        return None;
+    };
     tracing::info!(to, "stopping: handing leadership over");
     raft.trigger().transfer_leader(to).await.ok()?;
     let me = status.id;
@@ -1443,6 +1460,18 @@ async fn sequence(
                 continue;
             }
         };
+        if raft.is_leader() {
+            // This node is handing leadership over: openraft already names the target while
+            // this node still leads. Forwarding now would race the takeover (and every change
+            // of this node's metrics would send the batch again): wait until it has stepped
+            // down, then go again.
+            let stepped_down = |s: &NodeStatus| s.role != Role::Leader;
+            let wait = left.min(lease_wait);
+            if wait.is_zero() || wait_for(raft, Box::new(stepped_down), wait).await.is_err() {
+                return result;
+            }
+            continue;
+        }
         let addr = member_addr(raft, leader).unwrap_or_default();
         // A leader that dies with our batch in flight never answers (until its connection times
         // out): once this node hears of a new leader, or the deadline passes, stop waiting and

@@ -32,6 +32,8 @@ struct RouterState {
     endpoints: HashMap<u64, mpsc::Sender<Rpc>>,
     /// Directed links that drop every RPC.
     cut: HashSet<(u64, u64)>,
+    /// Nodes that accepted a leadership transfer, in order.
+    transfers: Vec<u64>,
 }
 
 /// Connects the nodes of one process. Cheap to clone; `Send + Sync`.
@@ -80,6 +82,12 @@ impl LocalRouter {
         for &o in others {
             self.cut(id, o);
         }
+    }
+
+    /// The nodes that accepted a leadership transfer to themselves (openraft's `TransferLeader`
+    /// RPC, sent to every voter, answered without refusal by the one it names), in order.
+    pub fn transfers(&self) -> Vec<u64> {
+        self.state.lock().expect("router lock").transfers.clone()
     }
 
     /// Restores every cut link.
@@ -207,10 +215,19 @@ impl RaftNetworkV2<TypeConfig> for LocalConnection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(RPCTypes::TransferLeader, option.hard_ttl(), |r| {
-            Rpc::TransferLeader(req, r)
-        })
-        .await
+        // openraft tells every voter; only the named one takes over.
+        let named = *req.to_node_id() == self.to;
+        let to = self.to;
+        let r = self
+            .call(RPCTypes::TransferLeader, option.hard_ttl(), |r| {
+                Rpc::TransferLeader(req, r)
+            })
+            .await;
+        if let (true, Ok(Ok(()))) = (named, &r) {
+            let mut s = self.router.state.lock().expect("router lock");
+            s.transfers.push(to);
+        }
+        r
     }
 
     async fn full_snapshot(
