@@ -151,7 +151,7 @@ fn a_stopping_leader_hands_over_before_it_stops() {
 /// second copy is a duplicate the state machine does not order again).
 #[test]
 fn batches_in_flight_during_a_handoff_are_not_sent_again_and_again() {
-    let mut cluster = Cluster::start_forwarding(3, |c| {
+    let cluster = Cluster::start_forwarding(3, |c| {
         small_batches(c);
         c.commit_wait_ms = 10_000;
     });
