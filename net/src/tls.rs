@@ -426,22 +426,30 @@ pub fn node_identity_name(id: u64) -> String {
     format!("node-{id}.baton")
 }
 
-/// True when the certificate chain a peer presented (`quinn::Connection::peer_identity`, already
-/// verified against the cluster CA by rustls) belongs to node `id`.
-pub fn is_node_certificate(identity: &dyn std::any::Any, id: u64) -> bool {
+/// `f` of the leaf of a certificate chain a peer presented (`quinn::Connection::peer_identity`,
+/// already verified against the cluster CA by rustls); false when there is no parsable leaf.
+fn leaf_matches(
+    identity: &dyn std::any::Any,
+    f: impl FnOnce(&webpki::EndEntityCert<'_>) -> bool,
+) -> bool {
     let Some(chain) = identity.downcast_ref::<Vec<CertificateDer<'static>>>() else {
         return false;
     };
     let Some(leaf) = chain.first() else {
         return false;
     };
-    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
-        return false;
-    };
+    webpki::EndEntityCert::try_from(leaf).is_ok_and(|cert| f(&cert))
+}
+
+/// True when the certificate chain a peer presented (`quinn::Connection::peer_identity`, already
+/// verified against the cluster CA by rustls) belongs to node `id`.
+pub fn is_node_certificate(identity: &dyn std::any::Any, id: u64) -> bool {
     let Ok(name) = rustls_pki_types::ServerName::try_from(node_identity_name(id)) else {
         return false;
     };
-    cert.verify_is_valid_for_subject_name(&name).is_ok()
+    leaf_matches(identity, |cert| {
+        cert.verify_is_valid_for_subject_name(&name).is_ok()
+    })
 }
 
 /// True when the certificate chain a client presented (`quinn::Connection::peer_identity`,
@@ -449,20 +457,13 @@ pub fn is_node_certificate(identity: &dyn std::any::Any, id: u64) -> bool {
 /// refused to node certificates, so that a node's key (which every node host holds, and which
 /// stays valid after the node is removed) cannot change the membership.
 pub fn names_a_node(identity: &dyn std::any::Any) -> bool {
-    let Some(chain) = identity.downcast_ref::<Vec<CertificateDer<'static>>>() else {
-        return false;
-    };
-    let Some(leaf) = chain.first() else {
-        return false;
-    };
-    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
-        return false;
-    };
     // Classifying a certificate already verified, not verifying a name.
-    cert.valid_dns_names().any(|n| {
-        n.strip_prefix("node-")
-            .and_then(|rest| rest.strip_suffix(".baton"))
-            .is_some_and(|id| id.parse::<u64>().is_ok())
+    leaf_matches(identity, |cert| {
+        cert.valid_dns_names().any(|n| {
+            n.strip_prefix("node-")
+                .and_then(|rest| rest.strip_suffix(".baton"))
+                .is_some_and(|id| id.parse::<u64>().is_ok())
+        })
     })
 }
 
