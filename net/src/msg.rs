@@ -28,7 +28,7 @@ pub const SUBMIT_TXS_MAX: usize = 65_536;
 /// Most members (and replication entries) in a status response.
 pub const STATUS_MEMBERS_MAX: usize = 1024;
 /// Longest member address in a status response, in bytes.
-pub const MEMBER_ADDR_BYTES_MAX: usize = 1024;
+pub const MEMBER_ADDR_BYTES_MAX: usize = baton_core::node::MEMBER_ADDR_BYTES_MAX;
 /// Longest error message, in bytes; longer ones are cut (at a char boundary) when encoded.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
 /// Longest cluster id in a peer hello, in bytes.

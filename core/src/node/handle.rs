@@ -75,6 +75,9 @@ pub struct NodeStatus {
     pub signer: Address,
 }
 
+/// Longest member address accepted, in bytes (the wire carries no longer one).
+pub const MEMBER_ADDR_BYTES_MAX: usize = 1024;
+
 /// Longest wait for a new member to catch up (`NodeHandle::change_members` uses at most this).
 pub const CATCH_UP_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 

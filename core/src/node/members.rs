@@ -2,9 +2,10 @@
 //! to date, then made a voter (openraft's joint consensus); a node is removed in one change.
 //!
 //! Each step is bounded: the membership entry must commit within the node's commit wait
-//! (`CommitTimeout`, outcome unknown, asking again is safe), and a new node must catch up within
-//! the caller's wait (`CatchUpTimeout`, it stays a learner). Asking again for a change that is
-//! already in place answers at once with the membership as it is.
+//! (`CommitTimeout`, outcome unknown: the write goes on on its own task), and a new node must
+//! catch up within the caller's wait (`CatchUpTimeout`, it stays a learner). Asking again for an
+//! addition already in place answers at once with the membership as it is; for a removal
+//! already made, `NotAMember`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -14,7 +15,9 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::blocks::tokio_free_timeout;
 use super::engine::{status_of, wait_for, Raft};
-use super::handle::{Member, MemberChange, MembershipChanged, NodeStatus, Role};
+use super::handle::{
+    Member, MemberChange, MembershipChanged, NodeStatus, Role, MEMBER_ADDR_BYTES_MAX,
+};
 use crate::node::error::{MembershipRejection, SubmitError};
 use crate::raft::TypeConfig;
 
@@ -114,9 +117,6 @@ fn is_joint(raft: &Raft) -> bool {
     let m = raft.metrics().borrow_watched().clone();
     m.membership_config.membership().get_joint_config().len() > 1
 }
-
-/// Longest member address accepted, in bytes (the wire's bound on a member address).
-pub const MEMBER_ADDR_BYTES_MAX: usize = 1024;
 
 /// `host:port` with a non-empty host and a port in 1..=65535 (the host is resolved when
 /// dialing, as for the configured peers); an IPv6 literal in brackets.

@@ -16,7 +16,7 @@ pub use error::{MembershipRejection, NodeError, SubmitError};
 pub use handle::{
     BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, MemberChange,
     MembershipChanged, NodeHandle, NodeStatus, PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
-    CATCH_UP_MAX,
+    CATCH_UP_MAX, MEMBER_ADDR_BYTES_MAX,
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
