@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use baton_core::node::{
-    MemberChange, MembershipRejection, NodeConfig, NodeHandle, Receipt, Role, SubmitError,
+    LeadershipRejection, MemberChange, MembershipRejection, NodeConfig, NodeHandle, Receipt, Role,
+    SubmitError,
 };
 use baton_core::{Transaction, TxHash, TxKind};
 use common::*;
@@ -142,6 +143,117 @@ fn a_stopping_leader_hands_over_before_it_stops() {
     });
     cluster.nodes[&old].join();
     cluster.stopped.push(old);
+    cluster.stop_and_check(&receipts);
+}
+
+/// An operator moves leadership to a named voter, then to whichever voter is furthest along:
+/// each time the named (or chosen) node took over by the transfer it accepted, not by an
+/// election, and writes go on through it. Every receipt is in the logs afterwards.
+#[test]
+fn leadership_moves_where_it_is_asked_to_and_writes_go_on() {
+    let cluster = Cluster::start(3, small_batches);
+    let receipts = run(async {
+        let first = cluster.wait_leader(WAIT).await;
+        let mut receipts = load(&cluster.nodes[&first], 0, 20, 10, 4).await;
+        let term = cluster.nodes[&first].status().await.unwrap().term;
+        let to = *cluster.nodes.keys().find(|&&id| id != first).unwrap();
+        let moved = cluster.nodes[&first]
+            .transfer_leader(Some(to))
+            .await
+            .expect("moved");
+        assert_eq!((moved.from, moved.leader), (first, to), "{moved:?}");
+        assert!(moved.term > term, "{moved:?}");
+        assert_eq!(cluster.router.transfers(), vec![to]);
+        let s = cluster.nodes[&to].status().await.unwrap();
+        assert_eq!((s.role, s.term), (Role::Leader, moved.term));
+        // The old leader no longer takes writes; the new one does.
+        assert!(matches!(
+            cluster.nodes[&first].submit(txs(900_000, 1)).await.pop(),
+            Some(Err(SubmitError::NotLeader { .. }))
+        ));
+        receipts.extend(load(&cluster.nodes[&to], 10_000, 20, 10, 4).await);
+        // Unnamed: the voter furthest along that answered lately, which is not `to` itself.
+        cluster.nodes[&to]
+            .wait_for(WAIT, |s| {
+                s.replication.len() == 2 && s.replication.iter().all(|p| p.last_heard_ms.is_some())
+            })
+            .await
+            .expect("the new leader hears from both followers");
+        let again = cluster.nodes[&to]
+            .transfer_leader(None)
+            .await
+            .expect("moved again");
+        assert_eq!(again.from, to);
+        assert_ne!(again.leader, to);
+        assert!(again.term > moved.term, "{again:?}");
+        assert_eq!(cluster.router.transfers(), vec![to, again.leader]);
+        receipts.extend(load(&cluster.nodes[&again.leader], 20_000, 20, 10, 4).await);
+        receipts
+    });
+    cluster.stop_and_check(&receipts);
+}
+
+/// What a leadership transfer refuses, typed, without moving anything: asked of a follower
+/// (`NotLeader` with the hint), to a node that is not a member, to a learner, to a voter that
+/// stopped answering; asked to keep the leader, it answers at once with nothing changed.
+#[test]
+fn leadership_transfer_refusals_are_typed_and_change_nothing() {
+    let mut cluster = Cluster::start(3, small_batches);
+    let leader = run(cluster.wait_leader(WAIT));
+    let mut followers = cluster.nodes.keys().copied().filter(|&id| id != leader);
+    let (follower, silent) = (followers.next().unwrap(), followers.next().unwrap());
+    cluster.start_node(4, small_batches);
+    let receipts = run(async {
+        let l = &cluster.nodes[&leader];
+        let receipts = load(l, 0, 10, 10, 2).await;
+        let term = l.status().await.unwrap().term;
+        assert_eq!(
+            cluster.nodes[&follower]
+                .transfer_leader(Some(follower))
+                .await,
+            Err(SubmitError::NotLeader {
+                leader_hint: Some(leader)
+            })
+        );
+        let refused = |r| Err(SubmitError::Leadership(r));
+        assert_eq!(
+            l.transfer_leader(Some(9)).await,
+            refused(LeadershipRejection::NotAMember { id: 9 })
+        );
+        let add4 = MemberChange::Add {
+            id: 4,
+            addr: "127.0.0.1:1004".into(),
+            voter: false,
+        };
+        l.change_members(add4, WAIT).await.expect("learner 4");
+        assert_eq!(
+            l.transfer_leader(Some(4)).await,
+            refused(LeadershipRejection::NotAVoter { id: 4 })
+        );
+        let kept = l.transfer_leader(Some(leader)).await.expect("kept");
+        assert_eq!((kept.from, kept.leader, kept.term), (leader, leader, term));
+        // A voter cut off from the leader: once it has been silent for half the longest
+        // election timeout, it is not handed leadership (that would leave the cluster to an
+        // election).
+        cluster.router.isolate(silent, &[leader, follower, 4]);
+        let quiet_ms = cluster.configs[&leader].raft.election_timeout_max_ms / 2;
+        l.wait_for(WAIT, move |s| {
+            s.replication
+                .iter()
+                .any(|p| p.id == silent && p.last_heard_ms.is_some_and(|ms| ms > quiet_ms))
+        })
+        .await
+        .expect("the leader notices the silence");
+        assert_eq!(
+            l.transfer_leader(Some(silent)).await,
+            refused(LeadershipRejection::Unreachable { id: silent })
+        );
+        let s = l.status().await.unwrap();
+        assert_eq!((s.role, s.term), (Role::Leader, term), "nothing moved");
+        assert!(cluster.router.transfers().is_empty());
+        cluster.router.heal_all();
+        receipts
+    });
     cluster.stop_and_check(&receipts);
 }
 

@@ -18,14 +18,15 @@ use std::time::{Duration, Instant};
 use baton_core::command::{Command, RollupPolicy};
 use baton_core::encrypted::KEY_BYTES;
 use baton_core::node::{
-    CommandReceipt, Consistency, MemberChange, MembershipChanged, MembershipRejection, NodeStatus,
-    Read, Receipt, Role, StageReport, SubmitError,
+    CommandReceipt, Consistency, LeaderTransferred, MemberChange, MembershipChanged,
+    MembershipRejection, NodeStatus, Read, Receipt, Role, StageReport, SubmitError,
 };
 use baton_core::AckLevel;
 use baton_core::{Transaction, TxHash};
 use tokio::sync::oneshot;
 
 use crate::frame::FrameKind;
+use crate::leader_msg::{LeaderRequest, LeaderResponse};
 use crate::member_msg::{MemberRequest, MemberResponse};
 use crate::msg::{
     ErrorCode, ErrorMsg, MsgError, StagesRequest, StagesResponse, StatusRequest, StatusResponse,
@@ -843,6 +844,30 @@ impl Client {
                         .err()
                         .filter(|e| !matches!(e, SubmitError::CommitTimeout { .. }))
                 },
+            )
+            .await?;
+        response.result.map_err(ClientError::NotSequenced)
+    }
+
+    /// Moves leadership through the leader (`baton admin leader transfer`) to voter `to`, or
+    /// with `None` to the voter whose log matches the leader's furthest; answers once another
+    /// node leads. Needs the cluster's client certificate, like
+    /// [`change_members`](Self::change_members). `NotLeader` answers are followed; a
+    /// [`SubmitError::Leadership`] rejection is returned (`NotTakenOver`: the old leader stopped
+    /// taking writes and an election follows). An answer lost with its connection is asked
+    /// for again, so with `to = None` leadership may move twice.
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<LeaderTransferred, ClientError> {
+        let response = self
+            .call(
+                FrameKind::LeaderRequest,
+                FrameKind::LeaderResponse,
+                |request_id| {
+                    let mut body = Vec::new();
+                    LeaderRequest { request_id, to }.encode(&mut body);
+                    body
+                },
+                LeaderResponse::decode,
+                |r: &LeaderResponse| r.result.as_ref().err(),
             )
             .await?;
         response.result.map_err(ClientError::NotSequenced)

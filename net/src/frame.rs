@@ -56,6 +56,10 @@ pub enum FrameKind {
     MemberRequest = 14,
     /// Node → client: the membership after the change, or why it was refused.
     MemberResponse = 15,
+    /// Client → node: move leadership to another voter (needs a client certificate).
+    LeaderRequest = 16,
+    /// Node → client: who leads after the transfer, or why it did not happen.
+    LeaderResponse = 17,
     /// Peer → peer: Raft AppendEntries.
     RaftAppend = 64,
     /// Peer → peer: Raft vote.
@@ -103,6 +107,8 @@ impl FrameKind {
             13 => StagesResponse,
             14 => MemberRequest,
             15 => MemberResponse,
+            16 => LeaderRequest,
+            17 => LeaderResponse,
             64 => RaftAppend,
             65 => RaftVote,
             66 => RaftSnapshot,

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod leader_msg;
 pub mod member_msg;
 pub mod msg;
 pub mod node;

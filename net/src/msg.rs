@@ -55,8 +55,8 @@ const TX_MIN_BYTES: usize = 13;
 const RESULT_MIN_BYTES: usize = 2;
 /// Smallest encoded member: `[u64 id][u32 len][u8 voter]`.
 const MEMBER_MIN_BYTES: usize = 13;
-/// Smallest encoded replication entry: `[u64 id][u8 present]`.
-const PROGRESS_MIN_BYTES: usize = 9;
+/// Smallest encoded replication entry: `[u64 id][u8 present][u8 present]`.
+const PROGRESS_MIN_BYTES: usize = 10;
 /// Bytes of one encoded duplicate: `[u32 offset][u64 index][u32 offset]`.
 const DUPLICATE_BYTES: usize = 16;
 
@@ -326,6 +326,7 @@ const MALFORMED_CIPHERTEXT: u8 = 9;
 const COMMAND_REFUSED: u8 = 10;
 const READ_TIMEOUT: u8 = 11;
 const MEMBERSHIP_REFUSED: u8 = 12;
+const LEADERSHIP_REFUSED: u8 = 13;
 
 const EMPTY_TX: u8 = 1;
 const TX_TOO_LARGE: u8 = 2;
@@ -386,6 +387,10 @@ pub fn encode_submit_error(e: &SubmitError, out: &mut Vec<u8>) {
         SubmitError::Membership(rejection) => {
             out.push(MEMBERSHIP_REFUSED);
             crate::member_msg::encode_rejection(rejection, out);
+        }
+        SubmitError::Leadership(rejection) => {
+            out.push(LEADERSHIP_REFUSED);
+            crate::leader_msg::encode_rejection(rejection, out);
         }
     }
 }
@@ -450,6 +455,7 @@ pub fn decode_submit_error(r: &mut Reader<'_>) -> Result<SubmitError, MsgError> 
             applied: r.option_u64("read applied index")?,
         },
         MEMBERSHIP_REFUSED => SubmitError::Membership(crate::member_msg::decode_rejection(r)?),
+        LEADERSHIP_REFUSED => SubmitError::Leadership(crate::leader_msg::decode_rejection(r)?),
         value => {
             return Err(MsgError::BadTag {
                 what: "submit error",
@@ -839,7 +845,8 @@ impl StatusResponse {
     /// Appends `[u64 request_id][u64 id][u8 role][u64 term][20 signer address]`, six optional
     /// indices (leader,
     /// last log, committed, applied, snapshot, purged), `[u32 n]{[u64 id][u32 len][addr][u8
-    /// voter]}` members and `[u32 n]{[u64 id][option matched]}` replication.
+    /// voter]}` members and `[u32 n]{[u64 id][option matched][option last heard ms]}`
+    /// replication.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let s = &self.status;
         put_u64(out, self.request_id);
@@ -862,6 +869,7 @@ impl StatusResponse {
         for p in &s.replication {
             put_u64(out, p.id);
             put_option_u64(out, p.matched_index);
+            put_option_u64(out, p.last_heard_ms);
         }
     }
 
@@ -886,6 +894,7 @@ impl StatusResponse {
             replication.push(PeerProgress {
                 id: r.u64()?,
                 matched_index: r.option_u64("matched index")?,
+                last_heard_ms: r.option_u64("last heard")?,
             });
         }
         r.finish()?;
@@ -1323,6 +1332,11 @@ mod tests {
                 .into_iter()
                 .map(SubmitError::Membership),
         );
+        errors.extend(
+            crate::leader_msg::every_rejection()
+                .into_iter()
+                .map(SubmitError::Leadership),
+        );
         for what in OVERLOADED_WHATS.iter().chain([&OVERLOADED_UNKNOWN]) {
             errors.push(SubmitError::Overloaded { what });
         }
@@ -1456,10 +1470,12 @@ mod tests {
                     PeerProgress {
                         id: 4,
                         matched_index: None,
+                        last_heard_ms: None,
                     },
                     PeerProgress {
                         id: 2,
                         matched_index: Some(99),
+                        last_heard_ms: Some(12),
                     },
                 ],
             },

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_core::command::Command;
-use baton_core::node::{Consistency, MembershipRejection, Read, Stage, SubmitError};
+use baton_core::node::{
+    Consistency, LeadershipRejection, MembershipRejection, Read, Stage, SubmitError,
+};
 use baton_core::node::{NodeHandle, Rpc};
 use baton_core::raft::wire;
 use baton_core::raft::{BatchBytes, SealTicket};
@@ -20,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use rkyv::util::AlignedVec;
 
 use crate::frame::{Frame, FrameKind, ProtocolError};
+use crate::leader_msg::{LeaderRequest, LeaderResponse};
 use crate::member_msg::{MemberRequest, MemberResponse};
 use crate::msg::{
     ErrorCode, ErrorMsg, ForwardRequest, ForwardResponse, ForwardSealed, Hello, StagesRequest,
@@ -191,7 +194,7 @@ async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
 async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
     tokio::spawn(crate::peer::log_stats(conn.clone(), 0, "client"));
     // A client that presented a certificate (rustls checked that it chains to the cluster CA)
-    // other than a node's is an operator: it may change the membership.
+    // other than a node's is an operator: it may change the membership and move leadership.
     let operator = conn
         .peer_identity()
         .is_some_and(|id| !crate::tls::names_a_node(id.as_ref()));
@@ -345,7 +348,8 @@ async fn client_stream(
 type Outgoing = (FrameKind, Vec<u8>, Option<Instant>);
 
 /// Answers one client request; for a submission, sets `answered` once its receipts are in.
-/// `operator`: the connection presented a client certificate (membership changes need one).
+/// `operator`: the connection presented a client certificate that is not a node's (membership
+/// changes and leadership transfers need one).
 async fn client_request(
     node: &NodeHandle,
     frame: Frame,
@@ -438,6 +442,32 @@ async fn client_request(
                 }
                 .encode(&mut body);
                 (FrameKind::MemberResponse, body)
+            }
+            Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
+        },
+        FrameKind::LeaderRequest => match LeaderRequest::decode(&frame.body) {
+            Ok(req) => {
+                let result = if operator {
+                    let result = node.transfer_leader(req.to).await;
+                    match &result {
+                        Ok(moved) => {
+                            tracing::info!(to = ?req.to, from = moved.from, leader = moved.leader, term = moved.term, "leadership moved")
+                        }
+                        Err(e) => tracing::info!(to = ?req.to, error = %e, "leadership not moved"),
+                    }
+                    result
+                } else {
+                    tracing::warn!(to = ?req.to, "refused leadership transfer: no client certificate, or a node's");
+                    Err(SubmitError::Leadership(
+                        LeadershipRejection::Unauthenticated,
+                    ))
+                };
+                LeaderResponse {
+                    request_id: req.request_id,
+                    result,
+                }
+                .encode(&mut body);
+                (FrameKind::LeaderResponse, body)
             }
             Err(e) => error_frame(request_id, ErrorCode::Malformed, e.to_string()),
         },

@@ -85,6 +85,7 @@ fn submit_error_type(e: &SubmitError) -> &'static str {
         SubmitError::Command(_) => "command refused",
         SubmitError::ReadTimeout { .. } => "read timeout",
         SubmitError::Membership(_) => "membership refused",
+        SubmitError::Leadership(_) => "leadership transfer refused",
     }
 }
 

@@ -365,6 +365,7 @@ pub fn status_json(s: &NodeStatus) -> serde_json::Value {
         "replication": s.replication.iter().map(|p| json!({
             "id": p.id,
             "matched_index": p.matched_index,
+            "last_heard_ms": p.last_heard_ms,
             "lag": s.last_log_index.unwrap_or(0).saturating_sub(p.matched_index.unwrap_or(0)),
         })).collect::<Vec<_>>(),
     })
@@ -476,8 +477,11 @@ fn print_status(endpoint: SocketAddr, s: &NodeStatus) {
             .unwrap_or(0)
             .saturating_sub(p.matched_index.unwrap_or(0));
         let learner = s.members.iter().any(|m| m.id == p.id && !m.voter);
+        let heard = p
+            .last_heard_ms
+            .map_or("never".to_string(), |ms| format!("{ms} ms ago"));
         println!(
-            "    peer {}{} matched {} lag {lag}",
+            "    peer {}{} matched {} lag {lag} heard {heard}",
             p.id,
             if learner { " (learner)" } else { "" },
             opt(p.matched_index)

@@ -1,11 +1,12 @@
 //! `baton admin member add|remove|list`: change and show the cluster's membership through the
-//! leader. Changes need a client certificate from the cluster CA (`--cluster DIR` presents the
-//! cluster's; else `--client-cert`/`--client-key`).
+//! leader; `baton admin leader transfer`: move leadership to another voter. Changes need a
+//! client certificate from the cluster CA (`--cluster DIR` presents the cluster's; else
+//! `--client-cert`/`--client-key`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use baton_core::node::{Member, MemberChange, MembershipChanged};
+use baton_core::node::{LeaderTransferred, Member, MemberChange, MembershipChanged};
 use baton_net::member_msg::CATCH_UP_MS_MAX;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -70,6 +71,55 @@ pub struct ListArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `baton admin leader`
+#[derive(Subcommand)]
+pub enum LeaderCommand {
+    /// Move leadership to another voter, and wait until it leads (at most twice the longest
+    /// election timeout). Without `--to`, the voter whose log matches the leader's furthest.
+    Transfer(TransferArgs),
+}
+
+/// `baton admin leader transfer`
+#[derive(Args)]
+pub struct TransferArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The voter to lead (its node id).
+    #[arg(long)]
+    to: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `baton admin leader`: exit 0 when another node leads (or the named one already did),
+/// 1 when refused or unreachable.
+pub fn run_leader(command: LeaderCommand) -> ExitCode {
+    let LeaderCommand::Transfer(a) = command;
+    let what = "admin leader transfer";
+    let rt = runtime();
+    let client = match connect(&rt, &a.target) {
+        Ok(c) => c,
+        Err(e) => return fail(what, e),
+    };
+    match rt.block_on(client.transfer_leader(a.to)) {
+        Ok(LeaderTransferred { from, leader, term }) => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({ "from": from, "leader": leader, "term": term })
+                );
+            } else if from == leader {
+                println!("node {leader} leads already (term {term}); nothing changed");
+            } else {
+                println!("leadership moved from node {from} to node {leader} (term {term})");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(what, e),
+    }
 }
 
 /// Runs `baton admin member`: exit 0 when done, 1 when refused or unreachable, 2 on bad

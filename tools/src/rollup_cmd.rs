@@ -40,6 +40,11 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: crate::member_cmd::MemberCommand,
     },
+    /// Leadership: move it to another voter (before maintenance of the leader's machine).
+    Leader {
+        #[command(subcommand)]
+        command: crate::member_cmd::LeaderCommand,
+    },
 }
 
 /// `baton admin rollup`
@@ -298,6 +303,7 @@ pub fn run_admin(command: AdminCommand) -> ExitCode {
             command: RollupCommand::List(a),
         } => list(a),
         AdminCommand::Member { command } => crate::member_cmd::run(command),
+        AdminCommand::Leader { command } => crate::member_cmd::run_leader(command),
     }
 }
 

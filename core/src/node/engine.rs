@@ -22,10 +22,10 @@ use crate::batcher::{Batcher, IncomingTx, PushOutcome, SealedBatch, TxSlot};
 use crate::hash::TxHash;
 use crate::merkle::MerkleTree;
 use crate::node::config::NodeConfig;
-use crate::node::error::{NodeError, SubmitError};
+use crate::node::error::{LeadershipRejection, NodeError, SubmitError};
 use crate::node::handle::{
-    Committed, Control, Member, NodeHandle, NodeStatus, PeerProgress, Role, ShardSubmit,
-    SubmitReply,
+    Committed, Control, LeaderTransferred, Member, NodeHandle, NodeStatus, PeerProgress, Role,
+    ShardSubmit, SubmitReply,
 };
 use crate::node::local_net::LocalRouter;
 use crate::node::peer::{serve, Forwarder, Proposal, Rpc};
@@ -1318,6 +1318,13 @@ async fn raft_shard<F>(
                 })
                 .detach();
             }
+            Control::TransferLeader(to, reply) => {
+                let raft = raft.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(transfer_leader(&raft, to, lease_wait).await);
+                })
+                .detach();
+            }
             Control::ChangeMembers(change, catch_up, reply) => {
                 let raft = raft.clone();
                 glommio::spawn_local(async move {
@@ -1372,46 +1379,87 @@ async fn raft_shard<F>(
     }
 }
 
-/// If this node leads and another voter exists, asks openraft to transfer leadership to the
-/// voter whose log matches furthest, and waits (at most `wait`) until another node leads. The
-/// node keeps serving meanwhile. Returns the new leader, if there is one in time.
+/// If this node leads and another voter answered it lately, asks openraft to transfer
+/// leadership to the voter whose log matches furthest, and waits (at most `wait`) until another
+/// node leads. The node keeps serving meanwhile. Returns the new leader, if there is one in time.
 async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Option<u64> {
-    let status = status_of(raft);
-    if status.role != Role::Leader {
+    if !raft.is_leader() {
         return None;
     }
-    let voters: Vec<u64> = status
-        .members
-        .iter()
-        .filter(|m| m.voter && m.id != status.id)
-        .map(|m| m.id)
-        .collect();
-    // Only a voter heard from lately (a heartbeat answered within a quarter of `wait`, half the
-    // longest election timeout): when the whole cluster stops, the others are gone already and
-    // waiting for one of them to take over would only delay this node's stop.
-    let heard = {
-        use openraft::async_runtime::WatchReceiver;
-        let m = raft.metrics().borrow_watched().clone();
-        m.heartbeat
-            .iter()
-            .flatten()
-            .filter(|(_, at)| at.as_ref().is_some_and(|t| t.elapsed() < wait / 4))
-            .map(|(id, _)| *id)
-            .collect::<Vec<u64>>()
-    };
-    let Some(to) = status
-        .replication
-        .iter()
-        .filter(|p| voters.contains(&p.id) && heard.contains(&p.id))
-        .max_by_key(|p| p.matched_index)
-        .map(|p| p.id)
-    else {
-        tracing::info!("stopping: no voter heard from lately to hand leadership to");
-        return None;
-    };
-    tracing::info!(to, "stopping: handing leadership over");
-    raft.trigger().transfer_leader(to).await.ok()?;
+    tracing::info!("stopping: handing leadership over");
+    match transfer_leader(raft, None, wait).await {
+        Ok(moved) => {
+            tracing::info!(leader = moved.leader, "leadership handed over");
+            Some(moved.leader)
+        }
+        Err(SubmitError::Leadership(LeadershipRejection::NoCandidate)) => {
+            // When the whole cluster stops, the others are gone already: waiting for one of
+            // them to take over would only delay this node's stop.
+            tracing::info!("stopping: no voter heard from lately to hand leadership to");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "stopping anyway");
+            None
+        }
+    }
+}
+
+/// Moves leadership from this node (which must lead) to voter `to`, or with `None` to the voter
+/// whose log matches furthest. Only a voter that answered a heartbeat within a quarter of
+/// `wait` is a candidate: transferring to a silent one would stop this node's writes and
+/// heartbeats for nothing, and leave the cluster to an election. Then waits at most `wait` for
+/// another node to lead.
+pub(crate) async fn transfer_leader(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    to: Option<u64>,
+    wait: Duration,
+) -> Result<LeaderTransferred, SubmitError> {
+    let status = status_of(raft);
+    if status.role != Role::Leader {
+        return Err(SubmitError::NotLeader {
+            leader_hint: status.leader.filter(|l| *l != status.id),
+        });
+    }
     let me = status.id;
+    let refuse = |r| Err(SubmitError::Leadership(r));
+    let recent = (wait / 4).as_millis() as u64;
+    let heard = |id: u64| {
+        status
+            .replication
+            .iter()
+            .any(|p| p.id == id && p.last_heard_ms.is_some_and(|ms| ms < recent))
+    };
+    let voter = |id: u64| status.members.iter().any(|m| m.id == id && m.voter);
+    let to = match to {
+        Some(id) if id == me => {
+            return Ok(LeaderTransferred {
+                from: me,
+                leader: me,
+                term: status.term,
+            })
+        }
+        Some(id) => match status.members.iter().find(|m| m.id == id) {
+            None => return refuse(LeadershipRejection::NotAMember { id }),
+            Some(m) if !m.voter => return refuse(LeadershipRejection::NotAVoter { id }),
+            Some(_) if !heard(id) => return refuse(LeadershipRejection::Unreachable { id }),
+            Some(_) => id,
+        },
+        None => match status
+            .replication
+            .iter()
+            .filter(|p| p.id != me && voter(p.id) && heard(p.id))
+            .max_by_key(|p| p.matched_index)
+        {
+            Some(p) => p.id,
+            None => return refuse(LeadershipRejection::NoCandidate),
+        },
+    };
+    tracing::info!(to, "transferring leadership");
+    if raft.trigger().transfer_leader(to).await.is_err() {
+        // The core stopped: this node is shutting down.
+        return Err(SubmitError::ShuttingDown);
+    }
     let led = wait_for(
         raft,
         Box::new(move |s| s.role != Role::Leader && s.leader.is_some_and(|l| l != me)),
@@ -1419,13 +1467,16 @@ async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Opt
     )
     .await;
     match led {
-        Ok(s) => {
-            tracing::info!(leader = ?s.leader, "leadership handed over");
-            s.leader
-        }
+        Ok(s) => Ok(LeaderTransferred {
+            from: me,
+            leader: s.leader.unwrap_or(to),
+            term: s.term,
+        }),
         Err(s) => {
-            tracing::warn!(role = ?s.role, leader = ?s.leader, "no other leader in time; stopping anyway");
-            None
+            tracing::warn!(role = ?s.role, leader = ?s.leader, "no other leader in time");
+            refuse(LeadershipRejection::NotTakenOver {
+                waited_ms: wait.as_millis() as u64,
+            })
         }
     }
 }
@@ -1776,6 +1827,12 @@ pub(crate) fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
     };
     let membership = m.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
+    let heard_ms = |id: &u64| {
+        m.heartbeat
+            .as_ref()
+            .and_then(|h| h.get(id).cloned().flatten())
+            .map(|at| at.elapsed().as_millis() as u64)
+    };
     NodeStatus {
         id: m.id,
         role,
@@ -1802,6 +1859,7 @@ pub(crate) fn status_of(raft: &openraft::Raft<TypeConfig, Sm>) -> NodeStatus {
             .map(|(id, matched)| PeerProgress {
                 id: *id,
                 matched_index: matched.as_ref().map(|l| l.index),
+                last_heard_ms: heard_ms(id),
             })
             .collect(),
         // Filled in by `NodeHandle`, which knows the key's address.

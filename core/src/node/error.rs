@@ -51,6 +51,9 @@ pub enum SubmitError {
     /// A membership change was refused; see [`MembershipRejection`].
     #[error("membership change refused: {0}")]
     Membership(MembershipRejection),
+    /// A leadership transfer was refused or did not happen; see [`LeadershipRejection`].
+    #[error("leadership transfer: {0}")]
+    Leadership(LeadershipRejection),
     /// The node is stopping or stopped.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -94,6 +97,32 @@ pub enum MembershipRejection {
     /// Raft refused the change for another reason (its words).
     #[error("{reason}")]
     Refused { reason: String },
+}
+
+/// Why leadership was not moved (`NodeHandle::transfer_leader`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeadershipRejection {
+    /// Only a client connection with a certificate from the cluster CA, and not a node's, may
+    /// move leadership.
+    #[error("moving leadership needs the cluster's client certificate (not a node's)")]
+    Unauthenticated,
+    /// The named node is not in the membership.
+    #[error("node {id} is not a member")]
+    NotAMember { id: u64 },
+    /// The named node is a learner: only a voter can lead.
+    #[error("node {id} is a learner; only a voter can lead")]
+    NotAVoter { id: u64 },
+    /// The named node has not answered the leader lately: handing it leadership would leave
+    /// the cluster without a leader until an election.
+    #[error("node {id} has not answered the leader lately")]
+    Unreachable { id: u64 },
+    /// No other voter has answered the leader lately (or there is none).
+    #[error("no other voter has answered the leader lately")]
+    NoCandidate,
+    /// The transfer was started but no other node led within the wait. The old leader no
+    /// longer takes writes, so the followers elect a leader after their election timeout.
+    #[error("no other node took over within {waited_ms} ms; an election follows")]
+    NotTakenOver { waited_ms: u64 },
 }
 
 /// Why a node could not start or be driven.

@@ -113,6 +113,17 @@ pub struct MembershipChanged {
     pub members: Vec<Member>,
 }
 
+/// Who leads after a leadership transfer (`NodeHandle::transfer_leader`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaderTransferred {
+    /// The node that led when the transfer was asked for.
+    pub from: u64,
+    /// The node that leads now (`from` itself when it was asked to keep leading).
+    pub leader: u64,
+    /// The term of `leader`'s leadership.
+    pub term: u64,
+}
+
 /// A member of the cluster configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
@@ -131,6 +142,9 @@ pub struct PeerProgress {
     pub id: u64,
     /// Highest index known to be replicated to it.
     pub matched_index: Option<u64>,
+    /// Milliseconds since it last acknowledged the leader (a heartbeat or a replication
+    /// request); `None` if it never has in this term.
+    pub last_heard_ms: Option<u64>,
 }
 
 /// Where a committed batch landed: its Raft index and signed header, and for transactions the
@@ -200,6 +214,10 @@ pub(crate) enum Control {
         oneshot::Sender<Result<Read<Option<TxInfo>>, SubmitError>>,
     ),
     /// A membership change (leader only); the duration bounds a new node's catch-up.
+    TransferLeader(
+        Option<u64>,
+        oneshot::Sender<Result<LeaderTransferred, SubmitError>>,
+    ),
     ChangeMembers(
         MemberChange,
         std::time::Duration,
@@ -487,6 +505,15 @@ impl NodeHandle {
         let catch_up = catch_up.min(CATCH_UP_MAX);
         self.ask(|reply| Control::ChangeMembers(change, catch_up, reply))
             .await
+    }
+
+    /// Moves leadership (leader only: a follower answers `NotLeader` with its hint) to voter
+    /// `to`, or, with `None`, to the voter whose log matches the leader's furthest among those
+    /// that answered it lately. Answers once another node leads (the wait is bounded by twice
+    /// the longest election timeout), or with a [`SubmitError::Leadership`] rejection. Naming
+    /// the leader itself answers at once with nothing changed.
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<LeaderTransferred, SubmitError> {
+        self.ask(|reply| Control::TransferLeader(to, reply)).await
     }
 
     /// Registers a rollup through the log.

@@ -12,11 +12,11 @@ pub mod stages;
 
 pub use config::{NodeConfig, RaftTimings};
 pub use engine::{run_local, start, start_with, Network, Peers};
-pub use error::{MembershipRejection, NodeError, SubmitError};
+pub use error::{LeadershipRejection, MembershipRejection, NodeError, SubmitError};
 pub use handle::{
-    BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, Member, MemberChange,
-    MembershipChanged, NodeHandle, NodeStatus, PeerProgress, Read, Receipt, Reveal, Role, TxInfo,
-    CATCH_UP_MAX, MEMBER_ADDR_BYTES_MAX,
+    BlockTx, BlockTxs, CommandReceipt, Committed, Consistency, LeaderTransferred, Member,
+    MemberChange, MembershipChanged, NodeHandle, NodeStatus, PeerProgress, Read, Receipt, Reveal,
+    Role, TxInfo, CATCH_UP_MAX, MEMBER_ADDR_BYTES_MAX,
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
