@@ -26,8 +26,8 @@ pub struct Target {
     /// The cluster CA certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// A client certificate to present (membership changes need one; with `--cluster`, the
-    /// cluster's client certificate is presented).
+    /// A client certificate to present (membership changes and leadership transfers need one;
+    /// with `--cluster`, the cluster's client certificate is presented).
     #[arg(long, requires = "client_key", conflicts_with = "cluster")]
     client_cert: Option<PathBuf>,
     /// The client certificate's private key.

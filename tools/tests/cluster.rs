@@ -773,6 +773,136 @@ fn baton_fails<S: AsRef<str>>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `baton admin leader transfer` moves leadership while three clients submit, one through each
+/// node process: first to a named follower, then on to whichever voter is furthest along. Each
+/// transfer answers once the new leader leads, in a later term; no client request fails (they
+/// follow the leader), and every receipt is in every node's log afterwards. Refusals are typed
+/// and exit 1: no client certificate, a node that is not a member.
+#[test]
+fn leadership_moves_on_request_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_base_port(3);
+    let rt = runtime();
+    let cluster = ClusterUp::start(dir.path(), 3, port);
+    let cluster_dir = cluster.dir.to_str().unwrap().to_string();
+    let ca = cluster.ca.to_str().unwrap().to_string();
+    let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| e.to_string()).collect();
+    let status = rt.block_on(async {
+        let client = cluster.client_from(1);
+        let s = wait_status(&client, WAIT, |s| s.leader.is_some()).await;
+        client.close().await;
+        s
+    });
+    let (first, term) = (status.leader.unwrap(), status.term);
+    let to = [1, 2, 3].into_iter().find(|&id| id != first).unwrap();
+
+    let unauthenticated = baton_fails(&[
+        "admin",
+        "leader",
+        "transfer",
+        "--to",
+        &to.to_string(),
+        "--endpoints",
+        &endpoints.join(","),
+        "--ca",
+        &ca,
+    ]);
+    assert!(
+        unauthenticated.contains("needs the cluster's client certificate"),
+        "{unauthenticated}"
+    );
+    let stranger = baton_fails(&[
+        "admin",
+        "leader",
+        "transfer",
+        "--to",
+        "99",
+        "--cluster",
+        &cluster_dir,
+    ]);
+    assert!(stranger.contains("node 99 is not a member"), "{stranger}");
+
+    let transfer = move |to: Option<u64>| {
+        let mut args = vec![
+            "admin".to_string(),
+            "leader".into(),
+            "transfer".into(),
+            "--json".into(),
+            "--cluster".into(),
+            cluster_dir.clone(),
+        ];
+        if let Some(to) = to {
+            args.extend(["--to".to_string(), to.to_string()]);
+        }
+        let out = baton_ok_str(&args);
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+    };
+    let receipts = rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for id in 1..=3u64 {
+            let (client, stop) = (cluster.client_from(id), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                // Bounded: until told to stop, at most 20,000 requests.
+                for i in 0..20_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let results = client
+                        .submit(txs(&format!("n{id}"), i * 10, 10))
+                        .await
+                        .expect("request answered");
+                    out.extend(results.into_iter().map(|r| r.expect("sequenced")));
+                }
+                client.close().await;
+                out
+            }));
+        }
+        let observer = cluster.client_from(1);
+        let applied = |s: &baton_core::node::NodeStatus| s.applied_index.unwrap_or(0);
+        let at = applied(&wait_status(&observer, WAIT, |_| true).await);
+        wait_status(&observer, WAIT, |s| applied(s) > at + 20).await;
+
+        let t = transfer.clone();
+        let moved = tokio::task::spawn_blocking(move || t(Some(to)))
+            .await
+            .unwrap();
+        assert_eq!(moved["from"], first, "{moved}");
+        assert_eq!(moved["leader"], to, "{moved}");
+        assert!(moved["term"].as_u64().unwrap() > term, "{moved}");
+        let after = wait_status(&observer, WAIT, |s| s.leader == Some(to)).await;
+        wait_status(&observer, WAIT, |s| applied(s) > applied(&after) + 20).await;
+
+        let t = transfer.clone();
+        let again = tokio::task::spawn_blocking(move || t(None)).await.unwrap();
+        assert_eq!(again["from"], to, "{again}");
+        assert_ne!(again["leader"], to, "{again}");
+        assert!(again["term"].as_u64() > moved["term"].as_u64(), "{again}");
+        let after = wait_status(&observer, WAIT, |s| s.leader != Some(to)).await;
+        wait_status(&observer, WAIT, |s| applied(s) > applied(&after) + 20).await;
+
+        stop.store(true, Ordering::Relaxed);
+        let mut receipts = Vec::new();
+        for t in tasks {
+            receipts.extend(t.await.expect("client task"));
+        }
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        for id in 1..=3 {
+            wait_applied(&cluster.client_of(id), last, WAIT).await;
+        }
+        observer.close().await;
+        receipts
+    });
+    let nodes = cluster.stop();
+    let logs = read_logs(&nodes);
+    check_logs_agree(&logs);
+    check_receipts(&logs, &receipts);
+}
+
 /// A fourth node joins a running cluster of node processes: its certificate comes from the
 /// cluster's CA (`baton certs --add-node`), it starts with `bootstrap = false` and no peers, and
 /// `baton admin member add` makes it a voter once it has caught up. A client without a
