@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use baton_core::command::{Command, RollupPolicy};
 use baton_core::encrypted::KEY_BYTES;
 use baton_core::node::{
-    CommandReceipt, Consistency, LeaderTransferred, MemberChange, MembershipChanged,
-    MembershipRejection, NodeStatus, Read, Receipt, Role, StageReport, SubmitError,
+    CommandReceipt, Consistency, LeaderTransferred, LeadershipRejection, MemberChange,
+    MembershipChanged, MembershipRejection, NodeStatus, Read, Receipt, Role, StageReport,
+    SubmitError,
 };
 use baton_core::AckLevel;
 use baton_core::{Transaction, TxHash};
@@ -333,6 +334,7 @@ fn retryable(e: &SubmitError) -> bool {
             | SubmitError::CommitTimeout { .. }
             | SubmitError::ShuttingDown
             | SubmitError::Membership(MembershipRejection::InProgress)
+            | SubmitError::Leadership(LeadershipRejection::InProgress)
     )
 }
 

@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 
 /// Protocol version carried by every frame.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Bytes before the body.
 pub const FRAME_HEADER_BYTES: usize = 6;
 /// Largest frame (header included): a maximum batch (4 MiB) plus room for framing and headers.

@@ -109,6 +109,8 @@ const NOT_A_VOTER: u8 = 3;
 const UNREACHABLE: u8 = 4;
 const NO_CANDIDATE: u8 = 5;
 const NOT_TAKEN_OVER: u8 = 6;
+const IN_PROGRESS: u8 = 7;
+const TAKEN_OVER_BY: u8 = 8;
 
 /// Appends `[u8 code]` and the rejection's fields.
 pub(crate) fn encode_rejection(r: &LeadershipRejection, out: &mut Vec<u8>) {
@@ -131,6 +133,11 @@ pub(crate) fn encode_rejection(r: &LeadershipRejection, out: &mut Vec<u8>) {
             out.push(NOT_TAKEN_OVER);
             put_u64(out, *waited_ms);
         }
+        LeadershipRejection::InProgress => out.push(IN_PROGRESS),
+        LeadershipRejection::TakenOverBy { leader } => {
+            out.push(TAKEN_OVER_BY);
+            put_u64(out, *leader);
+        }
     }
 }
 
@@ -145,6 +152,8 @@ pub(crate) fn decode_rejection(r: &mut Reader<'_>) -> Result<LeadershipRejection
         NOT_TAKEN_OVER => LeadershipRejection::NotTakenOver {
             waited_ms: r.u64()?,
         },
+        IN_PROGRESS => LeadershipRejection::InProgress,
+        TAKEN_OVER_BY => LeadershipRejection::TakenOverBy { leader: r.u64()? },
         value => {
             return Err(MsgError::BadTag {
                 what: "leadership rejection",
@@ -164,6 +173,8 @@ pub(crate) fn every_rejection() -> Vec<LeadershipRejection> {
         LeadershipRejection::Unreachable { id: 3 },
         LeadershipRejection::NoCandidate,
         LeadershipRejection::NotTakenOver { waited_ms: 1_200 },
+        LeadershipRejection::InProgress,
+        LeadershipRejection::TakenOverBy { leader: 2 },
     ]
 }
 

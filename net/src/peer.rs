@@ -61,6 +61,14 @@ const COMMIT_ONLY_HOLD: Duration = Duration::from_millis(1);
 const APPEND_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on connecting to a peer and exchanging hellos.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed dial, the next dial to that peer waits this long, doubling with each further
+/// failure up to [`DIAL_BACKOFF_MAX`]; a successful dial resets it. Without it a peer that
+/// refuses connections (stopping, or not yet listening) is dialed in a tight loop: openraft backs
+/// off only between the requests of a replication stream, and a stream that cannot connect never
+/// asks for one.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest wait between two dials to a peer that keeps failing.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long a forwarded batch may take to commit through the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 /// Snapshot data per chunk frame.
@@ -139,6 +147,8 @@ pub struct PeerLinks {
     node_id: u64,
     rt: tokio::runtime::Handle,
     conns: Mutex<HashMap<u64, quinn::Connection>>,
+    /// Per peer whose last dial failed: failures in a row, and when the next dial may start.
+    dial_failures: Mutex<HashMap<u64, (u32, tokio::time::Instant)>>,
     /// The node's stage histograms ([`Stage::Replicate`]), once the node is up.
     stages: std::sync::OnceLock<Stages>,
 }
@@ -160,6 +170,7 @@ impl PeerLinks {
             node_id,
             rt,
             conns: Mutex::new(HashMap::new()),
+            dial_failures: Mutex::new(HashMap::new()),
             stages: std::sync::OnceLock::new(),
         })
     }
@@ -177,11 +188,37 @@ impl PeerLinks {
                 return Ok(c.clone());
             }
         }
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(target, addr))
+        let retry_at = self
+            .dial_failures
+            .lock()
+            .expect("dial failures lock")
+            .get(&target)
+            .map(|(_, at)| *at);
+        if let Some(at) = retry_at {
+            tokio::time::sleep_until(at).await;
+        }
+        let dialed = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(target, addr))
             .await
-            .map_err(|_| PeerError::Timeout {
+            .unwrap_or(Err(PeerError::Timeout {
                 ms: CONNECT_TIMEOUT.as_millis() as u64,
-            })??;
+            }));
+        let conn = {
+            let mut failures = self.dial_failures.lock().expect("dial failures lock");
+            match dialed {
+                Ok(conn) => {
+                    failures.remove(&target);
+                    conn
+                }
+                Err(e) => {
+                    let n = failures
+                        .get(&target)
+                        .map_or(1, |(n, _)| n.saturating_add(1));
+                    let at = tokio::time::Instant::now() + dial_backoff(n);
+                    failures.insert(target, (n, at));
+                    return Err(e);
+                }
+            }
+        };
         self.conns
             .lock()
             .expect("conns lock")
@@ -274,6 +311,12 @@ impl PeerLinks {
         let _ = target;
         task.await.unwrap_or(Err(PeerError::RuntimeGone))
     }
+}
+
+/// How long to wait before dialing a peer again after `failures` failed dials in a row.
+fn dial_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (DIAL_BACKOFF_MIN * (1u32 << doublings)).min(DIAL_BACKOFF_MAX)
 }
 
 /// While `conn` is open, logs its QUIC statistics every second at debug level (target
@@ -906,6 +949,67 @@ mod tests {
             },
             leader_commit: Some(LogId::new_term_index(1, commit)),
         }
+    }
+
+    /// A peer that refuses connections (a node stopping: its endpoint is up and turns dials
+    /// away) is dialed again only after a pause that doubles with each failure, not in a tight
+    /// loop; a successful dial would reset it. Six refused dials in a row take at least the first
+    /// five pauses.
+    #[test]
+    fn dials_to_a_peer_that_refuses_back_off() {
+        assert_eq!(dial_backoff(1), DIAL_BACKOFF_MIN);
+        assert_eq!(dial_backoff(2), DIAL_BACKOFF_MIN * 2);
+        assert_eq!(dial_backoff(7), DIAL_BACKOFF_MAX);
+        assert_eq!(dial_backoff(u32::MAX), DIAL_BACKOFF_MAX);
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::generate(dir.path(), &crate::tls::CertOptions::new("t", 2))
+            .expect("certificates");
+        let (_, cert1, key1) = &files.nodes[0];
+        let (_, cert2, key2) = &files.nodes[1];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let server = crate::tls::server_config(&files.ca_cert, cert2, key2).unwrap();
+            let refusing = crate::udp::endpoint(loopback, Some(server)).unwrap();
+            let addr = refusing.local_addr().unwrap().to_string();
+            let turned_away = tokio::spawn(async move {
+                let mut n = 0;
+                while let Some(incoming) = refusing.accept().await {
+                    incoming.refuse();
+                    n += 1;
+                    if n == 6 {
+                        return n;
+                    }
+                }
+                n
+            });
+            let config = crate::tls::peer_client_config(&files.ca_cert, cert1, key1).unwrap();
+            let links = PeerLinks::new(
+                crate::udp::endpoint(loopback, None).unwrap(),
+                config,
+                "t".into(),
+                1,
+                tokio::runtime::Handle::current(),
+            );
+            let start = Instant::now();
+            for _ in 0..6 {
+                assert!(matches!(
+                    links.connect(2, &addr).await,
+                    Err(PeerError::Connection(_))
+                ));
+            }
+            let pauses: Duration = (1..=5).map(dial_backoff).sum();
+            assert!(start.elapsed() >= pauses, "{:?}", start.elapsed());
+            assert_eq!(turned_away.await.unwrap(), 6);
+            let (failures, retry_at) = *links.dial_failures.lock().unwrap().get(&2).unwrap();
+            assert_eq!(failures, 6);
+            // The seventh dial would wait (320 ms from the sixth failure).
+            assert!(retry_at > tokio::time::Instant::now());
+        });
     }
 
     /// A request with no entries (only a commit index) waits for the next request, up to

@@ -1215,6 +1215,8 @@ async fn raft_shard<F>(
     };
 
     let mut shutdown_reply = None;
+    // Set while a leadership transfer runs on this shard (one at a time).
+    let transferring = Rc::new(std::cell::Cell::new(false));
     while let Some(c) = control_rx.next().await {
         match c {
             Control::Status(reply) => {
@@ -1319,9 +1321,20 @@ async fn raft_shard<F>(
                 .detach();
             }
             Control::TransferLeader(to, reply) => {
+                if transferring.get() {
+                    let busy = LeadershipRejection::InProgress;
+                    let _ = reply.send(Err(SubmitError::Leadership(busy)));
+                    continue;
+                }
+                transferring.set(true);
                 let raft = raft.clone();
+                let transferring = transferring.clone();
                 glommio::spawn_local(async move {
-                    let _ = reply.send(transfer_leader(&raft, to, lease_wait).await);
+                    // A candidate must have answered within the longest election timeout.
+                    let recent = lease_wait / 2;
+                    let r = transfer_leader(&raft, to, recent, lease_wait).await;
+                    transferring.set(false);
+                    let _ = reply.send(r);
                 })
                 .detach();
             }
@@ -1356,7 +1369,7 @@ async fn raft_shard<F>(
     // Asked to stop, or every handle is gone. A leader first hands leadership to a voter that
     // is up to date, so that writes go on after one round instead of an election timeout.
     if shutdown_reply.is_some() {
-        hand_over(&raft, lease_wait).await;
+        hand_over(&raft, lease_wait, &transferring).await;
     }
     if let Some(on_stop) = on_stop {
         on_stop();
@@ -1382,19 +1395,31 @@ async fn raft_shard<F>(
 /// If this node leads and another voter answered it lately, asks openraft to transfer
 /// leadership to the voter whose log matches furthest, and waits (at most `wait`) until another
 /// node leads. The node keeps serving meanwhile. Returns the new leader, if there is one in time.
-async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Option<u64> {
+async fn hand_over(
+    raft: &openraft::Raft<TypeConfig, Sm>,
+    wait: Duration,
+    transferring: &std::cell::Cell<bool>,
+) -> Option<u64> {
     if !raft.is_leader() {
         return None;
     }
+    if transferring.get() {
+        // An operator's transfer is under way: wait for its outcome instead of starting another.
+        let me = raft_id(raft);
+        let other =
+            move |s: &NodeStatus| s.role != Role::Leader && s.leader.is_some_and(|l| l != me);
+        return wait_for(raft, Box::new(other), wait).await.ok()?.leader;
+    }
     tracing::info!("stopping: handing leadership over");
-    match transfer_leader(raft, None, wait).await {
+    // Only a voter heard from within a quarter of `wait` (half the longest election timeout):
+    // when the whole cluster stops, the others are gone already and waiting for one of them to
+    // take over would only delay this node's stop.
+    match transfer_leader(raft, None, wait / 4, wait).await {
         Ok(moved) => {
             tracing::info!(leader = moved.leader, "leadership handed over");
             Some(moved.leader)
         }
         Err(SubmitError::Leadership(LeadershipRejection::NoCandidate)) => {
-            // When the whole cluster stops, the others are gone already: waiting for one of
-            // them to take over would only delay this node's stop.
             tracing::info!("stopping: no voter heard from lately to hand leadership to");
             None
         }
@@ -1406,13 +1431,15 @@ async fn hand_over(raft: &openraft::Raft<TypeConfig, Sm>, wait: Duration) -> Opt
 }
 
 /// Moves leadership from this node (which must lead) to voter `to`, or with `None` to the voter
-/// whose log matches furthest. Only a voter that answered a heartbeat within a quarter of
-/// `wait` is a candidate: transferring to a silent one would stop this node's writes and
-/// heartbeats for nothing, and leave the cluster to an election. Then waits at most `wait` for
-/// another node to lead.
+/// whose log matches furthest. Only a voter that answered the leader within `recent` is a
+/// candidate: transferring to a silent one would stop this node's writes and heartbeats for
+/// nothing, and leave the cluster to an election. None while the membership is changing (the transfer would cut the change short, or pick a
+/// voter the change removes). Then waits at most `wait` for the target to lead: another node
+/// winning an election instead is `TakenOverBy`, not success.
 pub(crate) async fn transfer_leader(
     raft: &openraft::Raft<TypeConfig, Sm>,
     to: Option<u64>,
+    recent: Duration,
     wait: Duration,
 ) -> Result<LeaderTransferred, SubmitError> {
     let status = status_of(raft);
@@ -1421,9 +1448,12 @@ pub(crate) async fn transfer_leader(
             leader_hint: status.leader.filter(|l| *l != status.id),
         });
     }
-    let me = status.id;
     let refuse = |r| Err(SubmitError::Leadership(r));
-    let recent = (wait / 4).as_millis() as u64;
+    if membership_changing(raft) {
+        return refuse(LeadershipRejection::InProgress);
+    }
+    let me = status.id;
+    let recent = recent.as_millis() as u64;
     let heard = |id: u64| {
         status
             .replication
@@ -1456,22 +1486,23 @@ pub(crate) async fn transfer_leader(
         },
     };
     tracing::info!(to, "transferring leadership");
-    if raft.trigger().transfer_leader(to).await.is_err() {
-        // The core stopped: this node is shutting down.
-        return Err(SubmitError::ShuttingDown);
-    }
-    let led = wait_for(
-        raft,
-        Box::new(move |s| s.role != Role::Leader && s.leader.is_some_and(|l| l != me)),
-        wait,
-    )
-    .await;
-    match led {
-        Ok(s) => Ok(LeaderTransferred {
+    // An error: the core stopped (this node is shutting down).
+    raft.trigger()
+        .transfer_leader(to)
+        .await
+        .map_err(|_| SubmitError::ShuttingDown)?;
+    let other = move |s: &NodeStatus| s.role != Role::Leader && s.leader.is_some_and(|l| l != me);
+    match wait_for(raft, Box::new(other), wait).await {
+        Ok(s) if s.leader == Some(to) => Ok(LeaderTransferred {
             from: me,
-            leader: s.leader.unwrap_or(to),
+            leader: to,
             term: s.term,
         }),
+        Ok(s) => {
+            let leader = s.leader.unwrap_or_default();
+            tracing::warn!(to, leader, "another node won an election instead");
+            refuse(LeadershipRejection::TakenOverBy { leader })
+        }
         Err(s) => {
             tracing::warn!(role = ?s.role, leader = ?s.leader, "no other leader in time");
             refuse(LeadershipRejection::NotTakenOver {
@@ -1479,6 +1510,16 @@ pub(crate) async fn transfer_leader(
             })
         }
     }
+}
+
+/// True while the membership is joint, or its latest entry is not committed yet.
+fn membership_changing(raft: &openraft::Raft<TypeConfig, Sm>) -> bool {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    let joint = m.membership_config.membership().get_joint_config().len() > 1;
+    let entry = m.membership_config.log_id().as_ref().map(|l| l.index);
+    let committed = m.local_committed.as_ref().map(|l| l.index);
+    joint || entry > committed
 }
 
 /// Sequences one batch: proposes it here when this node leads; otherwise, with a forwarder,

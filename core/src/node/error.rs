@@ -119,6 +119,13 @@ pub enum LeadershipRejection {
     /// No other voter has answered the leader lately (or there is none).
     #[error("no other voter has answered the leader lately")]
     NoCandidate,
+    /// Another leadership transfer or a membership change is under way; retry when it is done.
+    #[error("another leadership transfer or a membership change is in progress")]
+    InProgress,
+    /// The transfer was started, but another node won an election before the target took over
+    /// (the target did not campaign in time).
+    #[error("node {leader} won an election instead of the target")]
+    TakenOverBy { leader: u64 },
     /// The transfer was started but no other node led within the wait. The old leader no
     /// longer takes writes, so the followers elect a leader after their election timeout.
     #[error("no other node took over within {waited_ms} ms; an election follows")]

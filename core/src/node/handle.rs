@@ -142,8 +142,9 @@ pub struct PeerProgress {
     pub id: u64,
     /// Highest index known to be replicated to it.
     pub matched_index: Option<u64>,
-    /// Milliseconds since it last acknowledged the leader (a heartbeat or a replication
-    /// request); `None` if it never has in this term.
+    /// Milliseconds since the leader sent the last request (a heartbeat or a replication
+    /// request) this follower has acknowledged: how long the leader has gone without news of
+    /// it, plus at most a round trip. `None` if it has acknowledged none in this term.
     pub last_heard_ms: Option<u64>,
 }
 
@@ -213,11 +214,12 @@ pub(crate) enum Control {
         std::time::Duration,
         oneshot::Sender<Result<Read<Option<TxInfo>>, SubmitError>>,
     ),
-    /// A membership change (leader only); the duration bounds a new node's catch-up.
+    /// A leadership transfer (leader only) to the voter named, or the one furthest along.
     TransferLeader(
         Option<u64>,
         oneshot::Sender<Result<LeaderTransferred, SubmitError>>,
     ),
+    /// A membership change (leader only); the duration bounds a new node's catch-up.
     ChangeMembers(
         MemberChange,
         std::time::Duration,
@@ -509,9 +511,10 @@ impl NodeHandle {
 
     /// Moves leadership (leader only: a follower answers `NotLeader` with its hint) to voter
     /// `to`, or, with `None`, to the voter whose log matches the leader's furthest among those
-    /// that answered it lately. Answers once another node leads (the wait is bounded by twice
-    /// the longest election timeout), or with a [`SubmitError::Leadership`] rejection. Naming
-    /// the leader itself answers at once with nothing changed.
+    /// that answered it within the longest election timeout. Answers once that voter leads (the
+    /// wait is bounded by twice the longest election timeout), or with a
+    /// [`SubmitError::Leadership`] rejection (`InProgress` while another transfer or a
+    /// membership change runs). Naming the leader itself answers at once with nothing changed.
     pub async fn transfer_leader(&self, to: Option<u64>) -> Result<LeaderTransferred, SubmitError> {
         self.ask(|reply| Control::TransferLeader(to, reply)).await
     }
