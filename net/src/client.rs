@@ -564,14 +564,14 @@ impl Client {
         let mut todo: Vec<usize> = (0..n).collect();
         let mut last = String::new();
         let mut attempts = 0;
+        let mut pace = Pace::default();
         while !todo.is_empty() {
             if attempts == self.inner.options.attempts_max || started.elapsed() >= budget {
                 break;
             }
-            if attempts > 0 {
-                backoff(attempts).await;
-            }
+            pace.wait(attempts).await;
             attempts += 1;
+            let tried = self.inner.next_addr();
             let request_id = self.next_id();
             let mut body = Vec::new();
             SubmitRequest::encode_from(request_id, ack, todo.iter().map(|&i| &txs[i]), &mut body);
@@ -624,12 +624,14 @@ impl Client {
             };
             let mut again = Vec::new();
             let mut hint = None;
+            let mut stopping = false;
             for (&i, r) in todo.iter().zip(response.results) {
-                if let Err(SubmitError::NotLeader {
-                    leader_hint: Some(l),
-                }) = &r
-                {
-                    hint = Some(*l);
+                match &r {
+                    Err(SubmitError::NotLeader {
+                        leader_hint: Some(l),
+                    }) => hint = Some(*l),
+                    Err(SubmitError::ShuttingDown) => stopping = true,
+                    _ => {}
                 }
                 // Positions in a retried request count within the retried subset.
                 let r = match r {
@@ -651,7 +653,11 @@ impl Client {
             todo = again;
             if let (Some(leader), false) = (hint, todo.is_empty()) {
                 self.prefer_leader(leader).await;
+            } else if stopping && !todo.is_empty() {
+                // That node is stopping: the rest goes to another one.
+                self.fail_over(tried).await;
             }
+            pace.moved(self.inner.next_addr() != tried);
         }
         if results.iter().all(Option::is_none) {
             return Err(ClientError::Exhausted {
@@ -737,11 +743,11 @@ impl Client {
         let started = Instant::now();
         let mut last = String::new();
         let mut attempts = 0;
+        let mut pace = Pace::default();
         while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
-            if attempts > 0 {
-                backoff(attempts).await;
-            }
+            pace.wait(attempts).await;
             attempts += 1;
+            let tried = self.inner.next_addr();
             let request_id = self.next_id();
             let request = body(request_id);
             crate::frame::frame_header(kind, request.len())?;
@@ -776,6 +782,7 @@ impl Client {
                 }
                 Err(e) => last = e.to_string(),
             }
+            pace.moved(self.inner.next_addr() != tried);
         }
         Err(ClientError::Exhausted {
             attempts,
@@ -1068,6 +1075,31 @@ impl BlockStream {
 }
 
 /// Exponential backoff between attempts: 10 ms doubling, at most 500 ms.
+/// When a client's next attempt starts: after a backoff, except right after the client moved to
+/// another node (a leader hint, or a node that failed or is stopping), which is tried at once;
+/// never twice in a row at once, so a cluster with no leader is not asked in a tight loop.
+#[derive(Default)]
+struct Pace {
+    moved: bool,
+    skipped: bool,
+}
+
+impl Pace {
+    /// Notes whether the attempt just made moved the client to another node.
+    fn moved(&mut self, moved: bool) {
+        self.moved = moved;
+    }
+
+    /// Waits before attempt `attempts + 1` (not before the first).
+    async fn wait(&mut self, attempts: u32) {
+        let at_once = attempts > 0 && self.moved && !self.skipped;
+        if attempts > 0 && !at_once {
+            backoff(attempts).await;
+        }
+        self.skipped = at_once;
+    }
+}
+
 async fn backoff(attempt: u32) {
     let ms = (10u64 << attempt.min(6)).min(500);
     tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -332,6 +332,34 @@ async fn a_lost_connection_fails_over_and_retries() {
     assert_eq!(client.connected_to().await, Some(b.addr));
 }
 
+/// A node that answers `ShuttingDown` for every transaction (it is stopping) is not asked again:
+/// the client moves the rest to the next node.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stopping_node_sends_the_client_to_another() {
+    let certs = certs();
+    let a = FakeNode::start(&certs, 1, |request, _| match request {
+        Request::Submit(r) => Reply::Submit(
+            r.txs
+                .iter()
+                .map(|_| Err(SubmitError::ShuttingDown))
+                .collect(),
+        ),
+        Request::Status(_) => panic!("no status request expected"),
+    });
+    let b = FakeNode::start(&certs, 2, sequencing);
+    let client = client(&certs, vec![a.addr, b.addr]);
+    let sent = txs(3);
+
+    let results = within("submit", client.submit(sent.clone()))
+        .await
+        .expect("submit");
+
+    assert_eq!(results, receipts(&sent));
+    assert_eq!(a.submits().len(), 1, "A was asked once");
+    assert_eq!(b.submits().len(), 1, "B took the rest");
+    assert_eq!(client.connected_to().await, Some(b.addr));
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn per_transaction_errors_are_retried_only_for_retryable_ones() {
     let certs = certs();

@@ -384,8 +384,13 @@ fn a_rolling_restart_under_load_loses_nothing() {
             .map(|w| *w[1] - *w[0])
             .max()
             .unwrap_or_default();
+        let at = inside
+            .windows(2)
+            .max_by_key(|w| *w[1] - *w[0])
+            .map(|w| *w[0]);
+        let since = at.map_or(0, |a| a.duration_since(from).as_millis());
         println!(
-            "restart of node {id}{}: longest stretch without a commit {} ms",
+            "restart of node {id}{}: longest stretch without a commit {} ms, from {since} ms after SIGTERM",
             if was_leader { " (leader)" } else { "" },
             gap.as_millis()
         );
