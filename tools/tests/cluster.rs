@@ -127,6 +127,12 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         // leaves a node some of both, so only what its role now implies is checked).
         if node["status"]["role"] == "leader" {
             assert!(count(node, "replicate") > 0, "{node}");
+            // Both followers have answered the leader in this term.
+            let replication = node["status"]["replication"].as_array().unwrap();
+            assert_eq!(replication.len(), 2, "{node}");
+            for p in replication {
+                assert!(p["last_heard_ms"].as_u64().is_some(), "{node}");
+            }
         } else {
             assert!(count(node, "append") > 0, "{node}");
         }
