@@ -29,7 +29,7 @@ use crate::merkle::MerkleAccumulator;
 use crate::sequencer::{Position, SnapshotError};
 
 /// Room a rollup's pending queue keeps however far blocks drain it (~80 bytes a transaction:
-/// about 330 KB); a surge's larger queue is shrunk once it holds under a quarter of its room.
+/// about 330 KB); a surge's larger queue is shrunk once a block finds it under a quarter full.
 const PENDING_KEPT: usize = 4096;
 
 /// A transaction waiting for its rollup's next block.
@@ -473,6 +473,8 @@ impl Rollups {
         // Valid: from here on nothing fails.
         let height = h.height;
         let mut meta = BlockMeta::default();
+        // How full the queue got since the last block: the room the next interval will need.
+        let filled = rollup.pending.len();
         for tx in rollup.pending.drain(..n).filter(|t| t.encrypted) {
             meta.encrypted += 1;
             // Every pending encrypted transaction has a secret (`order`; checked when a
@@ -492,11 +494,13 @@ impl Rollups {
                 }
             }
         }
-        // A surge's queue gives its memory back once blocks have drained it (hysteresis: only
-        // when it holds under a quarter of its room, and never below PENDING_KEPT).
-        let len = rollup.pending.len();
-        if rollup.pending.capacity() > PENDING_KEPT.max(4 * len) {
-            rollup.pending.shrink_to(PENDING_KEPT.max(2 * len));
+        // A surge's queue gives its memory back, but only once a whole interval between blocks
+        // filled under a quarter of its room (and never below PENDING_KEPT). Measured after the
+        // drain instead, a queue that fills and empties every block was shrunk at each block and
+        // grew back by doubling (copying) before the next.
+        let need = PENDING_KEPT.max(filled);
+        if rollup.pending.capacity() > 4 * need {
+            rollup.pending.shrink_to(2 * need);
         }
         rollup.blocks.push(Block {
             signed: *signed,
@@ -1063,19 +1067,53 @@ mod tests {
         }
         let surge = rollup(&l, 1).pending().capacity();
         assert!(surge >= 30_000, "{surge}");
-        // Two blocks leave a third of the surge: the queue keeps its room (hysteresis).
-        for _ in 0..2 {
+        // Three blocks drain it; each found the queue at least a third full: it keeps its room
+        // (hysteresis).
+        for _ in 0..3 {
             assert!(matches!(l.seal(1), Some(Ok(CommandApplied::Sealed(_)))));
         }
-        assert_eq!(rollup(&l, 1).pending().len(), 10_000);
-        assert_eq!(rollup(&l, 1).pending().capacity(), surge);
-        // The last block drains it: its room shrinks to what it keeps.
-        assert!(matches!(l.seal(1), Some(Ok(CommandApplied::Sealed(_)))));
         assert!(rollup(&l, 1).pending().is_empty());
+        assert_eq!(rollup(&l, 1).pending().capacity(), surge);
+        // The next block finds only a few transactions: the room shrinks to what it keeps.
+        l.batch(
+            (0..100u32)
+                .map(|i| raw(1, &(40_000 + i).to_le_bytes()))
+                .collect(),
+        );
+        assert!(matches!(l.seal(1), Some(Ok(CommandApplied::Sealed(_)))));
         let kept = rollup(&l, 1).pending().capacity();
-        assert!(kept < 2 * PENDING_KEPT, "{kept}");
+        assert!(kept <= 2 * PENDING_KEPT, "{kept}");
         // Nothing else changed: a replay of the same log has the same state.
-        assert_eq!(rollup(&l, 1).sealed_txs(), 30_000);
+        assert_eq!(rollup(&l, 1).sealed_txs(), 30_100);
+        assert!(l.replay() == l.seq);
+    }
+
+    /// A queue that fills and empties at every block keeps its room: no block shrinks it, so the
+    /// next interval does not grow it again (each growth copies the whole queue).
+    #[test]
+    fn a_queue_filled_and_drained_at_every_block_keeps_its_room() {
+        let mut l = Log::new();
+        let policy = RollupPolicy {
+            max_block_txs: 20_000,
+            ..POLICY
+        };
+        let c = Command::RegisterRollup {
+            rollup_id: 1,
+            policy,
+        };
+        assert!(l.command(&c).is_ok());
+        let mut rooms = Vec::new();
+        for b in 0..4u32 {
+            let txs = (0..20_000u32)
+                .map(|i| raw(1, &(b * 20_000 + i).to_le_bytes()))
+                .collect();
+            l.batch(txs);
+            assert!(matches!(l.seal(1), Some(Ok(CommandApplied::Sealed(_)))));
+            assert!(rollup(&l, 1).pending().is_empty());
+            rooms.push(rollup(&l, 1).pending().capacity());
+        }
+        assert!(rooms[0] >= 20_000, "{rooms:?}");
+        assert!(rooms.iter().all(|&r| r == rooms[0]), "{rooms:?}");
         assert!(l.replay() == l.seq);
     }
 
