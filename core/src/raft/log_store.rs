@@ -698,6 +698,79 @@ struct State {
     last_signed: Option<([u8; 32], u64)>,
     /// Where each append's time to durability is recorded ([`Stage::Wal`]), if anywhere.
     stages: Option<Stages>,
+    /// The newest entries as appended (contiguous indices, oldest first), so that replication
+    /// and the apply read them without a copy: their batch bytes are shared, not decoded from
+    /// the WAL into a buffer of their own. At most [`RECENT_BYTES_MAX`] bytes of batches and
+    /// [`RECENT_ENTRIES_MAX`] entries.
+    recent: std::collections::VecDeque<Entry>,
+    /// Batch bytes in `recent`.
+    recent_bytes: usize,
+}
+
+/// Batch bytes the recent-entries cache of a log store holds at most (see `State::recent`).
+const RECENT_BYTES_MAX: usize = 16 << 20;
+/// Entries the recent-entries cache of a log store holds at most.
+const RECENT_ENTRIES_MAX: usize = 4096;
+
+/// Bytes an entry counts for in the recent-entries cache.
+fn cached_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(b) => b.len().max(64),
+        _ => 64,
+    }
+}
+
+impl State {
+    /// The cached entry at `index`, if the cache holds it.
+    fn recent_entry(&self, index: u64) -> Option<Entry> {
+        let first = self.recent.front()?.log_id.index;
+        let at = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.recent.get(at).cloned()
+    }
+
+    /// Adds `entry` (just appended) to the cache, dropping the oldest entries over the bounds.
+    fn remember(&mut self, entry: Entry) {
+        let contiguous = self
+            .recent
+            .back()
+            .is_none_or(|b| b.log_id.index + 1 == entry.log_id.index);
+        if !contiguous {
+            self.recent.clear();
+            self.recent_bytes = 0;
+        }
+        self.recent_bytes += cached_bytes(&entry);
+        self.recent.push_back(entry);
+        while self.recent_bytes > RECENT_BYTES_MAX || self.recent.len() > RECENT_ENTRIES_MAX {
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= cached_bytes(&old);
+        }
+    }
+
+    /// Drops the cached entries after `last_kept` (a truncation).
+    fn forget_after(&mut self, last_kept: u64) {
+        while self
+            .recent
+            .back()
+            .is_some_and(|b| b.log_id.index > last_kept)
+        {
+            let b = self.recent.pop_back().expect("checked");
+            self.recent_bytes -= cached_bytes(&b);
+        }
+    }
+
+    /// Drops the cached entries through `purged` (a purge).
+    fn forget_through(&mut self, purged: u64) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|f| f.log_id.index <= purged)
+        {
+            let f = self.recent.pop_front().expect("checked");
+            self.recent_bytes -= cached_bytes(&f);
+        }
+    }
 }
 
 struct Shared {
@@ -746,6 +819,15 @@ impl Shared {
         let mut entries = Vec::with_capacity(hi.saturating_sub(lo).min(1024) as usize);
         let mut bytes = 0usize;
         for index in lo..hi {
+            let cached = self.state.borrow().recent_entry(index);
+            if let Some(entry) = cached {
+                bytes = bytes.saturating_add(cached_bytes(&entry));
+                entries.push(entry);
+                if bytes >= bytes_max {
+                    break;
+                }
+                continue;
+            }
             let record = match self.wal.read(wal_index(index)?).await {
                 Ok(r) => r,
                 // A truncation (a follower dropping a deposed leader's uncommitted tail) ran
@@ -1070,6 +1152,8 @@ impl LogStore {
                 writer_waiters: Vec::new(),
                 writer_failed: None,
                 scratch: Vec::new(),
+                recent: std::collections::VecDeque::new(),
+                recent_bytes: 0,
                 signer: None,
                 nonces: None,
                 last_signed: None,
@@ -1145,7 +1229,22 @@ impl LogStore {
                     .append(w, entry.log_id.leader_id.term, &buf)
                     .await
                     .map_err(wal_err("append"))?;
-                shared.state.borrow_mut().last_log_id = Some(entry.log_id);
+                {
+                    let mut state = shared.state.borrow_mut();
+                    state.last_log_id = Some(entry.log_id);
+                    // As a read from the WAL would give it back: no ticket (a local notice).
+                    let stored = match entry.payload {
+                        EntryPayload::Normal(b) => Entry {
+                            log_id: entry.log_id,
+                            payload: EntryPayload::Normal(b.without_ticket()),
+                        },
+                        other => Entry {
+                            log_id: entry.log_id,
+                            payload: other,
+                        },
+                    };
+                    state.remember(stored);
+                }
                 if let Some((ticket, seal)) = ticket {
                     ticket.fire(seal);
                 }
@@ -1202,6 +1301,13 @@ impl LogStore {
             if state.last_log_id > last_kept {
                 state.last_log_id = last_kept.max(state.purged());
             }
+            match last_kept {
+                Some(k) => state.forget_after(k.index),
+                None => {
+                    state.recent.clear();
+                    state.recent_bytes = 0;
+                }
+            }
         }
         // The last signed batch may have been cut off.
         shared.find_last_signed().await
@@ -1237,6 +1343,7 @@ impl LogStore {
         }
         let mut state = shared.state.borrow_mut();
         state.last_log_id = state.last_log_id.max(Some(log_id));
+        state.forget_through(log_id.index);
         Ok(())
     }
 

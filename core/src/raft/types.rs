@@ -114,6 +114,12 @@ impl BatchBytes {
         self
     }
 
+    /// The same batch without its ticket (as it is stored and read back).
+    pub fn without_ticket(mut self) -> Self {
+        self.ticket = None;
+        self
+    }
+
     /// The same batch carrying `ticket`.
     pub fn with_ticket(mut self, ticket: SealTicket) -> Self {
         self.ticket = Some(ticket);
