@@ -35,7 +35,7 @@
 //! | `save_vote` | `save_meta` |
 //! | `save_committed` | in the background, every `COMMITTED_PERSIST_EVERY_ENTRIES` entries: `durable`, then `save_meta` |
 //! | `get_log_state` | cached last log id (read from the last record at open) and the purge point asked for |
-//! | `try_get_log_entries`, `limited_get_log_entries` | `read` per index |
+//! | `try_get_log_entries`, `limited_get_log_entries` | the recent-entries cache (the newest entries as appended, at most 16 MiB and 4,096 entries: replication and the apply share their bytes), else `read` per index |
 //!
 //! Every write openraft waits for waits for the flush callbacks of earlier appends first, so
 //! those writes reach the disk in the order openraft issued them (e.g. a vote is never durable
