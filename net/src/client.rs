@@ -501,15 +501,18 @@ impl Client {
         body: &[u8],
         request_id: u64,
         deadline: Instant,
+        asked: &mut SocketAddr,
     ) -> Result<(FrameKind, Vec<u8>), AttemptError> {
         let session = self.session().await;
         let session = match session {
             Ok(s) => s,
             Err(e) => {
-                self.fail_over(self.inner.next_addr()).await;
+                *asked = self.inner.next_addr();
+                self.fail_over(*asked).await;
                 return Err(e);
             }
         };
+        *asked = session.addr;
         let left = deadline.saturating_duration_since(Instant::now());
         let r = tokio::time::timeout(left, session.request(request_id, kind, body))
             .await
@@ -565,13 +568,17 @@ impl Client {
         let mut last = String::new();
         let mut attempts = 0;
         let mut pace = Pace::default();
+        // The node the last attempt asked (its session's, or the one that could not be reached).
+        let mut tried = self.inner.next_addr();
         while !todo.is_empty() {
             if attempts == self.inner.options.attempts_max || started.elapsed() >= budget {
                 break;
             }
+            if attempts > 0 {
+                pace.moved(self.inner.next_addr() != tried);
+            }
             pace.wait(attempts).await;
             attempts += 1;
-            let tried = self.inner.next_addr();
             let request_id = self.next_id();
             let mut body = Vec::new();
             SubmitRequest::encode_from(request_id, ack, todo.iter().map(|&i| &txs[i]), &mut body);
@@ -582,6 +589,7 @@ impl Client {
                     &body,
                     request_id,
                     started + budget,
+                    &mut tried,
                 )
                 .await
             {
@@ -657,7 +665,6 @@ impl Client {
                 // That node is stopping: the rest goes to another one.
                 self.fail_over(tried).await;
             }
-            pace.moved(self.inner.next_addr() != tried);
         }
         if results.iter().all(Option::is_none) {
             return Err(ClientError::Exhausted {
@@ -744,15 +751,18 @@ impl Client {
         let mut last = String::new();
         let mut attempts = 0;
         let mut pace = Pace::default();
+        let mut tried = self.inner.next_addr();
         while attempts < self.inner.options.attempts_max && started.elapsed() < budget {
+            if attempts > 0 {
+                pace.moved(self.inner.next_addr() != tried);
+            }
             pace.wait(attempts).await;
             attempts += 1;
-            let tried = self.inner.next_addr();
             let request_id = self.next_id();
             let request = body(request_id);
             crate::frame::frame_header(kind, request.len())?;
             match self
-                .attempt(kind, &request, request_id, started + budget)
+                .attempt(kind, &request, request_id, started + budget, &mut tried)
                 .await
             {
                 Ok((k, answer)) if k == want => match decode(&answer) {
@@ -782,7 +792,6 @@ impl Client {
                 }
                 Err(e) => last = e.to_string(),
             }
-            pace.moved(self.inner.next_addr() != tried);
         }
         Err(ClientError::Exhausted {
             attempts,
@@ -1074,7 +1083,6 @@ impl BlockStream {
     }
 }
 
-/// Exponential backoff between attempts: 10 ms doubling, at most 500 ms.
 /// When a client's next attempt starts: after a backoff, except right after the client moved to
 /// another node (a leader hint, or a node that failed or is stopping), which is tried at once;
 /// never twice in a row at once, so a cluster with no leader is not asked in a tight loop.
@@ -1085,7 +1093,7 @@ struct Pace {
 }
 
 impl Pace {
-    /// Notes whether the attempt just made moved the client to another node.
+    /// Notes whether the last attempt left the client pointed at another node than it asked.
     fn moved(&mut self, moved: bool) {
         self.moved = moved;
     }
@@ -1100,6 +1108,7 @@ impl Pace {
     }
 }
 
+/// Exponential backoff between attempts: 10 ms doubling, at most 500 ms.
 async fn backoff(attempt: u32) {
     let ms = (10u64 << attempt.min(6)).min(500);
     tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -67,8 +67,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// off only between the requests of a replication stream, and a stream that cannot connect never
 /// asks for one.
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// Longest wait between two dials to a peer that keeps failing.
-const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Longest wait between two dials to a peer that keeps failing: well under the shortest
+/// election timeout (200 ms by default), so that a follower back after a restart is reached
+/// before it campaigns (its higher term would then depose the leader).
+const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(50);
 /// How long a forwarded batch may take to commit through the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 /// Snapshot data per chunk frame.
@@ -196,6 +198,12 @@ impl PeerLinks {
             .map(|(_, at)| *at);
         if let Some(at) = retry_at {
             tokio::time::sleep_until(at).await;
+            // Another caller may have dialed meanwhile.
+            if let Some(c) = self.conns.lock().expect("conns lock").get(&target) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+            }
         }
         let dialed = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(target, addr))
             .await
@@ -959,7 +967,7 @@ mod tests {
     fn dials_to_a_peer_that_refuses_back_off() {
         assert_eq!(dial_backoff(1), DIAL_BACKOFF_MIN);
         assert_eq!(dial_backoff(2), DIAL_BACKOFF_MIN * 2);
-        assert_eq!(dial_backoff(7), DIAL_BACKOFF_MAX);
+        assert_eq!(dial_backoff(4), DIAL_BACKOFF_MAX);
         assert_eq!(dial_backoff(u32::MAX), DIAL_BACKOFF_MAX);
 
         let dir = tempfile::tempdir().unwrap();
@@ -1007,7 +1015,7 @@ mod tests {
             assert_eq!(turned_away.await.unwrap(), 6);
             let (failures, retry_at) = *links.dial_failures.lock().unwrap().get(&2).unwrap();
             assert_eq!(failures, 6);
-            // The seventh dial would wait (320 ms from the sixth failure).
+            // The seventh dial would wait (50 ms from the sixth failure).
             assert!(retry_at > tokio::time::Instant::now());
         });
     }

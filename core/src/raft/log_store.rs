@@ -35,7 +35,7 @@
 //! | `save_vote` | `save_meta` |
 //! | `save_committed` | in the background, every `COMMITTED_PERSIST_EVERY_ENTRIES` entries: `durable`, then `save_meta` |
 //! | `get_log_state` | cached last log id (read from the last record at open) and the purge point asked for |
-//! | `try_get_log_entries`, `limited_get_log_entries` | the recent-entries cache (the newest entries as appended, at most 16 MiB and 4,096 entries: replication and the apply share their bytes), else `read` per index |
+//! | `try_get_log_entries`, `limited_get_log_entries` | the recent-entries cache (the newest entries as appended, at most 64 MiB of batch allocations and 4,096 entries: replication and the apply share their bytes), else `read` per index |
 //!
 //! Every write openraft waits for waits for the flush callbacks of earlier appends first, so
 //! those writes reach the disk in the order openraft issued them (e.g. a vote is never durable
@@ -700,22 +700,24 @@ struct State {
     stages: Option<Stages>,
     /// The newest entries as appended (contiguous indices, oldest first), so that replication
     /// and the apply read them without a copy: their batch bytes are shared, not decoded from
-    /// the WAL into a buffer of their own. At most [`RECENT_BYTES_MAX`] bytes of batches and
-    /// [`RECENT_ENTRIES_MAX`] entries.
+    /// the WAL into a buffer of their own. At most [`RECENT_BYTES_MAX`] bytes of batch
+    /// allocations and [`RECENT_ENTRIES_MAX`] entries.
     recent: std::collections::VecDeque<Entry>,
     /// Batch bytes in `recent`.
     recent_bytes: usize,
 }
 
-/// Batch bytes the recent-entries cache of a log store holds at most (see `State::recent`).
-const RECENT_BYTES_MAX: usize = 16 << 20;
+/// Memory the recent-entries cache of a log store keeps alive at most, counted as its batches'
+/// allocations (see `State::recent`; a batch the leader's batcher built holds a buffer of the
+/// largest batch size, mostly untouched pages when it is not full).
+const RECENT_BYTES_MAX: usize = 64 << 20;
 /// Entries the recent-entries cache of a log store holds at most.
 const RECENT_ENTRIES_MAX: usize = 4096;
 
 /// Bytes an entry counts for in the recent-entries cache.
 fn cached_bytes(entry: &Entry) -> usize {
     match &entry.payload {
-        EntryPayload::Normal(b) => b.len().max(64),
+        EntryPayload::Normal(b) => b.footprint().max(64),
         _ => 64,
     }
 }

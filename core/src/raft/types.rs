@@ -65,6 +65,9 @@ pub struct BatchBytes {
     seal: Option<SignedHeader>,
     ticket: Option<SealTicket>,
     command: bool,
+    /// Bytes of the allocation `bytes` keeps alive (a batcher's buffer is reserved at the
+    /// largest batch size, whatever the batch fills).
+    footprint: usize,
 }
 
 /// One-shot notice of a batch's signed header, fired by the leader's log store when it appends
@@ -92,15 +95,25 @@ impl BatchBytes {
     /// Takes ownership of an encoder buffer without copying; its alignment is kept, so
     /// [`BatchBytes::batch`] can read it in place.
     pub fn from_aligned<const ALIGNMENT: usize>(buf: AlignedVec<ALIGNMENT>) -> Self {
-        Self::from(Bytes::from_owner(buf))
+        let footprint = buf.capacity();
+        Self {
+            footprint,
+            ..Self::from(Bytes::from_owner(buf))
+        }
     }
 
     /// A control command's encoding ([`crate::command::Command::encode`]) as a log entry.
     pub fn command(bytes: Vec<u8>) -> Self {
         Self {
             command: true,
+            footprint: bytes.capacity(),
             ..Self::from(Bytes::from(bytes))
         }
+    }
+
+    /// Bytes of memory this batch keeps alive (its buffer's allocation, at least its length).
+    pub fn footprint(&self) -> usize {
+        self.footprint.max(self.bytes.len())
     }
 
     /// True for a control command, false for a transaction batch.
@@ -165,6 +178,7 @@ impl BatchBytes {
 impl From<Bytes> for BatchBytes {
     fn from(bytes: Bytes) -> Self {
         Self {
+            footprint: bytes.len(),
             bytes,
             seal: None,
             ticket: None,
