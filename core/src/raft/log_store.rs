@@ -823,7 +823,12 @@ impl Shared {
         for index in lo..hi {
             let cached = self.state.borrow().recent_entry(index);
             if let Some(entry) = cached {
-                bytes = bytes.saturating_add(cached_bytes(&entry));
+                // The read's budget counts batch lengths, as for a WAL read (not allocations).
+                let len = match &entry.payload {
+                    EntryPayload::Normal(b) => b.len(),
+                    _ => 0,
+                };
+                bytes = bytes.saturating_add(len);
                 entries.push(entry);
                 if bytes >= bytes_max {
                     break;
