@@ -285,10 +285,27 @@ mod tests {
         assert_eq!(r.live(), (5, 0));
     }
 
-    /// The thread pacer on the real clock: every slot of the window is sent, in order, and none
-    /// before its intended time.
+    /// The ticker thread on the real clock: every slot of the window, in order, none before its
+    /// intended time, then the channel closes.
     #[tokio::test]
-    async fn thread_pacer_sends_every_slot_no_earlier_than_intended() {
+    async fn ticker_hands_over_every_slot_in_order_and_none_early() {
+        let start = Instant::now();
+        let mut rx = spawn_ticker(start, 300_000, |i| i * 5_000);
+        let mut seen = Vec::new();
+        while let Some(i) = rx.recv().await {
+            // Slot i is intended at i × 5 ms.
+            assert!(us_since(start) >= i * 5_000, "slot {i} handed over early");
+            seen.push(i);
+        }
+        assert_eq!(seen, (0..60).collect::<Vec<_>>());
+    }
+
+    /// The open loop behind the thread pacer on the real clock: no request goes out before its
+    /// intended time, and every slot of the window is accounted for: sent, or reported unsent
+    /// when the runtime got to it only after the window closed (a loaded machine may delay the
+    /// last ticks past the end; nothing is sent after it, by design).
+    #[tokio::test]
+    async fn thread_pacer_sends_no_slot_early_and_accounts_for_every_one() {
         let rec = recorder(0, 300);
         let start = Instant::now();
         let early = Arc::new(AtomicUsize::new(0));
@@ -309,15 +326,10 @@ mod tests {
             rec.clone(),
         )
         .await;
-        assert_eq!(
-            stats,
-            OpenLoopStats {
-                sent: 60,
-                unsent: 0
-            }
-        );
+        assert_eq!(stats.sent + stats.unsent, 60, "{stats:?}");
+        assert!(stats.sent > 0, "{stats:?}");
         assert_eq!(early.load(Ordering::SeqCst), 0);
-        assert_eq!(rec.lock().unwrap().latency().count, 60);
+        assert_eq!(rec.lock().unwrap().latency().count, stats.sent);
     }
 
     #[tokio::test(start_paused = true)]
