@@ -96,14 +96,34 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 #[test]
 fn bad_input_gets_typed_errors_and_disturbs_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterUp::start(dir.path(), 3, free_base_port(3));
+    // Long election timeouts: a re-election's blank entry would also move the log (below).
+    let cluster = ClusterUp::start_with(
+        dir.path(),
+        3,
+        free_base_port(3),
+        &["--election-timeout-min-ms", "1000"],
+    );
     let rt = runtime();
     rt.block_on(async {
         let good = cluster.client_from(1);
         let first = good.submit(txs("good", 0, 10)).await.unwrap();
         assert!(first.iter().all(|r| r.is_ok()));
+        // Rollup 1 seals a block of those ten a block time (250 ms) later: an entry of its
+        // own. Wait for it, so that the log stands still from here on.
+        let mut blocks = good.subscribe_blocks(1, 1);
+        let mut sealed = 0;
+        let mut seen_at = 0;
+        while sealed < 10 {
+            let e = tokio::time::timeout(WAIT, blocks.next())
+                .await
+                .expect("the block is sealed")
+                .expect("block");
+            sealed += e.block.block.signed.header.tx_count;
+            seen_at = e.applied_index;
+        }
+        assert_eq!(sealed, 10);
         let leader = cluster.client_of(cluster.leader);
-        let before = wait_applied(&leader, first[0].as_ref().unwrap().index(), WAIT).await;
+        let before = wait_applied(&leader, seen_at, WAIT).await;
 
         let addr = cluster.node(1).addr;
         let conn = raw(addr, &cluster.ca, tls::ALPN_CLIENT, None)

@@ -107,7 +107,7 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
             .find(|s| s["stage"] == stage)
             .map_or(0, |s| s["count"].as_u64().unwrap())
     };
-    let mut batches_sealed = 0;
+    let (mut batches_sealed, mut commits) = (0, 0);
     for node in all.as_array().unwrap() {
         // Four timed status round trips (the first request is not timed).
         let rt = &node["round_trip"];
@@ -137,6 +137,7 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
             assert!(count(node, "append") > 0, "{node}");
         }
         batches_sealed += count(node, "batching");
+        commits += count(node, "commit");
     }
     let leader = all
         .as_array()
@@ -144,7 +145,9 @@ fn three_nodes_sequence_100k_transactions_submitted_through_every_node() {
         .iter()
         .find(|n| n["status"]["role"] == "leader")
         .expect("a leader");
-    assert!(count(leader, "commit") >= batches_sealed, "{leader}");
+    // Every sealed batch was committed by the node that led when it came (counted on that one:
+    // summed, in case the lead moved during the load).
+    assert!(commits >= batches_sealed, "{all}");
     // Every entry reaches both followers: at least one round each per batch (a round carries
     // one or more entries).
     assert!(count(leader, "apply") >= batches_sealed, "{leader}");
@@ -658,8 +661,8 @@ fn cluster_up_reports_a_node_that_cannot_bind_its_port() {
 
 /// A node that goes silent (its process stopped: no answer, no keep-alive, no close) holds up a
 /// client's request only for the client's idle timeout: then the client gives the connection up
-/// and retries on the next node. With a 3 s idle timeout the same request outlives a 2.5 s call
-/// budget.
+/// and retries on the next node. With a 3 s idle timeout (the node's own, the most a connection
+/// to it can have) the same request outlives a 2.5 s call budget.
 #[test]
 fn a_client_leaves_a_silent_node_after_its_idle_timeout_and_retries_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,13 +670,15 @@ fn a_client_leaves_a_silent_node_after_its_idle_timeout_and_retries_elsewhere() 
     let rt = runtime();
     let receipts = rt.block_on(async {
         let leader = leader_seen_by(&cluster.client_of(1), WAIT).await;
-        let client = |idle_timeout_ms: u64| {
+        let client = |idle_timeout_ms: u64, call_budget_ms: u64| {
             let mut o = cluster.options_from(leader);
             o.idle_timeout_ms = idle_timeout_ms;
-            o.call_budget_ms = 2_500;
+            o.call_budget_ms = call_budget_ms;
             baton_net::Client::new(o).expect("client")
         };
-        let (quick, slow) = (client(1_000), client(3_000));
+        // The quick one's budget leaves room for an election and a new connection on a loaded
+        // machine.
+        let (quick, slow) = (client(1_000, 15_000), client(3_000, 2_500));
         let mut receipts = Vec::new();
         // Both connect to the leader and are served by it.
         for (c, tag) in [(&quick, "idle-quick"), (&slow, "idle-slow")] {
@@ -919,7 +924,11 @@ fn leadership_moves_on_request_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_base_port(3);
     let rt = runtime();
-    let cluster = ClusterUp::start(dir.path(), 3, port);
+    // Longer election timeouts than the defaults: a transfer's bounds scale with them (the
+    // target must have answered the leader lately, and must lead soon), and the load of three
+    // processes and three clients on two cores must not make a refusal of either.
+    let cluster =
+        ClusterUp::start_with(dir.path(), 3, port, &["--election-timeout-min-ms", "1000"]);
     let cluster_dir = cluster.dir.to_str().unwrap().to_string();
     let ca = cluster.ca.to_str().unwrap().to_string();
     let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| e.to_string()).collect();

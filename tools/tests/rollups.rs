@@ -287,7 +287,7 @@ fn a_lost_preconfirmation_is_attributable_to_the_old_leaders_term() {
         dir.path(),
         3,
         free_base_port(3),
-        &["--election-timeout-min-ms", "1500"],
+        &["--election-timeout-min-ms", "2000"],
     );
     let keys = signers(dir.path());
     let all: Vec<Address> = keys.iter().map(|(_, a)| *a).collect();

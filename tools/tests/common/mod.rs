@@ -179,11 +179,12 @@ impl ClusterUp {
         Client::new(self.options_from(first)).expect("client")
     }
 
-    /// A client of node `id` alone.
+    /// A client of node `id` alone. Its budget (which also bounds each call's own wait) leaves
+    /// room for a loaded machine; three attempts keep a call to a dead node short.
     pub fn client_of(&self, id: u64) -> Client {
         let mut o = ClientOptions::new(vec![self.node(id).addr], &self.ca);
         o.attempts_max = 3;
-        o.call_budget_ms = 3_000;
+        o.call_budget_ms = 15_000;
         Client::new(o).expect("client")
     }
 
