@@ -280,6 +280,64 @@ fn leadership_transfer_refusals_are_typed_and_change_nothing() {
     cluster.stop_and_check(&receipts);
 }
 
+/// A transfer the named node never completes is not reported as done, and says what happened
+/// instead. The target is cut off just after the leader last heard from it (so the transfer is
+/// accepted and the old leader, as openraft does while it hands over, stops its heartbeats and
+/// takes no writes): the third node's election timer fires and it wins (`TakenOverBy`); with the
+/// third node also cut off from the old leader nobody can win within the wait (`NotTakenOver`).
+/// Either way the named node never accepted the transfer, and writes go on once the network
+/// heals.
+#[test]
+fn a_transfer_nobody_completes_is_refused_with_what_happened_instead() {
+    for isolated_third in [false, true] {
+        let cluster = Cluster::start(3, |c| {
+            small_batches(c);
+            steady(c);
+        });
+        let receipts = run(async {
+            let leader = cluster.wait_leader(WAIT).await;
+            let mut receipts = load(&cluster.nodes[&leader], 0, 10, 10, 2).await;
+            let mut others = cluster.nodes.keys().copied().filter(|&id| id != leader);
+            let (to, third) = (others.next().unwrap(), others.next().unwrap());
+            cluster.router.isolate(to, &[leader, third]);
+            if isolated_third {
+                cluster.router.cut(leader, third);
+            }
+            let r = cluster.nodes[&leader].transfer_leader(Some(to)).await;
+            if isolated_third {
+                assert!(
+                    matches!(
+                        r,
+                        Err(SubmitError::Leadership(
+                            LeadershipRejection::NotTakenOver { .. }
+                        ))
+                    ),
+                    "{r:?}"
+                );
+                for (&id, node) in &cluster.nodes {
+                    let s = node.status().await.unwrap();
+                    assert!(
+                        id == leader || s.role != Role::Leader,
+                        "node {id} leads: {s:?}"
+                    );
+                }
+            } else {
+                assert_eq!(
+                    r,
+                    Err(SubmitError::Leadership(LeadershipRejection::TakenOverBy {
+                        leader: third
+                    }))
+                );
+            }
+            assert!(cluster.router.transfers().is_empty());
+            cluster.router.heal_all();
+            receipts.extend(submit_until_committed(&cluster, txs(700_000, 10), WAIT).await);
+            receipts
+        });
+        cluster.stop_and_check(&receipts);
+    }
+}
+
 /// Batches a stopping leader's own clients had in flight go to the new leader once the handoff
 /// is done, not again at every change of the old leader's metrics while it runs: no batch is in
 /// the log more than twice (a batch sent before and after a leader change may commit twice; the
