@@ -182,6 +182,32 @@ fn window(c: &mut Criterion) {
             }
         })
     });
+    // The worst case of the lazy emptying of a dropped generation's tables (each is cleared
+    // when its next entry lands in it): a window of 2^17 per generation, two entries per part,
+    // so every other insert is the first into its part since the rollover. Each iteration
+    // inserts one generation of new hashes. Interleaved runs on the development VM
+    // (2026-12-08): emptying all 65,536 tables at the rollover 33.0 / 33.5 ms, lazily 36.9 /
+    // 42.2 / 41.8 ms; at the nodes' 2^20 (the prefetched bench above) 12.0 / 11.7 / 13.3 against
+    // 11.3 / 12.8 / 13.1 ms, no difference. What the lazy way removes is the 10-15 ms the
+    // rolling-over insert took on every node at once (docs/performance.md).
+    const SMALL: usize = 2 * baton_core::tx_index::PARTS;
+    group.throughput(Throughput::Elements(SMALL as u64));
+    let mut w = Window::new(SMALL);
+    w.reserve();
+    let mut next = 0u64;
+    for h in &hashes[..2 * SMALL] {
+        w.insert_new(*h, next).expect("new");
+        next += 1;
+    }
+    group.bench_function("insert_new_one_generation_of_2^17_with_its_rollover", |b| {
+        b.iter(|| {
+            for _ in 0..SMALL {
+                let h = hashes[(next % hashes.len() as u64) as usize];
+                let _ = black_box(w.insert_new(h, next));
+                next += 1;
+            }
+        })
+    });
     group.finish();
 }
 
