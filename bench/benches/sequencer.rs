@@ -148,23 +148,22 @@ fn window(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
     group.throughput(Throughput::Elements(STEP));
+    // Inserts the next `n` hashes (numbered from `next`) without prefetching. Past the end the
+    // hashes repeat, long after the window forgot them.
+    let insert_next = |w: &mut Window<u64>, next: &mut u64, n: u64| {
+        for _ in 0..n {
+            let h = hashes[(*next % hashes.len() as u64) as usize];
+            let _ = black_box(w.insert_new(h, *next));
+            *next += 1;
+        }
+    };
     // Steady state: the window has rolled over before timing starts; each iteration inserts
     // the next 65,536 new hashes (generations keep rolling over as it goes).
     let mut w = Window::new(GENERATION);
     let mut next = 0u64;
-    for h in &hashes[..2 * GENERATION] {
-        w.insert_new(*h, next).expect("new");
-        next += 1;
-    }
+    insert_next(&mut w, &mut next, 2 * GENERATION as u64);
     group.bench_function("insert_new_65536_at_2_generations", |b| {
-        b.iter(|| {
-            for _ in 0..STEP {
-                let h = hashes[(next % hashes.len() as u64) as usize];
-                // Past the end the hashes repeat, long after the window forgot them.
-                let _ = black_box(w.insert_new(h, next));
-                next += 1;
-            }
-        })
+        b.iter(|| insert_next(&mut w, &mut next, STEP))
     });
     // The same, the way the state machine inserts a batch's hashes: each insert prefetches
     // the index entries of the hashes PREFETCH_AHEAD, half and a quarter that many ahead.
@@ -195,18 +194,9 @@ fn window(c: &mut Criterion) {
     let mut w = Window::new(SMALL);
     w.reserve();
     let mut next = 0u64;
-    for h in &hashes[..2 * SMALL] {
-        w.insert_new(*h, next).expect("new");
-        next += 1;
-    }
+    insert_next(&mut w, &mut next, 2 * SMALL as u64);
     group.bench_function("insert_new_one_generation_of_2^17_with_its_rollover", |b| {
-        b.iter(|| {
-            for _ in 0..SMALL {
-                let h = hashes[(next % hashes.len() as u64) as usize];
-                let _ = black_box(w.insert_new(h, next));
-                next += 1;
-            }
-        })
+        b.iter(|| insert_next(&mut w, &mut next, SMALL as u64))
     });
     group.finish();
 }
