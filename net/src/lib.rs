@@ -12,6 +12,7 @@ pub mod client;
 pub mod frame;
 pub mod leader_msg;
 pub mod member_msg;
+pub mod metrics;
 pub mod msg;
 pub mod node;
 pub mod peer;

@@ -55,6 +55,9 @@ pub struct NetNodeConfig {
     /// Members (id → peer address) to initialize a fresh cluster with; ignored once the node
     /// has state. Give the same map to every node of a new cluster.
     pub bootstrap: Option<BTreeMap<u64, String>>,
+    /// TCP address to serve Prometheus metrics on (`GET /metrics`, [`crate::metrics`]); `None`:
+    /// no metrics endpoint. Default `None`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why a networked node could not start.
@@ -84,6 +87,7 @@ pub struct NetNode {
     stop_rt: Option<tokio::sync::oneshot::Sender<()>>,
     rt_thread: Option<std::thread::JoinHandle<()>>,
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Starts the network runtime on its own thread and returns its handle. Its threads are
@@ -163,6 +167,21 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
         baton_core::cpus::check("net_cpus", &config.net_cpus, false, &allowed)
             .map_err(|reason| NetNodeError::Config { reason })?;
     }
+    // Bound before anything starts, so that a taken port stops the node with its address.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("metrics address {addr}: {e}"))
+                })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let (rt, stop_rt, rt_thread) = start_runtime(id, config.net_threads, &config.net_cpus)?;
     let endpoint = {
         let _guard = rt.enter();
@@ -208,8 +227,16 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
         inbound: inbound_tx,
         in_flight: Default::default(),
         admission: crate::server::Admission::new(config.client_bytes_in_flight_max),
+        counters: Default::default(),
     });
     rt.spawn(serve(endpoint.clone(), ctx.clone()));
+    if let Some(listener) = metrics_listener {
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let source = Arc::new(crate::metrics::Source { ctx: ctx.clone() });
+        rt.spawn(crate::metrics::serve(listener, source));
+        tracing::info!(node = id, addr = ?metrics_addr, "metrics served");
+    }
     if let Some(members) = config.bootstrap {
         let members = members
             .into_iter()
@@ -230,6 +257,7 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
         stop_rt: Some(stop_rt),
         rt_thread: Some(rt_thread),
         local_addr,
+        metrics_addr,
     })
 }
 
@@ -242,6 +270,11 @@ impl NetNode {
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TCP address metrics are served on, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The network runtime (e.g. to wait for signals on it).

@@ -6,7 +6,7 @@
 //! (32768–60999 by default). Listening ports are therefore chosen outside that range, where only
 //! another explicit `bind` can collide with them.
 
-use std::net::UdpSocket;
+use std::net::{TcpListener, UdpSocket};
 
 /// The kernel's ephemeral port range, `(low, high)` inclusive; the Linux default where it
 /// cannot be read.
@@ -37,8 +37,9 @@ fn candidates(n: u16, ephemeral: (u16, u16)) -> Vec<u16> {
 }
 
 /// A base port `p` such that UDP ports `p..p + n` on 127.0.0.1 are free now and lie outside the
-/// ephemeral range. `seed` (a process id, say) spreads concurrent callers over the candidates
-/// so that they rarely probe the same ones.
+/// ephemeral range, and TCP ports with the same numbers too (a node's metrics endpoint may use
+/// its QUIC port's number, `baton cluster up --metrics`). `seed` (a process id, say) spreads
+/// concurrent callers over the candidates so that they rarely probe the same ones.
 pub fn free_loopback_udp_ports(n: u16, seed: u32) -> Option<u16> {
     let all = candidates(n, ephemeral_port_range());
     if all.is_empty() {
@@ -48,7 +49,12 @@ pub fn free_loopback_udp_ports(n: u16, seed: u32) -> Option<u16> {
     // A stride coprime with most lengths walks the candidates without clustering.
     (0..all.len().min(256))
         .map(|i| all[(start + i * 37) % all.len()])
-        .find(|&base| (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok()))
+        .find(|&base| {
+            (0..n).all(|i| {
+                UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                    && TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+            })
+        })
 }
 
 #[cfg(test)]
@@ -92,6 +98,7 @@ mod tests {
         assert!(base as u32 + 2 < low as u32 || base > high);
         for i in 0..3 {
             UdpSocket::bind(("127.0.0.1", base + i)).expect("still free");
+            TcpListener::bind(("127.0.0.1", base + i)).expect("free for TCP too");
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct ServerContext {
     pub in_flight: InFlight,
     /// Submission bytes admitted and not yet answered, node-wide (see [`Admission`]).
     pub admission: Admission,
+    /// What the client endpoint counts, for metrics ([`crate::metrics`]).
+    pub counters: Arc<crate::metrics::Counters>,
 }
 
 /// Bounds the submissions a node holds at once, node-wide, by their frame bytes.
@@ -192,6 +194,7 @@ async fn serve_connection(ctx: Arc<ServerContext>, conn: quinn::Connection) {
 // Clients
 
 async fn serve_client(ctx: Arc<ServerContext>, conn: quinn::Connection) {
+    let _open = ctx.counters.connection();
     tokio::spawn(crate::peer::log_stats(conn.clone(), 0, "client"));
     // A client that presented a certificate (rustls checked that it chains to the cluster CA)
     // other than a node's is an operator: it may change the membership and move leadership.
@@ -292,6 +295,7 @@ async fn client_stream(
             Err(StreamError::Protocol(e)) => {
                 // The stream's framing is broken: say why, stop reading it.
                 tracing::debug!(error = %e, "client stream: protocol error");
+                ctx.counters.protocol_error();
                 ctx.in_flight.enter();
                 let (kind, body) = error_frame(0, protocol_code(&e), e.to_string());
                 if out_tx.send((kind, body, None)).await.is_err() {
@@ -331,7 +335,8 @@ async fn client_stream(
         ctx.in_flight.enter();
         tokio::spawn(async move {
             let mut answered = None;
-            let (kind, body) = client_request(&ctx.node, frame, &mut answered, operator).await;
+            let (kind, body) =
+                client_request(&ctx.node, &ctx.counters, frame, &mut answered, operator).await;
             drop(admitted);
             if out.send((kind, body, answered)).await.is_err() {
                 ctx.in_flight.leave();
@@ -352,6 +357,7 @@ type Outgoing = (FrameKind, Vec<u8>, Option<Instant>);
 /// changes and leadership transfers need one).
 async fn client_request(
     node: &NodeHandle,
+    counters: &crate::metrics::Counters,
     frame: Frame,
     answered: &mut Option<Instant>,
     operator: bool,
@@ -363,6 +369,7 @@ async fn client_request(
             Ok(req) => {
                 let results = node.submit_with(req.txs, req.ack).await;
                 *answered = Some(Instant::now());
+                counters.submitted(&results);
                 SubmitResponse {
                     request_id: req.request_id,
                     results,

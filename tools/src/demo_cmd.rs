@@ -128,6 +128,7 @@ fn demo(args: DemoArgs) -> Result<Vec<String>, String> {
         base_port,
         args.shards,
         &Default::default(),
+        false,
     )?;
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
     println!(

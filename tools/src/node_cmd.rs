@@ -83,6 +83,12 @@ pub fn run_node(args: NodeArgs) -> ExitCode {
         node.local_addr(),
         file.cluster_id
     );
+    if let Some(addr) = node.metrics_addr() {
+        eprintln!(
+            "baton node {} metrics on http://{addr}/metrics",
+            file.node_id
+        );
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let failed = tx.clone();
     node.runtime().spawn(async move {
@@ -189,6 +195,10 @@ pub struct ClusterUpArgs {
     /// times the last snapshot's size), whichever comes first with the entry count.
     #[arg(long, default_value_t = crate::node_config::RaftFile::default().snapshot_log_bytes_min)]
     snapshot_log_bytes_min: u64,
+    /// Serve each node's Prometheus metrics over HTTP on 127.0.0.1, on the TCP port with its
+    /// QUIC port's number (`http://127.0.0.1:PORT/metrics`; listed in cluster.json).
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// `baton cluster`
@@ -236,6 +246,9 @@ pub struct NodeInfo {
     pub log: PathBuf,
     /// Address of its signing key (receipts it signs as leader recover to it).
     pub signer: String,
+    /// Where it serves metrics over HTTP (TCP), if it does (`cluster up --metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A node of a prepared local cluster: id, address, configuration file, signer address.
@@ -248,6 +261,8 @@ pub struct PreparedNode {
     pub config: PathBuf,
     /// Address of its signing key.
     pub signer: Address,
+    /// Its metrics address (TCP), if it serves metrics.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs `cluster` subcommands.
@@ -258,13 +273,15 @@ pub fn run_cluster(command: ClusterCommand) -> ExitCode {
 }
 
 /// Writes certificates and signing keys (once: existing ones are kept) and node configuration
-/// files (on every call) for a local cluster in `dir`.
+/// files (on every call) for a local cluster in `dir`. With `metrics`, each node serves metrics
+/// on the TCP port with its UDP port's number.
 pub fn prepare_cluster(
     dir: &Path,
     nodes: u64,
     base_port: u16,
     shards: usize,
     raft: &crate::node_config::RaftFile,
+    metrics: bool,
 ) -> Result<Vec<PreparedNode>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir
@@ -311,6 +328,7 @@ pub fn prepare_cluster(
             net_threads: 1,
             bootstrap: true,
             signing_key_file: Some(key_file),
+            metrics_addr: metrics.then_some(addr),
             tls: TlsFile {
                 ca_cert: certs.join("ca.pem"),
                 cert,
@@ -329,6 +347,7 @@ pub fn prepare_cluster(
             addr,
             config,
             signer: signer.address(),
+            metrics: metrics.then_some(addr),
         });
     }
     Ok(out)
@@ -432,8 +451,14 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         snapshot_log_bytes_min: args.snapshot_log_bytes_min,
         ..Default::default()
     };
-    let prepared = match prepare_cluster(&args.dir, args.nodes, args.base_port, args.shards, &raft)
-    {
+    let prepared = match prepare_cluster(
+        &args.dir,
+        args.nodes,
+        args.base_port,
+        args.shards,
+        &raft,
+        args.metrics,
+    ) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("baton cluster up: {e}");
@@ -463,6 +488,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
         addr,
         config,
         signer,
+        metrics,
     } in &prepared
     {
         let log = dir.join(format!("node-{id}.log"));
@@ -476,6 +502,7 @@ fn cluster_up(args: ClusterUpArgs) -> ExitCode {
                     data_dir: dir.join(format!("node-{id}")),
                     log,
                     signer: signer.to_string(),
+                    metrics: *metrics,
                 });
                 children.push(child);
             }

@@ -61,6 +61,10 @@ pub struct NodeFile {
     /// real deployment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_file: Option<PathBuf>,
+    /// TCP address (`host:port`) to serve Prometheus metrics on, `GET /metrics`. Default:
+    /// none, no metrics endpoint. It has no authentication: a loopback or management address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
     /// TLS files. Required.
     pub tls: TlsFile,
     /// The cluster's first members, this node included: the initial membership with
@@ -412,6 +416,7 @@ impl NodeFile {
             net_cpus: self.net_cpus.clone().unwrap_or_default(),
             client_bytes_in_flight_max: self.limits.client_bytes_in_flight_max,
             bootstrap,
+            metrics: self.metrics_addr,
         }
     }
 }

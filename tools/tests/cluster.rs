@@ -1096,6 +1096,7 @@ fn a_node_joins_a_running_cluster_and_the_leader_is_removed() {
         config,
         data_dir: d.join("node-4"),
         log: d.join("node-4.log"),
+        metrics: None,
     });
     cluster.restart(4);
 
@@ -1254,4 +1255,134 @@ fn a_node_joins_a_running_cluster_and_the_leader_is_removed() {
     let logs = read_logs(&nodes);
     check_logs_agree(&logs);
     check_receipts(&logs, &receipts);
+}
+
+/// One HTTP/1.1 exchange over a fresh TCP connection: `(status code, head, body)`.
+fn http(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    conn.write_all(request).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("a whole answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    (code, head.to_string(), body.to_string())
+}
+
+/// The value of the sample `series` (name with its labels) in a metrics text, if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// `cluster up --metrics`: each node serves Prometheus metrics over HTTP on 127.0.0.1 (its QUIC
+/// port's number, over TCP), and they follow the cluster: one leader, every node's applied
+/// index at least the last receipt's, the transactions answered counted by result, the stage
+/// histograms filled; bad requests get a 4xx status and leave the endpoint serving.
+#[test]
+fn every_node_serves_metrics_that_follow_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ClusterUp::start_with(dir.path(), 3, free_base_port(3), &["--metrics"]);
+    for n in &cluster.nodes {
+        assert_eq!(
+            n.metrics.map(|a| (a.ip(), a.port())),
+            Some((n.addr.ip(), n.addr.port())),
+            "cluster.json lists node {}'s metrics address",
+            n.id
+        );
+    }
+    let rt = runtime();
+    let receipts = rt.block_on(async {
+        let client = cluster.client_from(1);
+        let receipts = load(&client, "metrics", 0, 400, 50, 2).await;
+        let last = receipts.iter().map(|r| r.index()).max().unwrap();
+        for n in &cluster.nodes {
+            wait_applied(&cluster.client_of(n.id), last, WAIT).await;
+        }
+        receipts
+    });
+    let last = receipts.iter().map(|r| r.index()).max().unwrap() as f64;
+
+    let scrapes: Vec<(u64, String)> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let (code, head, body) = http(
+                n.metrics.unwrap(),
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            );
+            assert_eq!(code, 200, "{head}");
+            assert!(
+                head.contains("Content-Type: application/openmetrics-text"),
+                "{head}"
+            );
+            assert!(body.ends_with("# EOF\n"), "{body}");
+            (n.id, body)
+        })
+        .collect();
+    let mut leaders = Vec::new();
+    let (mut answered, mut requests, mut totals) = (0.0, 0.0, 0.0);
+    for (id, text) in &scrapes {
+        assert_eq!(sample(text, "baton_raft_status_ok"), Some(1.0), "{text}");
+        assert!(
+            text.contains(&format!(
+                "baton_node_info{{node_id=\"{id}\",cluster_id=\"baton-local\""
+            )),
+            "{text}"
+        );
+        let applied = sample(text, "baton_raft_applied_index").unwrap();
+        assert!(applied >= last, "node {id}: applied {applied} < {last}");
+        if sample(text, "baton_raft_role{role=\"leader\"}") == Some(1.0) {
+            leaders.push(*id);
+            for peer in cluster.nodes.iter().filter(|n| n.id != *id) {
+                let series = format!("baton_raft_peer_lag_entries{{peer=\"{}\"}}", peer.id);
+                assert!(sample(text, &series).is_some(), "{series}: {text}");
+            }
+        }
+        answered += sample(text, "baton_client_transactions_total{result=\"receipt\"}").unwrap();
+        requests += sample(text, "baton_client_submit_requests_total").unwrap();
+        totals += sample(text, "baton_stage_seconds_count{stage=\"total\"}").unwrap();
+        assert!(sample(text, "process_resident_memory_bytes").unwrap() > 0.0);
+    }
+    assert_eq!(
+        leaders.len(),
+        1,
+        "exactly one node says it leads: {leaders:?}"
+    );
+    for (_, text) in &scrapes {
+        assert_eq!(
+            sample(text, "baton_raft_leader_id"),
+            Some(leaders[0] as f64),
+            "{text}"
+        );
+    }
+    // Every transaction was answered with a receipt, counted by the node its request went to
+    // (a follower forwards it to the leader and answers it).
+    assert_eq!(answered, 400.0);
+    assert!(requests >= 8.0, "{requests}");
+    assert!(totals >= 8.0, "{totals}");
+
+    let addr = cluster.nodes[0].metrics.unwrap();
+    for (request, want) in [
+        (&b"GET /nothing-here HTTP/1.1\r\n\r\n"[..], 404),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"\x16\x03\x01 not http at all\r\n\r\n", 400),
+        (&[b'a'; 9 * 1024][..], 431),
+    ] {
+        let (code, head, _) = http(addr, request);
+        assert_eq!(code, want, "{head}");
+    }
+    // A HEAD has the headers only; the endpoint still serves after the refusals.
+    let (code, head, body) = http(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+    assert_eq!((code, body.as_str()), (200, ""), "{head}");
+    let (code, _, body) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 200);
+    assert_eq!(sample(&body, "baton_raft_status_ok"), Some(1.0));
+    cluster.stop();
 }

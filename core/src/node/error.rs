@@ -59,6 +59,49 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
+impl SubmitError {
+    /// Every [`SubmitError::kind`], in declaration order.
+    pub const KINDS: [&'static str; 13] = [
+        "not_leader",
+        "overloaded",
+        "invalid",
+        "rejected",
+        "commit_timeout",
+        "receipt_unavailable",
+        "unknown_rollup",
+        "malformed_ciphertext",
+        "command",
+        "read_timeout",
+        "membership",
+        "leadership",
+        "shutting_down",
+    ];
+
+    /// The variant's name in snake case: a stable label for counting errors by kind (metrics).
+    pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
+    /// This variant's place in [`SubmitError::KINDS`].
+    pub fn kind_index(&self) -> usize {
+        match self {
+            SubmitError::NotLeader { .. } => 0,
+            SubmitError::Overloaded { .. } => 1,
+            SubmitError::Invalid { .. } => 2,
+            SubmitError::Rejected { .. } => 3,
+            SubmitError::CommitTimeout { .. } => 4,
+            SubmitError::ReceiptUnavailable { .. } => 5,
+            SubmitError::UnknownRollup { .. } => 6,
+            SubmitError::MalformedCiphertext { .. } => 7,
+            SubmitError::Command(_) => 8,
+            SubmitError::ReadTimeout { .. } => 9,
+            SubmitError::Membership(_) => 10,
+            SubmitError::Leadership(_) => 11,
+            SubmitError::ShuttingDown => 12,
+        }
+    }
+}
+
 /// Why a membership change (`NodeHandle::change_members`) was refused. Except for
 /// `CatchUpTimeout`, nothing changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -150,4 +193,47 @@ pub enum NodeError {
     /// The node stopped.
     #[error("the node is shutting down")]
     ShuttingDown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_submit_error_has_its_own_kind() {
+        let one_of_each = [
+            SubmitError::NotLeader { leader_hint: None },
+            SubmitError::Overloaded { what: "q" },
+            SubmitError::Invalid {
+                position: 0,
+                reason: SubmitRejection::EmptyTx,
+            },
+            SubmitError::Rejected { index: 1 },
+            SubmitError::CommitTimeout { waited_ms: 1 },
+            SubmitError::ReceiptUnavailable { index: 1 },
+            SubmitError::UnknownRollup {
+                position: 0,
+                rollup_id: 9,
+            },
+            SubmitError::MalformedCiphertext {
+                position: 0,
+                len: 1,
+            },
+            SubmitError::Command(CommandRejection::RollupExists { rollup_id: 9 }),
+            SubmitError::ReadTimeout {
+                min_index: 2,
+                applied: None,
+            },
+            SubmitError::Membership(MembershipRejection::BadId),
+            SubmitError::Leadership(LeadershipRejection::Unauthenticated),
+            SubmitError::ShuttingDown,
+        ];
+        let kinds: Vec<&str> = one_of_each.iter().map(SubmitError::kind).collect();
+        assert_eq!(kinds, SubmitError::KINDS);
+        assert_eq!(SubmitError::ShuttingDown.kind(), "shutting_down");
+        assert_eq!(
+            SubmitError::CommitTimeout { waited_ms: 5 }.kind(),
+            "commit_timeout"
+        );
+    }
 }

@@ -20,4 +20,4 @@ pub use handle::{
 };
 pub use local_net::LocalRouter;
 pub use peer::{Forwarder, Rpc};
-pub use stages::{Stage, StageReport, StageSummary, Stages};
+pub use stages::{Stage, StageReport, StageSummary, StageTotal, Stages};

@@ -138,11 +138,21 @@ impl Stage {
 
 /// A node's stage histograms (cheap to clone: all clones record into the same window).
 #[derive(Clone)]
-pub struct Stages(Arc<Mutex<Window>>);
+pub struct Stages(Arc<Inner>);
+
+struct Inner {
+    /// What was recorded since the last [`Stages::take`].
+    window: Mutex<Window>,
+    /// Every window [`Stages::take`] ended, added up (metrics: [`Stages::totals`]). Locked
+    /// before `window` wherever both are.
+    totals: Mutex<Window>,
+}
 
 struct Window {
     started: Instant,
     histograms: Vec<Histogram<u64>>,
+    /// Exact sum of what each histogram holds, in microseconds.
+    sums_us: [u64; STAGE_COUNT],
 }
 
 fn histogram() -> Histogram<u64> {
@@ -155,13 +165,28 @@ impl Window {
         Window {
             started: Instant::now(),
             histograms: (0..STAGE_COUNT).map(|_| histogram()).collect(),
+            sums_us: [0; STAGE_COUNT],
+        }
+    }
+
+    /// Adds what `other` holds to this window.
+    fn add(&mut self, other: &Window) {
+        for (mine, theirs) in self.histograms.iter_mut().zip(&other.histograms) {
+            // Same bounds and precision: adding cannot fail.
+            let _ = mine.add(theirs);
+        }
+        for (mine, theirs) in self.sums_us.iter_mut().zip(other.sums_us) {
+            *mine = mine.saturating_add(theirs);
         }
     }
 }
 
 impl Default for Stages {
     fn default() -> Self {
-        Stages(Arc::new(Mutex::new(Window::new())))
+        Stages(Arc::new(Inner {
+            window: Mutex::new(Window::new()),
+            totals: Mutex::new(Window::new()),
+        }))
     }
 }
 
@@ -174,9 +199,12 @@ impl fmt::Debug for Stages {
 impl Stages {
     /// Records that `stage` took `took`.
     pub fn record(&self, stage: Stage, took: Duration) {
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        w.histograms[stage.slot()].saturating_record(us.clamp(1, STAGE_MAX_US));
+        let us = u64::try_from(took.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, STAGE_MAX_US);
+        let mut w = lock(&self.0.window);
+        w.histograms[stage.slot()].saturating_record(us);
+        w.sums_us[stage.slot()] = w.sums_us[stage.slot()].saturating_add(us);
     }
 
     /// Records that `stage` took from `since` until now.
@@ -188,10 +216,12 @@ impl Stages {
     pub fn take(&self) -> StageReport {
         // The next window's histograms are allocated before the lock is taken.
         let next = Window::new();
-        let old = {
-            let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *w, next)
-        };
+        // The totals stay locked until the ended window is in them, so that no reader of
+        // totals sees it in neither place (a count that went down would read as a restart).
+        let mut totals = lock(&self.0.totals);
+        let old = std::mem::replace(&mut *lock(&self.0.window), next);
+        totals.add(&old);
+        drop(totals);
         let window = old.started.elapsed();
         let stages = Stage::ALL
             .iter()
@@ -207,6 +237,64 @@ impl Stages {
             .collect();
         StageReport { window, stages }
     }
+
+    /// Everything recorded since the node started, per stage, with the cumulative count at or
+    /// below each of `bounds` (ascending): what a metrics scrape exports. Counts only grow.
+    pub fn totals(&self, bounds: &[Duration]) -> Vec<StageTotal> {
+        let mut all = {
+            let totals = lock(&self.0.totals);
+            let mut all = Window {
+                started: totals.started,
+                histograms: totals.histograms.clone(),
+                sums_us: totals.sums_us,
+            };
+            all.add(&lock(&self.0.window));
+            all
+        };
+        Stage::ALL
+            .iter()
+            .map(|&stage| {
+                let h = &mut all.histograms[stage.slot()];
+                let buckets = bounds
+                    .iter()
+                    .map(|&bound| {
+                        let us = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+                        let below = if us == 0 {
+                            0
+                        } else {
+                            h.count_between(1, us.min(STAGE_MAX_US))
+                        };
+                        (bound, below)
+                    })
+                    .collect();
+                StageTotal {
+                    stage,
+                    count: h.len(),
+                    sum: Duration::from_micros(all.sums_us[stage.slot()]),
+                    buckets,
+                }
+            })
+            .collect()
+    }
+}
+
+fn lock(m: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One stage's latencies since the node started ([`Stages::totals`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageTotal {
+    /// The stage.
+    pub stage: Stage,
+    /// How many were recorded.
+    pub count: u64,
+    /// Their sum (durations are recorded in whole microseconds, at least 1).
+    pub sum: Duration,
+    /// `(bound, how many took at most about bound)`, in the order of the bounds asked for; a
+    /// histogram bucket holds values within 1% of each other, so a value up to 1% above a
+    /// bound may count under it.
+    pub buckets: Vec<(Duration, u64)>,
 }
 
 /// One stage's latencies over a window, in microseconds (0 when nothing was recorded).
@@ -310,6 +398,47 @@ mod tests {
 
         let next = stages.take();
         assert!(next.is_empty(), "{next:?}");
+    }
+
+    #[test]
+    fn totals_add_up_every_window_and_the_open_one() {
+        let stages = Stages::default();
+        let bounds = [
+            Duration::from_micros(100),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        ];
+        let empty = stages.totals(&bounds);
+        assert!(empty.iter().all(|t| t.count == 0 && t.sum.is_zero()));
+        assert!(empty[0].buckets.iter().all(|&(_, n)| n == 0));
+
+        for us in [50, 80, 500, 900] {
+            stages.record(Stage::Wal, Duration::from_micros(us));
+        }
+        let taken = stages.take();
+        assert_eq!(taken.get(Stage::Wal).count, 4);
+        // Recorded after the window ended: in the open window, counted all the same.
+        stages.record(Stage::Wal, Duration::from_millis(20));
+        stages.record(Stage::Commit, Duration::from_secs(90));
+
+        let totals = stages.totals(&bounds);
+        let wal = totals.iter().find(|t| t.stage == Stage::Wal).unwrap();
+        assert_eq!(wal.count, 5);
+        assert_eq!(wal.sum, Duration::from_micros(50 + 80 + 500 + 900 + 20_000));
+        let counts: Vec<u64> = wal.buckets.iter().map(|&(_, n)| n).collect();
+        assert_eq!(counts, [2, 4, 5]);
+        assert_eq!(wal.buckets[1].0, Duration::from_millis(1));
+        // Longer than the histograms reach: counted at their limit, above every bound here.
+        let commit = totals.iter().find(|t| t.stage == Stage::Commit).unwrap();
+        assert_eq!(commit.count, 1);
+        assert_eq!(commit.sum, Duration::from_micros(STAGE_MAX_US));
+        assert!(commit.buckets.iter().all(|&(_, n)| n == 0));
+        assert_eq!(totals.len(), STAGE_COUNT);
+
+        // Taking windows moves nothing out of the totals.
+        stages.take();
+        stages.take();
+        assert_eq!(stages.totals(&bounds), totals);
     }
 
     #[test]

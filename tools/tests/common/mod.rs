@@ -43,6 +43,8 @@ pub struct NodeInfo {
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Its metrics address (TCP), with `cluster up --metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A cluster started by `baton cluster up`.
@@ -142,6 +144,7 @@ impl ClusterUp {
                 config: n["config"].as_str().unwrap().into(),
                 data_dir: n["data_dir"].as_str().unwrap().into(),
                 log: n["log"].as_str().unwrap().into(),
+                metrics: n["metrics"].as_str().map(|a| a.parse().unwrap()),
             })
             .collect();
         ClusterUp {
