@@ -1384,5 +1384,31 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
     let (code, _, body) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
     assert_eq!(code, 200);
     assert_eq!(sample(&body, "baton_raft_status_ok"), Some(1.0));
+
+    // A node whose metrics address is taken does not start, and says which address.
+    let config = dir.path().join("taken.toml");
+    let mut file: toml::Table = std::fs::read_to_string(&cluster.nodes[0].config)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let spare = free_base_port(1);
+    file.insert("listen_addr".into(), format!("127.0.0.1:{spare}").into());
+    file.insert("metrics_addr".into(), addr.to_string().into());
+    file.insert("bootstrap".into(), false.into());
+    file.insert(
+        "data_dir".into(),
+        dir.path().join("taken").display().to_string().into(),
+    );
+    std::fs::write(&config, toml::to_string(&file).unwrap()).unwrap();
+    let out = std::process::Command::new(BATON)
+        .arg("node")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("metrics address {addr}")), "{err}");
+    assert!(!dir.path().join("taken").exists(), "nothing was started");
     cluster.stop();
 }
