@@ -8,10 +8,13 @@
 //! scrapes; the node pays for metrics only when scraped. docs/operations.md lists the series.
 //!
 //! The HTTP side is the least a scraper needs, on purpose: one request per connection, a
-//! request head of at most [`REQUEST_HEAD_BYTES_MAX`] read within [`REQUEST_TIMEOUT`], at most
-//! [`CONNECTIONS_MAX`] connections at once (more are closed at once), `GET` or `HEAD` of
-//! `/metrics` (a query string is ignored); anything else gets a 4xx status and the connection
-//! closed. Bind it to a loopback or management address: it has no authentication.
+//! request head of at most [`REQUEST_HEAD_BYTES_MAX`] that must arrive within [`HEAD_TIMEOUT`],
+//! the whole exchange within [`REQUEST_TIMEOUT`], at most [`CONNECTIONS_MAX`] connections at
+//! once (more are closed at once), `GET` or `HEAD` of `/metrics` (a query string is ignored);
+//! anything else gets a 4xx status and the connection closed. Scrapes closer together than
+//! [`RENDER_REUSE`] get the same rendered text, so a scraper in a loop costs the node no more
+//! than one scrape a second. Bind it to a loopback or management address: it has no
+//! authentication.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -26,8 +29,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Longest request head (request line and headers) read.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 << 10;
-/// How long a connection may take to send its request head and take the answer.
+/// How long a connection may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection may take from its accept to its close (head, answer, lingering).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A rendered scrape is answered again to scrapes within this long of it.
+pub const RENDER_REUSE: Duration = Duration::from_secs(1);
 /// Connections served at once; one more is closed without an answer.
 pub const CONNECTIONS_MAX: usize = 8;
 /// How long a scrape waits for the node's Raft status (the Raft shard answers it); past it the
@@ -99,7 +106,10 @@ impl Drop for ConnectionGuard {
 /// counters and admission bound).
 pub struct Source {
     /// The endpoint's context.
-    pub ctx: Arc<crate::server::ServerContext>,
+    ctx: Arc<crate::server::ServerContext>,
+    /// The last rendered text and when its gathering began (held while a scrape renders, so
+    /// that concurrent scrapes wait for one rendering instead of each making their own).
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<String>)>>,
 }
 
 /// Everything one scrape reports, gathered before it is encoded.
@@ -109,6 +119,8 @@ pub struct Snapshot {
     pub node_id: u64,
     /// Cluster id.
     pub cluster_id: String,
+    /// Address of the node's signing key.
+    pub signer: String,
     /// The Raft status, if the Raft shard answered in time.
     pub status: Option<NodeStatus>,
     /// Stage latencies since the start.
@@ -136,6 +148,29 @@ pub struct Snapshot {
 }
 
 impl Source {
+    /// A source reading from the endpoint context `ctx`.
+    pub fn new(ctx: Arc<crate::server::ServerContext>) -> Source {
+        Source {
+            ctx,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The rendered metrics: the last rendering if it began within [`RENDER_REUSE`], else a
+    /// new one.
+    pub async fn rendered(&self) -> Arc<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, text)) = last.as_ref() {
+            if at.elapsed() < RENDER_REUSE {
+                return text.clone();
+            }
+        }
+        let at = tokio::time::Instant::now();
+        let text = Arc::new(render(&self.snapshot().await));
+        *last = Some((at, text.clone()));
+        text
+    }
+
     /// Gathers a scrape's values.
     pub async fn snapshot(&self) -> Snapshot {
         let ctx = &self.ctx;
@@ -151,6 +186,7 @@ impl Source {
         Snapshot {
             node_id: ctx.node_id,
             cluster_id: ctx.cluster_id.clone(),
+            signer: ctx.node.signer().to_string(),
             status,
             stages: ctx.node.stage_recorder().totals(&bounds),
             connections_open: c.connections_open.load(Ordering::Relaxed),
@@ -193,6 +229,20 @@ fn process_cpu_seconds() -> Option<f64> {
     (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
+/// `value` as an OpenMetrics label value: backslash, double quote and newline escaped.
+fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Encodes a snapshot in the OpenMetrics text format (ending in `# EOF`).
 pub fn render(snapshot: &Snapshot) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
@@ -222,16 +272,13 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
         };
 
         let node_id = s.node_id.to_string();
-        let signer = s
-            .status
-            .as_ref()
-            .map(|st| st.signer.to_string())
-            .unwrap_or_default();
+        // The encoder writes label values as they are; the cluster id is the one free-form one.
+        let cluster_id = escape_label_value(&s.cluster_id);
         e.encode_descriptor("baton_node", "The node.", None, MetricType::Info)?
             .encode_info(&[
                 ("node_id", node_id.as_str()),
-                ("cluster_id", s.cluster_id.as_str()),
-                ("signer", signer.as_str()),
+                ("cluster_id", cluster_id.as_str()),
+                ("signer", s.signer.as_str()),
             ])?;
         gauge(
             &mut e,
@@ -284,7 +331,7 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
         )?;
         let mut fam = e.encode_descriptor(
             "baton_client_transactions",
-            "Transactions answered: result=\"receipt\", or the kind of error.",
+            "Transactions of submission requests answered, by result: receipt, or the kind of error.",
             None,
             MetricType::Counter,
         )?;
@@ -526,39 +573,50 @@ pub fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
     })
 }
 
-/// Where a request head ends (after its blank line), if it has.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4)
+/// Where a request head ends (after its blank line: CRLF CRLF, or LF LF), if it has; only
+/// blank lines with a byte at or after `from` are looked for (the bytes before were searched).
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let tail = &buf[start..];
+    let crlf = tail
+        .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-        .or_else(|| buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2))
+        .map(|i| i + 4);
+    let lf = tail.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(start + a.min(b)),
+        (a, b) => a.or(b).map(|end| start + end),
+    }
 }
 
 async fn answer(mut stream: tokio::net::TcpStream, source: &Source) {
     let mut buf = Vec::with_capacity(1024);
-    let request = loop {
-        if let Some(end) = head_end(&buf) {
-            break parse_request(&buf[..end]);
-        }
-        if buf.len() >= REQUEST_HEAD_BYTES_MAX {
-            break Err(Refusal::HeadTooLarge);
-        }
-        let mut chunk = [0u8; 1024];
-        let room = (REQUEST_HEAD_BYTES_MAX - buf.len()).min(chunk.len());
-        match stream.read(&mut chunk[..room]).await {
-            Ok(0) | Err(_) => {
-                // Closed before a whole head: nothing to answer.
-                if buf.is_empty() {
-                    return;
-                }
-                break Err(Refusal::BadRequest);
+    let read_head = async {
+        let mut searched = 0;
+        loop {
+            if let Some(end) = head_end(&buf, searched) {
+                return Some(parse_request(&buf[..end]));
             }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            searched = buf.len();
+            if buf.len() >= REQUEST_HEAD_BYTES_MAX {
+                return Some(Err(Refusal::HeadTooLarge));
+            }
+            let mut chunk = [0u8; 1024];
+            let room = (REQUEST_HEAD_BYTES_MAX - buf.len()).min(chunk.len());
+            match stream.read(&mut chunk[..room]).await {
+                // Closed before a whole head: nothing to answer if nothing came.
+                Ok(0) | Err(_) => return (!buf.is_empty()).then_some(Err(Refusal::BadRequest)),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
+    };
+    let request = match tokio::time::timeout(HEAD_TIMEOUT, read_head).await {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(_) => return,
     };
     let response = match request {
         Ok(r) => {
-            let body = render(&source.snapshot().await);
+            let body = source.rendered().await;
             let mut out = String::with_capacity(body.len() + 160);
             let _ = write!(
                 out,
@@ -566,7 +624,7 @@ async fn answer(mut stream: tokio::net::TcpStream, source: &Source) {
                 body.len()
             );
             if r == Request::Metrics {
-                out.push_str(&body);
+                out.push_str(body.as_str());
             }
             out
         }
@@ -639,8 +697,15 @@ mod tests {
         ] {
             assert_eq!(parse_request(bad), Err(Refusal::BadRequest), "{bad:?}");
         }
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        let head = b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest";
+        for from in 0..head.len() {
+            // Found while the search starts within the blank line (bytes 20..24).
+            let want = (from <= 23).then_some(24);
+            assert_eq!(head_end(head, from), want, "from {from}");
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\nx", 0), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\r\n\r\n", 0), Some(19));
     }
 
     fn snapshot() -> Snapshot {
@@ -698,6 +763,7 @@ mod tests {
         Snapshot {
             node_id: 2,
             cluster_id: "prod-a".into(),
+            signer: baton_core::Address([0xab; 20]).to_string(),
             status: Some(status),
             stages: stages.totals(&bounds),
             connections_open: 3,
@@ -827,8 +893,24 @@ mod tests {
         let text = render(&s);
         assert_eq!(sample(&text, "baton_raft_status_ok"), Some(0.0));
         assert!(!text.contains("baton_raft_term"), "{text}");
-        assert!(text.contains("baton_node_info{node_id=\"2\",cluster_id=\"prod-a\",signer=\"\"} 1"));
+        let info = format!(
+            "baton_node_info{{node_id=\"2\",cluster_id=\"prod-a\",signer=\"{}\"}} 1",
+            baton_core::Address([0xab; 20])
+        );
+        assert!(text.contains(&info), "the signer stays: {text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_free_form_cluster_id_is_escaped_in_its_label() {
+        let mut s = snapshot();
+        s.cluster_id = "a\"b\\c\nd".into();
+        let text = render(&s);
+        assert!(text.contains("cluster_id=\"a\\\"b\\\\c\\nd\""), "{text}");
+        assert_eq!(
+            text.matches('\n').count(),
+            render(&snapshot()).matches('\n').count()
+        );
     }
 
     #[test]

@@ -1309,24 +1309,46 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
     });
     let last = receipts.iter().map(|r| r.index()).max().unwrap() as f64;
 
-    let scrapes: Vec<(u64, String)> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            let (code, head, body) = http(
-                n.metrics.unwrap(),
-                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-            );
-            assert_eq!(code, 200, "{head}");
-            assert!(
-                head.contains("Content-Type: application/openmetrics-text"),
-                "{head}"
-            );
-            assert!(body.ends_with("# EOF\n"), "{body}");
-            (n.id, body)
-        })
-        .collect();
-    let mut leaders = Vec::new();
+    // The nodes are scraped one after another: an election in between (a loaded machine)
+    // would show two leaders or none, so scrape again (each node renders at most once a
+    // second) until one round agrees.
+    let deadline = Instant::now() + WAIT;
+    let (scrapes, leader) = loop {
+        let scrapes: Vec<(u64, String)> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let (code, head, body) = http(
+                    n.metrics.unwrap(),
+                    b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                );
+                assert_eq!(code, 200, "{head}");
+                assert!(
+                    head.contains("Content-Type: application/openmetrics-text"),
+                    "{head}"
+                );
+                assert!(body.ends_with("# EOF\n"), "{body}");
+                (n.id, body)
+            })
+            .collect();
+        let leaders: Vec<u64> = scrapes
+            .iter()
+            .filter(|(_, t)| sample(t, "baton_raft_role{role=\"leader\"}") == Some(1.0))
+            .map(|(id, _)| *id)
+            .collect();
+        let agreed = leaders.len() == 1
+            && scrapes
+                .iter()
+                .all(|(_, t)| sample(t, "baton_raft_leader_id") == Some(leaders[0] as f64));
+        if agreed {
+            break (scrapes, leaders[0]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no round of scrapes agreed on one leader: {leaders:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let (mut answered, mut requests, mut totals) = (0.0, 0.0, 0.0);
     for (id, text) in &scrapes {
         assert_eq!(sample(text, "baton_raft_status_ok"), Some(1.0), "{text}");
@@ -1338,8 +1360,7 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
         );
         let applied = sample(text, "baton_raft_applied_index").unwrap();
         assert!(applied >= last, "node {id}: applied {applied} < {last}");
-        if sample(text, "baton_raft_role{role=\"leader\"}") == Some(1.0) {
-            leaders.push(*id);
+        if *id == leader {
             for peer in cluster.nodes.iter().filter(|n| n.id != *id) {
                 let series = format!("baton_raft_peer_lag_entries{{peer=\"{}\"}}", peer.id);
                 assert!(sample(text, &series).is_some(), "{series}: {text}");
@@ -1350,21 +1371,10 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
         totals += sample(text, "baton_stage_seconds_count{stage=\"total\"}").unwrap();
         assert!(sample(text, "process_resident_memory_bytes").unwrap() > 0.0);
     }
-    assert_eq!(
-        leaders.len(),
-        1,
-        "exactly one node says it leads: {leaders:?}"
-    );
-    for (_, text) in &scrapes {
-        assert_eq!(
-            sample(text, "baton_raft_leader_id"),
-            Some(leaders[0] as f64),
-            "{text}"
-        );
-    }
     // Every transaction was answered with a receipt, counted by the node its request went to
-    // (a follower forwards it to the leader and answers it).
-    assert_eq!(answered, 400.0);
+    // (a follower forwards it to the leader and answers it); a request retried after a lost
+    // answer is answered (and counted) again.
+    assert!(answered >= 400.0, "{answered}");
     assert!(requests >= 8.0, "{requests}");
     assert!(totals >= 8.0, "{totals}");
 

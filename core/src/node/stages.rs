@@ -441,6 +441,59 @@ mod tests {
         assert_eq!(stages.totals(&bounds), totals);
     }
 
+    /// Windows ending while other threads record and read totals: no reader ever sees a count
+    /// go down (a metrics scraper would take that for a restart), and nothing is lost.
+    #[test]
+    fn totals_never_go_down_while_windows_end() {
+        let stages = Stages::default();
+        let bounds = [Duration::from_micros(100), Duration::from_millis(10)];
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recorders: Vec<_> = (0..2)
+            .map(|_| {
+                let stages = stages.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50_000u64 {
+                        stages.record(Stage::Wal, Duration::from_micros(1 + i % 500));
+                    }
+                })
+            })
+            .collect();
+        let taker = {
+            let (stages, stop) = (stages.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    stages.take();
+                }
+            })
+        };
+        let mut seen = (0u64, Duration::ZERO, vec![0u64; bounds.len()]);
+        let mut reads = 0;
+        while recorders.iter().any(|r| !r.is_finished()) || reads == 0 {
+            let wal = stages.totals(&bounds)
+                [Stage::ALL.iter().position(|&s| s == Stage::Wal).unwrap()]
+            .clone();
+            let buckets: Vec<u64> = wal.buckets.iter().map(|&(_, n)| n).collect();
+            assert!(wal.count >= seen.0, "{} after {}", wal.count, seen.0);
+            assert!(wal.sum >= seen.1);
+            assert!(buckets
+                .iter()
+                .zip(&seen.2)
+                .all(|(now, before)| now >= before));
+            seen = (wal.count, wal.sum, buckets);
+            reads += 1;
+        }
+        for r in recorders {
+            r.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        taker.join().unwrap();
+        let wal = stages.totals(&bounds)[Stage::ALL.iter().position(|&s| s == Stage::Wal).unwrap()]
+            .clone();
+        assert_eq!(wal.count, 100_000);
+        let per_thread: u64 = (0..50_000u64).map(|i| 1 + i % 500).sum();
+        assert_eq!(wal.sum, Duration::from_micros(2 * per_thread));
+    }
+
     #[test]
     fn every_stage_has_a_distinct_code_and_back() {
         let mut codes: Vec<u8> = Stage::ALL.iter().map(|s| s.code()).collect();
