@@ -107,6 +107,8 @@ impl Drop for ConnectionGuard {
 pub struct Source {
     /// The endpoint's context.
     ctx: Arc<crate::server::ServerContext>,
+    /// The node's links to its peers.
+    links: Arc<crate::peer::PeerLinks>,
     /// The last rendered text and when its gathering began (held while a scrape renders, so
     /// that concurrent scrapes wait for one rendering instead of each making their own).
     last: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<String>)>>,
@@ -139,6 +141,8 @@ pub struct Snapshot {
     pub protocol_errors: u64,
     /// Submission bytes admitted now.
     pub admitted_bytes: u64,
+    /// The node's links to its peers.
+    pub peers: Vec<crate::peer::PeerLinkStats>,
     /// The process's resident memory, bytes.
     pub rss_bytes: Option<u64>,
     /// The process's CPU time (user + system), seconds.
@@ -148,10 +152,14 @@ pub struct Snapshot {
 }
 
 impl Source {
-    /// A source reading from the endpoint context `ctx`.
-    pub fn new(ctx: Arc<crate::server::ServerContext>) -> Source {
+    /// A source reading from the endpoint context `ctx` and the peer links `links`.
+    pub fn new(
+        ctx: Arc<crate::server::ServerContext>,
+        links: Arc<crate::peer::PeerLinks>,
+    ) -> Source {
         Source {
             ctx,
+            links,
             last: tokio::sync::Mutex::new(None),
         }
     }
@@ -196,6 +204,7 @@ impl Source {
             errors: c.errors.iter().map(|e| e.load(Ordering::Relaxed)).collect(),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
             admitted_bytes: ctx.admission.admitted() as u64,
+            peers: self.links.peer_stats(),
             rss_bytes: process_rss_bytes(),
             cpu_seconds: process_cpu_seconds(),
             open_fds: std::fs::read_dir("/proc/self/fd")
@@ -354,6 +363,8 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
             s.admitted_bytes as i64,
         )?;
 
+        encode_peers(&mut e, &s.peers)?;
+
         if let Some(rss) = s.rss_bytes {
             gauge(
                 &mut e,
@@ -381,6 +392,68 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
         }
         Ok(())
     }
+}
+
+fn encode_peers(
+    e: &mut DescriptorEncoder,
+    peers: &[crate::peer::PeerLinkStats],
+) -> Result<(), std::fmt::Error> {
+    let mut fam = e.encode_descriptor(
+        "baton_peer_connected",
+        "1 while this node's connection to the peer (replication, votes, forwarding) is open.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        fam.encode_family(&[("peer", p.peer)])?
+            .encode_gauge(&i64::from(p.connected))?;
+    }
+    let mut fam = e.encode_descriptor(
+        "baton_peer_dial_failures",
+        "Dials of the peer that failed in a row (0: the last one succeeded).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        fam.encode_family(&[("peer", p.peer)])?
+            .encode_gauge(&i64::from(p.dial_failures))?;
+    }
+    let mut fam = e.encode_descriptor(
+        "baton_peer_rtt_seconds",
+        "QUIC's smoothed round trip to the peer, while connected.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        if let Some(rtt) = p.rtt {
+            fam.encode_family(&[("peer", p.peer)])?
+                .encode_gauge(&rtt.as_secs_f64())?;
+        }
+    }
+    for (name, help, value) in [
+        (
+            "baton_peer_lost_packets",
+            "Packets the connection to the peer declared lost (from 0 again after a new dial).",
+            (|p: &crate::peer::PeerLinkStats| p.lost_packets) as fn(&crate::peer::PeerLinkStats) -> u64,
+        ),
+        (
+            "baton_peer_sent_bytes",
+            "UDP payload bytes sent to the peer (from 0 again after a new dial).",
+            |p| p.sent_bytes,
+        ),
+        (
+            "baton_peer_received_bytes",
+            "UDP payload bytes received from the peer on this node's connection (from 0 again after a new dial).",
+            |p| p.received_bytes,
+        ),
+    ] {
+        let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for p in peers {
+            fam.encode_family(&[("peer", p.peer)])?
+                .encode_counter(&value(p), None as NoExemplar)?;
+        }
+    }
+    Ok(())
 }
 
 fn encode_raft(e: &mut DescriptorEncoder, st: &NodeStatus) -> Result<(), std::fmt::Error> {
@@ -773,6 +846,26 @@ mod tests {
             errors,
             protocol_errors: 1,
             admitted_bytes: 4096,
+            peers: vec![
+                crate::peer::PeerLinkStats {
+                    peer: 1,
+                    connected: true,
+                    rtt: Some(Duration::from_micros(250)),
+                    lost_packets: 3,
+                    sent_bytes: 1_000_000,
+                    received_bytes: 20_000,
+                    dial_failures: 0,
+                },
+                crate::peer::PeerLinkStats {
+                    peer: 3,
+                    connected: false,
+                    rtt: None,
+                    lost_packets: 0,
+                    sent_bytes: 0,
+                    received_bytes: 0,
+                    dial_failures: 4,
+                },
+            ],
             rss_bytes: Some(1 << 30),
             cpu_seconds: Some(12.5),
             open_fds: Some(40),
@@ -875,6 +968,29 @@ mod tests {
             Some((1u64 << 30) as f64)
         );
         assert_eq!(sample(&text, "process_cpu_seconds_total"), Some(12.5));
+        assert_eq!(sample(&text, "baton_peer_connected{peer=\"1\"}"), Some(1.0));
+        assert_eq!(sample(&text, "baton_peer_connected{peer=\"3\"}"), Some(0.0));
+        assert_eq!(
+            sample(&text, "baton_peer_dial_failures{peer=\"3\"}"),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(&text, "baton_peer_rtt_seconds{peer=\"1\"}"),
+            Some(0.00025)
+        );
+        assert_eq!(sample(&text, "baton_peer_rtt_seconds{peer=\"3\"}"), None);
+        assert_eq!(
+            sample(&text, "baton_peer_lost_packets_total{peer=\"1\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "baton_peer_sent_bytes_total{peer=\"1\"}"),
+            Some(1e6)
+        );
+        assert_eq!(
+            sample(&text, "baton_peer_received_bytes_total{peer=\"1\"}"),
+            Some(20_000.0)
+        );
         // Every series is declared once, before its samples.
         for family in [
             "baton_raft_term",

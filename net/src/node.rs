@@ -233,7 +233,7 @@ pub fn start(config: NetNodeConfig) -> Result<NetNode, NetNodeError> {
     if let Some(listener) = metrics_listener {
         let _guard = rt.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let source = Arc::new(crate::metrics::Source::new(ctx.clone()));
+        let source = Arc::new(crate::metrics::Source::new(ctx.clone(), links.clone()));
         rt.spawn(crate::metrics::serve(listener, source));
         tracing::info!(node = id, addr = ?metrics_addr, "metrics served");
     }

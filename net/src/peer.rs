@@ -141,6 +141,26 @@ impl PeerError {
     }
 }
 
+/// One peer link as [`PeerLinks::peer_stats`] sees it. The counts are the current
+/// connection's: they start again from 0 when the link is dialed anew.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerLinkStats {
+    /// The peer's node id.
+    pub peer: u64,
+    /// Whether the connection is open.
+    pub connected: bool,
+    /// QUIC's smoothed round-trip estimate, while connected.
+    pub rtt: Option<Duration>,
+    /// Packets the connection declared lost.
+    pub lost_packets: u64,
+    /// UDP payload bytes sent on the connection.
+    pub sent_bytes: u64,
+    /// UDP payload bytes received on it.
+    pub received_bytes: u64,
+    /// Dials that failed in a row since the last that succeeded (0: the last succeeded).
+    pub dial_failures: u32,
+}
+
 /// Connections from this node to its peers, shared by openraft's network and the forwarder.
 pub struct PeerLinks {
     endpoint: quinn::Endpoint,
@@ -175,6 +195,48 @@ impl PeerLinks {
             dial_failures: Mutex::new(HashMap::new()),
             stages: std::sync::OnceLock::new(),
         })
+    }
+
+    /// What this node's connections to its peers (those it dialed: replication, votes,
+    /// forwarding) look like now, in peer id order: one entry per peer it has dialed or failed
+    /// to dial.
+    pub fn peer_stats(&self) -> Vec<PeerLinkStats> {
+        let mut out: std::collections::BTreeMap<u64, PeerLinkStats> = Default::default();
+        for (&peer, conn) in self.conns.lock().expect("conns lock").iter() {
+            let open = conn.close_reason().is_none();
+            let s = conn.stats();
+            out.insert(
+                peer,
+                PeerLinkStats {
+                    peer,
+                    connected: open,
+                    rtt: open.then_some(s.path.rtt),
+                    lost_packets: s.path.lost_packets,
+                    sent_bytes: s.udp_tx.bytes,
+                    received_bytes: s.udp_rx.bytes,
+                    dial_failures: 0,
+                },
+            );
+        }
+        for (&peer, &(failures, _)) in self
+            .dial_failures
+            .lock()
+            .expect("dial failures lock")
+            .iter()
+        {
+            out.entry(peer)
+                .or_insert(PeerLinkStats {
+                    peer,
+                    connected: false,
+                    rtt: None,
+                    lost_packets: 0,
+                    sent_bytes: 0,
+                    received_bytes: 0,
+                    dial_failures: 0,
+                })
+                .dial_failures = failures;
+        }
+        out.into_values().collect()
     }
 
     /// Records replication rounds into `stages` from now on (the node's, known once it started;

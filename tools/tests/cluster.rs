@@ -1361,9 +1361,17 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
         let applied = sample(text, "baton_raft_applied_index").unwrap();
         assert!(applied >= last, "node {id}: applied {applied} < {last}");
         if *id == leader {
+            // It replicates to both followers over connections it dialed.
             for peer in cluster.nodes.iter().filter(|n| n.id != *id) {
-                let series = format!("baton_raft_peer_lag_entries{{peer=\"{}\"}}", peer.id);
+                let p = peer.id;
+                let series = format!("baton_raft_peer_lag_entries{{peer=\"{p}\"}}");
                 assert!(sample(text, &series).is_some(), "{series}: {text}");
+                let connected = format!("baton_peer_connected{{peer=\"{p}\"}}");
+                assert_eq!(sample(text, &connected), Some(1.0), "{text}");
+                let sent = format!("baton_peer_sent_bytes_total{{peer=\"{p}\"}}");
+                assert!(sample(text, &sent).unwrap() > 400.0 * 128.0, "{text}");
+                let rtt = format!("baton_peer_rtt_seconds{{peer=\"{p}\"}}");
+                assert!(sample(text, &rtt).unwrap() > 0.0, "{text}");
             }
         }
         answered += sample(text, "baton_client_transactions_total{result=\"receipt\"}").unwrap();
