@@ -280,11 +280,21 @@ impl PeerLinks {
                     conn
                 }
                 Err(e) => {
-                    let n = failures
+                    // A dial that began before another one succeeded says nothing about the
+                    // peer now: count (and back off for) failures only while no link is open.
+                    let open = self
+                        .conns
+                        .lock()
+                        .expect("conns lock")
                         .get(&target)
-                        .map_or(1, |(n, _)| n.saturating_add(1));
-                    let at = tokio::time::Instant::now() + dial_backoff(n);
-                    failures.insert(target, (n, at));
+                        .is_some_and(|c| c.close_reason().is_none());
+                    if !open {
+                        let n = failures
+                            .get(&target)
+                            .map_or(1, |(n, _)| n.saturating_add(1));
+                        let at = tokio::time::Instant::now() + dial_backoff(n);
+                        failures.insert(target, (n, at));
+                    }
                     return Err(e);
                 }
             }

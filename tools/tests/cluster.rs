@@ -1430,3 +1430,104 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
     assert!(!dir.path().join("taken").exists(), "nothing was started");
     cluster.stop();
 }
+
+/// Scrapes `addr` until `condition` holds for the metrics text (bounded by [`WAIT`]; metrics
+/// have no push form, so this polls every 200 ms). The text that met it.
+fn scrape_until(
+    addr: std::net::SocketAddr,
+    what: &str,
+    condition: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, _, body) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        if code == 200 && condition(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what} not seen in time: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILL of the leader, as the survivors' metrics tell it: a new leader (one of them says it
+/// leads, the other names it), whose link to the dead node is down with failed dials, and whose
+/// lag for it grows while writes go on; the restarted node's link comes back.
+#[test]
+fn metrics_show_a_killed_leader_gone_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ClusterUp::start_with(
+        dir.path(),
+        3,
+        free_base_port(3),
+        &["--metrics", "--election-timeout-min-ms", "1000"],
+    );
+    let rt = runtime();
+    let old = rt.block_on(async { leader_seen_by(&cluster.client_of(1), WAIT).await });
+    cluster.kill(old);
+    let survivors: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != old)
+        .collect();
+    let leads = |t: &str| sample(t, "baton_raft_role{role=\"leader\"}") == Some(1.0);
+    // Either survivor may win; wait on both until one leads.
+    let deadline = Instant::now() + WAIT;
+    let new = loop {
+        let leader = survivors.iter().copied().find(|&id| {
+            let (_, _, body) = http(
+                cluster.node(id).metrics.unwrap(),
+                b"GET /metrics HTTP/1.1\r\n\r\n",
+            );
+            leads(&body)
+        });
+        if let Some(id) = leader {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no survivor took over");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let other = *survivors.iter().find(|&&id| id != new).unwrap();
+    scrape_until(
+        cluster.node(other).metrics.unwrap(),
+        "the follower naming the new leader",
+        |t| sample(t, "baton_raft_leader_id") == Some(new as f64),
+    );
+    // Writes go on through the survivors.
+    rt.block_on(async {
+        let client = cluster.client_of(new);
+        let receipts = load(&client, "gone", 0, 200, 50, 1).await;
+        assert_eq!(receipts.len(), 200);
+    });
+    let gone = |p: u64| format!("{{peer=\"{p}\"}}");
+    let text = scrape_until(
+        cluster.node(new).metrics.unwrap(),
+        "the dead node's link down with failed dials",
+        |t| {
+            sample(t, &format!("baton_peer_connected{}", gone(old))) != Some(1.0)
+                && sample(t, &format!("baton_peer_dial_failures{}", gone(old))) >= Some(1.0)
+        },
+    );
+    assert_eq!(
+        sample(&text, &format!("baton_peer_connected{}", gone(other))),
+        Some(1.0),
+        "{text}"
+    );
+    let lag = sample(&text, &format!("baton_raft_peer_lag_entries{}", gone(old))).unwrap();
+    assert!(
+        lag >= 4.0,
+        "the dead node misses the 4 requests' entries: {lag}"
+    );
+
+    cluster.restart(old);
+    scrape_until(
+        cluster.node(new).metrics.unwrap(),
+        "the restarted node's link up and caught up",
+        |t| {
+            sample(t, &format!("baton_peer_connected{}", gone(old))) == Some(1.0)
+                && sample(t, &format!("baton_peer_dial_failures{}", gone(old))) == Some(0.0)
+                && sample(t, &format!("baton_raft_peer_lag_entries{}", gone(old))) == Some(0.0)
+        },
+    );
+    cluster.stop();
+}
