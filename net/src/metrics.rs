@@ -56,6 +56,8 @@ pub struct Counters {
     connections: AtomicU64,
     /// Submission requests answered.
     submit_requests: AtomicU64,
+    /// Client requests read, by [`REQUEST_KINDS`] slot.
+    requests: [AtomicU64; REQUEST_KINDS.len()],
     /// Transactions answered with a receipt.
     receipts: AtomicU64,
     /// Transactions answered with an error, by [`SubmitError::kind_index`].
@@ -64,7 +66,41 @@ pub struct Counters {
     protocol_errors: AtomicU64,
 }
 
+/// The client request kinds counted by `baton_client_requests_total{kind}`, the last for
+/// frames of any other kind.
+pub const REQUEST_KINDS: [&str; 9] = [
+    "submit",
+    "status",
+    "command",
+    "read",
+    "subscribe",
+    "stages",
+    "member",
+    "leader",
+    "other",
+];
+
+fn request_slot(kind: crate::frame::FrameKind) -> usize {
+    use crate::frame::FrameKind as K;
+    match kind {
+        K::SubmitRequest => 0,
+        K::StatusRequest => 1,
+        K::CommandRequest => 2,
+        K::ReadRequest => 3,
+        K::SubscribeRequest => 4,
+        K::StagesRequest => 5,
+        K::MemberRequest => 6,
+        K::LeaderRequest => 7,
+        _ => 8,
+    }
+}
+
 impl Counters {
+    /// A client stream delivered a request frame of `kind`.
+    pub fn request(&self, kind: crate::frame::FrameKind) {
+        self.requests[request_slot(kind)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A client connection was accepted; the guard counts it open until dropped.
     pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -133,6 +169,8 @@ pub struct Snapshot {
     pub connections: u64,
     /// Submission requests answered.
     pub submit_requests: u64,
+    /// Client requests read, per kind (in [`REQUEST_KINDS`] order).
+    pub requests: Vec<u64>,
     /// Transactions answered with a receipt.
     pub receipts: u64,
     /// Transactions answered with an error, per kind (in [`SubmitError::KINDS`] order).
@@ -200,6 +238,11 @@ impl Source {
             connections_open: c.connections_open.load(Ordering::Relaxed),
             connections: c.connections.load(Ordering::Relaxed),
             submit_requests: c.submit_requests.load(Ordering::Relaxed),
+            requests: c
+                .requests
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
             receipts: c.receipts.load(Ordering::Relaxed),
             errors: c.errors.iter().map(|e| e.load(Ordering::Relaxed)).collect(),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
@@ -338,6 +381,16 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
             "Submission requests answered.",
             s.submit_requests,
         )?;
+        let mut fam = e.encode_descriptor(
+            "baton_client_requests",
+            "Client requests read, by kind (a stream's framing errors are counted apart).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in REQUEST_KINDS.iter().zip(&s.requests) {
+            fam.encode_family(&[("kind", *kind)])?
+                .encode_counter(n, None as NoExemplar)?;
+        }
         let mut fam = e.encode_descriptor(
             "baton_client_transactions",
             "Transactions of submission requests answered, by result: receipt, or the kind of error.",
@@ -842,6 +895,7 @@ mod tests {
             connections_open: 3,
             connections: 9,
             submit_requests: 50,
+            requests: vec![50, 7, 0, 0, 0, 0, 0, 0, 1],
             receipts: 4_996,
             errors,
             protocol_errors: 1,
@@ -957,6 +1011,14 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(sample(&text, "baton_client_connections_open"), Some(3.0));
+        assert_eq!(
+            sample(&text, "baton_client_requests_total{kind=\"status\"}"),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "baton_client_requests_total{kind=\"other\"}"),
+            Some(1.0)
+        );
         assert_eq!(sample(&text, "baton_client_connections_total"), Some(9.0));
         assert_eq!(
             sample(&text, "baton_client_protocol_errors_total"),
@@ -1052,6 +1114,15 @@ mod tests {
             Err(SubmitError::ShuttingDown),
         ]);
         c.protocol_error();
+        c.request(crate::frame::FrameKind::SubmitRequest);
+        c.request(crate::frame::FrameKind::ReadRequest);
+        c.request(crate::frame::FrameKind::RaftVote);
+        let read: Vec<u64> = c
+            .requests
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(read, [1, 0, 0, 1, 0, 0, 0, 0, 1]);
         assert_eq!(c.connections.load(Ordering::Relaxed), 2);
         assert_eq!(c.connections_open.load(Ordering::Relaxed), 1);
         drop(open);

@@ -309,6 +309,7 @@ async fn client_stream(
                 break;
             }
         };
+        ctx.counters.request(frame.kind);
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };

@@ -1376,6 +1376,13 @@ fn every_node_serves_metrics_that_follow_the_cluster() {
         }
         answered += sample(text, "baton_client_transactions_total{result=\"receipt\"}").unwrap();
         requests += sample(text, "baton_client_submit_requests_total").unwrap();
+        assert_eq!(
+            sample(text, "baton_client_requests_total{kind=\"submit\"}"),
+            sample(text, "baton_client_submit_requests_total"),
+            "{text}"
+        );
+        // Each node was asked for its status (waiting for it to apply the last receipt).
+        assert!(sample(text, "baton_client_requests_total{kind=\"status\"}").unwrap() >= 1.0);
         totals += sample(text, "baton_stage_seconds_count{stage=\"total\"}").unwrap();
         assert!(sample(text, "process_resident_memory_bytes").unwrap() > 0.0);
     }
