@@ -451,43 +451,42 @@ fn encode_peers(
     e: &mut DescriptorEncoder,
     peers: &[crate::peer::PeerLinkStats],
 ) -> Result<(), std::fmt::Error> {
-    let mut fam = e.encode_descriptor(
-        "baton_peer_connected",
-        "1 while this node's connection to the peer (replication, votes, forwarding) is open.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for p in peers {
-        fam.encode_family(&[("peer", p.peer)])?
-            .encode_gauge(&i64::from(p.connected))?;
-    }
-    let mut fam = e.encode_descriptor(
-        "baton_peer_dial_failures",
-        "Dials of the peer that failed in a row (0: the last one succeeded).",
-        None,
-        MetricType::Gauge,
-    )?;
-    for p in peers {
-        fam.encode_family(&[("peer", p.peer)])?
-            .encode_gauge(&i64::from(p.dial_failures))?;
-    }
-    let mut fam = e.encode_descriptor(
-        "baton_peer_rtt_seconds",
-        "QUIC's smoothed round trip to the peer, while connected.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for p in peers {
-        if let Some(rtt) = p.rtt {
-            fam.encode_family(&[("peer", p.peer)])?
-                .encode_gauge(&rtt.as_secs_f64())?;
+    /// A series: its name, its help, and its value for one peer (`None`: no sample).
+    type Series<V> = (
+        &'static str,
+        &'static str,
+        fn(&crate::peer::PeerLinkStats) -> V,
+    );
+    let gauges: [Series<Option<f64>>; 3] = [
+        (
+            "baton_peer_connected",
+            "1 while this node's connection to the peer (replication, votes, forwarding) is open.",
+            |p| Some(f64::from(u8::from(p.connected))),
+        ),
+        (
+            "baton_peer_dial_failures",
+            "Dials of the peer that failed in a row with no link open (0: the last one succeeded).",
+            |p| Some(f64::from(p.dial_failures)),
+        ),
+        (
+            "baton_peer_rtt_seconds",
+            "QUIC's smoothed round trip to the peer, while connected.",
+            |p| p.rtt.map(|rtt| rtt.as_secs_f64()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut fam = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for p in peers {
+            if let Some(v) = value(p) {
+                fam.encode_family(&[("peer", p.peer)])?.encode_gauge(&v)?;
+            }
         }
     }
-    for (name, help, value) in [
+    let counters: [Series<u64>; 3] = [
         (
             "baton_peer_lost_packets",
             "Packets the connection to the peer declared lost (from 0 again after a new dial).",
-            (|p: &crate::peer::PeerLinkStats| p.lost_packets) as fn(&crate::peer::PeerLinkStats) -> u64,
+            |p| p.lost_packets,
         ),
         (
             "baton_peer_sent_bytes",
@@ -499,7 +498,8 @@ fn encode_peers(
             "UDP payload bytes received from the peer on this node's connection (from 0 again after a new dial).",
             |p| p.received_bytes,
         ),
-    ] {
+    ];
+    for (name, help, value) in counters {
         let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
         for p in peers {
             fam.encode_family(&[("peer", p.peer)])?
@@ -517,13 +517,7 @@ fn encode_raft(e: &mut DescriptorEncoder, st: &NodeStatus) -> Result<(), std::fm
         None,
         MetricType::Gauge,
     )?;
-    for role in [
-        Role::Leader,
-        Role::Follower,
-        Role::Candidate,
-        Role::Learner,
-        Role::Shutdown,
-    ] {
+    for role in Role::ALL {
         fam.encode_family(&[("role", role.name())])?
             .encode_gauge(&i64::from(st.role == role))?;
     }

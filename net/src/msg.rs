@@ -1829,13 +1829,7 @@ mod tests {
             req
         );
 
-        for role in [
-            Role::Leader,
-            Role::Follower,
-            Role::Candidate,
-            Role::Learner,
-            Role::Shutdown,
-        ] {
+        for role in Role::ALL {
             let mut resp = sample_status();
             resp.status.role = role;
             let body = encoded(|o| resp.encode(o));

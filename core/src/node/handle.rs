@@ -34,6 +34,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 5] = [
+        Role::Leader,
+        Role::Follower,
+        Role::Candidate,
+        Role::Learner,
+        Role::Shutdown,
+    ];
+
     /// Its lower-case name, as status output and results print it.
     pub fn name(self) -> &'static str {
         match self {
