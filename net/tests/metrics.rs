@@ -84,15 +84,14 @@ fn a_scrape_answers_while_the_raft_shard_is_stalled() {
     // Stall the Raft shard for longer than a scrape waits for the status (2 s).
     let handle = node.handle().clone();
     let stall = std::thread::spawn(move || {
-        futures_lite::future::block_on(handle.stall_for_testing(Duration::from_secs(5)))
+        futures_lite::future::block_on(handle.stall_for_testing(Duration::from_secs(8)))
     });
-    let started = Instant::now();
     let text = scrape_until(addr, "a scrape without the Raft status", |t| {
         sample(t, "baton_raft_status_ok") == Some(0.0)
     });
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "answered during the stall"
+        !stall.is_finished(),
+        "answered while the shard was still stalled"
     );
     assert!(!text.contains("baton_raft_term"), "{text}");
     assert!(
